@@ -1,0 +1,33 @@
+# Cairn: `make demo` shows a crash and a resume; `make test` runs every test.
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+GUESTS := ecommerce onboarding crashtest divergent misbehave
+
+.PHONY: all build host guests setup test demo clean
+
+all: build
+
+# Install what the build needs (the wasm target) when it is missing.
+setup:
+	@command -v $(CARGO) >/dev/null || { echo "cargo is required: install Rust from https://rustup.rs"; exit 1; }
+	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+host: setup
+	$(CARGO) build --release --locked -p cairn
+
+guests: setup
+	$(CARGO) build --release --locked --target $(WASM_TARGET) $(addprefix -p ,$(GUESTS))
+
+# target/release/cairn and target/wasm32-wasip1/release/<guest>.wasm
+build: host guests
+
+# Unit tests of the host, then end-to-end tests that drive the built binary
+# on the built guests.
+test: build
+	$(CARGO) test --release --locked -p cairn -p cairn-e2e
+
+demo: build
+	./scripts/demo.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,112 @@
+//! The raw host imports (`docs/abi.md`), and thin safe wrappers over them.
+
+/// The ABI version this SDK speaks; the host asks for it before running.
+pub const ABI_VERSION: i32 = 1;
+
+/// Exported so the host can check which ABI the module was built for.
+#[unsafe(no_mangle)]
+pub extern "C" fn cairn_abi_version() -> i32 {
+    ABI_VERSION
+}
+
+#[cfg(target_arch = "wasm32")]
+mod imports {
+    #[link(wasm_import_module = "cairn")]
+    unsafe extern "C" {
+        #[link_name = "input"]
+        pub fn input() -> i32;
+        #[link_name = "take"]
+        pub fn take(ptr: *mut u8, len: i32) -> i32;
+        #[link_name = "step_begin"]
+        pub fn step_begin(name_ptr: *const u8, name_len: i32) -> i64;
+        #[link_name = "step_end"]
+        pub fn step_end(status: i32, ptr: *const u8, len: i32) -> i32;
+        #[link_name = "finish"]
+        pub fn finish(status: i32, ptr: *const u8, len: i32) -> i32;
+        #[link_name = "panic"]
+        pub fn panic(ptr: *const u8, len: i32);
+    }
+}
+
+/// Outside wasm there is no host: a workflow runs only inside `cairn`.
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::missing_safety_doc)]
+mod imports {
+    const NO_HOST: &str = "cairn-sdk workflows run inside the cairn host: build for wasm32-wasip1";
+    pub unsafe fn input() -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn take(_: *mut u8, _: i32) -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn step_begin(_: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
+    pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn panic(_: *const u8, _: i32) {}
+}
+
+const STEP_MEMOIZED_OK: i64 = 0;
+const STEP_MEMOIZED_ERR: i64 = 1;
+const STEP_RUN: i64 = 2;
+
+/// Copy the `len` bytes the host staged into a new buffer.
+fn take(len: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(len);
+    // SAFETY: the buffer has room for `len` bytes; the host writes exactly
+    // `len` bytes (or traps), so they are initialized afterwards.
+    unsafe {
+        take_into(buf.as_mut_ptr(), len);
+        buf.set_len(len);
+    }
+    buf
+}
+
+unsafe fn take_into(ptr: *mut u8, len: usize) {
+    // SAFETY: forwarded from `take`.
+    unsafe { imports::take(ptr, len as i32) };
+}
+
+pub(crate) fn input() -> Vec<u8> {
+    // SAFETY: no pointers.
+    let len = unsafe { imports::input() };
+    take(len as usize)
+}
+
+pub(crate) enum Begin {
+    Memoized(Result<Vec<u8>, String>),
+    Run { key: String, attempt: u32 },
+}
+
+pub(crate) fn step_begin(name: &str) -> Begin {
+    // SAFETY: the host only reads `name` for the duration of the call.
+    let r = unsafe { imports::step_begin(name.as_ptr(), name.len() as i32) };
+    let len = (r & 0xffff_ffff) as usize;
+    let status = (r >> 32) & 0xff;
+    let attempt = (r >> 40) as u32;
+    let bytes = take(len);
+    match status {
+        STEP_MEMOIZED_OK => Begin::Memoized(Ok(bytes)),
+        STEP_MEMOIZED_ERR => Begin::Memoized(Err(String::from_utf8_lossy(&bytes).into_owned())),
+        STEP_RUN => Begin::Run { key: String::from_utf8_lossy(&bytes).into_owned(), attempt },
+        other => panic!("cairn host answered step_begin with unknown status {other}"),
+    }
+}
+
+pub(crate) fn step_end(outcome: Result<&[u8], &str>) {
+    let (status, bytes) = match outcome {
+        Ok(value) => (0, value),
+        Err(message) => (1, message.as_bytes()),
+    };
+    // SAFETY: the host reads the buffer during the call only.
+    unsafe { imports::step_end(status, bytes.as_ptr(), bytes.len() as i32) };
+}
+
+pub(crate) fn finish(outcome: Result<&[u8], &str>) {
+    let (status, bytes) = match outcome {
+        Ok(value) => (0, value),
+        Err(message) => (1, message.as_bytes()),
+    };
+    // SAFETY: the host reads the buffer during the call only.
+    unsafe { imports::finish(status, bytes.as_ptr(), bytes.len() as i32) };
+}
+
+pub(crate) fn report_panic(message: &str) {
+    // SAFETY: the host reads the buffer during the call only.
+    unsafe { imports::panic(message.as_ptr(), message.len() as i32) };
+}

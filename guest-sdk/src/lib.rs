@@ -1,0 +1,211 @@
+//! # cairn-sdk: durable workflows in plain Rust
+//!
+//! A Cairn workflow is an ordinary Rust program compiled to
+//! `wasm32-wasip1` and run by the `cairn` host. Every step's outcome is
+//! committed to the host's database before the workflow moves on; if the
+//! host is killed, `cairn resume` replays the workflow from its history:
+//! completed steps are not run again, and the workflow carries on where it
+//! stopped.
+//!
+//! ## A workflow
+//!
+//! ```no_run
+//! use cairn_sdk::{Ctx, Error};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Deserialize)]
+//! struct Order { qty: u64 }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Charge { id: String }
+//!
+//! #[derive(Serialize)]
+//! struct Receipt { price: u64, charge: Charge }
+//!
+//! fn main() {
+//!     cairn_sdk::run(workflow)
+//! }
+//!
+//! fn workflow(ctx: &mut Ctx, input: Order) -> Result<Receipt, Error> {
+//!     let price: u64 = ctx.step("price", |_s| Ok(input.qty * 100))?;
+//!     let charge: Charge = ctx.step("charge", |s| {
+//!         // Hand the key to the payment provider: a retried or replayed
+//!         // charge is then never taken twice.
+//!         Ok(Charge { id: format!("ch_{}", s.idempotency_key()) })
+//!     })?;
+//!     Ok(Receipt { price, charge })
+//! }
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip1` and run it
+//! with `cairn run target/wasm32-wasip1/release/my_workflow.wasm --input '{"qty": 3}'`.
+//!
+//! ## What goes in a step, and what does not
+//!
+//! A step closure is where side effects belong: calls to other services,
+//! writes to files in granted directories, reading the live clock. It runs
+//! at most once per attempt; once its outcome (the value, or the error it
+//! returned) is committed, it never runs again for this run.
+//!
+//! - **Do** pass [`Step::idempotency_key`] to every external service that
+//!   accepts one. A step interrupted by a crash before its outcome was
+//!   committed runs again on resume; the key makes that second call
+//!   harmless.
+//! - **Do** return everything the rest of the workflow needs from the
+//!   closure. On replay the closure does not run and the recorded value is
+//!   returned instead.
+//! - **Don't** change state captured from the workflow inside a closure
+//!   (pushing to a `Vec` declared outside, incrementing a counter): on
+//!   replay the closure does not run, so the change would not happen and the
+//!   workflow would continue with different state.
+//! - **Don't** nest steps: a closure gets a [`Step`], not the [`Ctx`].
+//!
+//! ## Determinism between steps
+//!
+//! Workflow code outside step closures is replayed, so it must do the same
+//! thing on every execution. Cairn makes the usual sources of difference
+//! safe: `SystemTime::now()`, `Instant::now()` and random numbers (including
+//! std's `HashMap` seeds) read between steps are recorded on the first
+//! execution and returned from the history on replay. Reads inside a step
+//! closure are live and not recorded. Files and environment variables are
+//! *not* recorded: if workflow code between steps reads a file and the file
+//! changes before a resume, the replay may ask for different steps than the
+//! history holds; the host then stops the run with a non-determinism error
+//! and leaves its history untouched.
+//!
+//! Output printed with `println!`/`eprintln!` goes to the host's stderr on
+//! the first execution and is suppressed while replaying.
+//!
+//! ## Errors and panics
+//!
+//! [`Error`] converts from the common error types, so `?` works in workflows
+//! and in closures. A step closure that returns `Err` records that error as
+//! the step's outcome. A panic (or a trap, or a limit hit) inside a step
+//! records the attempt as failed and fails the run with the panic message; a
+//! workflow that returns `Err` fails the run with that message. Failed runs
+//! keep their history (`cairn show RUN_ID`).
+
+mod abi;
+mod error;
+
+use std::fmt::Display;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use abi::ABI_VERSION;
+pub use abi::cairn_abi_version;
+pub use error::Error;
+
+/// Run a workflow: read the run's input from the host, call `workflow`,
+/// and hand its output (or its error's text) back to the host.
+///
+/// Call it from `main`, once: `fn main() { cairn_sdk::run(workflow) }`.
+pub fn run<I, O, E>(workflow: impl FnOnce(&mut Ctx, I) -> Result<O, E>)
+where
+    I: DeserializeOwned,
+    O: Serialize,
+    E: Display,
+{
+    install_panic_hook();
+    // std draws its per-thread HashMap keys lazily, on first use. Draw them
+    // here, at a fixed point of the history, so that a first use inside a
+    // step closure (live) or outside it (recorded) cannot shift the history.
+    let _ = std::collections::hash_map::RandomState::new();
+
+    let input: I = match serde_json::from_slice(&abi::input()) {
+        Ok(input) => input,
+        Err(e) => {
+            abi::finish(Err(&format!("invalid input for this workflow: {e}")));
+            return;
+        }
+    };
+    let mut ctx = Ctx { _private: () };
+    match workflow(&mut ctx, input) {
+        Ok(output) => match serde_json::to_vec(&output) {
+            Ok(json) => abi::finish(Ok(&json)),
+            Err(e) => abi::finish(Err(&format!("the workflow's output cannot be serialized as JSON: {e}"))),
+        },
+        Err(e) => abi::finish(Err(&e.to_string())),
+    }
+}
+
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        abi::report_panic(&format!("workflow {info}"));
+        default(info);
+    }));
+}
+
+/// The workflow's handle on the host: durable steps.
+pub struct Ctx {
+    _private: (),
+}
+
+impl Ctx {
+    /// A durable step.
+    ///
+    /// The first time, `f` runs and its outcome (value or error text) is
+    /// committed to the database before `step` returns. On every replay the
+    /// committed outcome is returned and `f` does not run.
+    ///
+    /// Steps are identified by `name` and occurrence: the same name called
+    /// in a loop gets occurrences 1, 2, 3, ... Both the value returned live
+    /// and the one returned on replay go through the recorded JSON, so they
+    /// are always the same.
+    pub fn step<T>(&mut self, name: &str, f: impl FnOnce(&Step) -> Result<T, Error>) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let decode = |bytes: &[u8]| {
+            serde_json::from_slice::<T>(bytes).map_err(|e| {
+                Error::new(format!("step \"{name}\": its recorded value does not fit the type asked for: {e}"))
+            })
+        };
+        match abi::step_begin(name) {
+            abi::Begin::Memoized(Ok(bytes)) => decode(&bytes),
+            abi::Begin::Memoized(Err(message)) => Err(Error::new(message)),
+            abi::Begin::Run { key, attempt } => {
+                let step = Step { name: name.to_string(), key, attempt };
+                match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
+                    Ok(json) => {
+                        abi::step_end(Ok(&json));
+                        decode(&json)
+                    }
+                    Err(e) => {
+                        abi::step_end(Err(e.message()));
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a step closure knows about the step it runs.
+#[derive(Debug, Clone)]
+pub struct Step {
+    name: String,
+    key: String,
+    attempt: u32,
+}
+
+impl Step {
+    /// A key that is stable across replays and crashes and unique per
+    /// database, run, step name and occurrence: pass it to external services
+    /// so that a repeated call is recognized as the same one.
+    pub fn idempotency_key(&self) -> &str {
+        &self.key
+    }
+
+    /// 1 for the first attempt of this step, 2 for the next, ...
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,501 @@
+//! The host side of the guest ABI (see `docs/abi.md`): the `cairn` import
+//! module, and the WASI calls we take over so that workflow code is
+//! deterministic on replay (clocks, randomness) and quiet while replaying
+//! (stdout, stderr).
+
+use std::io::Write as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::{Caller, Linker, Memory};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use crate::idempotency::idempotency_key;
+use crate::journal::{Entry, EntryKind, EntryStatus, Journal, NonDeterminism, Request, StepStart};
+use crate::store::{RunStatus, Store, StoreError, Write, now_ms};
+
+/// The ABI version this host speaks; a guest declares its own by exporting
+/// `cairn_abi_version() -> i32`.
+pub const ABI_VERSION: i32 = 1;
+/// The import module of the Cairn ABI.
+pub const MODULE: &str = "cairn";
+/// Every function of the `cairn` import module.
+pub const FUNCTIONS: &[&str] = &["input", "take", "step_begin", "step_end", "finish", "panic"];
+
+/// `step_begin` status codes (bits 32..40 of its result).
+pub const STEP_MEMOIZED_OK: i64 = 0;
+pub const STEP_MEMOIZED_ERR: i64 = 1;
+pub const STEP_RUN: i64 = 2;
+
+const WASI: &str = "wasi_snapshot_preview1";
+const ERRNO_SUCCESS: i32 = 0;
+const ERRNO_BADF: i32 = 8;
+const ERRNO_FAULT: i32 = 21;
+
+/// Why a run's execution stopped abnormally from inside a host call.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error(transparent)]
+    NonDeterminism(#[from] NonDeterminism),
+    #[error("could not commit run {run_id}: {source}")]
+    Store { run_id: String, source: StoreError },
+    #[error("ABI misuse in run {run_id}: {what}")]
+    Abi { run_id: String, what: String },
+}
+
+/// How the workflow reported its end through `finish`.
+#[derive(Debug, Clone)]
+pub enum Finished {
+    Completed(Vec<u8>),
+    Failed(String),
+}
+
+/// A step whose closure is running live.
+#[derive(Debug, Clone)]
+pub struct LiveStep {
+    pub name: String,
+    pub occurrence: u32,
+    pub attempt: u32,
+    pub started_at: i64,
+}
+
+/// Memory limit enforcement with a message the user can act on.
+pub struct MemoryLimiter {
+    pub max_bytes: usize,
+    pub hit: Option<String>,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            let msg = format!(
+                "memory limit: the workflow asked for {} MiB of memory, more than --max-memory {} MiB",
+                desired.div_ceil(1 << 20),
+                self.max_bytes >> 20
+            );
+            self.hit = Some(msg.clone());
+            return Err(wasmtime::Error::msg(msg));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// Live monotonic time that never falls below what the history recorded.
+pub struct MonotonicClock {
+    anchor: Instant,
+    base: u64,
+}
+
+impl MonotonicClock {
+    pub fn after(last_recorded: Option<u64>) -> Self {
+        MonotonicClock { anchor: Instant::now(), base: last_recorded.map_or(0, |v| v + 1) }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.base + self.anchor.elapsed().as_nanos() as u64
+    }
+}
+
+/// Everything one instance of a run needs; the wasmtime store's data.
+pub struct HostState {
+    pub wasi: WasiP1Ctx,
+    pub limiter: MemoryLimiter,
+    pub store: Arc<dyn Store>,
+    pub run_id: String,
+    pub run_seq: i64,
+    pub input: Vec<u8>,
+    pub journal: Journal,
+    pub memory: Option<Memory>,
+    /// Bytes the host prepared for the guest to `take`.
+    pub staged: Vec<u8>,
+    pub live_step: Option<LiveStep>,
+    pub panic_message: Option<String>,
+    pub fatal: Option<Fatal>,
+    pub finished: Option<Finished>,
+    /// Shared with the guest's stdout/stderr streams.
+    pub replaying: Arc<AtomicBool>,
+    pub monotonic: MonotonicClock,
+    /// Epoch ticks the guest has run since its last host call.
+    pub cpu_ticks: u64,
+    pub cpu_limit_ticks: u64,
+    pub cpu_exceeded: bool,
+}
+
+impl HostState {
+    /// Every host call is a durable point: the CPU budget starts afresh.
+    fn enter(&mut self) {
+        self.cpu_ticks = 0;
+    }
+
+    fn sync_replaying(&self) {
+        self.replaying.store(self.journal.replaying(), Ordering::Relaxed);
+    }
+
+    fn fail(&mut self, fatal: Fatal) -> wasmtime::Error {
+        let err = wasmtime::Error::msg(fatal.to_string());
+        self.fatal = Some(fatal);
+        err
+    }
+
+    fn abi_error(&mut self, what: impl Into<String>) -> wasmtime::Error {
+        let fatal = Fatal::Abi { run_id: self.run_id.clone(), what: what.into() };
+        self.fail(fatal)
+    }
+
+    /// Hand every recorded-but-unsubmitted entry, plus `extra`, to the store
+    /// as one commit item and wait until it is durable.
+    pub async fn commit(&mut self, extra: Vec<Write>) -> wasmtime::Result<()> {
+        let mut writes = Vec::with_capacity(1 + extra.len());
+        if self.journal.has_unsubmitted() {
+            let (position, entries) = self.journal.take_unsubmitted();
+            writes.push(Write::Append { run: self.run_seq, position, entries });
+        }
+        writes.extend(extra);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let result = match self.store.submit(writes).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(StoreError::WriterGone),
+        };
+        result.map_err(|source| {
+            let fatal = Fatal::Store { run_id: self.run_id.clone(), source };
+            self.fail(fatal)
+        })
+    }
+}
+
+fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+    let Some(memory) = caller.data().memory else {
+        return Err(caller.data_mut().abi_error("the module exports no memory"));
+    };
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    match memory.data(&caller).get(start..start.saturating_add(len)) {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => Err(caller.data_mut().abi_error(format!("buffer {start}+{len} is outside guest memory"))),
+    }
+}
+
+fn guest_str(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<String> {
+    let bytes = guest_bytes(caller, ptr, len)?;
+    String::from_utf8(bytes).map_err(|_| caller.data_mut().abi_error("a name is not valid UTF-8"))
+}
+
+fn write_guest(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> bool {
+    let Some(memory) = caller.data().memory else { return false };
+    memory.write(caller, ptr as u32 as usize, bytes).is_ok()
+}
+
+/// Define the `cairn` module and the WASI overrides on `linker` (which must
+/// already hold WASI preview 1).
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+
+    linker.func_wrap(MODULE, "input", |mut caller: Caller<'_, HostState>| -> i32 {
+        let st = caller.data_mut();
+        st.enter();
+        st.staged = st.input.clone();
+        st.staged.len() as i32
+    })?;
+
+    linker.func_wrap(MODULE, "take", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+        caller.data_mut().enter();
+        let staged = std::mem::take(&mut caller.data_mut().staged);
+        if staged.len() != len as u32 as usize {
+            return Err(caller.data_mut().abi_error(format!("take({len}) but {} bytes are staged", staged.len())));
+        }
+        if !write_guest(&mut caller, ptr, &staged) {
+            return Err(caller.data_mut().abi_error("take: buffer is outside guest memory"));
+        }
+        Ok(0)
+    })?;
+
+    linker.func_wrap(MODULE, "panic", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
+        let message = guest_bytes(&mut caller, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned());
+        if let Ok(message) = message {
+            caller.data_mut().panic_message = Some(message);
+        }
+    })?;
+
+    linker.func_wrap_async(MODULE, "step_begin", |mut caller: Caller<'_, HostState>, (ptr, len): (i32, i32)| {
+        Box::new(async move { step_begin(&mut caller, ptr, len).await })
+    })?;
+
+    linker.func_wrap_async(MODULE, "step_end", |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
+        Box::new(async move { step_end(&mut caller, status, ptr, len).await })
+    })?;
+
+    linker.func_wrap_async(MODULE, "finish", |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
+        Box::new(async move { finish(&mut caller, status, ptr, len).await })
+    })?;
+
+    linker.func_wrap(WASI, "clock_time_get", clock_time_get)?;
+    linker.func_wrap(WASI, "random_get", random_get)?;
+    Ok(())
+}
+
+async fn step_begin(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i64> {
+    caller.data_mut().enter();
+    let name = guest_str(caller, ptr, len)?;
+    let st = caller.data_mut();
+    if let Some(live) = &st.live_step {
+        let what = format!("step \"{name}\" began inside step \"{}\"; steps cannot nest", live.name);
+        return Err(st.abi_error(what));
+    }
+    let run_id = st.run_id.clone();
+    let (occurrence, attempt) = match st.journal.begin_step(&run_id, &name) {
+        Err(nd) => return Err(st.fail(nd.into())),
+        Ok(StepStart::Memoized(entry)) => {
+            let (code, bytes) = match entry.status {
+                EntryStatus::Error => (STEP_MEMOIZED_ERR, entry.error.clone().unwrap_or_default().into_bytes()),
+                _ => (STEP_MEMOIZED_OK, entry.output.clone()),
+            };
+            st.staged = bytes;
+            st.sync_replaying();
+            return Ok((code << 32) | st.staged.len() as i64);
+        }
+        Ok(StepStart::Live { occurrence, attempt }) => (occurrence, attempt),
+    };
+    st.sync_replaying();
+    // Whatever the workflow read since the last commit may be used by the
+    // closure for a live side effect: make it durable first.
+    st.commit(Vec::new()).await?;
+    let st = caller.data_mut();
+    st.staged = idempotency_key(st.store.db_id(), &st.run_id, &name, occurrence).into_bytes();
+    st.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms() });
+    Ok(((attempt as i64) << 40) | (STEP_RUN << 32) | st.staged.len() as i64)
+}
+
+async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    caller.data_mut().enter();
+    let bytes = guest_bytes(caller, ptr, len)?;
+    let st = caller.data_mut();
+    let Some(live) = st.live_step.take() else {
+        return Err(st.abi_error("step_end without a live step_begin"));
+    };
+    let (status, output, error) = match status {
+        0 => (EntryStatus::Completed, bytes, None),
+        1 => (EntryStatus::Error, Vec::new(), Some(String::from_utf8_lossy(&bytes).into_owned())),
+        other => return Err(st.abi_error(format!("step_end status {other} is not 0 or 1"))),
+    };
+    st.journal.record(Entry {
+        kind: EntryKind::Step,
+        name: live.name,
+        occurrence: live.occurrence,
+        attempt: live.attempt,
+        status,
+        output,
+        error,
+        started_at: live.started_at,
+        finished_at: now_ms(),
+    });
+    st.commit(Vec::new()).await?;
+    Ok(0)
+}
+
+async fn finish(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    caller.data_mut().enter();
+    let bytes = guest_bytes(caller, ptr, len)?;
+    let st = caller.data_mut();
+    if st.live_step.is_some() {
+        return Err(st.abi_error("finish inside a step"));
+    }
+    if let Err(nd) = st.journal.check_finish(&st.run_id) {
+        return Err(st.fail(nd.into()));
+    }
+    let finished = match status {
+        0 => Finished::Completed(bytes),
+        1 => Finished::Failed(String::from_utf8_lossy(&bytes).into_owned()),
+        other => return Err(st.abi_error(format!("finish status {other} is not 0 or 1"))),
+    };
+    let write = match &finished {
+        Finished::Completed(out) => Write::SetStatus {
+            run: st.run_seq,
+            status: RunStatus::Completed,
+            output: Some(out.clone()),
+            error: None,
+        },
+        Finished::Failed(msg) => Write::SetStatus {
+            run: st.run_seq,
+            status: RunStatus::Failed,
+            output: None,
+            error: Some(msg.clone()),
+        },
+    };
+    st.commit(vec![write]).await?;
+    caller.data_mut().finished = Some(finished);
+    Ok(0)
+}
+
+fn live_clock(st: &HostState, id: i32) -> u64 {
+    if id == 0 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    } else {
+        st.monotonic.now()
+    }
+}
+
+/// Clock reads by workflow code are journaled; reads inside a live step
+/// closure are live and not journaled (the closure does not run on replay).
+fn clock_time_get(mut caller: Caller<'_, HostState>, id: i32, _precision: i64, out: i32) -> wasmtime::Result<i32> {
+    let st = caller.data_mut();
+    st.enter();
+    let name = match id {
+        0 => "realtime",
+        1 => "monotonic",
+        _ => return Ok(ERRNO_BADF), // CPU-time clocks: not offered, as in wasmtime
+    };
+    let value = if st.live_step.is_some() {
+        live_clock(st, id)
+    } else {
+        let run_id = st.run_id.clone();
+        match st.journal.replay_read(&run_id, &Request::Clock { name }) {
+            Err(nd) => return Err(st.fail(nd.into())),
+            Ok(Some(entry)) => match entry.clock_value() {
+                Some(v) => v,
+                None => return Err(st.abi_error("a recorded clock value is malformed")),
+            },
+            Ok(None) => {
+                let v = live_clock(st, id);
+                let now = now_ms();
+                st.journal.record(Entry {
+                    kind: EntryKind::Clock,
+                    name: name.to_string(),
+                    occurrence: 0,
+                    attempt: 0,
+                    status: EntryStatus::Completed,
+                    output: v.to_le_bytes().to_vec(),
+                    error: None,
+                    started_at: now,
+                    finished_at: now,
+                });
+                v
+            }
+        }
+    };
+    st.sync_replaying();
+    Ok(if write_guest(&mut caller, out, &value.to_le_bytes()) { ERRNO_SUCCESS } else { ERRNO_FAULT })
+}
+
+/// Random bytes read by workflow code are journaled (this also covers std's
+/// `HashMap` keys); reads inside a live step closure are live.
+fn random_get(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let st = caller.data_mut();
+    st.enter();
+    let len = len as u32 as usize;
+    let bytes = if st.live_step.is_some() {
+        fresh_random(len)?
+    } else {
+        let run_id = st.run_id.clone();
+        match st.journal.replay_read(&run_id, &Request::Random { len }) {
+            Err(nd) => return Err(st.fail(nd.into())),
+            Ok(Some(entry)) => entry.output.clone(),
+            Ok(None) => {
+                let bytes = fresh_random(len)?;
+                let now = now_ms();
+                st.journal.record(Entry {
+                    kind: EntryKind::Random,
+                    name: String::new(),
+                    occurrence: 0,
+                    attempt: 0,
+                    status: EntryStatus::Completed,
+                    output: bytes.clone(),
+                    error: None,
+                    started_at: now,
+                    finished_at: now,
+                });
+                bytes
+            }
+        }
+    };
+    st.sync_replaying();
+    Ok(if write_guest(&mut caller, ptr, &bytes) { ERRNO_SUCCESS } else { ERRNO_FAULT })
+}
+
+fn fresh_random(len: usize) -> wasmtime::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes).map_err(|e| wasmtime::Error::msg(format!("host randomness failed: {e}")))?;
+    Ok(bytes)
+}
+
+/// The guest's stdout and stderr: forwarded to the host's stderr (stdout
+/// carries the run's output), dropped while the run replays its history so
+/// that a resume does not repeat log lines.
+#[derive(Clone)]
+pub struct GuestOutput {
+    replaying: Arc<AtomicBool>,
+}
+
+impl GuestOutput {
+    pub fn new(replaying: Arc<AtomicBool>) -> Self {
+        GuestOutput { replaying }
+    }
+
+    fn emit(&self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.replaying.load(Ordering::Relaxed) {
+            std::io::stderr().write_all(bytes)?;
+        }
+        Ok(())
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        // Losing a log line is better than failing the workflow over it.
+        let _ = self.emit(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(1 << 20)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let _ = self.emit(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

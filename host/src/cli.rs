@@ -1,0 +1,500 @@
+//! The `cairn` command line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, anyhow};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::engine::{WasmEngine, default_cache_dir};
+use crate::executor::{ExecError, Executor, RunOutcome};
+use crate::journal::{Entry, EntryKind};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Durability, NewRun, RunConfig, RunRecord, RunStatus, Store, StoreError, Write};
+
+/// Exit codes (also in the README).
+pub mod exit {
+    /// The run completed (or the command succeeded).
+    pub const OK: u8 = 0;
+    /// The run failed, or the command could not do its job.
+    pub const FAILED: u8 = 1;
+    /// Bad usage or bad input (clap uses it too).
+    pub const USAGE: u8 = 2;
+    /// Replay diverged from the history; nothing was written.
+    pub const NON_DETERMINISM: u8 = 3;
+    /// The run, or the database, is held by another process right now.
+    pub const BUSY: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about = "Durable execution for Rust workflows compiled to WebAssembly")]
+pub struct Cli {
+    /// The database file (created if missing).
+    #[arg(long, global = true, env = "CAIRN_DB", default_value = "cairn.db")]
+    pub db: PathBuf,
+    /// power: fsync before a step returns (survives power loss);
+    /// process: no fsync per commit (survives a killed process, not power loss).
+    #[arg(long, global = true, env = "CAIRN_DURABILITY", value_enum, default_value = "power")]
+    pub durability: Durability,
+    /// Where compiled modules are cached [default: $XDG_CACHE_HOME/cairn/modules or ~/.cache/cairn/modules].
+    #[arg(long, global = true, env = "CAIRN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a run of a workflow module and execute it in the foreground.
+    Run(RunArgs),
+    /// Continue an unfinished run from its history (or print a finished one's result).
+    Resume(ResumeArgs),
+    /// List runs.
+    Runs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run's history.
+    Show {
+        run_id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The workflow: a wasm32-wasip1 module built with cairn-sdk.
+    pub module: PathBuf,
+    /// The run's input: JSON, or @FILE to read it from a file [default: null].
+    #[arg(long)]
+    pub input: Option<String>,
+    /// The run's id [default: a new UUIDv7].
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Grant a host directory to the guest, as HOST or HOST::GUEST (repeatable).
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    pub dirs: Vec<String>,
+    /// Give the guest an environment variable (repeatable; stored in the database in clear).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Memory limit per instance, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub max_memory: u64,
+    /// CPU seconds a guest may run without reaching a host call (a step, a clock read, ...).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub max_cpu: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The run to continue.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub run_id: Option<String>,
+    /// Continue every unfinished run that no live process holds; one JSON line per run.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// An error with the exit code it ends the process with.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        Failure { code, error: error.into() }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error: anyhow::Error = e.into();
+        let code = match error.downcast_ref::<StoreError>() {
+            Some(StoreError::Locked { .. }) => exit::BUSY,
+            Some(StoreError::RunExists(_)) => exit::USAGE,
+            _ => exit::FAILED,
+        };
+        Failure { code, error }
+    }
+}
+
+fn exec_failure(e: ExecError) -> Failure {
+    let code = match &e {
+        ExecError::Fatal(crate::abi::Fatal::NonDeterminism(_)) => exit::NON_DETERMINISM,
+        ExecError::Store(StoreError::Locked { .. }) => exit::BUSY,
+        ExecError::Fatal(crate::abi::Fatal::Store { source: StoreError::Locked { .. }, .. }) => exit::BUSY,
+        _ => exit::FAILED,
+    };
+    Failure::new(code, e)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("cairn: error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+struct Context {
+    executor: Arc<Executor>,
+}
+
+fn open_store(cli: &Cli) -> Result<Arc<dyn Store>, Failure> {
+    let store = SqliteStore::open(&cli.db, cli.durability)?;
+    Ok(Arc::new(store))
+}
+
+fn context(cli: &Cli, store: Arc<dyn Store>) -> Result<Context, Failure> {
+    let cache = cli.cache_dir.clone().or_else(default_cache_dir);
+    let engine = Arc::new(WasmEngine::new(cache)?);
+    Ok(Context { executor: Arc::new(Executor::new(engine, store)?) })
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Run(args) => run(&cli, args).await,
+        Command::Resume(args) => resume(&cli, args).await,
+        Command::Runs { json } => list_runs(&*open_store(&cli)?, *json),
+        Command::Show { run_id, json } => show(&*open_store(&cli)?, run_id, *json),
+    }
+}
+
+fn parse_input(input: Option<&str>) -> Result<Vec<u8>, Failure> {
+    let text = match input {
+        None => return Ok(b"null".to_vec()),
+        Some(s) => match s.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file)
+                .map_err(|e| Failure::new(exit::USAGE, anyhow!("cannot read --input file {file}: {e}")))?,
+            None => s.to_string(),
+        },
+    };
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::new(exit::USAGE, anyhow!("--input is not valid JSON: {e}")))?;
+    Ok(serde_json::to_vec(&value).expect("a JSON value serializes"))
+}
+
+fn validate_run_id(id: &str) -> Result<(), Failure> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            exit::USAGE,
+            anyhow!("--run-id {id:?} is not valid: use 1 to 128 of A-Z a-z 0-9 - _ . :"),
+        ))
+    }
+}
+
+fn parse_dir(spec: &str) -> Result<(PathBuf, String), Failure> {
+    let (host, guest) = match spec.split_once("::") {
+        Some((h, g)) => (h, g.to_string()),
+        None => (spec, spec.to_string()),
+    };
+    let host = Path::new(host)
+        .canonicalize()
+        .map_err(|e| Failure::new(exit::USAGE, anyhow!("--dir {spec}: cannot use {host}: {e}")))?;
+    if !host.is_dir() {
+        return Err(Failure::new(exit::USAGE, anyhow!("--dir {spec}: {} is not a directory", host.display())));
+    }
+    Ok((host, guest))
+}
+
+fn parse_env(spec: &str) -> Result<(String, String), Failure> {
+    match spec.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(Failure::new(exit::USAGE, anyhow!("--env {spec:?} is not of the form KEY=VALUE"))),
+    }
+}
+
+async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+    let input = parse_input(args.input.as_deref())?;
+    let id = match &args.run_id {
+        Some(id) => {
+            validate_run_id(id)?;
+            id.clone()
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    let dirs = args.dirs.iter().map(|d| parse_dir(d)).collect::<Result<Vec<_>, _>>()?;
+    let env = args.env.iter().map(|e| parse_env(e)).collect::<Result<Vec<_>, _>>()?;
+    if !(args.max_cpu > 0.0 && args.max_cpu.is_finite()) || args.max_memory == 0 {
+        return Err(Failure::new(exit::USAGE, anyhow!("--max-cpu and --max-memory must be positive")));
+    }
+    let config = RunConfig { dirs, env, max_memory_mib: args.max_memory, max_cpu_ms: (args.max_cpu * 1000.0) as u64 };
+
+    let store = open_store(cli)?;
+    if store.run(&id)?.is_some() {
+        return Err(StoreError::RunExists(id).into());
+    }
+    let ctx = context(cli, store.clone())?;
+    let prepared = ctx.executor.prepare(&args.module).await.map_err(|e| Failure::new(exit::USAGE, e))?;
+    let new = NewRun {
+        id: id.clone(),
+        module: prepared.hash.clone(),
+        module_path: args.module.display().to_string(),
+        input,
+        config,
+        status: RunStatus::Running,
+    };
+    let committed = store
+        .submit(vec![Write::PutModule { hash: prepared.hash, bytes: prepared.bytes }, Write::CreateRun { run: new, lock: true }])
+        .await
+        .map_err(|_| anyhow!("the database writer stopped"))??;
+    let (record, lock) = committed.created.into_iter().next().context("the run was not created")?;
+    eprintln!("cairn: run {id} started (if interrupted: cairn resume {id})");
+    let code = execute_foreground(&ctx, &record).await;
+    drop(lock);
+    code
+}
+
+async fn execute_foreground(ctx: &Context, run: &RunRecord) -> Result<u8, Failure> {
+    let started = Instant::now();
+    let outcome = ctx.executor.execute(run).await.map_err(exec_failure)?;
+    let elapsed = started.elapsed();
+    match outcome {
+        RunOutcome::Completed(output) => {
+            eprintln!("cairn: run {} completed in {:.1?}", run.id, elapsed);
+            print_output(&output);
+            Ok(exit::OK)
+        }
+        RunOutcome::Failed(error) => {
+            eprintln!("cairn: run {} failed: {error}", run.id);
+            Ok(exit::FAILED)
+        }
+    }
+}
+
+fn print_output(output: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(output);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
+    let store = open_store(cli)?;
+    if args.all {
+        return resume_all(cli, store).await;
+    }
+    let id = args.run_id.as_deref().expect("clap requires a run id without --all");
+    let run = store
+        .run(id)?
+        .ok_or_else(|| Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} in {} (`cairn runs` lists them)", cli.db.display())))?;
+    match run.status {
+        RunStatus::Completed => {
+            print_output(run.output.as_deref().unwrap_or(b"null"));
+            return Ok(exit::OK);
+        }
+        RunStatus::Failed | RunStatus::Cancelled => {
+            eprintln!("cairn: run {id} {}: {}", run.status.as_str(), run.error.as_deref().unwrap_or("(no error recorded)"));
+            return Ok(exit::FAILED);
+        }
+        _ => {}
+    }
+    let Some(lock) = store.lock_run(run.seq)? else {
+        return Err(Failure::new(
+            exit::BUSY,
+            anyhow!("run {id} is being executed by another cairn process right now; wait for it, or stop that process and resume again"),
+        ));
+    };
+    // Re-read under the lock: the previous holder may have finished it.
+    let run = store.run(id)?.context("the run disappeared")?;
+    if run.status.is_finished() {
+        drop(lock);
+        return Box::pin(resume(cli, args)).await;
+    }
+    let ctx = context(cli, store)?;
+    eprintln!("cairn: resuming run {id} ({} steps recorded)", run.steps);
+    let code = execute_foreground(&ctx, &run).await;
+    drop(lock);
+    code
+}
+
+async fn resume_all(cli: &Cli, store: Arc<dyn Store>) -> Result<u8, Failure> {
+    let ctx = context(cli, store.clone())?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for run in store.unfinished_runs()? {
+        let Some(lock) = store.lock_run(run.seq)? else {
+            eprintln!("cairn: skipping run {}: another process is executing it", run.id);
+            continue;
+        };
+        let Some(run) = store.run(&run.id)?.filter(|r| !r.status.is_finished()) else { continue };
+        let executor = ctx.executor.clone();
+        tasks.spawn(async move {
+            let result = executor.execute(&run).await;
+            drop(lock);
+            (run.id, result)
+        });
+    }
+    let mut code = exit::OK;
+    while let Some(joined) = tasks.join_next().await {
+        let (id, result) = joined.map_err(|e| anyhow!("a run task failed: {e}"))?;
+        let line = match result {
+            Ok(RunOutcome::Completed(out)) => {
+                let output: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+                json!({"id": id, "status": "completed", "output": output})
+            }
+            Ok(RunOutcome::Failed(error)) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "failed", "error": error})
+            }
+            Err(e) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "error", "error": e.to_string()})
+            }
+        };
+        println!("{line}");
+    }
+    Ok(code)
+}
+
+fn time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn output_json(bytes: Option<&[u8]>) -> Value {
+    bytes.map_or(Value::Null, |b| serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into())))
+}
+
+fn run_json(r: &RunRecord) -> Value {
+    json!({
+        "id": r.id,
+        "module": r.module,
+        "module_path": r.module_path,
+        "status": r.status.as_str(),
+        "steps": r.steps,
+        "created_at": time(r.created_at),
+        "finished_at": r.finished_at.map(time),
+        "error": r.error,
+    })
+}
+
+fn list_runs(store: &dyn Store, json: bool) -> Result<u8, Failure> {
+    let runs = store.runs()?;
+    if json {
+        let list: Vec<Value> = runs.iter().map(run_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+        return Ok(exit::OK);
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["ID", "STATUS", "STEPS", "MODULE", "CREATED", "FINISHED"]);
+    for r in &runs {
+        table.add_row([
+            r.id.clone(),
+            r.status.as_str().to_string(),
+            r.steps.to_string(),
+            r.module[..12.min(r.module.len())].to_string(),
+            time(r.created_at),
+            r.finished_at.map(time).unwrap_or_default(),
+        ]);
+    }
+    println!("{table}");
+    Ok(exit::OK)
+}
+
+fn entry_output(e: &Entry) -> Value {
+    match e.kind {
+        EntryKind::Step if e.status == crate::journal::EntryStatus::Completed => output_json(Some(&e.output)),
+        EntryKind::Step => Value::Null,
+        EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
+        EntryKind::Random => Value::String(hex::encode(&e.output)),
+    }
+}
+
+fn short(v: &Value, max: usize) -> String {
+    let s = if v.is_null() { String::new() } else { v.to_string() };
+    if s.chars().count() > max { format!("{}…", s.chars().take(max - 1).collect::<String>()) } else { s }
+}
+
+fn show(store: &dyn Store, id: &str, json: bool) -> Result<u8, Failure> {
+    let run = store
+        .run(id)?
+        .ok_or_else(|| Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} (`cairn runs` lists them)")))?;
+    let history = store.history(run.seq)?;
+    if json {
+        let entries: Vec<Value> = history
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                json!({
+                    "position": i,
+                    "kind": e.kind.as_str(),
+                    "name": e.name,
+                    "occurrence": e.occurrence,
+                    "attempt": e.attempt,
+                    "status": e.status.as_str(),
+                    "output": entry_output(e),
+                    "error": e.error,
+                    "started_at": time(e.started_at),
+                    "finished_at": time(e.finished_at),
+                    "duration_ms": e.finished_at - e.started_at,
+                })
+            })
+            .collect();
+        let mut obj = run_json(&run);
+        obj["input"] = output_json(Some(&run.input));
+        obj["output"] = output_json(run.output.as_deref());
+        obj["history"] = Value::Array(entries);
+        println!("{}", serde_json::to_string_pretty(&obj).expect("JSON"));
+        return Ok(exit::OK);
+    }
+    println!("run      {}", run.id);
+    println!("status   {}", run.status.as_str());
+    println!("module   {} ({})", run.module, run.module_path);
+    println!("created  {}", time(run.created_at));
+    if let Some(f) = run.finished_at {
+        println!("finished {}", time(f));
+    }
+    if let Some(out) = &run.output {
+        println!("output   {}", short(&output_json(Some(out)), 200));
+    }
+    if let Some(err) = &run.error {
+        println!("error    {err}");
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["POS", "KIND", "NAME", "OCC", "ATTEMPT", "STATUS", "DURATION", "OUTPUT / ERROR"]);
+    for (i, e) in history.iter().enumerate() {
+        let detail = match &e.error {
+            Some(err) => short(&Value::String(err.clone()), 60),
+            None => short(&entry_output(e), 60),
+        };
+        let is_step = e.kind == EntryKind::Step;
+        table.add_row([
+            i.to_string(),
+            e.kind.as_str().to_string(),
+            e.name.clone(),
+            if is_step { e.occurrence.to_string() } else { String::new() },
+            if is_step { e.attempt.to_string() } else { String::new() },
+            e.status.as_str().to_string(),
+            if is_step { format!("{} ms", e.finished_at - e.started_at) } else { String::new() },
+            detail,
+        ]);
+    }
+    println!("\n{table}");
+    Ok(exit::OK)
+}

@@ -1,0 +1,154 @@
+//! The wasmtime engine: its configuration (deterministic, interruptible)
+//! and the on-disk cache of compiled modules.
+
+use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine, Module};
+
+/// How often the epoch advances. CPU limits are counted in these ticks, and
+/// a running guest yields to other tasks at least this often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
+
+/// The engine and everything built once per process.
+pub struct WasmEngine {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl WasmEngine {
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        let mut config = Config::new();
+        // A history must replay the same on any CPU.
+        config.cranelift_nan_canonicalization(true);
+        config.relaxed_simd_deterministic(true);
+        // CPU limits and fair sharing of worker threads (see executor).
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        thread::Builder::new().name("cairn-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(WasmEngine { engine, cache_dir, ticker_stop })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// A module by hash: from the compiled cache when possible, otherwise
+    /// compiled from `bytes()` and cached for next time.
+    pub fn load(&self, hash: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<Module> {
+        if let Some(path) = self.cache_path(hash) {
+            match self.load_cached(&path) {
+                Ok(Some(module)) => return Ok(module),
+                Ok(None) => {}
+                Err(e) => {
+                    // The cache is disposable: a bad entry is replaced.
+                    eprintln!("cairn: ignoring bad compiled-module cache entry {}: {e:#}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let bytes = bytes()?;
+        self.compile(hash, &bytes)
+    }
+
+    /// Compile `bytes` (whose SHA-256 is `hash`) and cache the result.
+    pub fn compile(&self, hash: &str, bytes: &[u8]) -> Result<Module> {
+        let compiled = self.engine.precompile_module(bytes).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        if let Some(path) = self.cache_path(hash)
+            && let Err(e) = write_cache_entry(&path, &compiled)
+        {
+            eprintln!("cairn: could not cache the compiled module at {}: {e:#}", path.display());
+        }
+        // SAFETY: `compiled` was produced by this engine a moment ago.
+        unsafe { Module::deserialize(&self.engine, &compiled) }.map_err(|e| anyhow::anyhow!("{e:#}"))
+    }
+
+    fn cache_path(&self, hash: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        // Keyed by everything that decides whether native code fits: engine
+        // settings, CPU features, wasmtime and cairn versions.
+        let mut h = DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        Some(dir.join(format!("{:016x}", h.finish())).join(format!("{hash}.cwasm")))
+    }
+
+    fn load_cached(&self, path: &Path) -> Result<Option<Module>> {
+        let data = match fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A .cwasm runs as native code: check it is whole and ours first.
+        if data.len() < 40 || &data[..8] != CACHE_MAGIC {
+            bail!("not a cache entry");
+        }
+        let (sum, payload) = data[8..].split_at(32);
+        if Sha256::digest(payload).as_slice() != sum {
+            bail!("checksum mismatch");
+        }
+        // SAFETY: the file lives in our private (0700) cache directory and
+        // its checksum matches what we wrote.
+        let module = unsafe { Module::deserialize(&self.engine, payload) }.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        Ok(Some(module))
+    }
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn write_cache_entry(path: &Path, compiled: &[u8]) -> Result<()> {
+    let dir = path.parent().context("cache path has no parent")?;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(root) = dir.parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+    }
+    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(CACHE_MAGIC)?;
+    f.write_all(&Sha256::digest(compiled))?;
+    f.write_all(compiled)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// SHA-256 of a module's bytes, hex: its identity everywhere.
+pub fn module_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The default cache directory: `$XDG_CACHE_HOME/cairn` or `~/.cache/cairn`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("cairn").join("modules"))
+}

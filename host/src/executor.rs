@@ -1,0 +1,312 @@
+//! Running a run: load its module and history, instantiate the module in a
+//! sandbox built from the run's stored grants, call the workflow, and turn
+//! however it ended into the run's final state.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use wasmtime::{ExternType, Linker, Module, Store as WasmStore, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, MemoryLimiter, MonotonicClock};
+use crate::engine::{EPOCH_TICK, WasmEngine, module_hash};
+use crate::journal::{Entry, EntryKind, EntryStatus, Journal};
+use crate::store::{RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// The workflow returned `Ok`: its output JSON.
+    Completed(Vec<u8>),
+    /// The workflow returned `Err`, panicked, trapped or hit a limit.
+    Failed(String),
+}
+
+/// Why a run could not be executed (its state in the database is unchanged
+/// apart from what was committed before).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Module(String),
+    #[error("{0}")]
+    Sandbox(String),
+}
+
+/// A module ready to start runs with.
+pub struct PreparedModule {
+    pub hash: String,
+    pub bytes: Vec<u8>,
+    pub module: Module,
+}
+
+pub struct Executor {
+    engine: Arc<WasmEngine>,
+    linker: Linker<HostState>,
+    store: Arc<dyn Store>,
+}
+
+impl Executor {
+    pub fn new(engine: Arc<WasmEngine>, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let mut linker = Linker::new(engine.engine());
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut HostState| &mut s.wasi)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        Ok(Executor { engine, linker, store })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Read, compile and check a workflow module before any run is created.
+    pub async fn prepare(&self, path: &Path) -> Result<PreparedModule, ExecError> {
+        let shown = path.display();
+        let bytes = std::fs::read(path).map_err(|e| ExecError::Module(format!("cannot read module {shown}: {e}")))?;
+        if !bytes.starts_with(b"\0asm") {
+            return Err(ExecError::Module(format!(
+                "{shown} is not a WebAssembly module (it does not start with \\0asm); build workflows with \
+                 `cargo build --release --target wasm32-wasip1`"
+            )));
+        }
+        let hash = module_hash(&bytes);
+        let module = self
+            .engine
+            .load(&hash, || Ok(bytes.clone()))
+            .map_err(|e| ExecError::Module(format!("{shown} is not a valid WebAssembly module: {e:#}")))?;
+        check_module(&module, &shown.to_string())?;
+        // The guest declares its ABI version: ask it.
+        let probe = RunRecord {
+            seq: 0,
+            id: "(module check)".into(),
+            module: hash.clone(),
+            module_path: shown.to_string(),
+            input: Vec::new(),
+            config: RunConfig { dirs: Vec::new(), env: Vec::new(), max_memory_mib: 64, max_cpu_ms: 1000 },
+            status: RunStatus::Pending,
+            output: None,
+            error: None,
+            created_at: 0,
+            finished_at: None,
+            steps: 0,
+        };
+        let mut store = self.new_store(&probe, Vec::new())?;
+        self.instantiate(&mut store, &module, &shown.to_string()).await?;
+        Ok(PreparedModule { hash, bytes, module })
+    }
+
+    fn new_store(&self, run: &RunRecord, history: Vec<Entry>) -> Result<WasmStore<HostState>, ExecError> {
+        let journal = Journal::new(history);
+        let replaying = Arc::new(AtomicBool::new(journal.replaying()));
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(GuestOutput::new(replaying.clone()));
+        wasi.stderr(GuestOutput::new(replaying.clone()));
+        for (host, guest) in &run.config.dirs {
+            wasi.preopened_dir(host, guest, FsPerms::ReadWrite).map_err(|e| {
+                ExecError::Sandbox(format!(
+                    "run {}: cannot grant directory {} (as {guest}): {e:#}",
+                    run.id,
+                    host.display()
+                ))
+            })?;
+        }
+        for (k, v) in &run.config.env {
+            wasi.env(k, v);
+        }
+        let cpu_limit_ticks = (run.config.max_cpu_ms / EPOCH_TICK.as_millis() as u64).max(1);
+        let state = HostState {
+            wasi: wasi.build_p1(),
+            limiter: MemoryLimiter { max_bytes: (run.config.max_memory_mib as usize) << 20, hit: None },
+            store: self.store.clone(),
+            run_id: run.id.clone(),
+            run_seq: run.seq,
+            input: run.input.clone(),
+            monotonic: MonotonicClock::after(journal.last_monotonic()),
+            journal,
+            memory: None,
+            staged: Vec::new(),
+            live_step: None,
+            panic_message: None,
+            fatal: None,
+            finished: None,
+            replaying,
+            cpu_ticks: 0,
+            cpu_limit_ticks,
+            cpu_exceeded: false,
+        };
+        let mut store = WasmStore::new(self.engine.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        // Count CPU in epoch ticks since the last host call, yielding to other
+        // tasks at every tick; time spent waiting in host calls never counts.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let st = ctx.data_mut();
+            st.cpu_ticks += 1;
+            if st.cpu_ticks > st.cpu_limit_ticks {
+                st.cpu_exceeded = true;
+                return Err(wasmtime::Error::msg("CPU limit exceeded"));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        Ok(store)
+    }
+
+    /// Instantiate and check the ABI version the guest declares.
+    async fn instantiate(
+        &self,
+        store: &mut WasmStore<HostState>,
+        module: &Module,
+        shown: &str,
+    ) -> Result<wasmtime::Instance, ExecError> {
+        let instance = self
+            .linker
+            .instantiate_async(&mut *store, module)
+            .await
+            .map_err(|e| ExecError::Module(format!("cannot instantiate {shown}: {e:#}")))?;
+        store.data_mut().memory = instance.get_memory(&mut *store, "memory");
+        let version = instance
+            .get_typed_func::<(), i32>(&mut *store, "cairn_abi_version")
+            .map_err(|e| ExecError::Module(format!("{shown}: `cairn_abi_version` has the wrong type: {e:#}")))?
+            .call_async(&mut *store, ())
+            .await
+            .map_err(|e| ExecError::Module(format!("{shown}: `cairn_abi_version` failed: {e:#}")))?;
+        if version != abi::ABI_VERSION {
+            return Err(ExecError::Module(format!(
+                "{shown} was built for Cairn ABI version {version}, but this cairn speaks version {}; \
+                 rebuild it with a matching cairn-sdk or use a matching cairn",
+                abi::ABI_VERSION
+            )));
+        }
+        Ok(instance)
+    }
+
+    /// Execute (or continue) a run the caller holds the lock of.
+    pub async fn execute(&self, run: &RunRecord) -> Result<RunOutcome, ExecError> {
+        let store = self.store.clone();
+        let module = self
+            .engine
+            .load(&run.module, || {
+                store.module(&run.module)?.ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
+            })
+            .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
+        let history = self.store.history(run.seq)?;
+        let mut wstore = self.new_store(run, history)?;
+        let instance = self.instantiate(&mut wstore, &module, &run.module_path).await?;
+        let start = instance
+            .get_typed_func::<(), ()>(&mut wstore, "_start")
+            .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;
+        if run.status != RunStatus::Running {
+            wstore.data_mut().commit(vec![set_status(run.seq, RunStatus::Running)]).await.ok();
+            if let Some(f) = wstore.data_mut().fatal.take() {
+                return Err(f.into());
+            }
+        }
+        let result = start.call_async(&mut wstore, ()).await;
+        self.conclude(wstore, result).await
+    }
+
+    async fn conclude(
+        &self,
+        mut wstore: WasmStore<HostState>,
+        result: wasmtime::Result<()>,
+    ) -> Result<RunOutcome, ExecError> {
+        let st = wstore.data_mut();
+        if let Some(fatal) = st.fatal.take() {
+            return Err(fatal.into());
+        }
+        if let Some(done) = st.finished.take() {
+            return Ok(match done {
+                Finished::Completed(out) => RunOutcome::Completed(out),
+                Finished::Failed(msg) => RunOutcome::Failed(msg),
+            });
+        }
+        let mut message = match &result {
+            Ok(()) => "the workflow returned from main without reporting a result \
+                       (main must call cairn_sdk::run)"
+                .to_string(),
+            Err(e) => {
+                if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                    format!("the workflow exited with code {} before reporting a result", exit.0)
+                } else if let Some(panic) = st.panic_message.take() {
+                    panic
+                } else if st.cpu_exceeded {
+                    format!(
+                        "CPU limit: the workflow ran {} ms without reaching a host call \
+                         (raise it with --max-cpu)",
+                        st.cpu_limit_ticks * EPOCH_TICK.as_millis() as u64
+                    )
+                } else if let Some(hit) = st.limiter.hit.take() {
+                    format!("{hit} (raise it with --max-memory)")
+                } else {
+                    format!("the workflow trapped: {e:#}")
+                }
+            }
+        };
+        let mut writes = Vec::new();
+        if let Some(live) = st.live_step.take() {
+            message = format!("step \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
+            st.journal.record(Entry {
+                kind: EntryKind::Step,
+                name: live.name,
+                occurrence: live.occurrence,
+                attempt: live.attempt,
+                status: EntryStatus::Failed,
+                output: Vec::new(),
+                error: Some(message.clone()),
+                started_at: live.started_at,
+                finished_at: now_ms(),
+            });
+        }
+        writes.push(Write::SetStatus {
+            run: st.run_seq,
+            status: RunStatus::Failed,
+            output: None,
+            error: Some(message.clone()),
+        });
+        st.commit(writes).await.ok();
+        if let Some(fatal) = st.fatal.take() {
+            return Err(fatal.into());
+        }
+        Ok(RunOutcome::Failed(message))
+    }
+}
+
+fn set_status(run: i64, status: RunStatus) -> Write {
+    Write::SetStatus { run, status, output: None, error: None }
+}
+
+/// A workflow module must export its memory, `_start` and
+/// `cairn_abi_version`, and import nothing this host does not provide.
+fn check_module(module: &Module, shown: &str) -> Result<(), ExecError> {
+    let has_func = |name: &str| matches!(module.get_export(name), Some(ExternType::Func(_)));
+    let mut missing: Vec<&str> = ["_start", "cairn_abi_version"].into_iter().filter(|n| !has_func(n)).collect();
+    if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
+        missing.push("memory");
+    }
+    if !missing.is_empty() {
+        return Err(ExecError::Module(format!(
+            "{shown} is not a Cairn workflow: it does not export {}. Build it as a wasm32-wasip1 binary \
+             whose main calls cairn_sdk::run(workflow)",
+            missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    for import in module.imports() {
+        match import.module() {
+            abi::MODULE if abi::FUNCTIONS.contains(&import.name()) => {}
+            "wasi_snapshot_preview1" => {}
+            other => {
+                return Err(ExecError::Module(format!(
+                    "{shown} imports `{other}::{}`, which this cairn does not provide (it speaks Cairn ABI \
+                     version {} and WASI preview 1); was it built for a newer Cairn?",
+                    import.name(),
+                    abi::ABI_VERSION
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! A run's history: the ordered list of everything that happened in it, and
+//! the cursor that walks it on replay.
+//!
+//! Live execution appends at the end; replay walks the same list from the
+//! start and hands each recorded outcome back instead of doing the work
+//! again. The whole history is loaded in one query when a run (re)starts, so
+//! replay never touches SQL.
+
+use std::collections::HashMap;
+use std::fmt;
+
+/// What kind of thing an entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// The outcome of one attempt of a durable step.
+    Step,
+    /// A clock read by workflow code (outside step closures).
+    Clock,
+    /// Random bytes read by workflow code (outside step closures).
+    Random,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Step => "step",
+            EntryKind::Clock => "clock",
+            EntryKind::Random => "random",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "step" => EntryKind::Step,
+            "clock" => EntryKind::Clock,
+            "random" => EntryKind::Random,
+            _ => return None,
+        })
+    }
+}
+
+/// How an entry ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryStatus {
+    /// A step that returned a value, or a recorded read.
+    Completed,
+    /// A step whose closure returned `Err`: the error is its memoized outcome.
+    Error,
+    /// A step attempt that never produced an outcome (panic, trap, limit):
+    /// not memoized; the next attempt runs the closure again.
+    Failed,
+}
+
+impl EntryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryStatus::Completed => "completed",
+            EntryStatus::Error => "error",
+            EntryStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "completed" => EntryStatus::Completed,
+            "error" => EntryStatus::Error,
+            "failed" => EntryStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a run's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    /// Step name; clock name (`realtime`, `monotonic`); empty for random.
+    pub name: String,
+    /// 1 for the first step of this name in the run, 2 for the second, ...
+    pub occurrence: u32,
+    pub attempt: u32,
+    pub status: EntryStatus,
+    /// Step value (JSON), clock value (u64 little-endian), or random bytes.
+    pub output: Vec<u8>,
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    pub finished_at: i64,
+}
+
+impl Entry {
+    /// A short description for error messages: `step "charge" #2`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            EntryKind::Step => format!("step \"{}\" #{}", self.name, self.occurrence),
+            EntryKind::Clock => format!("a read of the {} clock", self.name),
+            EntryKind::Random => format!("a read of {} random bytes", self.output.len()),
+        }
+    }
+
+    /// The clock value of a `Clock` entry.
+    pub fn clock_value(&self) -> Option<u64> {
+        let bytes: [u8; 8] = self.output.as_slice().try_into().ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+}
+
+/// What the workflow is asking for at a host call, checked against the
+/// entry under the cursor during replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    Step { name: &'a str, occurrence: u32 },
+    Clock { name: &'a str },
+    Random { len: usize },
+    Finish,
+}
+
+impl fmt::Display for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Step { name, occurrence } => write!(f, "step \"{name}\" #{occurrence}"),
+            Request::Clock { name } => write!(f, "a read of the {name} clock"),
+            Request::Random { len } => write!(f, "a read of {len} random bytes"),
+            Request::Finish => write!(f, "to finish the workflow"),
+        }
+    }
+}
+
+/// A replay that does not match the history.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "non-determinism in run {run_id} at history position {position}: the history holds {recorded}, \
+     but the module asked for {requested}. The history is unchanged. Workflow code between steps \
+     must do the same thing on every execution: restore what it read (files, environment) or \
+     start a new run."
+)]
+pub struct NonDeterminism {
+    pub run_id: String,
+    pub position: usize,
+    pub recorded: String,
+    pub requested: String,
+}
+
+/// The in-memory history of one run and the replay cursor over it.
+#[derive(Debug, Default)]
+pub struct Journal {
+    entries: Vec<Entry>,
+    /// Next position to replay; equal to `entries.len()` once live.
+    cursor: usize,
+    /// `entries[..submitted]` have been handed to the store.
+    submitted: usize,
+    occurrences: HashMap<String, u32>,
+}
+
+/// What `Journal::begin_step` found.
+#[derive(Debug)]
+pub enum StepStart<'a> {
+    /// The step has a recorded outcome: return it, do not run the closure.
+    Memoized(&'a Entry),
+    /// Run the closure live; this is its attempt number.
+    Live { occurrence: u32, attempt: u32 },
+}
+
+impl Journal {
+    pub fn new(entries: Vec<Entry>) -> Self {
+        let submitted = entries.len();
+        Journal { entries, cursor: 0, submitted, occurrences: HashMap::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// True while the cursor is still inside the recorded history.
+    pub fn replaying(&self) -> bool {
+        self.cursor < self.entries.len()
+    }
+
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    fn diverged(&self, run_id: &str, requested: &Request) -> NonDeterminism {
+        NonDeterminism {
+            run_id: run_id.to_string(),
+            position: self.cursor,
+            recorded: self.entries.get(self.cursor).map_or_else(
+                || "nothing more (the workflow had finished)".to_string(),
+                Entry::describe,
+            ),
+            requested: requested.to_string(),
+        }
+    }
+
+    /// A step begins: return its memoized outcome, or say it must run live.
+    /// Failed attempts recorded for it are skipped and counted.
+    pub fn begin_step(&mut self, run_id: &str, name: &str) -> Result<StepStart<'_>, NonDeterminism> {
+        let occurrence = {
+            let n = self.occurrences.entry(name.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let mut attempt = 1;
+        while let Some(e) = self.entries.get(self.cursor) {
+            if e.kind != EntryKind::Step || e.name != name || e.occurrence != occurrence {
+                return Err(self.diverged(run_id, &Request::Step { name, occurrence }));
+            }
+            self.cursor += 1;
+            if e.status == EntryStatus::Failed {
+                attempt = e.attempt + 1;
+                continue;
+            }
+            return Ok(StepStart::Memoized(&self.entries[self.cursor - 1]));
+        }
+        Ok(StepStart::Live { occurrence, attempt })
+    }
+
+    /// A recorded read (clock or random) for the request, if replaying.
+    /// `Ok(None)` means: live, read for real and `record` the result.
+    pub fn replay_read(&mut self, run_id: &str, request: &Request) -> Result<Option<&Entry>, NonDeterminism> {
+        let Some(e) = self.entries.get(self.cursor) else { return Ok(None) };
+        let matches = match request {
+            Request::Clock { name } => e.kind == EntryKind::Clock && e.name == *name,
+            Request::Random { len } => e.kind == EntryKind::Random && e.output.len() == *len,
+            _ => false,
+        };
+        if !matches {
+            return Err(self.diverged(run_id, request));
+        }
+        self.cursor += 1;
+        Ok(Some(&self.entries[self.cursor - 1]))
+    }
+
+    /// The workflow finished: the history must have been replayed to its end.
+    pub fn check_finish(&self, run_id: &str) -> Result<(), NonDeterminism> {
+        if self.replaying() {
+            return Err(self.diverged(run_id, &Request::Finish));
+        }
+        Ok(())
+    }
+
+    /// Append a new entry at the end (live execution only).
+    pub fn record(&mut self, entry: Entry) {
+        debug_assert!(!self.replaying());
+        self.entries.push(entry);
+        self.cursor = self.entries.len();
+    }
+
+    /// True if entries were recorded that the store has not been given yet.
+    pub fn has_unsubmitted(&self) -> bool {
+        self.submitted < self.entries.len()
+    }
+
+    /// The entries not yet handed to the store, with their first position;
+    /// marks them as handed over.
+    pub fn take_unsubmitted(&mut self) -> (usize, Vec<Entry>) {
+        let from = self.submitted;
+        self.submitted = self.entries.len();
+        (from, self.entries[from..].to_vec())
+    }
+
+    /// The largest monotonic clock value recorded so far.
+    pub fn last_monotonic(&self) -> Option<u64> {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Clock && e.name == "monotonic")
+            .filter_map(Entry::clock_value)
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
+        Entry {
+            kind: EntryKind::Step,
+            name: name.into(),
+            occurrence,
+            attempt: 1,
+            status,
+            output: b"1".to_vec(),
+            error: None,
+            started_at: 0,
+            finished_at: 0,
+        }
+    }
+
+    #[test]
+    fn replays_then_goes_live() {
+        let mut j = Journal::new(vec![step("a", 1, EntryStatus::Completed)]);
+        assert!(matches!(j.begin_step("r", "a").unwrap(), StepStart::Memoized(_)));
+        assert!(!j.replaying());
+        match j.begin_step("r", "a").unwrap() {
+            StepStart::Live { occurrence, attempt } => assert_eq!((occurrence, attempt), (2, 1)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn failed_attempts_are_counted_not_memoized() {
+        let mut failed = step("a", 1, EntryStatus::Failed);
+        failed.attempt = 1;
+        let mut j = Journal::new(vec![failed]);
+        match j.begin_step("r", "a").unwrap() {
+            StepStart::Live { occurrence, attempt } => assert_eq!((occurrence, attempt), (1, 2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn divergence_names_run_position_and_both_sides() {
+        let mut j = Journal::new(vec![step("a", 1, EntryStatus::Completed)]);
+        let err = j.begin_step("run-7", "b").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("run-7") && msg.contains("position 0"), "{msg}");
+        assert!(msg.contains("step \"a\" #1") && msg.contains("step \"b\" #1"), "{msg}");
+    }
+
+    #[test]
+    fn finishing_early_is_divergence() {
+        let j = Journal::new(vec![step("a", 1, EntryStatus::Completed)]);
+        assert!(j.check_finish("r").is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! Cairn: a durable-execution engine for Rust workflows compiled to
+//! `wasm32-wasip1`.
+//!
+//! The parts, in the order a step flows through them (see
+//! `docs/architecture.md`):
+//! - [`cli`]: the `cairn` command.
+//! - [`executor`]: runs a run: module, sandbox, history, outcome.
+//! - [`abi`]: the host functions the guest calls (`docs/abi.md`), and the
+//!   WASI calls taken over for determinism.
+//! - [`journal`]: a run's history and the replay cursor over it.
+//! - [`store`]: the storage trait and its SQLite implementation (group commit).
+//! - [`engine`]: wasmtime configuration and the compiled-module cache.
+//! - [`lock`]: one executor per run, with instant takeover after a crash.
+//! - [`idempotency`]: step idempotency keys.
+
+pub mod abi;
+pub mod cli;
+pub mod engine;
+pub mod executor;
+pub mod idempotency;
+pub mod journal;
+pub mod lock;
+pub mod store;

@@ -1,0 +1,201 @@
+//! Storage: one trait, one implementation per database.
+//!
+//! SQLite (embedded, zero set-up) is the only implementation today; the
+//! trait is what a PostgreSQL one will implement. Reads are plain calls.
+//! Writes go through [`Store::submit`]: every write of one commit item lands
+//! together or not at all, and the returned ticket resolves once the commit
+//! is durable at the configured [`Durability`].
+
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::journal::Entry;
+use crate::lock::RunLock;
+
+/// The status of a run, as stored and as printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Pending,
+    Running,
+    Sleeping,
+    Waiting,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "pending",
+            RunStatus::Running => "running",
+            RunStatus::Sleeping => "sleeping",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => RunStatus::Pending,
+            "running" => RunStatus::Running,
+            "sleeping" => RunStatus::Sleeping,
+            "waiting" => RunStatus::Waiting,
+            "completed" => RunStatus::Completed,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Completed, failed and cancelled runs never execute again.
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled)
+    }
+}
+
+/// What a run was granted and limited to; stored with the run and reused by
+/// every resume, so a resumed run sees the same sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Preopened directories: (host path, guest path).
+    #[serde(default)]
+    pub dirs: Vec<(PathBuf, String)>,
+    /// Environment variables (stored in the database in clear).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Linear-memory limit per instance, in MiB.
+    pub max_memory_mib: u64,
+    /// CPU time a guest may run without reaching a host call, in milliseconds.
+    pub max_cpu_ms: u64,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// Internal, never reused; also the run's byte in the lock file.
+    pub seq: i64,
+    pub id: String,
+    /// SHA-256 of the module, hex.
+    pub module: String,
+    /// The path the module was started from (for people; never loaded again).
+    pub module_path: String,
+    pub input: Vec<u8>,
+    pub config: RunConfig,
+    pub status: RunStatus,
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    /// Completed step outcomes in the history.
+    pub steps: u64,
+}
+
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub module: String,
+    pub module_path: String,
+    pub input: Vec<u8>,
+    pub config: RunConfig,
+    pub status: RunStatus,
+}
+
+/// One write; a commit item is a list of them, applied together.
+#[derive(Debug)]
+pub enum Write {
+    /// Store a module's bytes under their hash (kept if already there).
+    PutModule { hash: String, bytes: Vec<u8> },
+    /// Create a run; with `lock`, the run is locked for this process before
+    /// the commit makes it visible to anyone else.
+    CreateRun { run: NewRun, lock: bool },
+    /// Append history entries starting at `position`.
+    Append { run: i64, position: usize, entries: Vec<Entry> },
+    /// Set a run's status (and, when it finishes, its output or error).
+    SetStatus { run: i64, status: RunStatus, output: Option<Vec<u8>>, error: Option<String> },
+}
+
+/// What a commit produced, for the writes that produce something.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Runs created by this item, with their lock if one was asked for.
+    pub created: Vec<(RunRecord, Option<RunLock>)>,
+}
+
+/// Resolves when the item is durable, or says why it is not.
+pub type CommitTicket = oneshot::Receiver<Result<Committed, StoreError>>;
+
+/// How durable a commit is before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// fsync before a step returns: survives power loss.
+    Power,
+    /// Written to the OS before a step returns, no fsync per commit: survives
+    /// a killed process, not a power loss.
+    Process,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path} is not a Cairn database ({why}); use --db to pick another file")]
+    NotCairn { path: String, why: String },
+    #[error(
+        "{path} was written by a newer Cairn (schema version {found}; this build knows up to {known}); \
+         upgrade cairn, the file was not changed"
+    )]
+    TooNew { path: String, found: i64, known: i64 },
+    #[error("the database {path} is locked by another process (waited {waited_ms} ms); try again when it is done")]
+    Locked { path: String, waited_ms: u64 },
+    #[error("a run with id {0:?} already exists; continue it with `cairn resume {0}`")]
+    RunExists(String),
+    #[error("the run being written ({0}) no longer exists")]
+    NoSuchRun(i64),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("lock file: {0}")]
+    Lock(#[from] std::io::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The storage every part of the host uses.
+pub trait Store: Send + Sync {
+    /// Random id made when the database was created; mixed into every
+    /// idempotency key so two databases never hand out the same key.
+    fn db_id(&self) -> &str;
+
+    /// Queue a commit item; the ticket resolves once it is durable.
+    fn submit(&self, writes: Vec<Write>) -> CommitTicket;
+
+    fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
+    /// All runs, oldest first.
+    fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Runs that are not finished, oldest first.
+    fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// A run's whole history, in one query.
+    fn history(&self, run: i64) -> Result<Vec<Entry>, StoreError>;
+
+    /// Lock a run for this process (fails at once if another process holds it).
+    fn lock_run(&self, run: i64) -> Result<Option<RunLock>, StoreError>;
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

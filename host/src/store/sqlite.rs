@@ -1,0 +1,441 @@
+//! The SQLite store: WAL mode, numbered migrations, one writer thread that
+//! group-commits everything queued (one transaction and one fsync for all
+//! runs' pending writes), and a separate connection for reads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    CommitTicket, Committed, Durability, NewRun, RunConfig, RunRecord, RunStatus, Store, StoreError,
+    Write, now_ms,
+};
+use crate::journal::{Entry, EntryKind, EntryStatus};
+use crate::lock::{LockFile, RunLock};
+
+/// `PRAGMA application_id` of every Cairn database ("CRN1").
+pub const APPLICATION_ID: i64 = 0x4352_4E31;
+
+/// Numbered migrations; `PRAGMA user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: modules, runs, history.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+    CREATE TABLE modules (
+        hash TEXT PRIMARY KEY,
+        bytes BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        module TEXT NOT NULL REFERENCES modules(hash),
+        module_path TEXT NOT NULL,
+        input BLOB NOT NULL,
+        config TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output BLOB,
+        error TEXT,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX runs_unfinished ON runs(status) WHERE status NOT IN ('completed', 'failed', 'cancelled');
+    CREATE TABLE history (
+        run INTEGER NOT NULL REFERENCES runs(seq),
+        position INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        occurrence INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        output BLOB NOT NULL,
+        error TEXT,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER NOT NULL,
+        PRIMARY KEY (run, position)
+    ) WITHOUT ROWID, STRICT;
+    "#,
+];
+
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many commit items share one transaction.
+const MAX_BATCH: usize = 1024;
+
+struct Job {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    db_id: String,
+    reader: Mutex<Connection>,
+    writer: mpsc::Sender<Job>,
+    locks: LockFile,
+}
+
+fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotCairn {
+            path: path.display().to_string(),
+            why: "not an SQLite file".into(),
+        },
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => StoreError::Locked {
+            path: path.display().to_string(),
+            waited_ms: BUSY_TIMEOUT.as_millis() as u64,
+        },
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| map_open_error(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let sync = match durability {
+        Durability::Power => "FULL",
+        Durability::Process => "NORMAL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))
+        .map_err(|e| map_open_error(path, e))?;
+    Ok(conn)
+}
+
+/// Check that the file is ours (or empty) and bring its schema up to date.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let not_cairn = |why: &str| StoreError::NotCairn { path: path.display().to_string(), why: why.into() };
+    let app_id: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| map_open_error(path, e))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if app_id != APPLICATION_ID {
+        if app_id != 0 || tables != 0 {
+            return Err(not_cairn("it is an SQLite database of another program"));
+        }
+    } else if version > known {
+        return Err(StoreError::TooNew { path: path.display().to_string(), found: version, known });
+    }
+    if app_id == APPLICATION_ID && version == known {
+        return Ok(());
+    }
+    // WAL must be set outside a transaction; it sticks to the file.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| map_open_error(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!("could not switch {} to WAL mode (got {mode})", path.display())));
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| map_open_error(path, e))?;
+    // Re-read under the write lock: another process may have migrated meanwhile.
+    let app_id: i64 = tx.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version: i64 = if app_id == APPLICATION_ID {
+        tx.pragma_query_value(None, "user_version", |r| r.get(0))?
+    } else {
+        0
+    };
+    if version > known {
+        return Err(StoreError::TooNew { path: path.display().to_string(), found: version, known });
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    if version == 0 {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| StoreError::Corrupt(format!("no randomness for the database id: {e}")))?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('db_id', ?1)", [hex::encode(id)])?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?1)", [now_ms().to_string()])?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let mut reader = connect(path, durability)?;
+        migrate(&mut reader, path)?;
+        let db_id: String = reader
+            .query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| r.get(0))
+            .map_err(|e| StoreError::NotCairn { path: path.display().to_string(), why: format!("no database id: {e}") })?;
+        let writer_conn = connect(path, durability)?;
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let locks = LockFile::open(Path::new(&lock_path))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer_locks = locks.clone();
+        let writer_path = path.to_path_buf();
+        thread::Builder::new()
+            .name("cairn-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, writer_locks, writer_path))
+            .map_err(StoreError::Lock)?;
+        Ok(SqliteStore { path: path.to_path_buf(), db_id, reader: Mutex::new(reader), writer: tx, locks })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| map_open_error(&self.path, e))
+    }
+}
+
+const RUN_COLUMNS: &str = "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
+     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind = 'step' AND h.status != 'failed')";
+
+fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
+    let config: String = row.get(5)?;
+    let status: String = row.get(6)?;
+    let corrupt = |col: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(RunRecord {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        module: row.get(2)?,
+        module_path: row.get(3)?,
+        input: row.get(4)?,
+        config: serde_json::from_str::<RunConfig>(&config).map_err(|e| corrupt(5, e.to_string()))?,
+        status: RunStatus::parse(&status).ok_or_else(|| corrupt(6, format!("unknown status {status:?}")))?,
+        output: row.get(7)?,
+        error: row.get(8)?,
+        created_at: row.get(9)?,
+        finished_at: row.get(10)?,
+        steps: row.get::<_, i64>(11)? as u64,
+    })
+}
+
+fn entry_from_row(row: &rusqlite::Row) -> rusqlite::Result<Entry> {
+    let kind: String = row.get(0)?;
+    let status: String = row.get(4)?;
+    let corrupt = |col: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(Entry {
+        kind: EntryKind::parse(&kind).ok_or_else(|| corrupt(0, format!("unknown entry kind {kind:?}")))?,
+        name: row.get(1)?,
+        occurrence: row.get(2)?,
+        attempt: row.get(3)?,
+        status: EntryStatus::parse(&status).ok_or_else(|| corrupt(4, format!("unknown entry status {status:?}")))?,
+        output: row.get(5)?,
+        error: row.get(6)?,
+        started_at: row.get(7)?,
+        finished_at: row.get(8)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn db_id(&self) -> &str {
+        &self.db_id
+    }
+
+    fn submit(&self, writes: Vec<Write>) -> CommitTicket {
+        let (done, ticket) = oneshot::channel();
+        if let Err(mpsc::SendError(job)) = self.writer.send(Job { writes, done }) {
+            let _ = job.done.send(Err(StoreError::WriterGone));
+        }
+        ticket
+    }
+
+    fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| c.query_row("SELECT bytes FROM modules WHERE hash = ?1", [hash], |r| r.get(0)).optional())
+    }
+
+    fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.read(|c| {
+            c.query_row(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"), [id], run_from_row).optional()
+        })
+    }
+
+    fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY seq"))?;
+            stmt.query_map([], run_from_row)?.collect()
+        })
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ('completed', 'failed', 'cancelled') ORDER BY seq"
+            ))?;
+            stmt.query_map([], run_from_row)?.collect()
+        })
+    }
+
+    fn history(&self, run: i64) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT kind, name, occurrence, attempt, status, output, error, started_at, finished_at \
+                 FROM history WHERE run = ?1 ORDER BY position",
+            )?;
+            stmt.query_map([run], entry_from_row)?.collect()
+        })
+    }
+
+    fn lock_run(&self, run: i64) -> Result<Option<RunLock>, StoreError> {
+        Ok(self.locks.try_lock(run)?)
+    }
+}
+
+/// The writer: take everything queued, write it in one transaction (a
+/// savepoint per item, so one bad item does not abort the others), commit
+/// once, then answer every item.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, locks: LockFile, path: PathBuf) {
+    let mut jobs: Vec<Job> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = write_batch(&mut conn, &jobs, &locks, &path);
+        for (job, result) in jobs.drain(..).zip(results) {
+            let _ = job.done.send(result);
+        }
+    }
+}
+
+fn write_batch(
+    conn: &mut Connection,
+    jobs: &[Job],
+    locks: &LockFile,
+    path: &Path,
+) -> Vec<Result<Committed, StoreError>> {
+    let fail_all = |e: rusqlite::Error| -> Vec<Result<Committed, StoreError>> {
+        jobs.iter().map(|_| Err(commit_error(path, &e))).collect()
+    };
+    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(e),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let result = (|| -> Result<Committed, StoreError> {
+            let sp = tx.savepoint()?;
+            let committed = apply(&sp, &job.writes, locks)?;
+            sp.commit()?;
+            Ok(committed)
+        })();
+        results.push(result);
+    }
+    if let Err(e) = tx.commit() {
+        // Nothing of this batch is durable: locks taken for new runs go too.
+        return fail_all(e);
+    }
+    results
+}
+
+/// The error every item of a failed batch gets (`rusqlite::Error` is not `Clone`).
+fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => StoreError::Locked {
+            path: path.display().to_string(),
+            waited_ms: BUSY_TIMEOUT.as_millis() as u64,
+        },
+        _ => StoreError::Commit(e.to_string()),
+    }
+}
+
+fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committed, StoreError> {
+    let mut committed = Committed::default();
+    for write in writes {
+        match write {
+            Write::PutModule { hash, bytes } => {
+                tx.prepare_cached("INSERT OR IGNORE INTO modules (hash, bytes, created_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![hash, bytes, now_ms()])?;
+            }
+            Write::CreateRun { run, lock } => committed.created.push(create_run(tx, run, *lock, locks)?),
+            Write::Append { run, position, entries } => {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
+                     started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?;
+                for (i, e) in entries.iter().enumerate() {
+                    stmt.execute(params![
+                        run,
+                        (position + i) as i64,
+                        e.kind.as_str(),
+                        e.name,
+                        e.occurrence,
+                        e.attempt,
+                        e.status.as_str(),
+                        e.output,
+                        e.error,
+                        e.started_at,
+                        e.finished_at,
+                    ])?;
+                }
+            }
+            Write::SetStatus { run, status, output, error } => {
+                let finished_at = status.is_finished().then(now_ms);
+                let n = tx
+                    .prepare_cached("UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5 WHERE seq = ?1")?
+                    .execute(params![run, status.as_str(), output, error, finished_at])?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchRun(*run));
+                }
+            }
+        }
+    }
+    Ok(committed)
+}
+
+fn create_run(
+    tx: &Connection,
+    run: &NewRun,
+    lock: bool,
+    locks: &LockFile,
+) -> Result<(RunRecord, Option<RunLock>), StoreError> {
+    let created_at = now_ms();
+    let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO runs (id, module, module_path, input, config, status, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![run.id, run.module, run.module_path, run.input, config, run.status.as_str(), created_at])?;
+    if inserted == 0 {
+        return Err(StoreError::RunExists(run.id.clone()));
+    }
+    let seq = tx.last_insert_rowid();
+    // Lock before the commit makes the run visible to other processes.
+    let held = if lock {
+        Some(locks.try_lock(seq)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("the lock of new run {} is held by another process", run.id))
+        })?)
+    } else {
+        None
+    };
+    let record = RunRecord {
+        seq,
+        id: run.id.clone(),
+        module: run.module.clone(),
+        module_path: run.module_path.clone(),
+        input: run.input.clone(),
+        config: run.config.clone(),
+        status: run.status,
+        output: None,
+        error: None,
+        created_at,
+        finished_at: None,
+        steps: 0,
+    };
+    Ok((record, held))
+}

@@ -1,0 +1,131 @@
+//! Helpers for the end-to-end tests: they drive the real `cairn` binary
+//! (`target/release/cairn`, built by `make test`) on the real example
+//! guests (`target/wasm32-wasip1/release/*.wasm`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The `cairn` binary under test (`CAIRN_BIN` overrides).
+pub fn cairn_bin() -> PathBuf {
+    let bin = std::env::var_os("CAIRN_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/cairn"));
+    assert!(bin.exists(), "{} is missing: run `make test` (it builds the host and the guests first)", bin.display());
+    bin
+}
+
+/// A built example guest.
+pub fn guest(name: &str) -> PathBuf {
+    let path = target_dir().join("wasm32-wasip1/release").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run `make test` (it builds the guests first)", path.display());
+    path
+}
+
+/// One test's world: a scratch directory, a database in it, a shared
+/// compiled-module cache.
+pub struct World {
+    pub dir: PathBuf,
+    pub db: PathBuf,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl World {
+    pub fn new(name: &str) -> World {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = target_dir().join("e2e").join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let db = dir.join("cairn.db");
+        World { dir, db }
+    }
+
+    /// A subdirectory of the scratch directory (created).
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.dir.join(name);
+        std::fs::create_dir_all(&d).expect("subdir");
+        d
+    }
+
+    /// `cairn --db <db> ARGS`, with the test cache and no inherited CAIRN_* settings.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(cairn_bin());
+        c.env_remove("CAIRN_DB").env_remove("CAIRN_DURABILITY");
+        c.env("CAIRN_CACHE_DIR", target_dir().join("e2e-cache"));
+        c.arg("--db").arg(&self.db).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Run to completion and capture.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("cairn runs")
+    }
+
+    /// Start in the background, output captured to files in the scratch dir.
+    pub fn spawn(&self, args: &[&str], tag: &str) -> Child {
+        let out = std::fs::File::create(self.dir.join(format!("{tag}.stdout"))).unwrap();
+        let err = std::fs::File::create(self.dir.join(format!("{tag}.stderr"))).unwrap();
+        self.cmd(args).stdout(out).stderr(err).spawn().expect("cairn starts")
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// `cairn show ID --json`, parsed.
+    pub fn show(&self, id: &str) -> serde_json::Value {
+        let out = self.run(&["show", id, "--json"]);
+        assert!(out.status.success(), "show {id} failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("show --json prints JSON")
+    }
+
+    /// `cairn runs --json`, parsed.
+    pub fn runs(&self) -> Vec<serde_json::Value> {
+        let out = self.run(&["runs", "--json"]);
+        assert!(out.status.success(), "runs failed: {}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("runs --json prints JSON")
+            .as_array().expect("an array").clone()
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// stdout of a successful command, as JSON.
+pub fn json_stdout(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "command failed ({:?}): {}", out.status, text(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {:?}", text(&out.stdout)))
+}
+
+/// Poll `cond` every few milliseconds until it holds; panic after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Lines in a file (0 if it does not exist).
+pub fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// SIGKILL a child and reap it.
+pub fn kill9(child: &mut Child) {
+    // SAFETY: plain syscall on a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().expect("reap");
+    assert!(!status.success(), "the child was expected to die from SIGKILL, it exited: {status:?}");
+}
