@@ -97,6 +97,16 @@ impl World {
     }
 }
 
+/// A passing test leaves nothing behind; a failing one keeps its world for
+/// inspection.
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

@@ -154,6 +154,8 @@ pub enum StoreError {
     TooNew { path: String, found: i64, known: i64 },
     #[error("the database {path} is locked by another process (waited {waited_ms} ms); try again when it is done")]
     Locked { path: String, waited_ms: u64 },
+    #[error("cannot open the database {path}: {why}")]
+    CannotOpen { path: String, why: String },
     #[error("a run with id {0:?} already exists; continue it with `cairn resume {0}`")]
     RunExists(String),
     #[error("the run being written ({0}) no longer exists")]

@@ -89,6 +89,7 @@ fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
             path: path.display().to_string(),
             waited_ms: BUSY_TIMEOUT.as_millis() as u64,
         },
+        Some(ErrorCode::CannotOpen) => StoreError::CannotOpen { path: path.display().to_string(), why: e.to_string() },
         _ => StoreError::Sqlite(e),
     }
 }
