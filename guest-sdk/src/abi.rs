@@ -18,7 +18,9 @@ mod imports {
         #[link_name = "take"]
         pub fn take(ptr: *mut u8, len: i32) -> i32;
         #[link_name = "step_begin"]
-        pub fn step_begin(name_ptr: *const u8, name_len: i32) -> i64;
+        pub fn step_begin(name_ptr: *const u8, name_len: i32, policy_ptr: *const u8, policy_len: i32) -> i64;
+        #[link_name = "sleep"]
+        pub fn sleep(millis: i64) -> i32;
         #[link_name = "step_end"]
         pub fn step_end(status: i32, ptr: *const u8, len: i32) -> i32;
         #[link_name = "finish"]
@@ -35,7 +37,8 @@ mod imports {
     const NO_HOST: &str = "cairn-sdk workflows run inside the cairn host: build for wasm32-wasip1";
     pub unsafe fn input() -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn take(_: *mut u8, _: i32) -> i32 { panic!("{NO_HOST}") }
-    pub unsafe fn step_begin(_: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
+    pub unsafe fn step_begin(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
+    pub unsafe fn sleep(_: i64) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn panic(_: *const u8, _: i32) {}
@@ -73,9 +76,9 @@ pub(crate) enum Begin {
     Run { key: String, attempt: u32 },
 }
 
-pub(crate) fn step_begin(name: &str) -> Begin {
-    // SAFETY: the host only reads `name` for the duration of the call.
-    let r = unsafe { imports::step_begin(name.as_ptr(), name.len() as i32) };
+pub(crate) fn step_begin(name: &str, policy: &[u8; 48]) -> Begin {
+    // SAFETY: the host only reads the buffers for the duration of the call.
+    let r = unsafe { imports::step_begin(name.as_ptr(), name.len() as i32, policy.as_ptr(), policy.len() as i32) };
     let len = (r & 0xffff_ffff) as usize;
     let status = (r >> 32) & 0xff;
     let attempt = (r >> 40) as u32;
@@ -88,10 +91,12 @@ pub(crate) fn step_begin(name: &str) -> Begin {
     }
 }
 
-pub(crate) fn step_end(outcome: Result<&[u8], &str>) {
+/// `Err((message, permanent))`.
+pub(crate) fn step_end(outcome: Result<&[u8], (&str, bool)>) {
     let (status, bytes) = match outcome {
         Ok(value) => (0, value),
-        Err(message) => (1, message.as_bytes()),
+        Err((message, false)) => (1, message.as_bytes()),
+        Err((message, true)) => (2, message.as_bytes()),
     };
     // SAFETY: the host reads the buffer during the call only.
     unsafe { imports::step_end(status, bytes.as_ptr(), bytes.len() as i32) };
@@ -104,6 +109,11 @@ pub(crate) fn finish(outcome: Result<&[u8], &str>) {
     };
     // SAFETY: the host reads the buffer during the call only.
     unsafe { imports::finish(status, bytes.as_ptr(), bytes.len() as i32) };
+}
+
+pub(crate) fn sleep(millis: i64) {
+    // SAFETY: no pointers.
+    unsafe { imports::sleep(millis) };
 }
 
 pub(crate) fn report_panic(message: &str) {

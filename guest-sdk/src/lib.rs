@@ -87,8 +87,10 @@
 
 mod abi;
 mod error;
+mod retry;
 
 use std::fmt::Display;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -96,6 +98,7 @@ use serde::de::DeserializeOwned;
 pub use abi::ABI_VERSION;
 pub use abi::cairn_abi_version;
 pub use error::Error;
+pub use retry::RetryPolicy;
 
 /// Run a workflow: read the run's input from the host, call `workflow`,
 /// and hand its output (or its error's text) back to the host.
@@ -144,7 +147,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A durable step.
+    /// A durable step, retried under [`RetryPolicy::default()`].
     ///
     /// The first time, `f` runs and its outcome (value or error text) is
     /// committed to the database before `step` returns. On every replay the
@@ -154,7 +157,45 @@ impl Ctx {
     /// in a loop gets occurrences 1, 2, 3, ... Both the value returned live
     /// and the one returned on replay go through the recorded JSON, so they
     /// are always the same.
+    ///
+    /// An attempt that returns `Err` (unless [`Error::permanent`]), panics,
+    /// traps or hits a limit is recorded and retried after a durable
+    /// backoff; when no attempt is left, `step` returns the last error.
     pub fn step<T>(&mut self, name: &str, f: impl FnOnce(&Step) -> Result<T, Error>) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.step_with(name, RetryPolicy::default(), f)
+    }
+
+    /// [`Ctx::step`] with an explicit retry policy.
+    ///
+    /// ```no_run
+    /// # use cairn_sdk::{Ctx, Error, RetryPolicy};
+    /// # use std::time::Duration;
+    /// # fn flow(ctx: &mut Ctx) -> Result<(), Error> {
+    /// let policy = RetryPolicy::default()
+    ///     .max_attempts(5)
+    ///     .initial_backoff(Duration::from_millis(200))
+    ///     .timeout(Duration::from_secs(10));
+    /// let status: u16 = ctx.step_with("call_flaky_service", policy, |s| {
+    ///     // ... pass s.idempotency_key() to the service ...
+    ///     Ok(200)
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A panic cannot be caught inside wasm and the closure is `FnOnce`, so
+    /// each retry runs in a fresh instance that replays the workflow up to
+    /// this step (completed steps come from the history) and runs the
+    /// closure again. The backoff, jitter included, is committed as an
+    /// absolute retry time: a crash during the backoff does not change it.
+    pub fn step_with<T>(
+        &mut self,
+        name: &str,
+        policy: RetryPolicy,
+        f: impl FnOnce(&Step) -> Result<T, Error>,
+    ) -> Result<T, Error>
     where
         T: Serialize + DeserializeOwned,
     {
@@ -163,7 +204,7 @@ impl Ctx {
                 Error::new(format!("step \"{name}\": its recorded value does not fit the type asked for: {e}"))
             })
         };
-        match abi::step_begin(name) {
+        match abi::step_begin(name, &policy.encode()) {
             abi::Begin::Memoized(Ok(bytes)) => decode(&bytes),
             abi::Begin::Memoized(Err(message)) => Err(Error::new(message)),
             abi::Begin::Run { key, attempt } => {
@@ -174,12 +215,27 @@ impl Ctx {
                         decode(&json)
                     }
                     Err(e) => {
-                        abi::step_end(Err(e.message()));
+                        // With attempts left the host starts a fresh instance
+                        // and this call does not return.
+                        abi::step_end(Err((e.message(), e.is_permanent())));
                         Err(e)
                     }
                 }
             }
         }
+    }
+
+    /// A durable timer: the run sleeps for `duration`, counted from the
+    /// first execution. The wake-up time is committed before the wait, so a
+    /// host killed mid-sleep and resumed later wakes at the original time
+    /// (at once, if that has passed). Long sleeps hold no memory: the run is
+    /// dropped and replayed when it wakes.
+    ///
+    /// `std::thread::sleep` in workflow code is a durable timer too; inside
+    /// a step closure it is an ordinary (live) sleep.
+    pub fn sleep(&mut self, duration: Duration) -> Result<(), Error> {
+        abi::sleep(duration.as_millis().min(i64::MAX as u128) as i64);
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker, Memory};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -17,7 +17,9 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 use crate::idempotency::idempotency_key;
 use crate::journal::{Entry, EntryKind, EntryStatus, Journal, NonDeterminism, Request, StepStart};
+use crate::retry::RetryPolicy;
 use crate::store::{RunStatus, Store, StoreError, Write, now_ms};
+use crate::watch::RunWatch;
 
 /// The ABI version this host speaks; a guest declares its own by exporting
 /// `cairn_abi_version() -> i32`.
@@ -25,7 +27,7 @@ pub const ABI_VERSION: i32 = 1;
 /// The import module of the Cairn ABI.
 pub const MODULE: &str = "cairn";
 /// Every function of the `cairn` import module.
-pub const FUNCTIONS: &[&str] = &["input", "take", "step_begin", "step_end", "finish", "panic"];
+pub const FUNCTIONS: &[&str] = &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep"];
 
 /// `step_begin` status codes (bits 32..40 of its result).
 pub const STEP_MEMOIZED_OK: i64 = 0;
@@ -36,6 +38,8 @@ const WASI: &str = "wasi_snapshot_preview1";
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
+const ERRNO_INVAL: i32 = 28;
+const ERRNO_NOTSUP: i32 = 58;
 
 /// Why a run's execution stopped abnormally from inside a host call.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,18 @@ pub enum Finished {
     Failed(String),
 }
 
+/// Why the host stopped an instance on purpose; the executor acts on it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Interrupt {
+    /// Start a fresh instance that replays the history (a step attempt
+    /// failed: its retry, or its final error, is in the history).
+    Restart,
+    /// Drop the instance and replay the run at `wake_at` (Unix ms).
+    Park { wake_at: i64 },
+    /// The run was cancelled.
+    Cancelled,
+}
+
 /// A step whose closure is running live.
 #[derive(Debug, Clone)]
 pub struct LiveStep {
@@ -62,6 +78,9 @@ pub struct LiveStep {
     pub occurrence: u32,
     pub attempt: u32,
     pub started_at: i64,
+    pub policy: RetryPolicy,
+    /// When the attempt times out (`RetryPolicy::timeout`).
+    pub deadline: Option<Instant>,
 }
 
 /// Memory limit enforcement with a message the user can act on.
@@ -128,12 +147,82 @@ pub struct HostState {
     pub cpu_ticks: u64,
     pub cpu_limit_ticks: u64,
     pub cpu_exceeded: bool,
+    /// The live step's attempt ran past its timeout.
+    pub timed_out: bool,
+    pub interrupt: Option<Interrupt>,
+    /// Cancel requests and signals from other processes.
+    pub watch: Arc<RunWatch>,
+    /// Waits longer than this drop the instance instead of holding it.
+    pub park_threshold: Duration,
 }
 
 impl HostState {
-    /// Every host call is a durable point: the CPU budget starts afresh.
-    fn enter(&mut self) {
+    /// Every host call is a durable point: the CPU budget starts afresh,
+    /// and a cancelled run stops here.
+    fn enter(&mut self) -> wasmtime::Result<()> {
         self.cpu_ticks = 0;
+        if self.watch.cancel_requested() {
+            return Err(self.interrupt(Interrupt::Cancelled));
+        }
+        Ok(())
+    }
+
+    /// Stop the instance on purpose (a trap the executor expects).
+    pub fn interrupt(&mut self, why: Interrupt) -> wasmtime::Error {
+        let err = wasmtime::Error::msg(format!("instance stopped by the host: {why:?}"));
+        self.interrupt = Some(why);
+        err
+    }
+
+    /// Wait until `wake_at` (Unix ms) inside a host call, or park the run
+    /// if that is further away than the park threshold.
+    async fn wait_until(&mut self, wake_at: i64) -> wasmtime::Result<()> {
+        loop {
+            let remaining = wake_at - now_ms();
+            if remaining <= 0 {
+                return Ok(());
+            }
+            if Duration::from_millis(remaining as u64) > self.park_threshold {
+                return Err(self.interrupt(Interrupt::Park { wake_at }));
+            }
+            let watch = self.watch.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(remaining as u64)) => {}
+                _ = watch.changed() => {}
+            }
+            if self.watch.cancel_requested() {
+                return Err(self.interrupt(Interrupt::Cancelled));
+            }
+        }
+    }
+
+    /// Record how a live step's attempt failed: a `failed` entry with its
+    /// retry time if the policy allows another attempt (returns true), else
+    /// the step's final `error` outcome.
+    pub fn record_failed_attempt(&mut self, live: LiveStep, message: String, retryable: bool) -> bool {
+        let now = now_ms();
+        let retry = retryable && live.attempt < live.policy.max_attempts;
+        let (status, output) = if retry {
+            let mut unit = [0u8; 8];
+            let _ = getrandom::fill(&mut unit);
+            let unit = (u64::from_le_bytes(unit) >> 11) as f64 / (1u64 << 53) as f64;
+            let delay = live.policy.delay(live.attempt, unit);
+            (EntryStatus::Failed, (now + delay.as_millis() as i64).to_le_bytes().to_vec())
+        } else {
+            (EntryStatus::Error, Vec::new())
+        };
+        self.journal.record(Entry {
+            kind: EntryKind::Step,
+            name: live.name,
+            occurrence: live.occurrence,
+            attempt: live.attempt,
+            status,
+            output,
+            error: Some(message),
+            started_at: live.started_at,
+            finished_at: now,
+        });
+        retry
     }
 
     fn sync_replaying(&self) {
@@ -200,15 +289,15 @@ fn write_guest(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> bo
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
 
-    linker.func_wrap(MODULE, "input", |mut caller: Caller<'_, HostState>| -> i32 {
+    linker.func_wrap(MODULE, "input", |mut caller: Caller<'_, HostState>| -> wasmtime::Result<i32> {
         let st = caller.data_mut();
-        st.enter();
+        st.enter()?;
         st.staged = st.input.clone();
-        st.staged.len() as i32
+        Ok(st.staged.len() as i32)
     })?;
 
     linker.func_wrap(MODULE, "take", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-        caller.data_mut().enter();
+        caller.data_mut().enter()?;
         let staged = std::mem::take(&mut caller.data_mut().staged);
         if staged.len() != len as u32 as usize {
             return Err(caller.data_mut().abi_error(format!("take({len}) but {} bytes are staged", staged.len())));
@@ -226,8 +315,16 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         }
     })?;
 
-    linker.func_wrap_async(MODULE, "step_begin", |mut caller: Caller<'_, HostState>, (ptr, len): (i32, i32)| {
-        Box::new(async move { step_begin(&mut caller, ptr, len).await })
+    linker.func_wrap_async(
+        MODULE,
+        "step_begin",
+        |mut caller: Caller<'_, HostState>, (ptr, len, policy_ptr, policy_len): (i32, i32, i32, i32)| {
+            Box::new(async move { step_begin(&mut caller, ptr, len, policy_ptr, policy_len).await })
+        },
+    )?;
+
+    linker.func_wrap_async(MODULE, "sleep", |mut caller: Caller<'_, HostState>, (millis,): (i64,)| {
+        Box::new(async move { sleep(&mut caller, millis).await })
     })?;
 
     linker.func_wrap_async(MODULE, "step_end", |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
@@ -240,11 +337,24 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
     linker.func_wrap(WASI, "clock_time_get", clock_time_get)?;
     linker.func_wrap(WASI, "random_get", random_get)?;
+    linker.func_wrap_async(
+        WASI,
+        "poll_oneoff",
+        |mut caller: Caller<'_, HostState>, (subs, events, n, nevents): (i32, i32, i32, i32)| {
+            Box::new(async move { poll_oneoff(&mut caller, subs, events, n, nevents).await })
+        },
+    )?;
     Ok(())
 }
 
-async fn step_begin(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i64> {
-    caller.data_mut().enter();
+async fn step_begin(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    policy_ptr: i32,
+    policy_len: i32,
+) -> wasmtime::Result<i64> {
+    caller.data_mut().enter()?;
     let name = guest_str(caller, ptr, len)?;
     let st = caller.data_mut();
     if let Some(live) = &st.live_step {
@@ -252,7 +362,7 @@ async fn step_begin(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> w
         return Err(st.abi_error(what));
     }
     let run_id = st.run_id.clone();
-    let (occurrence, attempt) = match st.journal.begin_step(&run_id, &name) {
+    let (occurrence, attempt, not_before) = match st.journal.begin_step(&run_id, &name) {
         Err(nd) => return Err(st.fail(nd.into())),
         Ok(StepStart::Memoized(entry)) => {
             let (code, bytes) = match entry.status {
@@ -263,47 +373,174 @@ async fn step_begin(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> w
             st.sync_replaying();
             return Ok((code << 32) | st.staged.len() as i64);
         }
-        Ok(StepStart::Live { occurrence, attempt }) => (occurrence, attempt),
+        Ok(StepStart::Live { occurrence, attempt, not_before }) => (occurrence, attempt, not_before),
     };
     st.sync_replaying();
+    // The policy is read only for a live step: replay stays cheap.
+    let policy_bytes = guest_bytes(caller, policy_ptr, policy_len)?;
+    let policy = match RetryPolicy::decode(&policy_bytes) {
+        Ok(p) => p,
+        Err(e) => return Err(caller.data_mut().abi_error(format!("step \"{name}\": {e}"))),
+    };
+    let st = caller.data_mut();
+    // A failed attempt's backoff (journaled as an absolute time).
+    if let Some(at) = not_before {
+        st.wait_until(at).await?;
+    }
     // Whatever the workflow read since the last commit may be used by the
     // closure for a live side effect: make it durable first.
     st.commit(Vec::new()).await?;
     let st = caller.data_mut();
     st.staged = idempotency_key(st.store.db_id(), &st.run_id, &name, occurrence).into_bytes();
-    st.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms() });
+    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    st.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms(), policy, deadline });
     Ok(((attempt as i64) << 40) | (STEP_RUN << 32) | st.staged.len() as i64)
 }
 
 async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: i32) -> wasmtime::Result<i32> {
-    caller.data_mut().enter();
+    caller.data_mut().enter()?;
     let bytes = guest_bytes(caller, ptr, len)?;
     let st = caller.data_mut();
     let Some(live) = st.live_step.take() else {
         return Err(st.abi_error("step_end without a live step_begin"));
     };
-    let (status, output, error) = match status {
-        0 => (EntryStatus::Completed, bytes, None),
-        1 => (EntryStatus::Error, Vec::new(), Some(String::from_utf8_lossy(&bytes).into_owned())),
-        other => return Err(st.abi_error(format!("step_end status {other} is not 0 or 1"))),
+    match status {
+        0 => {
+            st.journal.record(Entry {
+                kind: EntryKind::Step,
+                name: live.name,
+                occurrence: live.occurrence,
+                attempt: live.attempt,
+                status: EntryStatus::Completed,
+                output: bytes,
+                error: None,
+                started_at: live.started_at,
+                finished_at: now_ms(),
+            });
+            st.commit(Vec::new()).await?;
+            Ok(0)
+        }
+        1 | 2 => {
+            let message = String::from_utf8_lossy(&bytes).into_owned();
+            let retry = st.record_failed_attempt(live, message, status == 1);
+            st.commit(Vec::new()).await?;
+            if retry {
+                // The closure was FnOnce: the next attempt needs a fresh
+                // instance that replays up to this step.
+                return Err(caller.data_mut().interrupt(Interrupt::Restart));
+            }
+            Ok(0)
+        }
+        other => Err(st.abi_error(format!("step_end status {other} is not 0, 1 or 2"))),
+    }
+}
+
+/// A durable timer: the wake-up time is committed before the wait, so a
+/// run killed mid-sleep wakes at the original time after a resume.
+async fn durable_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl FnOnce() -> i64) -> wasmtime::Result<()> {
+    let st = caller.data_mut();
+    let run_id = st.run_id.clone();
+    let wake_at = match st.journal.replay_read(&run_id, &Request::Timer) {
+        Err(nd) => return Err(st.fail(nd.into())),
+        Ok(Some(entry)) => match entry.time_value() {
+            Some(t) => t,
+            None => return Err(st.abi_error("a recorded timer is malformed")),
+        },
+        Ok(None) => {
+            let wake_at = wake_at_if_live();
+            let now = now_ms();
+            st.journal.record(Entry {
+                kind: EntryKind::Timer,
+                name: String::new(),
+                occurrence: 0,
+                attempt: 0,
+                status: EntryStatus::Completed,
+                output: wake_at.to_le_bytes().to_vec(),
+                error: None,
+                started_at: now,
+                finished_at: now,
+            });
+            st.commit(Vec::new()).await?;
+            wake_at
+        }
     };
-    st.journal.record(Entry {
-        kind: EntryKind::Step,
-        name: live.name,
-        occurrence: live.occurrence,
-        attempt: live.attempt,
-        status,
-        output,
-        error,
-        started_at: live.started_at,
-        finished_at: now_ms(),
-    });
-    st.commit(Vec::new()).await?;
+    let st = caller.data_mut();
+    st.sync_replaying();
+    st.wait_until(wake_at).await
+}
+
+async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wasmtime::Result<i32> {
+    caller.data_mut().enter()?;
+    if caller.data().live_step.is_some() {
+        return Err(caller.data_mut().abi_error("ctx.sleep inside a step"));
+    }
+    durable_timer(caller, || now_ms() + millis.max(0)).await?;
     Ok(0)
 }
 
+/// `std::thread::sleep` and friends. Clock subscriptions only: in workflow
+/// code the earliest becomes a durable timer; inside a live step it is a
+/// live sleep that frees the thread (and respects the attempt's timeout).
+async fn poll_oneoff(caller: &mut Caller<'_, HostState>, subs: i32, events: i32, n: i32, nevents: i32) -> wasmtime::Result<i32> {
+    caller.data_mut().enter()?;
+    if n <= 0 {
+        return Ok(ERRNO_INVAL);
+    }
+    let raw = guest_bytes(caller, subs, n.saturating_mul(48))?;
+    // (userdata, clock id, timeout ns, absolute)
+    let mut earliest: Option<(u64, u64)> = None; // (wait ns from now, userdata)
+    for sub in raw.chunks_exact(48) {
+        let userdata = u64::from_le_bytes(sub[0..8].try_into().unwrap());
+        if sub[8] != 0 {
+            return Ok(ERRNO_NOTSUP); // fd readiness: not offered to workflows
+        }
+        let id = u32::from_le_bytes(sub[16..20].try_into().unwrap());
+        let timeout = u64::from_le_bytes(sub[24..32].try_into().unwrap());
+        let absolute = u16::from_le_bytes(sub[40..42].try_into().unwrap()) & 1 == 1;
+        let wait = match (id, absolute) {
+            (_, false) => timeout,
+            (0, true) => timeout.saturating_sub(live_clock(caller.data(), 0)),
+            (1, true) => timeout.saturating_sub(caller.data().monotonic.now()),
+            _ => return Ok(ERRNO_INVAL),
+        };
+        if earliest.is_none_or(|(w, _)| wait < w) {
+            earliest = Some((wait, userdata));
+        }
+    }
+    let (wait_ns, userdata) = earliest.expect("n > 0");
+    if let Some(live) = caller.data().live_step.clone() {
+        let mut until = Instant::now() + Duration::from_nanos(wait_ns);
+        let timed_out = live.deadline.is_some_and(|d| d < until);
+        if let Some(d) = live.deadline {
+            until = until.min(d);
+        }
+        let watch = caller.data().watch.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => break,
+                _ = watch.changed() => caller.data_mut().enter()?,
+            }
+        }
+        if timed_out {
+            caller.data_mut().timed_out = true;
+            return Err(wasmtime::Error::msg("step timed out"));
+        }
+    } else {
+        let wake_at = now_ms() + (wait_ns / 1_000_000) as i64;
+        durable_timer(caller, || wake_at).await?;
+    }
+    let mut event = [0u8; 32];
+    event[0..8].copy_from_slice(&userdata.to_le_bytes());
+    // error 0 (success), type 0 (clock)
+    if !write_guest(caller, events, &event) || !write_guest(caller, nevents, &1u32.to_le_bytes()) {
+        return Ok(ERRNO_FAULT);
+    }
+    caller.data_mut().enter()?;
+    Ok(ERRNO_SUCCESS)
+}
+
 async fn finish(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: i32) -> wasmtime::Result<i32> {
-    caller.data_mut().enter();
+    caller.data_mut().enter()?;
     let bytes = guest_bytes(caller, ptr, len)?;
     let st = caller.data_mut();
     if st.live_step.is_some() {
@@ -348,7 +585,7 @@ fn live_clock(st: &HostState, id: i32) -> u64 {
 /// closure are live and not journaled (the closure does not run on replay).
 fn clock_time_get(mut caller: Caller<'_, HostState>, id: i32, _precision: i64, out: i32) -> wasmtime::Result<i32> {
     let st = caller.data_mut();
-    st.enter();
+    st.enter()?;
     let name = match id {
         0 => "realtime",
         1 => "monotonic",
@@ -390,7 +627,7 @@ fn clock_time_get(mut caller: Caller<'_, HostState>, id: i32, _precision: i64, o
 /// `HashMap` keys); reads inside a live step closure are live.
 fn random_get(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
     let st = caller.data_mut();
-    st.enter();
+    st.enter()?;
     let len = len as u32 as usize;
     let bytes = if st.live_step.is_some() {
         fresh_random(len)?

@@ -43,6 +43,10 @@ pub struct Cli {
     /// Where compiled modules are cached [default: $XDG_CACHE_HOME/cairn/modules or ~/.cache/cairn/modules].
     #[arg(long, global = true, env = "CAIRN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// A run waiting longer than this (timer, retry backoff) drops its
+    /// instance and is replayed when it wakes.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 5.0)]
+    pub park_after: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -167,7 +171,11 @@ fn open_store(cli: &Cli) -> Result<Arc<dyn Store>, Failure> {
 fn context(cli: &Cli, store: Arc<dyn Store>) -> Result<Context, Failure> {
     let cache = cli.cache_dir.clone().or_else(default_cache_dir);
     let engine = Arc::new(WasmEngine::new(cache)?);
-    Ok(Context { executor: Arc::new(Executor::new(engine, store)?) })
+    if !(cli.park_after >= 0.0 && cli.park_after.is_finite()) {
+        return Err(Failure::new(exit::USAGE, anyhow!("--park-after must be a number of seconds")));
+    }
+    let executor = Executor::new(engine, store)?.with_park_threshold(std::time::Duration::from_secs_f64(cli.park_after));
+    Ok(Context { executor: Arc::new(executor) })
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, Failure> {
@@ -283,6 +291,10 @@ async fn execute_foreground(ctx: &Context, run: &RunRecord) -> Result<u8, Failur
             eprintln!("cairn: run {} failed: {error}", run.id);
             Ok(exit::FAILED)
         }
+        RunOutcome::Cancelled => {
+            eprintln!("cairn: run {} was cancelled", run.id);
+            Ok(exit::FAILED)
+        }
     }
 }
 
@@ -360,6 +372,10 @@ async fn resume_all(cli: &Cli, store: Arc<dyn Store>) -> Result<u8, Failure> {
                 code = exit::FAILED;
                 json!({"id": id, "status": "failed", "error": error})
             }
+            Ok(RunOutcome::Cancelled) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "cancelled"})
+            }
             Err(e) => {
                 code = exit::FAILED;
                 json!({"id": id, "status": "error", "error": e.to_string()})
@@ -419,7 +435,8 @@ fn list_runs(store: &dyn Store, json: bool) -> Result<u8, Failure> {
 fn entry_output(e: &Entry) -> Value {
     match e.kind {
         EntryKind::Step if e.status == crate::journal::EntryStatus::Completed => output_json(Some(&e.output)),
-        EntryKind::Step => Value::Null,
+        EntryKind::Step => e.time_value().map_or(Value::Null, |t| json!({ "retry_at": time(t) })),
+        EntryKind::Timer => e.time_value().map_or(Value::Null, |t| json!({ "wake_at": time(t) })),
         EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
         EntryKind::Random => Value::String(hex::encode(&e.output)),
     }

@@ -5,14 +5,20 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use wasmtime::{ExternType, Linker, Module, Store as WasmStore, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, MemoryLimiter, MonotonicClock};
+use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, Interrupt, MemoryLimiter, MonotonicClock};
 use crate::engine::{EPOCH_TICK, WasmEngine, module_hash};
-use crate::journal::{Entry, EntryKind, EntryStatus, Journal};
+use crate::journal::{Entry, Journal};
 use crate::store::{RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
+use crate::watch::RunWatch;
+
+/// Waits longer than this drop the run's instance (it is replayed when it
+/// wakes) instead of holding its memory.
+pub const DEFAULT_PARK_THRESHOLD: Duration = Duration::from_secs(5);
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -21,6 +27,17 @@ pub enum RunOutcome {
     Completed(Vec<u8>),
     /// The workflow returned `Err`, panicked, trapped or hit a limit.
     Failed(String),
+    /// `cairn cancel` stopped it.
+    Cancelled,
+}
+
+/// What to do after an instance stopped.
+enum Next {
+    Done(RunOutcome),
+    /// Replay the run in a fresh instance now.
+    Restart,
+    /// Replay the run in a fresh instance at this time (Unix ms).
+    Park(i64),
 }
 
 /// Why a run could not be executed (its state in the database is unchanged
@@ -48,6 +65,7 @@ pub struct Executor {
     engine: Arc<WasmEngine>,
     linker: Linker<HostState>,
     store: Arc<dyn Store>,
+    park_threshold: Duration,
 }
 
 impl Executor {
@@ -56,7 +74,13 @@ impl Executor {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        Ok(Executor { engine, linker, store })
+        Ok(Executor { engine, linker, store, park_threshold: DEFAULT_PARK_THRESHOLD })
+    }
+
+    /// Waits longer than `threshold` park the run instead of holding its instance.
+    pub fn with_park_threshold(mut self, threshold: Duration) -> Self {
+        self.park_threshold = threshold;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -94,12 +118,17 @@ impl Executor {
             finished_at: None,
             steps: 0,
         };
-        let mut store = self.new_store(&probe, Vec::new())?;
+        let mut store = self.new_store(&probe, Vec::new(), Arc::default())?;
         self.instantiate(&mut store, &module, &shown.to_string()).await?;
         Ok(PreparedModule { hash, bytes, module })
     }
 
-    fn new_store(&self, run: &RunRecord, history: Vec<Entry>) -> Result<WasmStore<HostState>, ExecError> {
+    fn new_store(
+        &self,
+        run: &RunRecord,
+        history: Vec<Entry>,
+        watch: Arc<RunWatch>,
+    ) -> Result<WasmStore<HostState>, ExecError> {
         let journal = Journal::new(history);
         let replaying = Arc::new(AtomicBool::new(journal.replaying()));
         let mut wasi = WasiCtxBuilder::new();
@@ -137,6 +166,10 @@ impl Executor {
             cpu_ticks: 0,
             cpu_limit_ticks,
             cpu_exceeded: false,
+            timed_out: false,
+            interrupt: None,
+            watch,
+            park_threshold: self.park_threshold,
         };
         let mut store = WasmStore::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -149,6 +182,13 @@ impl Executor {
             if st.cpu_ticks > st.cpu_limit_ticks {
                 st.cpu_exceeded = true;
                 return Err(wasmtime::Error::msg("CPU limit exceeded"));
+            }
+            if st.live_step.as_ref().and_then(|l| l.deadline).is_some_and(|d| Instant::now() >= d) {
+                st.timed_out = true;
+                return Err(wasmtime::Error::msg("step timed out"));
+            }
+            if st.watch.cancel_requested() {
+                return Err(st.interrupt(Interrupt::Cancelled));
             }
             Ok(UpdateDeadline::Yield(1))
         });
@@ -184,8 +224,14 @@ impl Executor {
         Ok(instance)
     }
 
-    /// Execute (or continue) a run the caller holds the lock of.
+    /// Execute (or continue) a run the caller holds the lock of, until it
+    /// completes, fails or is cancelled.
     pub async fn execute(&self, run: &RunRecord) -> Result<RunOutcome, ExecError> {
+        self.execute_watched(run, Arc::default()).await
+    }
+
+    /// [`Executor::execute`] with the run's watch (cancel requests, signals).
+    pub async fn execute_watched(&self, run: &RunRecord, watch: Arc<RunWatch>) -> Result<RunOutcome, ExecError> {
         let store = self.store.clone();
         let module = self
             .engine
@@ -193,18 +239,50 @@ impl Executor {
                 store.module(&run.module)?.ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
             })
             .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
+        let mut status = run.status;
+        loop {
+            if status != RunStatus::Running {
+                self.set_status(run, RunStatus::Running).await?;
+                status = RunStatus::Running;
+            }
+            match self.execute_once(run, &module, watch.clone()).await? {
+                Next::Done(outcome) => return Ok(outcome),
+                Next::Restart => {}
+                Next::Park(wake_at) => {
+                    self.set_status(run, RunStatus::Sleeping).await?;
+                    status = RunStatus::Sleeping;
+                    loop {
+                        let remaining = wake_at - now_ms();
+                        if remaining <= 0 || watch.cancel_requested() {
+                            break;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(remaining as u64)) => {}
+                            _ = watch.changed() => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn set_status(&self, run: &RunRecord, status: RunStatus) -> Result<(), ExecError> {
+        let write = Write::SetStatus { run: run.seq, status, output: None, error: None };
+        match self.store.submit(vec![write]).await {
+            Ok(r) => r.map(|_| ()).map_err(ExecError::Store),
+            Err(_) => Err(ExecError::Store(StoreError::WriterGone)),
+        }
+    }
+
+    /// One instance: replay the history, continue live until the workflow
+    /// finishes or the instance stops.
+    async fn execute_once(&self, run: &RunRecord, module: &Module, watch: Arc<RunWatch>) -> Result<Next, ExecError> {
         let history = self.store.history(run.seq)?;
-        let mut wstore = self.new_store(run, history)?;
-        let instance = self.instantiate(&mut wstore, &module, &run.module_path).await?;
+        let mut wstore = self.new_store(run, history, watch)?;
+        let instance = self.instantiate(&mut wstore, module, &run.module_path).await?;
         let start = instance
             .get_typed_func::<(), ()>(&mut wstore, "_start")
             .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;
-        if run.status != RunStatus::Running {
-            wstore.data_mut().commit(vec![set_status(run.seq, RunStatus::Running)]).await.ok();
-            if let Some(f) = wstore.data_mut().fatal.take() {
-                return Err(f.into());
-            }
-        }
         let result = start.call_async(&mut wstore, ()).await;
         self.conclude(wstore, result).await
     }
@@ -213,16 +291,35 @@ impl Executor {
         &self,
         mut wstore: WasmStore<HostState>,
         result: wasmtime::Result<()>,
-    ) -> Result<RunOutcome, ExecError> {
+    ) -> Result<Next, ExecError> {
         let st = wstore.data_mut();
         if let Some(fatal) = st.fatal.take() {
             return Err(fatal.into());
         }
         if let Some(done) = st.finished.take() {
-            return Ok(match done {
+            return Ok(Next::Done(match done {
                 Finished::Completed(out) => RunOutcome::Completed(out),
                 Finished::Failed(msg) => RunOutcome::Failed(msg),
-            });
+            }));
+        }
+        match st.interrupt.take() {
+            Some(Interrupt::Restart) => return Ok(Next::Restart),
+            Some(Interrupt::Park { wake_at }) => return Ok(Next::Park(wake_at)),
+            Some(Interrupt::Cancelled) => {
+                // An attempt cut short by the cancel is not recorded: it has no outcome.
+                let write = Write::SetStatus {
+                    run: st.run_seq,
+                    status: RunStatus::Cancelled,
+                    output: None,
+                    error: Some("cancelled".into()),
+                };
+                st.commit(vec![write]).await.ok();
+                if let Some(fatal) = st.fatal.take() {
+                    return Err(fatal.into());
+                }
+                return Ok(Next::Done(RunOutcome::Cancelled));
+            }
+            None => {}
         }
         let mut message = match &result {
             Ok(()) => "the workflow returned from main without reporting a result \
@@ -231,6 +328,9 @@ impl Executor {
             Err(e) => {
                 if let Some(exit) = e.downcast_ref::<I32Exit>() {
                     format!("the workflow exited with code {} before reporting a result", exit.0)
+                } else if st.timed_out {
+                    let timeout = st.live_step.as_ref().and_then(|l| l.policy.timeout).unwrap_or_default();
+                    format!("timed out after {timeout:?}")
                 } else if let Some(panic) = st.panic_message.take() {
                     panic
                 } else if st.cpu_exceeded {
@@ -246,37 +346,30 @@ impl Executor {
                 }
             }
         };
-        let mut writes = Vec::new();
         if let Some(live) = st.live_step.take() {
+            // A failed attempt: retried in a fresh instance after its backoff,
+            // or, with no attempts left, the step's final error, which the
+            // workflow receives on replay.
             message = format!("step \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
-            st.journal.record(Entry {
-                kind: EntryKind::Step,
-                name: live.name,
-                occurrence: live.occurrence,
-                attempt: live.attempt,
-                status: EntryStatus::Failed,
-                output: Vec::new(),
-                error: Some(message.clone()),
-                started_at: live.started_at,
-                finished_at: now_ms(),
-            });
+            st.record_failed_attempt(live, message, true);
+            st.commit(Vec::new()).await.ok();
+            if let Some(fatal) = st.fatal.take() {
+                return Err(fatal.into());
+            }
+            return Ok(Next::Restart);
         }
-        writes.push(Write::SetStatus {
+        let write = Write::SetStatus {
             run: st.run_seq,
             status: RunStatus::Failed,
             output: None,
             error: Some(message.clone()),
-        });
-        st.commit(writes).await.ok();
+        };
+        st.commit(vec![write]).await.ok();
         if let Some(fatal) = st.fatal.take() {
             return Err(fatal.into());
         }
-        Ok(RunOutcome::Failed(message))
+        Ok(Next::Done(RunOutcome::Failed(message)))
     }
-}
-
-fn set_status(run: i64, status: RunStatus) -> Write {
-    Write::SetStatus { run, status, output: None, error: None }
 }
 
 /// A workflow module must export its memory, `_start` and

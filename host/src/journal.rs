@@ -18,6 +18,9 @@ pub enum EntryKind {
     Clock,
     /// Random bytes read by workflow code (outside step closures).
     Random,
+    /// A durable timer (`ctx.sleep`, or `std::thread::sleep` in workflow
+    /// code): its absolute wake-up time.
+    Timer,
 }
 
 impl EntryKind {
@@ -26,6 +29,7 @@ impl EntryKind {
             EntryKind::Step => "step",
             EntryKind::Clock => "clock",
             EntryKind::Random => "random",
+            EntryKind::Timer => "timer",
         }
     }
 
@@ -34,6 +38,7 @@ impl EntryKind {
             "step" => EntryKind::Step,
             "clock" => EntryKind::Clock,
             "random" => EntryKind::Random,
+            "timer" => EntryKind::Timer,
             _ => return None,
         })
     }
@@ -46,8 +51,9 @@ pub enum EntryStatus {
     Completed,
     /// A step whose closure returned `Err`: the error is its memoized outcome.
     Error,
-    /// A step attempt that never produced an outcome (panic, trap, limit):
-    /// not memoized; the next attempt runs the closure again.
+    /// A step attempt that failed (an `Err`, a panic, a trap, a limit, a
+    /// timeout) and will be retried: not memoized; the next attempt runs the
+    /// closure again, not before the retry time in `output`.
     Failed,
 }
 
@@ -80,7 +86,9 @@ pub struct Entry {
     pub occurrence: u32,
     pub attempt: u32,
     pub status: EntryStatus,
-    /// Step value (JSON), clock value (u64 little-endian), or random bytes.
+    /// Step value (JSON); clock value (u64 little-endian); random bytes;
+    /// timer wake-up or failed attempt's retry time (Unix ms, i64
+    /// little-endian).
     pub output: Vec<u8>,
     pub error: Option<String>,
     /// Unix milliseconds.
@@ -95,7 +103,14 @@ impl Entry {
             EntryKind::Step => format!("step \"{}\" #{}", self.name, self.occurrence),
             EntryKind::Clock => format!("a read of the {} clock", self.name),
             EntryKind::Random => format!("a read of {} random bytes", self.output.len()),
+            EntryKind::Timer => "a timer".to_string(),
         }
+    }
+
+    /// The Unix-ms time of a `Timer` entry or of a `Failed` attempt's retry.
+    pub fn time_value(&self) -> Option<i64> {
+        let bytes: [u8; 8] = self.output.as_slice().try_into().ok()?;
+        Some(i64::from_le_bytes(bytes))
     }
 
     /// The clock value of a `Clock` entry.
@@ -112,6 +127,7 @@ pub enum Request<'a> {
     Step { name: &'a str, occurrence: u32 },
     Clock { name: &'a str },
     Random { len: usize },
+    Timer,
     Finish,
 }
 
@@ -121,6 +137,7 @@ impl fmt::Display for Request<'_> {
             Request::Step { name, occurrence } => write!(f, "step \"{name}\" #{occurrence}"),
             Request::Clock { name } => write!(f, "a read of the {name} clock"),
             Request::Random { len } => write!(f, "a read of {len} random bytes"),
+            Request::Timer => write!(f, "a timer"),
             Request::Finish => write!(f, "to finish the workflow"),
         }
     }
@@ -157,8 +174,9 @@ pub struct Journal {
 pub enum StepStart<'a> {
     /// The step has a recorded outcome: return it, do not run the closure.
     Memoized(&'a Entry),
-    /// Run the closure live; this is its attempt number.
-    Live { occurrence: u32, attempt: u32 },
+    /// Run the closure live; this is its attempt number, and the time
+    /// (Unix ms) before which it must not start (a failed attempt's backoff).
+    Live { occurrence: u32, attempt: u32, not_before: Option<i64> },
 }
 
 impl Journal {
@@ -209,6 +227,7 @@ impl Journal {
             *n
         };
         let mut attempt = 1;
+        let mut not_before = None;
         while let Some(e) = self.entries.get(self.cursor) {
             if e.kind != EntryKind::Step || e.name != name || e.occurrence != occurrence {
                 return Err(self.diverged(run_id, &Request::Step { name, occurrence }));
@@ -216,11 +235,12 @@ impl Journal {
             self.cursor += 1;
             if e.status == EntryStatus::Failed {
                 attempt = e.attempt + 1;
+                not_before = e.time_value();
                 continue;
             }
             return Ok(StepStart::Memoized(&self.entries[self.cursor - 1]));
         }
-        Ok(StepStart::Live { occurrence, attempt })
+        Ok(StepStart::Live { occurrence, attempt, not_before })
     }
 
     /// A recorded read (clock or random) for the request, if replaying.
@@ -230,6 +250,7 @@ impl Journal {
         let matches = match request {
             Request::Clock { name } => e.kind == EntryKind::Clock && e.name == *name,
             Request::Random { len } => e.kind == EntryKind::Random && e.output.len() == *len,
+            Request::Timer => e.kind == EntryKind::Timer,
             _ => false,
         };
         if !matches {
@@ -301,7 +322,9 @@ mod tests {
         assert!(matches!(j.begin_step("r", "a").unwrap(), StepStart::Memoized(_)));
         assert!(!j.replaying());
         match j.begin_step("r", "a").unwrap() {
-            StepStart::Live { occurrence, attempt } => assert_eq!((occurrence, attempt), (2, 1)),
+            StepStart::Live { occurrence, attempt, not_before } => {
+                assert_eq!((occurrence, attempt, not_before), (2, 1, None))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -310,9 +333,12 @@ mod tests {
     fn failed_attempts_are_counted_not_memoized() {
         let mut failed = step("a", 1, EntryStatus::Failed);
         failed.attempt = 1;
+        failed.output = 1234i64.to_le_bytes().to_vec();
         let mut j = Journal::new(vec![failed]);
         match j.begin_step("r", "a").unwrap() {
-            StepStart::Live { occurrence, attempt } => assert_eq!((occurrence, attempt), (1, 2)),
+            StepStart::Live { occurrence, attempt, not_before } => {
+                assert_eq!((occurrence, attempt, not_before), (1, 2, Some(1234)))
+            }
             other => panic!("{other:?}"),
         }
     }

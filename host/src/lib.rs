@@ -12,6 +12,8 @@
 //! - [`engine`]: wasmtime configuration and the compiled-module cache.
 //! - [`lock`]: one executor per run, with instant takeover after a crash.
 //! - [`idempotency`]: step idempotency keys.
+//! - [`retry`]: retry policies and backoff.
+//! - [`watch`]: cancel requests and signals reaching an executing run.
 
 pub mod abi;
 pub mod cli;
@@ -20,4 +22,6 @@ pub mod executor;
 pub mod idempotency;
 pub mod journal;
 pub mod lock;
+pub mod retry;
 pub mod store;
+pub mod watch;

@@ -88,6 +88,12 @@ impl World {
         serde_json::from_slice(&out.stdout).expect("show --json prints JSON")
     }
 
+    /// `cairn show ID --json`, or None if there is no such run (yet).
+    pub fn try_show(&self, id: &str) -> Option<serde_json::Value> {
+        let out = self.run(&["show", id, "--json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("show --json prints JSON"))
+    }
+
     /// `cairn runs --json`, parsed.
     pub fn runs(&self) -> Vec<serde_json::Value> {
         let out = self.run(&["runs", "--json"]);

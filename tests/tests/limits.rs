@@ -50,7 +50,7 @@ fn runaway_cpu_is_stopped_outside_and_inside_steps() {
     assert_eq!(steps[0]["name"], "before");
     assert_eq!(steps[0]["status"], "completed");
     assert_eq!(steps[1]["name"], "spin");
-    assert_eq!(steps[1]["status"], "failed");
+    assert_eq!(steps[1]["status"], "error", "one attempt allowed: its failure is the step's outcome");
     assert!(steps[1]["error"].as_str().unwrap().contains("CPU limit"));
 }
 
@@ -71,8 +71,9 @@ fn panics_errors_and_exits_fail_the_run_with_their_message() {
     let w = World::new("failures");
     assert_failed(&misbehave(&w, "p-step", "panic_in_step", &[]), &["boom in a step", "step \"explode\" #1 attempt 1"]);
     let steps = history(&w, "p-step");
-    assert_eq!(steps.last().unwrap()["status"], "failed");
+    assert_eq!(steps.last().unwrap()["status"], "error");
     assert_eq!(steps.last().unwrap()["attempt"], 1);
+    assert!(steps.last().unwrap()["error"].as_str().unwrap().contains("boom in a step"));
 
     assert_failed(&misbehave(&w, "p-flow", "panic", &[]), &["boom outside a step"]);
     assert_failed(&misbehave(&w, "err", "err", &[]), &["the workflow gave up"]);

@@ -4,7 +4,7 @@
 //! `panic`, `err`, `step_err`, `exit`, `sandbox` (reports what the sandbox
 //! lets it see), `ok`.
 
-use cairn_sdk::{Ctx, Error};
+use cairn_sdk::{Ctx, Error, RetryPolicy};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -31,15 +31,21 @@ fn hog() -> ! {
     }
 }
 
+/// Limits and panics are retried like any failure; these checks want the
+/// first failure to be the last.
+fn once() -> RetryPolicy {
+    RetryPolicy::no_retries()
+}
+
 fn workflow(ctx: &mut Ctx, input: Input) -> Result<String, Error> {
     let before: u32 = ctx.step("before", |_s| Ok(1))?;
     match input.mode.as_str() {
         "loop" => spin(),
-        "loop_in_step" => ctx.step("spin", |_s| -> Result<(), Error> { spin() })?,
+        "loop_in_step" => ctx.step_with("spin", once(), |_s| -> Result<(), Error> { spin() })?,
         "alloc" => hog(),
-        "alloc_in_step" => ctx.step("hog", |_s| -> Result<(), Error> { hog() })?,
+        "alloc_in_step" => ctx.step_with("hog", once(), |_s| -> Result<(), Error> { hog() })?,
         "panic" => panic!("boom outside a step"),
-        "panic_in_step" => ctx.step("explode", |_s| -> Result<(), Error> { panic!("boom in a step") })?,
+        "panic_in_step" => ctx.step_with("explode", once(), |_s| -> Result<(), Error> { panic!("boom in a step") })?,
         "err" => return Err(Error::new("the workflow gave up")),
         "step_err" => ctx.step("decline", |_s| -> Result<(), Error> { Err(Error::permanent("card declined")) })?,
         "exit" => std::process::exit(3),
