@@ -21,6 +21,8 @@ mod imports {
         pub fn step_begin(name_ptr: *const u8, name_len: i32, policy_ptr: *const u8, policy_len: i32) -> i64;
         #[link_name = "sleep"]
         pub fn sleep(millis: i64) -> i32;
+        #[link_name = "signal_wait"]
+        pub fn signal_wait(name_ptr: *const u8, name_len: i32, timeout_ms: i64) -> i64;
         #[link_name = "step_end"]
         pub fn step_end(status: i32, ptr: *const u8, len: i32) -> i32;
         #[link_name = "finish"]
@@ -39,6 +41,7 @@ mod imports {
     pub unsafe fn take(_: *mut u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn step_begin(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
     pub unsafe fn sleep(_: i64) -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn signal_wait(_: *const u8, _: i32, _: i64) -> i64 { panic!("{NO_HOST}") }
     pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn panic(_: *const u8, _: i32) {}
@@ -114,6 +117,15 @@ pub(crate) fn finish(outcome: Result<&[u8], &str>) {
 pub(crate) fn sleep(millis: i64) {
     // SAFETY: no pointers.
     unsafe { imports::sleep(millis) };
+}
+
+/// The signal's payload, or `None` if the wait timed out.
+pub(crate) fn signal_wait(name: &str, timeout_ms: Option<i64>) -> Option<Vec<u8>> {
+    // SAFETY: the host reads `name` during the call only.
+    let r = unsafe { imports::signal_wait(name.as_ptr(), name.len() as i32, timeout_ms.unwrap_or(-1)) };
+    let len = (r & 0xffff_ffff) as usize;
+    let payload = take(len);
+    ((r >> 32) & 0xff == 0).then_some(payload)
 }
 
 pub(crate) fn report_panic(message: &str) {

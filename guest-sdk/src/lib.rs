@@ -237,6 +237,33 @@ impl Ctx {
         abi::sleep(duration.as_millis().min(i64::MAX as u128) as i64);
         Ok(())
     }
+
+    /// Wait until the signal `name` is delivered (`cairn signal RUN_ID NAME
+    /// [JSON]`) and return its payload.
+    ///
+    /// A signal sent before the run waits for it is kept; each signal is
+    /// received once, in the order sent; receiving it is recorded in the
+    /// history, so a replay gets the same payload without waiting. A long
+    /// wait holds no memory: the run is dropped and replayed when the
+    /// signal comes.
+    pub fn wait_signal<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Error> {
+        let payload = abi::signal_wait(name, None).unwrap_or_default();
+        decode_signal(name, &payload)
+    }
+
+    /// [`Ctx::wait_signal`], giving up after `timeout` (counted from the
+    /// first execution, like [`Ctx::sleep`]): `Ok(None)` if no signal came.
+    pub fn wait_signal_timeout<T: DeserializeOwned>(&mut self, name: &str, timeout: Duration) -> Result<Option<T>, Error> {
+        match abi::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
+            Some(payload) => decode_signal(name, &payload).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn decode_signal<T: DeserializeOwned>(name: &str, payload: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(payload)
+        .map_err(|e| Error::new(format!("signal \"{name}\": its payload does not fit the type asked for: {e}")))
 }
 
 /// What a step closure knows about the step it runs.

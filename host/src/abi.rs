@@ -27,7 +27,12 @@ pub const ABI_VERSION: i32 = 1;
 /// The import module of the Cairn ABI.
 pub const MODULE: &str = "cairn";
 /// Every function of the `cairn` import module.
-pub const FUNCTIONS: &[&str] = &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep"];
+pub const FUNCTIONS: &[&str] =
+    &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep", "signal_wait"];
+
+/// `signal_wait` status codes (bits 32..40 of its result).
+pub const SIGNAL_RECEIVED: i64 = 0;
+pub const SIGNAL_TIMED_OUT: i64 = 1;
 
 /// `step_begin` status codes (bits 32..40 of its result).
 pub const STEP_MEMOIZED_OK: i64 = 0;
@@ -65,8 +70,9 @@ pub enum Interrupt {
     /// Start a fresh instance that replays the history (a step attempt
     /// failed: its retry, or its final error, is in the history).
     Restart,
-    /// Drop the instance and replay the run at `wake_at` (Unix ms).
-    Park { wake_at: i64 },
+    /// Drop the instance; replay the run at `wake_at` (Unix ms), or when a
+    /// signal comes.
+    Park { wake_at: Option<i64>, status: RunStatus },
     /// The run was cancelled.
     Cancelled,
 }
@@ -183,7 +189,7 @@ impl HostState {
                 return Ok(());
             }
             if Duration::from_millis(remaining as u64) > self.park_threshold {
-                return Err(self.interrupt(Interrupt::Park { wake_at }));
+                return Err(self.interrupt(Interrupt::Park { wake_at: Some(wake_at), status: RunStatus::Sleeping }));
             }
             let watch = self.watch.clone();
             tokio::select! {
@@ -323,6 +329,14 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
 
+    linker.func_wrap_async(
+        MODULE,
+        "signal_wait",
+        |mut caller: Caller<'_, HostState>, (ptr, len, timeout_ms): (i32, i32, i64)| {
+            Box::new(async move { signal_wait(&mut caller, ptr, len, timeout_ms).await })
+        },
+    )?;
+
     linker.func_wrap_async(MODULE, "sleep", |mut caller: Caller<'_, HostState>, (millis,): (i64,)| {
         Box::new(async move { sleep(&mut caller, millis).await })
     })?;
@@ -438,6 +452,13 @@ async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len
 /// A durable timer: the wake-up time is committed before the wait, so a
 /// run killed mid-sleep wakes at the original time after a resume.
 async fn durable_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl FnOnce() -> i64) -> wasmtime::Result<()> {
+    let wake_at = record_timer(caller, wake_at_if_live).await?;
+    caller.data_mut().wait_until(wake_at).await
+}
+
+/// The wake-up time of the timer under the cursor (replay), or a new one
+/// recorded and committed (live).
+async fn record_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl FnOnce() -> i64) -> wasmtime::Result<i64> {
     let st = caller.data_mut();
     let run_id = st.run_id.clone();
     let wake_at = match st.journal.replay_read(&run_id, &Request::Timer) {
@@ -464,9 +485,98 @@ async fn durable_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl
             wake_at
         }
     };
+    caller.data().sync_replaying();
+    Ok(wake_at)
+}
+
+/// Wait for signal `name`: consumed from the signals table and journaled in
+/// one commit, so each signal is received exactly once. A timeout's
+/// deadline is a durable timer recorded first.
+async fn signal_wait(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32, timeout_ms: i64) -> wasmtime::Result<i64> {
+    caller.data_mut().enter()?;
+    let name = guest_str(caller, ptr, len)?;
+    if caller.data().live_step.is_some() {
+        return Err(caller.data_mut().abi_error("waiting for a signal inside a step"));
+    }
+    let deadline = if timeout_ms >= 0 { Some(record_timer(caller, || now_ms() + timeout_ms).await?) } else { None };
     let st = caller.data_mut();
-    st.sync_replaying();
-    st.wait_until(wake_at).await
+    let run_id = st.run_id.clone();
+    match st.journal.replay_read(&run_id, &Request::Signal { name: &name }) {
+        Err(nd) => return Err(st.fail(nd.into())),
+        Ok(Some(entry)) => {
+            let (code, payload) = if entry.output.is_empty() {
+                (SIGNAL_TIMED_OUT, Vec::new())
+            } else {
+                (SIGNAL_RECEIVED, entry.output.clone())
+            };
+            st.staged = payload;
+            st.sync_replaying();
+            return Ok((code << 32) | st.staged.len() as i64);
+        }
+        Ok(None) => {}
+    }
+    let held_since = Instant::now();
+    loop {
+        let st = caller.data_mut();
+        let now = now_ms();
+        let entry = Entry {
+            kind: EntryKind::Signal,
+            name: name.clone(),
+            occurrence: 0,
+            attempt: 0,
+            status: EntryStatus::Completed,
+            output: Vec::new(),
+            error: None,
+            started_at: now,
+            finished_at: now,
+        };
+        // Flush pending reads first, so the signal lands at the next position.
+        st.commit(Vec::new()).await?;
+        let st = caller.data_mut();
+        let position = st.journal.len();
+        let consume = Write::ConsumeSignal { run: st.run_seq, name: name.clone(), entry: (position, entry.clone()) };
+        let taken = match st.store.submit(vec![consume]).await {
+            Ok(Ok(committed)) => committed.signal,
+            Ok(Err(source)) => {
+                let fatal = Fatal::Store { run_id: st.run_id.clone(), source };
+                return Err(st.fail(fatal));
+            }
+            Err(_) => {
+                let fatal = Fatal::Store { run_id: st.run_id.clone(), source: StoreError::WriterGone };
+                return Err(st.fail(fatal));
+            }
+        };
+        if let Some(payload) = taken {
+            st.journal.record_committed(Entry { output: payload.clone(), ..entry });
+            st.staged = payload;
+            return Ok((SIGNAL_RECEIVED << 32) | st.staged.len() as i64);
+        }
+        if let Some(d) = deadline
+            && now_ms() >= d
+        {
+            st.journal.record(entry);
+            st.commit(Vec::new()).await?;
+            let st = caller.data_mut();
+            st.staged = Vec::new();
+            return Ok(SIGNAL_TIMED_OUT << 32);
+        }
+        // Hold the instance for a while (a prompt signal costs no replay),
+        // then park it until the deadline or a signal.
+        let held = held_since.elapsed();
+        if held >= st.park_threshold {
+            return Err(st.interrupt(Interrupt::Park { wake_at: deadline, status: RunStatus::Waiting }));
+        }
+        let mut wait = st.park_threshold - held;
+        if let Some(d) = deadline {
+            wait = wait.min(Duration::from_millis((d - now_ms()).max(0) as u64));
+        }
+        let watch = st.watch.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = watch.changed() => {}
+        }
+        caller.data_mut().enter()?;
+    }
 }
 
 async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wasmtime::Result<i32> {

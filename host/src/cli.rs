@@ -63,6 +63,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Deliver a signal to a run; it is kept until the run waits for it.
+    Signal {
+        run_id: String,
+        /// The signal's name, as the workflow waits for it.
+        name: String,
+        /// The payload, JSON [default: null].
+        payload: Option<String>,
+    },
+    /// Stop a run at its next host call or wake-up; its history is kept.
+    Cancel { run_id: String },
     /// Show a run's history.
     Show {
         run_id: String,
@@ -184,7 +194,66 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Resume(args) => resume(&cli, args).await,
         Command::Runs { json } => list_runs(&*open_store(&cli)?, *json),
         Command::Show { run_id, json } => show(&*open_store(&cli)?, run_id, *json),
+        Command::Signal { run_id, name, payload } => signal(&cli, run_id, name, payload.as_deref()).await,
+        Command::Cancel { run_id } => cancel(&cli, run_id).await,
     }
+}
+
+fn find_run(cli: &Cli, store: &dyn Store, id: &str) -> Result<RunRecord, Failure> {
+    store.run(id)?.ok_or_else(|| {
+        Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} in {} (`cairn runs` lists them)", cli.db.display()))
+    })
+}
+
+async fn commit(store: &dyn Store, writes: Vec<Write>) -> Result<(), Failure> {
+    store.submit(writes).await.map_err(|_| anyhow!("the database writer stopped"))??;
+    Ok(())
+}
+
+async fn signal(cli: &Cli, id: &str, name: &str, payload: Option<&str>) -> Result<u8, Failure> {
+    let payload = parse_json(payload, "the signal payload")?;
+    let store = open_store(cli)?;
+    let run = find_run(cli, &*store, id)?;
+    if run.status.is_finished() {
+        return Err(Failure::new(exit::FAILED, anyhow!("run {id} is {}: it will not receive signals", run.status.as_str())));
+    }
+    commit(&*store, vec![Write::SendSignal { run: run.seq, name: name.to_string(), payload }]).await?;
+    eprintln!("cairn: signal {name:?} sent to run {id}");
+    Ok(exit::OK)
+}
+
+async fn cancel(cli: &Cli, id: &str) -> Result<u8, Failure> {
+    let store = open_store(cli)?;
+    let run = find_run(cli, &*store, id)?;
+    if run.status == RunStatus::Cancelled {
+        eprintln!("cairn: run {id} is already cancelled");
+        return Ok(exit::OK);
+    }
+    if run.status.is_finished() {
+        return Err(Failure::new(exit::FAILED, anyhow!("run {id} is {}: there is nothing to cancel", run.status.as_str())));
+    }
+    let request = Write::RequestCancel { run: run.seq };
+    if let Some(lock) = store.lock_run(run.seq)? {
+        // Nobody executes it: cancel it here, under its lock.
+        let cancelled =
+            Write::SetStatus { run: run.seq, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) };
+        commit(&*store, vec![request, cancelled]).await?;
+        drop(lock);
+        eprintln!("cairn: run {id} cancelled");
+        return Ok(exit::OK);
+    }
+    commit(&*store, vec![request]).await?;
+    // The executing process notices within a poll interval.
+    let start = Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if store.run(id)?.is_some_and(|r| r.status.is_finished()) {
+            eprintln!("cairn: run {id} cancelled");
+            return Ok(exit::OK);
+        }
+    }
+    eprintln!("cairn: cancel of run {id} requested; the process executing it stops it at its next host call");
+    Ok(exit::OK)
 }
 
 fn parse_input(input: Option<&str>) -> Result<Vec<u8>, Failure> {
@@ -196,8 +265,14 @@ fn parse_input(input: Option<&str>) -> Result<Vec<u8>, Failure> {
             None => s.to_string(),
         },
     };
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| Failure::new(exit::USAGE, anyhow!("--input is not valid JSON: {e}")))?;
+    parse_json(Some(&text), "--input")
+}
+
+fn parse_json(text: Option<&str>, what: &str) -> Result<Vec<u8>, Failure> {
+    let value: Value = match text {
+        None => Value::Null,
+        Some(t) => serde_json::from_str(t).map_err(|e| Failure::new(exit::USAGE, anyhow!("{what} is not valid JSON: {e}")))?,
+    };
     Ok(serde_json::to_vec(&value).expect("a JSON value serializes"))
 }
 
@@ -437,6 +512,8 @@ fn entry_output(e: &Entry) -> Value {
         EntryKind::Step if e.status == crate::journal::EntryStatus::Completed => output_json(Some(&e.output)),
         EntryKind::Step => e.time_value().map_or(Value::Null, |t| json!({ "retry_at": time(t) })),
         EntryKind::Timer => e.time_value().map_or(Value::Null, |t| json!({ "wake_at": time(t) })),
+        EntryKind::Signal if e.output.is_empty() => json!({ "timed_out": true }),
+        EntryKind::Signal => output_json(Some(&e.output)),
         EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
         EntryKind::Random => Value::String(hex::encode(&e.output)),
     }

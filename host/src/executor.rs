@@ -14,7 +14,7 @@ use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, Interrupt, Memor
 use crate::engine::{EPOCH_TICK, WasmEngine, module_hash};
 use crate::journal::{Entry, Journal};
 use crate::store::{RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
-use crate::watch::RunWatch;
+use crate::watch::{RunWatch, Watcher};
 
 /// Waits longer than this drop the run's instance (it is replayed when it
 /// wakes) instead of holding its memory.
@@ -36,8 +36,9 @@ enum Next {
     Done(RunOutcome),
     /// Replay the run in a fresh instance now.
     Restart,
-    /// Replay the run in a fresh instance at this time (Unix ms).
-    Park(i64),
+    /// Replay the run in a fresh instance at this time (Unix ms), or when
+    /// a signal comes; meanwhile its status is this.
+    Park(Option<i64>, RunStatus),
 }
 
 /// Why a run could not be executed (its state in the database is unchanged
@@ -65,6 +66,7 @@ pub struct Executor {
     engine: Arc<WasmEngine>,
     linker: Linker<HostState>,
     store: Arc<dyn Store>,
+    watcher: Arc<Watcher>,
     park_threshold: Duration,
 }
 
@@ -74,7 +76,8 @@ impl Executor {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        Ok(Executor { engine, linker, store, park_threshold: DEFAULT_PARK_THRESHOLD })
+        let watcher = Watcher::new(store.clone());
+        Ok(Executor { engine, linker, store, watcher, park_threshold: DEFAULT_PARK_THRESHOLD })
     }
 
     /// Waits longer than `threshold` park the run instead of holding its instance.
@@ -117,6 +120,7 @@ impl Executor {
             created_at: 0,
             finished_at: None,
             steps: 0,
+            cancel_requested: false,
         };
         let mut store = self.new_store(&probe, Vec::new(), Arc::default())?;
         self.instantiate(&mut store, &module, &shown.to_string()).await?;
@@ -227,11 +231,11 @@ impl Executor {
     /// Execute (or continue) a run the caller holds the lock of, until it
     /// completes, fails or is cancelled.
     pub async fn execute(&self, run: &RunRecord) -> Result<RunOutcome, ExecError> {
-        self.execute_watched(run, Arc::default()).await
-    }
-
-    /// [`Executor::execute`] with the run's watch (cancel requests, signals).
-    pub async fn execute_watched(&self, run: &RunRecord, watch: Arc<RunWatch>) -> Result<RunOutcome, ExecError> {
+        let registration = self.watcher.register(run.seq);
+        let watch = registration.watch.clone();
+        if run.cancel_requested {
+            watch.request_cancel();
+        }
         let store = self.store.clone();
         let module = self
             .engine
@@ -241,6 +245,12 @@ impl Executor {
             .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
         let mut status = run.status;
         loop {
+            if watch.cancel_requested() {
+                let write =
+                    Write::SetStatus { run: run.seq, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) };
+                self.commit(vec![write]).await?;
+                return Ok(RunOutcome::Cancelled);
+            }
             if status != RunStatus::Running {
                 self.set_status(run, RunStatus::Running).await?;
                 status = RunStatus::Running;
@@ -248,30 +258,35 @@ impl Executor {
             match self.execute_once(run, &module, watch.clone()).await? {
                 Next::Done(outcome) => return Ok(outcome),
                 Next::Restart => {}
-                Next::Park(wake_at) => {
-                    self.set_status(run, RunStatus::Sleeping).await?;
-                    status = RunStatus::Sleeping;
-                    loop {
-                        let remaining = wake_at - now_ms();
-                        if remaining <= 0 || watch.cancel_requested() {
-                            break;
+                Next::Park(wake_at, parked) => {
+                    // No instance, no thread: a timer and a wake-up are all
+                    // a parked run holds.
+                    self.set_status(run, parked).await?;
+                    status = parked;
+                    let sleep = async {
+                        match wake_at {
+                            Some(at) => tokio::time::sleep(Duration::from_millis((at - now_ms()).max(0) as u64)).await,
+                            None => std::future::pending().await,
                         }
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(remaining as u64)) => {}
-                            _ = watch.changed() => {}
-                        }
+                    };
+                    tokio::select! {
+                        _ = sleep => {}
+                        _ = watch.changed() => {}
                     }
                 }
             }
         }
     }
 
-    async fn set_status(&self, run: &RunRecord, status: RunStatus) -> Result<(), ExecError> {
-        let write = Write::SetStatus { run: run.seq, status, output: None, error: None };
-        match self.store.submit(vec![write]).await {
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), ExecError> {
+        match self.store.submit(writes).await {
             Ok(r) => r.map(|_| ()).map_err(ExecError::Store),
             Err(_) => Err(ExecError::Store(StoreError::WriterGone)),
         }
+    }
+
+    async fn set_status(&self, run: &RunRecord, status: RunStatus) -> Result<(), ExecError> {
+        self.commit(vec![Write::SetStatus { run: run.seq, status, output: None, error: None }]).await
     }
 
     /// One instance: replay the history, continue live until the workflow
@@ -304,7 +319,7 @@ impl Executor {
         }
         match st.interrupt.take() {
             Some(Interrupt::Restart) => return Ok(Next::Restart),
-            Some(Interrupt::Park { wake_at }) => return Ok(Next::Park(wake_at)),
+            Some(Interrupt::Park { wake_at, status }) => return Ok(Next::Park(wake_at, status)),
             Some(Interrupt::Cancelled) => {
                 // An attempt cut short by the cancel is not recorded: it has no outcome.
                 let write = Write::SetStatus {

@@ -21,6 +21,8 @@ pub enum EntryKind {
     /// A durable timer (`ctx.sleep`, or `std::thread::sleep` in workflow
     /// code): its absolute wake-up time.
     Timer,
+    /// A signal received: its payload (JSON), or empty if the wait timed out.
+    Signal,
 }
 
 impl EntryKind {
@@ -30,6 +32,7 @@ impl EntryKind {
             EntryKind::Clock => "clock",
             EntryKind::Random => "random",
             EntryKind::Timer => "timer",
+            EntryKind::Signal => "signal",
         }
     }
 
@@ -39,6 +42,7 @@ impl EntryKind {
             "clock" => EntryKind::Clock,
             "random" => EntryKind::Random,
             "timer" => EntryKind::Timer,
+            "signal" => EntryKind::Signal,
             _ => return None,
         })
     }
@@ -104,6 +108,7 @@ impl Entry {
             EntryKind::Clock => format!("a read of the {} clock", self.name),
             EntryKind::Random => format!("a read of {} random bytes", self.output.len()),
             EntryKind::Timer => "a timer".to_string(),
+            EntryKind::Signal => format!("signal \"{}\"", self.name),
         }
     }
 
@@ -128,6 +133,7 @@ pub enum Request<'a> {
     Clock { name: &'a str },
     Random { len: usize },
     Timer,
+    Signal { name: &'a str },
     Finish,
 }
 
@@ -138,6 +144,7 @@ impl fmt::Display for Request<'_> {
             Request::Clock { name } => write!(f, "a read of the {name} clock"),
             Request::Random { len } => write!(f, "a read of {len} random bytes"),
             Request::Timer => write!(f, "a timer"),
+            Request::Signal { name } => write!(f, "signal \"{name}\""),
             Request::Finish => write!(f, "to finish the workflow"),
         }
     }
@@ -251,6 +258,7 @@ impl Journal {
             Request::Clock { name } => e.kind == EntryKind::Clock && e.name == *name,
             Request::Random { len } => e.kind == EntryKind::Random && e.output.len() == *len,
             Request::Timer => e.kind == EntryKind::Timer,
+            Request::Signal { name } => e.kind == EntryKind::Signal && e.name == *name,
             _ => false,
         };
         if !matches {
@@ -273,6 +281,13 @@ impl Journal {
         debug_assert!(!self.replaying());
         self.entries.push(entry);
         self.cursor = self.entries.len();
+    }
+
+    /// Append an entry the store already committed (a consumed signal).
+    pub fn record_committed(&mut self, entry: Entry) {
+        debug_assert!(!self.replaying() && !self.has_unsubmitted());
+        self.record(entry);
+        self.submitted = self.entries.len();
     }
 
     /// True if entries were recorded that the store has not been given yet.

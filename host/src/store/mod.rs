@@ -96,6 +96,8 @@ pub struct RunRecord {
     pub finished_at: Option<i64>,
     /// Completed step outcomes in the history.
     pub steps: u64,
+    /// `cairn cancel` asked for this run to stop.
+    pub cancel_requested: bool,
 }
 
 /// A run to create.
@@ -121,6 +123,13 @@ pub enum Write {
     Append { run: i64, position: usize, entries: Vec<Entry> },
     /// Set a run's status (and, when it finishes, its output or error).
     SetStatus { run: i64, status: RunStatus, output: Option<Vec<u8>>, error: Option<String> },
+    /// Deliver a signal (kept until the run waits for it).
+    SendSignal { run: i64, name: String, payload: Vec<u8> },
+    /// Ask the run's executor to stop it.
+    RequestCancel { run: i64 },
+    /// Take the oldest undelivered signal `name` of the run, if any, and
+    /// append `entry` (its output replaced by the payload) at the position.
+    ConsumeSignal { run: i64, name: String, entry: (usize, Entry) },
 }
 
 /// What a commit produced, for the writes that produce something.
@@ -128,6 +137,17 @@ pub enum Write {
 pub struct Committed {
     /// Runs created by this item, with their lock if one was asked for.
     pub created: Vec<(RunRecord, Option<RunLock>)>,
+    /// The payload a `ConsumeSignal` took.
+    pub signal: Option<Vec<u8>>,
+}
+
+/// What changed for executing runs since the watcher last looked.
+#[derive(Debug, Default)]
+pub struct Notices {
+    /// (signal seq, run seq) of signals sent after the given seq.
+    pub signals: Vec<(i64, i64)>,
+    /// Unfinished runs with a cancel request.
+    pub cancelled: Vec<i64>,
 }
 
 /// Resolves when the item is durable, or says why it is not.
@@ -192,6 +212,12 @@ pub trait Store: Send + Sync {
 
     /// Lock a run for this process (fails at once if another process holds it).
     fn lock_run(&self, run: i64) -> Result<Option<RunLock>, StoreError>;
+
+    /// The highest signal sequence number so far (0 if none).
+    fn last_signal_seq(&self) -> Result<i64, StoreError>;
+
+    /// Signals sent after `after_signal`, and runs with a cancel request.
+    fn notices(&self, after_signal: i64) -> Result<Notices, StoreError>;
 }
 
 /// Unix milliseconds now.

@@ -11,7 +11,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CommitTicket, Committed, Durability, NewRun, RunConfig, RunRecord, RunStatus, Store, StoreError,
+    CommitTicket, Committed, Durability, NewRun, Notices, RunConfig, RunRecord, RunStatus, Store, StoreError,
     Write, now_ms,
 };
 use crate::journal::{Entry, EntryKind, EntryStatus};
@@ -58,6 +58,20 @@ const MIGRATIONS: &[&str] = &[
         finished_at INTEGER NOT NULL,
         PRIMARY KEY (run, position)
     ) WITHOUT ROWID, STRICT;
+    "#,
+    // 2: signals and cancel requests.
+    r#"
+    ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX runs_cancel_requested ON runs(seq) WHERE cancel_requested = 1;
+    CREATE TABLE signals (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        run INTEGER NOT NULL REFERENCES runs(seq),
+        name TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        sent_at INTEGER NOT NULL,
+        consumed_at INTEGER
+    );
+    CREATE INDEX signals_pending ON signals(run, name, seq) WHERE consumed_at IS NULL;
     "#,
 ];
 
@@ -196,7 +210,8 @@ impl SqliteStore {
 }
 
 const RUN_COLUMNS: &str = "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
-     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind = 'step' AND h.status != 'failed')";
+     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind = 'step' AND h.status != 'failed'), \
+     cancel_requested";
 
 fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let config: String = row.get(5)?;
@@ -217,6 +232,7 @@ fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
         created_at: row.get(9)?,
         finished_at: row.get(10)?,
         steps: row.get::<_, i64>(11)? as u64,
+        cancel_requested: row.get::<_, i64>(12)? != 0,
     })
 }
 
@@ -291,6 +307,26 @@ impl Store for SqliteStore {
     fn lock_run(&self, run: i64) -> Result<Option<RunLock>, StoreError> {
         Ok(self.locks.try_lock(run)?)
     }
+
+    fn last_signal_seq(&self) -> Result<i64, StoreError> {
+        self.read(|c| c.query_row("SELECT coalesce(max(seq), 0) FROM signals", [], |r| r.get(0)))
+    }
+
+    fn notices(&self, after_signal: i64) -> Result<Notices, StoreError> {
+        self.read(|c| {
+            let mut signals = Vec::new();
+            let mut stmt = c.prepare_cached("SELECT seq, run FROM signals WHERE seq > ?1 ORDER BY seq")?;
+            for row in stmt.query_map([after_signal], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+                signals.push(row?);
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT seq FROM runs WHERE cancel_requested = 1 \
+                 AND status NOT IN ('completed', 'failed', 'cancelled')",
+            )?;
+            let cancelled = stmt.query_map([], |r| r.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(Notices { signals, cancelled })
+        })
+    }
 }
 
 /// The writer: take everything queued, write it in one transaction (a
@@ -363,27 +399,7 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
                     .execute(params![hash, bytes, now_ms()])?;
             }
             Write::CreateRun { run, lock } => committed.created.push(create_run(tx, run, *lock, locks)?),
-            Write::Append { run, position, entries } => {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
-                     started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
-                for (i, e) in entries.iter().enumerate() {
-                    stmt.execute(params![
-                        run,
-                        (position + i) as i64,
-                        e.kind.as_str(),
-                        e.name,
-                        e.occurrence,
-                        e.attempt,
-                        e.status.as_str(),
-                        e.output,
-                        e.error,
-                        e.started_at,
-                        e.finished_at,
-                    ])?;
-                }
-            }
+            Write::Append { run, position, entries } => insert_entries(tx, *run, *position, entries)?,
             Write::SetStatus { run, status, output, error } => {
                 let finished_at = status.is_finished().then(now_ms);
                 let n = tx
@@ -393,9 +409,57 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
                     return Err(StoreError::NoSuchRun(*run));
                 }
             }
+            Write::SendSignal { run, name, payload } => {
+                tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![run, name, payload, now_ms()])?;
+            }
+            Write::RequestCancel { run } => {
+                tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run])?;
+            }
+            Write::ConsumeSignal { run, name, entry } => {
+                // Taking the signal and journaling it are one atomic step:
+                // each signal is received exactly once.
+                let found: Option<(i64, Vec<u8>)> = tx
+                    .prepare_cached(
+                        "SELECT seq, payload FROM signals WHERE run = ?1 AND name = ?2 AND consumed_at IS NULL \
+                         ORDER BY seq LIMIT 1",
+                    )?
+                    .query_row(params![run, name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((seq, payload)) = found {
+                    tx.prepare_cached("UPDATE signals SET consumed_at = ?2 WHERE seq = ?1")?.execute(params![seq, now_ms()])?;
+                    let (position, mut e) = (entry.0, entry.1.clone());
+                    e.output = payload.clone();
+                    insert_entries(tx, *run, position, std::slice::from_ref(&e))?;
+                    committed.signal = Some(payload);
+                }
+            }
         }
     }
     Ok(committed)
+}
+
+fn insert_entries(tx: &Connection, run: i64, position: usize, entries: &[Entry]) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
+         started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for (i, e) in entries.iter().enumerate() {
+        stmt.execute(params![
+            run,
+            (position + i) as i64,
+            e.kind.as_str(),
+            e.name,
+            e.occurrence,
+            e.attempt,
+            e.status.as_str(),
+            e.output,
+            e.error,
+            e.started_at,
+            e.finished_at,
+        ])?;
+    }
+    Ok(())
 }
 
 fn create_run(
@@ -437,6 +501,7 @@ fn create_run(
         created_at,
         finished_at: None,
         steps: 0,
+        cancel_requested: false,
     };
     Ok((record, held))
 }
