@@ -55,6 +55,16 @@ pub struct Cli {
 pub enum Command {
     /// Start a run of a workflow module and execute it in the foreground.
     Run(RunArgs),
+    /// Record a pending run and print its id; `cairn worker` (or `cairn
+    /// resume ID`) executes it.
+    Start(RunArgs),
+    /// Execute pending and unfinished runs concurrently until stopped
+    /// (SIGTERM or Ctrl-C: in-flight runs finish or park, nothing is lost).
+    Worker {
+        /// Runs executing at once (parked runs do not count).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Continue an unfinished run from its history (or print a finished one's result).
     Resume(ResumeArgs),
     /// List runs.
@@ -191,6 +201,16 @@ fn context(cli: &Cli, store: Arc<dyn Store>) -> Result<Context, Failure> {
 async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Run(args) => run(&cli, args).await,
+        Command::Start(args) => start(&cli, args).await,
+        Command::Worker { concurrency } => {
+            if *concurrency == 0 {
+                return Err(Failure::new(exit::USAGE, anyhow!("--concurrency must be at least 1")));
+            }
+            let store = open_store(&cli)?;
+            let ctx = context(&cli, store.clone())?;
+            crate::worker::run_worker(ctx.executor, store, *concurrency).await?;
+            Ok(exit::OK)
+        }
         Command::Resume(args) => resume(&cli, args).await,
         Command::Runs { json } => list_runs(&*open_store(&cli)?, *json),
         Command::Show { run_id, json } => show(&*open_store(&cli)?, run_id, *json),
@@ -311,7 +331,13 @@ fn parse_env(spec: &str) -> Result<(String, String), Failure> {
     }
 }
 
-async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+/// Check the module and create the run (locked for this process if `lock`).
+async fn create_run(
+    cli: &Cli,
+    args: &RunArgs,
+    status: RunStatus,
+    lock: bool,
+) -> Result<(Context, RunRecord, Option<crate::lock::RunLock>), Failure> {
     let input = parse_input(args.input.as_deref())?;
     let id = match &args.run_id {
         Some(id) => {
@@ -333,23 +359,28 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
     }
     let ctx = context(cli, store.clone())?;
     let prepared = ctx.executor.prepare(&args.module).await.map_err(|e| Failure::new(exit::USAGE, e))?;
-    let new = NewRun {
-        id: id.clone(),
-        module: prepared.hash.clone(),
-        module_path: args.module.display().to_string(),
-        input,
-        config,
-        status: RunStatus::Running,
-    };
+    let new = NewRun { id, module: prepared.hash.clone(), module_path: args.module.display().to_string(), input, config, status };
     let committed = store
-        .submit(vec![Write::PutModule { hash: prepared.hash, bytes: prepared.bytes }, Write::CreateRun { run: new, lock: true }])
+        .submit(vec![Write::PutModule { hash: prepared.hash, bytes: prepared.bytes }, Write::CreateRun { run: new, lock }])
         .await
         .map_err(|_| anyhow!("the database writer stopped"))??;
     let (record, lock) = committed.created.into_iter().next().context("the run was not created")?;
+    Ok((ctx, record, lock))
+}
+
+async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+    let (ctx, record, lock) = create_run(cli, args, RunStatus::Running, true).await?;
+    let id = &record.id;
     eprintln!("cairn: run {id} started (if interrupted: cairn resume {id})");
     let code = execute_foreground(&ctx, &record).await;
     drop(lock);
     code
+}
+
+async fn start(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+    let (_, record, _) = create_run(cli, args, RunStatus::Pending, false).await?;
+    println!("{}", record.id);
+    Ok(exit::OK)
 }
 
 async fn execute_foreground(ctx: &Context, run: &RunRecord) -> Result<u8, Failure> {

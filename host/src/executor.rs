@@ -53,6 +53,8 @@ pub enum ExecError {
     Module(String),
     #[error("{0}")]
     Sandbox(String),
+    #[error("the executor is shutting down")]
+    ShuttingDown,
 }
 
 /// A module ready to start runs with.
@@ -68,6 +70,8 @@ pub struct Executor {
     store: Arc<dyn Store>,
     watcher: Arc<Watcher>,
     park_threshold: Duration,
+    /// Bounds live instances (parked runs hold none); `None`: unbounded.
+    instances: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Executor {
@@ -77,7 +81,17 @@ impl Executor {
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let watcher = Watcher::new(store.clone());
-        Ok(Executor { engine, linker, store, watcher, park_threshold: DEFAULT_PARK_THRESHOLD })
+        Ok(Executor { engine, linker, store, watcher, park_threshold: DEFAULT_PARK_THRESHOLD, instances: None })
+    }
+
+    /// At most `n` instances live at once across this executor's runs.
+    pub fn with_instance_limit(mut self, n: usize) -> Self {
+        self.instances = Some(Arc::new(tokio::sync::Semaphore::new(n)));
+        self
+    }
+
+    pub fn instance_limit(&self) -> Option<&Arc<tokio::sync::Semaphore>> {
+        self.instances.as_ref()
     }
 
     /// Waits longer than `threshold` park the run instead of holding its instance.
@@ -255,7 +269,13 @@ impl Executor {
                 self.set_status(run, RunStatus::Running).await?;
                 status = RunStatus::Running;
             }
-            match self.execute_once(run, &module, watch.clone()).await? {
+            let permit = match &self.instances {
+                Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| ExecError::ShuttingDown)?),
+                None => None,
+            };
+            let next = self.execute_once(run, &module, watch.clone()).await;
+            drop(permit);
+            match next? {
                 Next::Done(outcome) => return Ok(outcome),
                 Next::Restart => {}
                 Next::Park(wake_at, parked) => {

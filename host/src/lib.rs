@@ -13,6 +13,7 @@
 //! - [`lock`]: one executor per run, with instant takeover after a crash.
 //! - [`idempotency`]: step idempotency keys.
 //! - [`retry`]: retry policies and backoff.
+//! - [`worker`]: `cairn worker`, many runs at once.
 //! - [`watch`]: cancel requests and signals reaching an executing run.
 
 pub mod abi;
@@ -25,3 +26,4 @@ pub mod lock;
 pub mod retry;
 pub mod store;
 pub mod watch;
+pub mod worker;
