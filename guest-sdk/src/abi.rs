@@ -21,6 +21,10 @@ mod imports {
         pub fn step_begin(name_ptr: *const u8, name_len: i32, policy_ptr: *const u8, policy_len: i32) -> i64;
         #[link_name = "sleep"]
         pub fn sleep(millis: i64) -> i32;
+        #[link_name = "spawn"]
+        pub fn spawn(name_ptr: *const u8, name_len: i32, policy_ptr: *const u8, policy_len: i32) -> i64;
+        #[link_name = "join"]
+        pub fn join(handles_ptr: *const u32, count: i32) -> i64;
         #[link_name = "signal_wait"]
         pub fn signal_wait(name_ptr: *const u8, name_len: i32, timeout_ms: i64) -> i64;
         #[link_name = "step_end"]
@@ -42,6 +46,8 @@ mod imports {
     pub unsafe fn step_begin(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
     pub unsafe fn sleep(_: i64) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn signal_wait(_: *const u8, _: i32, _: i64) -> i64 { panic!("{NO_HOST}") }
+    pub unsafe fn spawn(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
+    pub unsafe fn join(_: *const u32, _: i32) -> i64 { panic!("{NO_HOST}") }
     pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
     pub unsafe fn panic(_: *const u8, _: i32) {}
@@ -117,6 +123,41 @@ pub(crate) fn finish(outcome: Result<&[u8], &str>) {
 pub(crate) fn sleep(millis: i64) {
     // SAFETY: no pointers.
     unsafe { imports::sleep(millis) };
+}
+
+pub(crate) enum Spawned {
+    Handle(u32),
+    /// This instance exists to run the branch's closure.
+    RunHere { key: String, attempt: u32 },
+}
+
+pub(crate) fn spawn(name: &str, policy: &[u8; 48]) -> Spawned {
+    // SAFETY: the host only reads the buffers for the duration of the call.
+    let r = unsafe { imports::spawn(name.as_ptr(), name.len() as i32, policy.as_ptr(), policy.len() as i32) };
+    match (r >> 32) & 0xff {
+        0 => Spawned::Handle((r & 0xffff_ffff) as u32),
+        1 => {
+            let key = take((r & 0xffff_ffff) as usize);
+            Spawned::RunHere { key: String::from_utf8_lossy(&key).into_owned(), attempt: (r >> 40) as u32 }
+        }
+        other => panic!("cairn host answered spawn with unknown status {other}"),
+    }
+}
+
+/// Outcomes of the branches behind `handles`, in order.
+pub(crate) fn join(handles: &[u32]) -> Vec<Result<Vec<u8>, String>> {
+    // SAFETY: the host reads the handles during the call only.
+    let len = unsafe { imports::join(handles.as_ptr(), handles.len() as i32) };
+    let bytes = take(len as usize);
+    let mut out = Vec::with_capacity(handles.len());
+    let mut rest = &bytes[..];
+    while let [status, l0, l1, l2, l3, tail @ ..] = rest {
+        let n = u32::from_le_bytes([*l0, *l1, *l2, *l3]) as usize;
+        let (body, tail) = tail.split_at(n);
+        out.push(if *status == 0 { Ok(body.to_vec()) } else { Err(String::from_utf8_lossy(body).into_owned()) });
+        rest = tail;
+    }
+    out
 }
 
 /// The signal's payload, or `None` if the wait timed out.

@@ -90,6 +90,7 @@ mod error;
 mod retry;
 
 use std::fmt::Display;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -225,6 +226,85 @@ impl Ctx {
         }
     }
 
+    /// Start a parallel branch: a durable step that runs concurrently with
+    /// other branches (and with the workflow until it joins them), under
+    /// [`RetryPolicy::default()`].
+    ///
+    /// ```no_run
+    /// # use cairn_sdk::{Ctx, Error};
+    /// # fn flow(ctx: &mut Ctx) -> Result<(), Error> {
+    /// let laptop = ctx.spawn("provision_laptop", |s| Ok(format!("LT-{}", &s.idempotency_key()[..6])))?;
+    /// let access = ctx.spawn("grant_access", |_s| Ok(vec!["everyone".to_string()]))?;
+    /// let (laptop, access): (String, Vec<String>) = ctx.join2(laptop, access)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Each branch runs in its own sandboxed instance of the same module:
+    /// the host starts a fresh instance that replays the workflow up to this
+    /// `spawn` and runs the closure there. So the closure may capture
+    /// anything the workflow computed, but workflow code before a `spawn`
+    /// must be deterministic (it runs again in every branch instance; files
+    /// and environment variables read between steps are not recorded).
+    ///
+    /// A branch is one step: its closure gets a [`Step`] and does its work
+    /// without nested steps, sleeps or signals. Its outcome is memoized like
+    /// a step's: after a crash, finished branches are not run again and
+    /// unfinished ones are restarted. A branch that is never joined still
+    /// runs to completion (the run finishes after it) and is recorded.
+    pub fn spawn<T>(&mut self, name: &str, f: impl FnOnce(&Step) -> Result<T, Error>) -> Result<Branch<T>, Error>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.spawn_with(name, RetryPolicy::default(), f)
+    }
+
+    /// [`Ctx::spawn`] with an explicit retry policy.
+    pub fn spawn_with<T>(
+        &mut self,
+        name: &str,
+        policy: RetryPolicy,
+        f: impl FnOnce(&Step) -> Result<T, Error>,
+    ) -> Result<Branch<T>, Error>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        match abi::spawn(name, &policy.encode()) {
+            abi::Spawned::Handle(handle) => Ok(Branch { handle, name: name.to_string(), _value: PhantomData }),
+            abi::Spawned::RunHere { key, attempt } => {
+                let step = Step { name: name.to_string(), key, attempt };
+                match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
+                    Ok(json) => abi::step_end(Ok(&json)),
+                    Err(e) => abi::step_end(Err((e.message(), e.is_permanent()))),
+                }
+                // The host ends a branch instance once its outcome is recorded.
+                unreachable!("the cairn host did not end the branch instance")
+            }
+        }
+    }
+
+    /// Wait for two branches and return both values. If either failed
+    /// (after its retries), returns the error of the first in spawn order;
+    /// both outcomes stay memoized either way.
+    pub fn join2<A, B>(&mut self, a: Branch<A>, b: Branch<B>) -> Result<(A, B), Error>
+    where
+        A: DeserializeOwned,
+        B: DeserializeOwned,
+    {
+        let mut outcomes = abi::join(&[a.handle, b.handle]).into_iter();
+        let (ra, rb) = (outcomes.next(), outcomes.next());
+        let va = decode_branch::<A>(&a.name, ra);
+        let vb = decode_branch::<B>(&b.name, rb);
+        Ok((va?, vb?))
+    }
+
+    /// Wait for every branch given; their values in the order given. If any
+    /// failed, returns the error of the first failed one in that order.
+    pub fn join_all<T: DeserializeOwned>(&mut self, branches: Vec<Branch<T>>) -> Result<Vec<T>, Error> {
+        let handles: Vec<u32> = branches.iter().map(|b| b.handle).collect();
+        let outcomes = abi::join(&handles);
+        branches.iter().zip(outcomes).map(|(b, o)| decode_branch::<T>(&b.name, Some(o))).collect()
+    }
+
     /// A durable timer: the run sleeps for `duration`, counted from the
     /// first execution. The wake-up time is committed before the wait, so a
     /// host killed mid-sleep and resumed later wakes at the original time
@@ -258,6 +338,25 @@ impl Ctx {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+/// A parallel branch started by [`Ctx::spawn`]; redeem it with
+/// [`Ctx::join2`] or [`Ctx::join_all`].
+#[must_use = "a branch runs to completion anyway, but its value is only had through join"]
+pub struct Branch<T> {
+    handle: u32,
+    name: String,
+    _value: PhantomData<fn() -> T>,
+}
+
+fn decode_branch<T: DeserializeOwned>(name: &str, outcome: Option<Result<Vec<u8>, String>>) -> Result<T, Error> {
+    match outcome {
+        Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(format!("branch \"{name}\": its recorded value does not fit the type asked for: {e}"))
+        }),
+        Some(Err(message)) => Err(Error::new(message)),
+        None => Err(Error::new(format!("branch \"{name}\": the host returned no outcome"))),
     }
 }
 

@@ -15,6 +15,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
+use crate::branch::{BranchKey, BranchLaunch, BranchMode, Branches};
 use crate::idempotency::idempotency_key;
 use crate::journal::{Entry, EntryKind, EntryStatus, Journal, NonDeterminism, Request, StepStart};
 use crate::retry::RetryPolicy;
@@ -28,7 +29,11 @@ pub const ABI_VERSION: i32 = 1;
 pub const MODULE: &str = "cairn";
 /// Every function of the `cairn` import module.
 pub const FUNCTIONS: &[&str] =
-    &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep", "signal_wait"];
+    &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep", "signal_wait", "spawn", "join"];
+
+/// `spawn` status codes (bits 32..40 of its result).
+pub const SPAWN_HANDLE: i64 = 0;
+pub const SPAWN_RUN_HERE: i64 = 1;
 
 /// `signal_wait` status codes (bits 32..40 of its result).
 pub const SIGNAL_RECEIVED: i64 = 0;
@@ -75,6 +80,8 @@ pub enum Interrupt {
     Park { wake_at: Option<i64>, status: RunStatus },
     /// The run was cancelled.
     Cancelled,
+    /// A branch instance recorded its attempt: its work is done.
+    BranchDone,
 }
 
 /// A step whose closure is running live.
@@ -160,6 +167,14 @@ pub struct HostState {
     pub watch: Arc<RunWatch>,
     /// Waits longer than this drop the instance instead of holding it.
     pub park_threshold: Duration,
+    /// Set when this instance is a branch instance.
+    pub branch_mode: Option<BranchMode>,
+    /// The run's branches (shared by all its instances in this process).
+    pub branches: Arc<Branches>,
+    /// Branch handles given to the guest by `spawn`, in spawn order.
+    pub handles: Vec<BranchKey>,
+    /// The attempt a branch instance recorded.
+    pub branch_result: Option<Entry>,
 }
 
 impl HostState {
@@ -202,10 +217,10 @@ impl HostState {
         }
     }
 
-    /// Record how a live step's attempt failed: a `failed` entry with its
-    /// retry time if the policy allows another attempt (returns true), else
-    /// the step's final `error` outcome.
-    pub fn record_failed_attempt(&mut self, live: LiveStep, message: String, retryable: bool) -> bool {
+    /// How a live step's attempt failed: a `failed` entry with its retry
+    /// time if the policy allows another attempt (then true), else the
+    /// step's final `error` outcome.
+    pub fn failed_attempt(live: LiveStep, message: String, retryable: bool) -> (Entry, bool) {
         let now = now_ms();
         let retry = retryable && live.attempt < live.policy.max_attempts;
         let (status, output) = if retry {
@@ -217,7 +232,7 @@ impl HostState {
         } else {
             (EntryStatus::Error, Vec::new())
         };
-        self.journal.record(Entry {
+        let entry = Entry {
             kind: EntryKind::Step,
             name: live.name,
             occurrence: live.occurrence,
@@ -227,8 +242,21 @@ impl HostState {
             error: Some(message),
             started_at: live.started_at,
             finished_at: now,
-        });
-        retry
+        };
+        (entry, retry)
+    }
+
+    /// Record an ended attempt and make it durable: in the history for a
+    /// step, in the branch table for a branch instance (whose work is then
+    /// done: the instance stops).
+    pub async fn end_attempt(&mut self, entry: Entry) -> wasmtime::Result<()> {
+        if self.branch_mode.is_some() {
+            self.commit(vec![Write::BranchAttempt { run: self.run_seq, entry: entry.clone() }]).await?;
+            self.branch_result = Some(entry);
+            return Err(self.interrupt(Interrupt::BranchDone));
+        }
+        self.journal.record(entry);
+        self.commit(Vec::new()).await
     }
 
     fn sync_replaying(&self) {
@@ -337,6 +365,18 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
 
+    linker.func_wrap_async(
+        MODULE,
+        "spawn",
+        |mut caller: Caller<'_, HostState>, (ptr, len, policy_ptr, policy_len): (i32, i32, i32, i32)| {
+            Box::new(async move { spawn(&mut caller, ptr, len, policy_ptr, policy_len).await })
+        },
+    )?;
+
+    linker.func_wrap_async(MODULE, "join", |mut caller: Caller<'_, HostState>, (ptr, count): (i32, i32)| {
+        Box::new(async move { join(&mut caller, ptr, count).await })
+    })?;
+
     linker.func_wrap_async(MODULE, "sleep", |mut caller: Caller<'_, HostState>, (millis,): (i64,)| {
         Box::new(async move { sleep(&mut caller, millis).await })
     })?;
@@ -420,7 +460,7 @@ async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len
     };
     match status {
         0 => {
-            st.journal.record(Entry {
+            let entry = Entry {
                 kind: EntryKind::Step,
                 name: live.name,
                 occurrence: live.occurrence,
@@ -430,14 +470,14 @@ async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len
                 error: None,
                 started_at: live.started_at,
                 finished_at: now_ms(),
-            });
-            st.commit(Vec::new()).await?;
+            };
+            st.end_attempt(entry).await?;
             Ok(0)
         }
         1 | 2 => {
             let message = String::from_utf8_lossy(&bytes).into_owned();
-            let retry = st.record_failed_attempt(live, message, status == 1);
-            st.commit(Vec::new()).await?;
+            let (entry, retry) = HostState::failed_attempt(live, message, status == 1);
+            st.end_attempt(entry).await?;
             if retry {
                 // The closure was FnOnce: the next attempt needs a fresh
                 // instance that replays up to this step.
@@ -447,6 +487,129 @@ async fn step_end(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len
         }
         other => Err(st.abi_error(format!("step_end status {other} is not 0, 1 or 2"))),
     }
+}
+
+/// Start a parallel branch. In the parent: record the `spawn` (durable,
+/// with the reads before it, since the branch's closure may use them) and
+/// start the branch unless it has an outcome; answer a handle. In a branch
+/// instance that reaches its own spawn: answer "run the closure here".
+async fn spawn(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    policy_ptr: i32,
+    policy_len: i32,
+) -> wasmtime::Result<i64> {
+    caller.data_mut().enter()?;
+    let name = guest_str(caller, ptr, len)?;
+    let policy_bytes = guest_bytes(caller, policy_ptr, policy_len)?;
+    let st = caller.data_mut();
+    if st.live_step.is_some() {
+        return Err(st.abi_error(format!("spawn of \"{name}\" inside a step; branches cannot nest")));
+    }
+    let policy = match RetryPolicy::decode(&policy_bytes) {
+        Ok(p) => p,
+        Err(e) => return Err(st.abi_error(format!("branch \"{name}\": {e}"))),
+    };
+    let run_id = st.run_id.clone();
+    let (occurrence, replayed) = match st.journal.begin_spawn(&run_id, &name) {
+        Ok(r) => r,
+        Err(nd) => return Err(st.fail(nd.into())),
+    };
+    let key: BranchKey = (name, occurrence);
+    if let Some(mode) = st.branch_mode.clone() {
+        if mode.key != key {
+            if !replayed {
+                return Err(st.abi_error(format!("branch {:?} never reached its spawn", mode.key)));
+            }
+            st.handles.push(key);
+            return Ok((SPAWN_HANDLE << 32) | (st.handles.len() - 1) as i64);
+        }
+        st.sync_replaying();
+        st.staged = idempotency_key(st.store.db_id(), &st.run_id, &key.0, key.1).into_bytes();
+        let deadline = policy.timeout.map(|t| Instant::now() + t);
+        st.live_step = Some(LiveStep {
+            name: key.0,
+            occurrence: key.1,
+            attempt: mode.attempt,
+            started_at: now_ms(),
+            policy,
+            deadline,
+        });
+        return Ok(((mode.attempt as i64) << 40) | (SPAWN_RUN_HERE << 32) | st.staged.len() as i64);
+    }
+    if !replayed {
+        let now = now_ms();
+        st.journal.record(Entry {
+            kind: EntryKind::Spawn,
+            name: key.0.clone(),
+            occurrence: key.1,
+            attempt: 0,
+            status: EntryStatus::Completed,
+            output: Vec::new(),
+            error: None,
+            started_at: now,
+            finished_at: now,
+        });
+        st.commit(Vec::new()).await?;
+    }
+    let st = caller.data_mut();
+    st.sync_replaying();
+    // New, or unfinished when the host last stopped: (re)start it.
+    if st.branches.board.claim(&key) {
+        let history = st.journal.entries()[..st.journal.cursor()].to_vec();
+        let branches = st.branches.clone();
+        branches.launcher.launch(BranchLaunch { key: key.clone(), history, policy, branches: branches.clone() });
+    }
+    st.handles.push(key);
+    Ok((SPAWN_HANDLE << 32) | (st.handles.len() - 1) as i64)
+}
+
+/// Wait for the branches behind `count` u32 handles at `ptr`; stage their
+/// outcomes in handle order, each as status u8 (0 value, 1 error), length
+/// u32 little-endian, bytes.
+async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i32) -> wasmtime::Result<i64> {
+    caller.data_mut().enter()?;
+    let raw = guest_bytes(caller, ptr, count.saturating_mul(4))?;
+    let st = caller.data_mut();
+    if st.live_step.is_some() {
+        return Err(st.abi_error("join inside a step"));
+    }
+    let mut keys = Vec::with_capacity(raw.len() / 4);
+    for h in raw.chunks_exact(4) {
+        let h = u32::from_le_bytes(h.try_into().unwrap()) as usize;
+        match st.handles.get(h) {
+            Some(k) => keys.push(k.clone()),
+            None => return Err(st.abi_error(format!("join: no branch handle {h}"))),
+        }
+    }
+    let (board, watch) = (st.branches.board.clone(), st.watch.clone());
+    let outcomes = loop {
+        let changed = board.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let got: Option<Vec<_>> = keys.iter().map(|k| board.outcome(k)).collect();
+        if let Some(got) = got {
+            break got;
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = watch.changed() => caller.data_mut().enter()?,
+        }
+    };
+    let mut staged = Vec::new();
+    for outcome in outcomes {
+        let (status, bytes) = match outcome {
+            Ok(v) => (0u8, v),
+            Err(e) => (1u8, e.into_bytes()),
+        };
+        staged.push(status);
+        staged.extend((bytes.len() as u32).to_le_bytes());
+        staged.extend(bytes);
+    }
+    let st = caller.data_mut();
+    st.staged = staged;
+    Ok(st.staged.len() as i64)
 }
 
 /// A durable timer: the wake-up time is committed before the wait, so a
@@ -659,6 +822,18 @@ async fn finish(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: 
     if let Err(nd) = st.journal.check_finish(&st.run_id) {
         return Err(st.fail(nd.into()));
     }
+    // A branch that is never joined still runs to completion and is recorded.
+    let board = st.branches.board.clone();
+    loop {
+        let changed = board.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !board.any_running() {
+            break;
+        }
+        changed.await;
+    }
+    let st = caller.data_mut();
     let finished = match status {
         0 => Finished::Completed(bytes),
         1 => Finished::Failed(String::from_utf8_lossy(&bytes).into_owned()),

@@ -545,6 +545,8 @@ fn entry_output(e: &Entry) -> Value {
         EntryKind::Timer => e.time_value().map_or(Value::Null, |t| json!({ "wake_at": time(t) })),
         EntryKind::Signal if e.output.is_empty() => json!({ "timed_out": true }),
         EntryKind::Signal => output_json(Some(&e.output)),
+        // Filled in from the branch's attempts by `show`.
+        EntryKind::Spawn => Value::Null,
         EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
         EntryKind::Random => Value::String(hex::encode(&e.output)),
     }
@@ -555,35 +557,65 @@ fn short(v: &Value, max: usize) -> String {
     if s.chars().count() > max { format!("{}…", s.chars().take(max - 1).collect::<String>()) } else { s }
 }
 
+fn entry_json(position: Option<usize>, e: &Entry, output: Value) -> Value {
+    let mut v = json!({
+        "kind": e.kind.as_str(),
+        "name": e.name,
+        "occurrence": e.occurrence,
+        "attempt": e.attempt,
+        "status": e.status.as_str(),
+        "output": output,
+        "error": e.error,
+        "started_at": time(e.started_at),
+        "finished_at": time(e.finished_at),
+        "duration_ms": e.finished_at - e.started_at,
+    });
+    if let Some(p) = position {
+        v["position"] = json!(p);
+    }
+    v
+}
+
 fn show(store: &dyn Store, id: &str, json: bool) -> Result<u8, Failure> {
     let run = store
         .run(id)?
         .ok_or_else(|| Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} (`cairn runs` lists them)")))?;
     let history = store.history(run.seq)?;
+    let branches = store.branch_attempts(run.seq)?;
+    // A spawn entry shows its branch's final outcome.
+    let spawn_view = |e: &Entry| -> (String, Value, Option<String>) {
+        let last = branches
+            .iter()
+            .filter(|b| b.name == e.name && b.occurrence == e.occurrence)
+            .max_by_key(|b| b.attempt);
+        match last {
+            Some(b) if b.status != crate::journal::EntryStatus::Failed => {
+                (b.status.as_str().to_string(), entry_output(b), b.error.clone())
+            }
+            _ => ("running".to_string(), Value::Null, None),
+        }
+    };
     if json {
         let entries: Vec<Value> = history
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                json!({
-                    "position": i,
-                    "kind": e.kind.as_str(),
-                    "name": e.name,
-                    "occurrence": e.occurrence,
-                    "attempt": e.attempt,
-                    "status": e.status.as_str(),
-                    "output": entry_output(e),
-                    "error": e.error,
-                    "started_at": time(e.started_at),
-                    "finished_at": time(e.finished_at),
-                    "duration_ms": e.finished_at - e.started_at,
-                })
+                if e.kind == EntryKind::Spawn {
+                    let (status, output, error) = spawn_view(e);
+                    let mut v = entry_json(Some(i), e, output);
+                    v["branch_status"] = json!(status);
+                    v["error"] = json!(error);
+                    v
+                } else {
+                    entry_json(Some(i), e, entry_output(e))
+                }
             })
             .collect();
         let mut obj = run_json(&run);
         obj["input"] = output_json(Some(&run.input));
         obj["output"] = output_json(run.output.as_deref());
         obj["history"] = Value::Array(entries);
+        obj["branches"] = Value::Array(branches.iter().map(|b| entry_json(None, b, entry_output(b))).collect());
         println!("{}", serde_json::to_string_pretty(&obj).expect("JSON"));
         return Ok(exit::OK);
     }
@@ -604,22 +636,48 @@ fn show(store: &dyn Store, id: &str, json: bool) -> Result<u8, Failure> {
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header(["POS", "KIND", "NAME", "OCC", "ATTEMPT", "STATUS", "DURATION", "OUTPUT / ERROR"]);
     for (i, e) in history.iter().enumerate() {
-        let detail = match &e.error {
-            Some(err) => short(&Value::String(err.clone()), 60),
-            None => short(&entry_output(e), 60),
+        let (output, error, status) = if e.kind == EntryKind::Spawn {
+            let (status, output, error) = spawn_view(e);
+            (output, error, status)
+        } else {
+            (entry_output(e), e.error.clone(), e.status.as_str().to_string())
         };
-        let is_step = e.kind == EntryKind::Step;
+        let detail = match error {
+            Some(err) => short(&Value::String(err), 60),
+            None => short(&output, 60),
+        };
+        let is_step = matches!(e.kind, EntryKind::Step | EntryKind::Spawn);
         table.add_row([
             i.to_string(),
             e.kind.as_str().to_string(),
             e.name.clone(),
             if is_step { e.occurrence.to_string() } else { String::new() },
-            if is_step { e.attempt.to_string() } else { String::new() },
-            e.status.as_str().to_string(),
-            if is_step { format!("{} ms", e.finished_at - e.started_at) } else { String::new() },
+            if e.kind == EntryKind::Step { e.attempt.to_string() } else { String::new() },
+            status,
+            if e.kind == EntryKind::Step { format!("{} ms", e.finished_at - e.started_at) } else { String::new() },
             detail,
         ]);
     }
     println!("\n{table}");
+    if !branches.is_empty() {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING);
+        table.set_header(["BRANCH", "OCC", "ATTEMPT", "STATUS", "DURATION", "OUTPUT / ERROR"]);
+        for b in &branches {
+            let detail = match &b.error {
+                Some(err) => short(&Value::String(err.clone()), 60),
+                None => short(&entry_output(b), 60),
+            };
+            table.add_row([
+                b.name.clone(),
+                b.occurrence.to_string(),
+                b.attempt.to_string(),
+                b.status.as_str().to_string(),
+                format!("{} ms", b.finished_at - b.started_at),
+                detail,
+            ]);
+        }
+        println!("\nbranch attempts, in the order they ended:\n{table}");
+    }
     Ok(exit::OK)
 }

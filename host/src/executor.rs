@@ -11,8 +11,9 @@ use wasmtime::{ExternType, Linker, Module, Store as WasmStore, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, Interrupt, MemoryLimiter, MonotonicClock};
+use crate::branch::{BranchBoard, BranchLaunch, BranchMode, Branches, Launcher};
 use crate::engine::{EPOCH_TICK, WasmEngine, module_hash};
-use crate::journal::{Entry, Journal};
+use crate::journal::{Entry, EntryStatus, Journal};
 use crate::store::{RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
 use crate::watch::{RunWatch, Watcher};
 
@@ -136,7 +137,7 @@ impl Executor {
             steps: 0,
             cancel_requested: false,
         };
-        let mut store = self.new_store(&probe, Vec::new(), Arc::default())?;
+        let mut store = self.new_store(&probe, Vec::new(), Arc::default(), Branches::inert(), None)?;
         self.instantiate(&mut store, &module, &shown.to_string()).await?;
         Ok(PreparedModule { hash, bytes, module })
     }
@@ -146,6 +147,8 @@ impl Executor {
         run: &RunRecord,
         history: Vec<Entry>,
         watch: Arc<RunWatch>,
+        branches: Arc<Branches>,
+        branch_mode: Option<BranchMode>,
     ) -> Result<WasmStore<HostState>, ExecError> {
         let journal = Journal::new(history);
         let replaying = Arc::new(AtomicBool::new(journal.replaying()));
@@ -188,6 +191,10 @@ impl Executor {
             interrupt: None,
             watch,
             park_threshold: self.park_threshold,
+            branch_mode,
+            branches,
+            handles: Vec::new(),
+            branch_result: None,
         };
         let mut store = WasmStore::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -244,7 +251,7 @@ impl Executor {
 
     /// Execute (or continue) a run the caller holds the lock of, until it
     /// completes, fails or is cancelled.
-    pub async fn execute(&self, run: &RunRecord) -> Result<RunOutcome, ExecError> {
+    pub async fn execute(self: &Arc<Self>, run: &RunRecord) -> Result<RunOutcome, ExecError> {
         let registration = self.watcher.register(run.seq);
         let watch = registration.watch.clone();
         if run.cancel_requested {
@@ -257,6 +264,17 @@ impl Executor {
                 store.module(&run.module)?.ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
             })
             .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
+        // Branches outlive the parent instance that spawned them (a retry
+        // restarts the parent; they go on): one board per execution.
+        let board = Arc::new(BranchBoard::from_attempts(self.store.branch_attempts(run.seq)?));
+        let launcher = Arc::new(BranchLauncher {
+            executor: self.clone(),
+            run: run.clone(),
+            module: module.clone(),
+            board: board.clone(),
+            watch: watch.clone(),
+        });
+        let branches = Arc::new(Branches { board, launcher });
         let mut status = run.status;
         loop {
             if watch.cancel_requested() {
@@ -273,7 +291,7 @@ impl Executor {
                 Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| ExecError::ShuttingDown)?),
                 None => None,
             };
-            let next = self.execute_once(run, &module, watch.clone()).await;
+            let next = self.execute_once(run, &module, watch.clone(), branches.clone()).await;
             drop(permit);
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
@@ -311,9 +329,15 @@ impl Executor {
 
     /// One instance: replay the history, continue live until the workflow
     /// finishes or the instance stops.
-    async fn execute_once(&self, run: &RunRecord, module: &Module, watch: Arc<RunWatch>) -> Result<Next, ExecError> {
+    async fn execute_once(
+        &self,
+        run: &RunRecord,
+        module: &Module,
+        watch: Arc<RunWatch>,
+        branches: Arc<Branches>,
+    ) -> Result<Next, ExecError> {
         let history = self.store.history(run.seq)?;
-        let mut wstore = self.new_store(run, history, watch)?;
+        let mut wstore = self.new_store(run, history, watch, branches, None)?;
         let instance = self.instantiate(&mut wstore, module, &run.module_path).await?;
         let start = instance
             .get_typed_func::<(), ()>(&mut wstore, "_start")
@@ -340,6 +364,9 @@ impl Executor {
         match st.interrupt.take() {
             Some(Interrupt::Restart) => return Ok(Next::Restart),
             Some(Interrupt::Park { wake_at, status }) => return Ok(Next::Park(wake_at, status)),
+            Some(Interrupt::BranchDone) => {
+                return Err(ExecError::Module("a parent instance stopped as a branch".into()));
+            }
             Some(Interrupt::Cancelled) => {
                 // An attempt cut short by the cancel is not recorded: it has no outcome.
                 let write = Write::SetStatus {
@@ -356,37 +383,14 @@ impl Executor {
             }
             None => {}
         }
-        let mut message = match &result {
-            Ok(()) => "the workflow returned from main without reporting a result \
-                       (main must call cairn_sdk::run)"
-                .to_string(),
-            Err(e) => {
-                if let Some(exit) = e.downcast_ref::<I32Exit>() {
-                    format!("the workflow exited with code {} before reporting a result", exit.0)
-                } else if st.timed_out {
-                    let timeout = st.live_step.as_ref().and_then(|l| l.policy.timeout).unwrap_or_default();
-                    format!("timed out after {timeout:?}")
-                } else if let Some(panic) = st.panic_message.take() {
-                    panic
-                } else if st.cpu_exceeded {
-                    format!(
-                        "CPU limit: the workflow ran {} ms without reaching a host call \
-                         (raise it with --max-cpu)",
-                        st.cpu_limit_ticks * EPOCH_TICK.as_millis() as u64
-                    )
-                } else if let Some(hit) = st.limiter.hit.take() {
-                    format!("{hit} (raise it with --max-memory)")
-                } else {
-                    format!("the workflow trapped: {e:#}")
-                }
-            }
-        };
+        let mut message = failure_message(st, &result);
         if let Some(live) = st.live_step.take() {
             // A failed attempt: retried in a fresh instance after its backoff,
             // or, with no attempts left, the step's final error, which the
             // workflow receives on replay.
             message = format!("step \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
-            st.record_failed_attempt(live, message, true);
+            let (entry, _) = HostState::failed_attempt(live, message, true);
+            st.journal.record(entry);
             st.commit(Vec::new()).await.ok();
             if let Some(fatal) = st.fatal.take() {
                 return Err(fatal.into());
@@ -404,6 +408,130 @@ impl Executor {
             return Err(fatal.into());
         }
         Ok(Next::Done(RunOutcome::Failed(message)))
+    }
+}
+
+/// Why an instance ended without finishing, in words a user can act on.
+fn failure_message(st: &mut HostState, result: &wasmtime::Result<()>) -> String {
+    match result {
+        Ok(()) => "the workflow returned from main without reporting a result \
+                   (main must call cairn_sdk::run)"
+            .to_string(),
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                format!("the workflow exited with code {} before reporting a result", exit.0)
+            } else if st.timed_out {
+                let timeout = st.live_step.as_ref().and_then(|l| l.policy.timeout).unwrap_or_default();
+                format!("timed out after {timeout:?}")
+            } else if let Some(panic) = st.panic_message.take() {
+                panic
+            } else if st.cpu_exceeded {
+                format!(
+                    "CPU limit: the workflow ran {} ms without reaching a host call (raise it with --max-cpu)",
+                    st.cpu_limit_ticks * EPOCH_TICK.as_millis() as u64
+                )
+            } else if let Some(hit) = st.limiter.hit.take() {
+                format!("{hit} (raise it with --max-memory)")
+            } else {
+                format!("the workflow trapped: {e:#}")
+            }
+        }
+    }
+}
+
+/// Starts a run's branches as tasks of this process.
+struct BranchLauncher {
+    executor: Arc<Executor>,
+    run: RunRecord,
+    module: Module,
+    board: Arc<BranchBoard>,
+    watch: Arc<RunWatch>,
+}
+
+impl Launcher for BranchLauncher {
+    fn launch(&self, launch: BranchLaunch) {
+        let executor = self.executor.clone();
+        let (run, module, board, watch) = (self.run.clone(), self.module.clone(), self.board.clone(), self.watch.clone());
+        tokio::spawn(async move {
+            let key = launch.key.clone();
+            executor.run_branch(&run, &module, &board, &watch, &launch).await;
+            board.release(&key);
+        });
+    }
+}
+
+impl Executor {
+    /// Attempts of one branch until it has an outcome: each in a fresh
+    /// instance, after the recorded backoff of the previous one.
+    async fn run_branch(&self, run: &RunRecord, module: &Module, board: &BranchBoard, watch: &Arc<RunWatch>, launch: &BranchLaunch) {
+        let key = &launch.key;
+        loop {
+            let (attempt, not_before) = board.next_attempt(key);
+            if let Some(at) = not_before {
+                let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = watch.changed() => {}
+                }
+            }
+            if watch.cancel_requested() {
+                board.give_up(key, "cancelled".into());
+                return;
+            }
+            match self.branch_instance(run, module, watch.clone(), launch, attempt).await {
+                Ok(entry) => {
+                    let again = entry.status == EntryStatus::Failed;
+                    board.record(entry);
+                    if !again {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    board.give_up(key, format!("branch \"{}\" #{}: {e}", key.0, key.1));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One attempt of a branch: replay the parent's history up to the
+    /// branch's spawn, run its closure, record the attempt.
+    async fn branch_instance(
+        &self,
+        run: &RunRecord,
+        module: &Module,
+        watch: Arc<RunWatch>,
+        launch: &BranchLaunch,
+        attempt: u32,
+    ) -> Result<Entry, ExecError> {
+        let mode = BranchMode { key: launch.key.clone(), attempt };
+        let mut wstore = self.new_store(run, launch.history.clone(), watch, launch.branches.clone(), Some(mode))?;
+        let instance = self.instantiate(&mut wstore, module, &run.module_path).await?;
+        let start = instance
+            .get_typed_func::<(), ()>(&mut wstore, "_start")
+            .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;
+        let result = start.call_async(&mut wstore, ()).await;
+        let st = wstore.data_mut();
+        if let Some(fatal) = st.fatal.take() {
+            return Err(fatal.into());
+        }
+        if let Some(entry) = st.branch_result.take() {
+            return Ok(entry);
+        }
+        if st.interrupt == Some(Interrupt::Cancelled) {
+            return Err(ExecError::Module("cancelled".into()));
+        }
+        let Some(live) = st.live_step.take() else {
+            return Err(ExecError::Module("the branch instance ended before reaching its spawn".into()));
+        };
+        let message = failure_message(st, &result);
+        let message = format!("branch \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
+        let (entry, _) = HostState::failed_attempt(live, message, true);
+        st.commit(vec![Write::BranchAttempt { run: run.seq, entry: entry.clone() }]).await.ok();
+        if let Some(fatal) = st.fatal.take() {
+            return Err(fatal.into());
+        }
+        Ok(entry)
     }
 }
 

@@ -23,6 +23,8 @@ pub enum EntryKind {
     Timer,
     /// A signal received: its payload (JSON), or empty if the wait timed out.
     Signal,
+    /// A parallel branch started (its outcome is kept by branch, elsewhere).
+    Spawn,
 }
 
 impl EntryKind {
@@ -33,6 +35,7 @@ impl EntryKind {
             EntryKind::Random => "random",
             EntryKind::Timer => "timer",
             EntryKind::Signal => "signal",
+            EntryKind::Spawn => "spawn",
         }
     }
 
@@ -43,6 +46,7 @@ impl EntryKind {
             "random" => EntryKind::Random,
             "timer" => EntryKind::Timer,
             "signal" => EntryKind::Signal,
+            "spawn" => EntryKind::Spawn,
             _ => return None,
         })
     }
@@ -109,6 +113,7 @@ impl Entry {
             EntryKind::Random => format!("a read of {} random bytes", self.output.len()),
             EntryKind::Timer => "a timer".to_string(),
             EntryKind::Signal => format!("signal \"{}\"", self.name),
+            EntryKind::Spawn => format!("branch \"{}\" #{}", self.name, self.occurrence),
         }
     }
 
@@ -134,6 +139,7 @@ pub enum Request<'a> {
     Random { len: usize },
     Timer,
     Signal { name: &'a str },
+    Spawn { name: &'a str, occurrence: u32 },
     Finish,
 }
 
@@ -145,6 +151,7 @@ impl fmt::Display for Request<'_> {
             Request::Random { len } => write!(f, "a read of {len} random bytes"),
             Request::Timer => write!(f, "a timer"),
             Request::Signal { name } => write!(f, "signal \"{name}\""),
+            Request::Spawn { name, occurrence } => write!(f, "branch \"{name}\" #{occurrence}"),
             Request::Finish => write!(f, "to finish the workflow"),
         }
     }
@@ -248,6 +255,24 @@ impl Journal {
             return Ok(StepStart::Memoized(&self.entries[self.cursor - 1]));
         }
         Ok(StepStart::Live { occurrence, attempt, not_before })
+    }
+
+    /// A branch is spawned: its occurrence (shared with steps, so keys never
+    /// collide), and whether the spawn is replayed (true) or new (false).
+    pub fn begin_spawn(&mut self, run_id: &str, name: &str) -> Result<(u32, bool), NonDeterminism> {
+        let occurrence = {
+            let n = self.occurrences.entry(name.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        match self.entries.get(self.cursor) {
+            None => Ok((occurrence, false)),
+            Some(e) if e.kind == EntryKind::Spawn && e.name == name && e.occurrence == occurrence => {
+                self.cursor += 1;
+                Ok((occurrence, true))
+            }
+            Some(_) => Err(self.diverged(run_id, &Request::Spawn { name, occurrence })),
+        }
     }
 
     /// A recorded read (clock or random) for the request, if replaying.

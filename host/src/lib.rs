@@ -7,6 +7,7 @@
 //! - [`executor`]: runs a run: module, sandbox, history, outcome.
 //! - [`abi`]: the host functions the guest calls (`docs/abi.md`), and the
 //!   WASI calls taken over for determinism.
+//! - [`branch`]: parallel branches (fork by replay).
 //! - [`journal`]: a run's history and the replay cursor over it.
 //! - [`store`]: the storage trait and its SQLite implementation (group commit).
 //! - [`engine`]: wasmtime configuration and the compiled-module cache.
@@ -17,6 +18,7 @@
 //! - [`watch`]: cancel requests and signals reaching an executing run.
 
 pub mod abi;
+pub mod branch;
 pub mod cli;
 pub mod engine;
 pub mod executor;

@@ -15,15 +15,16 @@ fn ecommerce_runs_and_is_listed_and_shown() {
     let receipt = json_stdout(&out);
     assert_eq!(receipt["order_id"], "A-7");
     assert_eq!(receipt["total_cents"], 2800);
-    assert_eq!(receipt["notified"], true);
-    assert!(text(&out.stderr).contains("[charge_payment] charged 2800 cents"), "guest logs go to stderr");
+    assert_eq!(receipt["warehouse_notified"], true);
+    assert_eq!(receipt["shipment"]["quote_cents"], 499);
+    assert!(text(&out.stderr).contains("[charge_payment] charged 3299 cents"), "guest logs go to stderr");
 
     let runs = w.runs();
     assert_eq!(runs.len(), 1);
     let r = &runs[0];
     assert_eq!(r["id"], "order-7");
     assert_eq!(r["status"], "completed");
-    assert_eq!(r["steps"], 5);
+    assert_eq!(r["steps"], 8, "steps and branches");
     assert_eq!(r["module"].as_str().unwrap().len(), 64, "module is its SHA-256");
     assert!(r["created_at"].is_string() && r["finished_at"].is_string());
 
@@ -32,18 +33,26 @@ fn ecommerce_runs_and_is_listed_and_shown() {
     assert_eq!(show["status"], "completed");
     assert_eq!(show["output"], receipt);
     assert!(show["error"].is_null());
-    let steps: Vec<_> = show["history"].as_array().unwrap().iter().filter(|e| e["kind"] == "step").collect();
+    let steps: Vec<_> =
+        show["history"].as_array().unwrap().iter().filter(|e| e["kind"] == "step" || e["kind"] == "spawn").collect();
     let names: Vec<&str> = steps.iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["validate", "reserve_inventory", "charge_payment", "ship", "notify"]);
+    assert_eq!(
+        names,
+        ["validate", "reserve_inventory", "fraud_check", "shipping_quote", "charge_payment", "ship", "send_receipt", "notify_warehouse"]
+    );
+    let kinds: Vec<&str> = steps.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["step", "spawn", "spawn", "spawn", "step", "spawn", "spawn", "spawn"]);
+    assert_eq!(show["branches"].as_array().unwrap().len(), 6, "six branch outcomes");
     for (i, e) in show["history"].as_array().unwrap().iter().enumerate() {
         assert_eq!(e["position"], i);
         for field in ["kind", "name", "occurrence", "attempt", "status", "output", "error", "started_at", "finished_at"] {
             assert!(e.get(field).is_some(), "history entry lacks {field}: {e}");
         }
     }
-    assert_eq!(steps[2]["output"]["amount_cents"], 2800);
-    assert_eq!(steps[2]["status"], "completed");
-    assert_eq!(steps[2]["attempt"], 1);
+    assert_eq!(steps[4]["output"]["amount_cents"], 3299);
+    assert_eq!(steps[4]["status"], "completed");
+    assert_eq!(steps[4]["attempt"], 1);
+    assert_eq!(steps[1]["output"]["skus"], 2, "a spawn shows its branch's outcome");
 
     // The table views work too.
     let table = w.run(&["runs"]);

@@ -29,7 +29,7 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<Vec<String>, Error> {
         let v: String = ctx.step(name, |_s| {
             std::thread::sleep(Duration::from_millis(input.step_ms));
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&input.log)?;
-            writeln!(f, "{name}")?;
+            f.write_all(format!("{name}\n").as_bytes())?;
             Ok(name.to_uppercase())
         })?;
         done.push(v);

@@ -1,13 +1,20 @@
-//! E-commerce order pipeline: validate the order, reserve inventory, charge
-//! the payment (with an idempotency key), ship, notify.
+//! E-commerce order pipeline, with independent steps overlapped:
 //!
-//! The "services" are simulated: each step takes `simulate_ms` of wall time
-//! (default 0) and, when a directory is granted as `/out`, appends a line
-//! to `/out/effects.log` so you can count how often each side effect ran.
+//! ```text
+//! validate (2 s)
+//!   -> reserve_inventory (3 s) | fraud_check (4 s) | shipping_quote (3 s)
+//!   -> charge_payment (5 s, with an idempotency key)
+//!   -> ship (4 s) | send_receipt (2 s) | notify_warehouse (2 s)
+//! ```
+//!
+//! Step by step that is 25 s; overlapped it is 15 s. The durations are
+//! multiplied by `time_scale` (default 0: instant; 1: the durations above).
+//! With a directory granted as `/out`, every side effect appends a line to
+//! `/out/effects.log`.
 //!
 //! ```sh
 //! cairn run target/wasm32-wasip1/release/ecommerce.wasm --dir out::/out \
-//!   --input '{"order_id":"A-1","customer":"ada@example.com","items":[{"sku":"book","qty":2,"unit_cents":1250}]}'
+//!   --input '{"order_id":"A-1","customer":"ada@example.com","items":[{"sku":"book","qty":2,"unit_cents":1250}],"time_scale":1}'
 //! ```
 
 use std::io::Write as _;
@@ -22,7 +29,7 @@ struct Order {
     customer: String,
     items: Vec<Item>,
     #[serde(default)]
-    simulate_ms: u64,
+    time_scale: f64,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -47,28 +54,32 @@ struct Charge {
 #[derive(Serialize, Deserialize)]
 struct Shipment {
     tracking: String,
+    quote_cents: u64,
 }
 
 #[derive(Serialize)]
 struct Receipt {
     order_id: String,
     total_cents: u64,
+    risk_score: u32,
     reservation: Reservation,
     charge: Charge,
     shipment: Shipment,
-    notified: bool,
+    receipt_sent: bool,
+    warehouse_notified: bool,
 }
 
 fn main() {
     cairn_sdk::run(workflow)
 }
 
-/// Simulate the latency of a remote service and record the side effect.
-fn effect(order: &Order, s: &Step, what: &str) -> Result<(), Error> {
-    std::thread::sleep(Duration::from_millis(order.simulate_ms));
+/// Call a (simulated) service that takes `seconds` (scaled), and record the
+/// side effect.
+fn service(order: &Order, s: &Step, seconds: f64, what: &str) -> Result<(), Error> {
+    std::thread::sleep(Duration::from_secs_f64(seconds * order.time_scale.max(0.0)));
     if std::fs::metadata("/out").is_ok() {
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open("/out/effects.log")?;
-        writeln!(log, "{} {} {}", s.name(), s.idempotency_key(), what)?;
+        log.write_all(format!("{} {} {what}\n", s.name(), s.idempotency_key()).as_bytes())?;
     }
     eprintln!("  [{}] {what}", s.name());
     Ok(())
@@ -80,30 +91,59 @@ fn workflow(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
             return Err(Error::permanent("an order needs at least one item"));
         }
         let total = order.items.iter().map(|i| i.qty as u64 * i.unit_cents).sum();
-        effect(&order, s, &format!("validated {} for {total} cents", order.order_id))?;
+        service(&order, s, 2.0, &format!("validated {} for {total} cents", order.order_id))?;
         Ok(total)
     })?;
 
-    let reservation: Reservation = ctx.step("reserve_inventory", |s| {
-        effect(&order, s, &format!("reserved {} skus", order.items.len()))?;
+    // Three independent checks at once.
+    let reserve = ctx.spawn("reserve_inventory", |s| {
+        service(&order, s, 3.0, &format!("reserved {} skus", order.items.len()))?;
         Ok(Reservation { reservation_id: format!("res_{}", &s.idempotency_key()[..12]), skus: order.items.len() })
     })?;
+    let fraud = ctx.spawn("fraud_check", |s| {
+        service(&order, s, 4.0, &format!("scored {} as low risk", order.customer))?;
+        Ok(7u32)
+    })?;
+    let quote = ctx.spawn("shipping_quote", |s| {
+        service(&order, s, 3.0, "quoted 499 cents for shipping")?;
+        Ok(499u64)
+    })?;
+    let (reservation, risk_score): (Reservation, u32) = ctx.join2(reserve, fraud)?;
+    let quote_cents: u64 = ctx.join_all(vec![quote])?.remove(0);
+    if risk_score > 50 {
+        return Err(Error::permanent("the order looks fraudulent"));
+    }
 
     let charge: Charge = ctx.step("charge_payment", |s| {
-        // A real provider gets the key as its Idempotency-Key header.
-        effect(&order, s, &format!("charged {total_cents} cents to {}", order.customer))?;
-        Ok(Charge { charge_id: format!("ch_{}", &s.idempotency_key()[..16]), amount_cents: total_cents })
+        // A real provider gets the key as its Idempotency-Key header: a
+        // charge retried after a crash is recognized, not taken twice.
+        service(&order, s, 5.0, &format!("charged {} cents to {}", total_cents + quote_cents, order.customer))?;
+        Ok(Charge { charge_id: format!("ch_{}", &s.idempotency_key()[..16]), amount_cents: total_cents + quote_cents })
     })?;
 
-    let shipment: Shipment = ctx.step("ship", |s| {
-        effect(&order, s, "handed to the carrier")?;
-        Ok(Shipment { tracking: format!("TRK{}", &s.idempotency_key()[..10].to_uppercase()) })
+    let ship = ctx.spawn("ship", |s| {
+        service(&order, s, 4.0, "handed to the carrier")?;
+        Ok(format!("TRK{}", &s.idempotency_key()[..10].to_uppercase()))
     })?;
-
-    let notified: bool = ctx.step("notify", |s| {
-        effect(&order, s, &format!("emailed {}", order.customer))?;
+    let receipt = ctx.spawn("send_receipt", |s| {
+        service(&order, s, 2.0, &format!("emailed the receipt to {}", order.customer))?;
         Ok(true)
     })?;
+    let warehouse = ctx.spawn("notify_warehouse", |s| {
+        service(&order, s, 2.0, "told the warehouse")?;
+        Ok(true)
+    })?;
+    let (tracking, receipt_sent): (String, bool) = ctx.join2(ship, receipt)?;
+    let (warehouse_notified, _): (bool, bool) = (ctx.join_all(vec![warehouse])?[0], true);
 
-    Ok(Receipt { order_id: order.order_id.clone(), total_cents, reservation, charge, shipment, notified })
+    Ok(Receipt {
+        order_id: order.order_id.clone(),
+        total_cents,
+        risk_score,
+        reservation,
+        charge,
+        shipment: Shipment { tracking, quote_cents },
+        receipt_sent,
+        warehouse_notified,
+    })
 }

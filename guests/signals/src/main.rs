@@ -36,7 +36,7 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<Vec<Value>, Error> {
         ctx.step("about_to_wait", |_s| {
             if let Some(path) = &input.log {
                 let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-                writeln!(f, "waiting {i} {}", wait.name)?;
+                f.write_all(format!("waiting {i} {}\n", wait.name).as_bytes())?;
             }
             Ok(())
         })?;

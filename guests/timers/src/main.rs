@@ -34,7 +34,7 @@ fn now_ms() -> u64 {
 fn log(input: &Input, line: &str) -> Result<(), Error> {
     if let Some(path) = &input.log {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        writeln!(f, "{line}")?;
+        f.write_all(format!("{line}\n").as_bytes())?; // one write per line
     }
     Ok(())
 }

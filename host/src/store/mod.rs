@@ -127,6 +127,8 @@ pub enum Write {
     SendSignal { run: i64, name: String, payload: Vec<u8> },
     /// Ask the run's executor to stop it.
     RequestCancel { run: i64 },
+    /// An ended attempt of a parallel branch (a `Step` entry).
+    BranchAttempt { run: i64, entry: Entry },
     /// Take the oldest undelivered signal `name` of the run, if any, and
     /// append `entry` (its output replaced by the payload) at the position.
     ConsumeSignal { run: i64, name: String, entry: (usize, Entry) },
@@ -209,6 +211,9 @@ pub trait Store: Send + Sync {
     fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// A run's whole history, in one query.
     fn history(&self, run: i64) -> Result<Vec<Entry>, StoreError>;
+
+    /// Every ended attempt of the run's parallel branches.
+    fn branch_attempts(&self, run: i64) -> Result<Vec<Entry>, StoreError>;
 
     /// Lock a run for this process (fails at once if another process holds it).
     fn lock_run(&self, run: i64) -> Result<Option<RunLock>, StoreError>;

@@ -73,6 +73,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX signals_pending ON signals(run, name, seq) WHERE consumed_at IS NULL;
     "#,
+    // 3: parallel branches: every ended attempt, keyed by branch.
+    r#"
+    CREATE TABLE branches (
+        run INTEGER NOT NULL REFERENCES runs(seq),
+        name TEXT NOT NULL,
+        occurrence INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        output BLOB NOT NULL,
+        error TEXT,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER NOT NULL,
+        PRIMARY KEY (run, name, occurrence, attempt)
+    ) WITHOUT ROWID, STRICT;
+    "#,
 ];
 
 /// How long a connection waits for another process's write lock.
@@ -210,7 +225,7 @@ impl SqliteStore {
 }
 
 const RUN_COLUMNS: &str = "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
-     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind = 'step' AND h.status != 'failed'), \
+     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind IN ('step', 'spawn') AND h.status != 'failed'), \
      cancel_requested";
 
 fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
@@ -299,6 +314,16 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT kind, name, occurrence, attempt, status, output, error, started_at, finished_at \
                  FROM history WHERE run = ?1 ORDER BY position",
+            )?;
+            stmt.query_map([run], entry_from_row)?.collect()
+        })
+    }
+
+    fn branch_attempts(&self, run: i64) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT 'step', name, occurrence, attempt, status, output, error, started_at, finished_at \
+                 FROM branches WHERE run = ?1 ORDER BY finished_at, name, occurrence, attempt",
             )?;
             stmt.query_map([run], entry_from_row)?.collect()
         })
@@ -412,6 +437,13 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
             Write::SendSignal { run, name, payload } => {
                 tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![run, name, payload, now_ms()])?;
+            }
+            Write::BranchAttempt { run, entry: e } => {
+                tx.prepare_cached(
+                    "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![run, e.name, e.occurrence, e.attempt, e.status.as_str(), e.output, e.error, e.started_at, e.finished_at])?;
             }
             Write::RequestCancel { run } => {
                 tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run])?;
