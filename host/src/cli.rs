@@ -155,6 +155,7 @@ fn exec_failure(e: ExecError) -> Failure {
     let code = match &e {
         ExecError::Fatal(crate::abi::Fatal::NonDeterminism(_)) => exit::NON_DETERMINISM,
         ExecError::Store(StoreError::Locked { .. }) => exit::BUSY,
+        ExecError::Store(StoreError::RunExists(_)) => exit::USAGE,
         ExecError::Fatal(crate::abi::Fatal::Store { source: StoreError::Locked { .. }, .. }) => exit::BUSY,
         _ => exit::FAILED,
     };
@@ -360,11 +361,7 @@ async fn create_run(
     let ctx = context(cli, store.clone())?;
     let prepared = ctx.executor.prepare(&args.module).await.map_err(|e| Failure::new(exit::USAGE, e))?;
     let new = NewRun { id, module: prepared.hash.clone(), module_path: args.module.display().to_string(), input, config, status };
-    let committed = store
-        .submit(vec![Write::PutModule { hash: prepared.hash, bytes: prepared.bytes }, Write::CreateRun { run: new, lock }])
-        .await
-        .map_err(|_| anyhow!("the database writer stopped"))??;
-    let (record, lock) = committed.created.into_iter().next().context("the run was not created")?;
+    let (record, lock) = ctx.executor.create_run(&prepared, new, lock).await.map_err(exec_failure)?;
     Ok((ctx, record, lock))
 }
 

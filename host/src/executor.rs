@@ -14,7 +14,8 @@ use crate::abi::{self, Fatal, Finished, GuestOutput, HostState, Interrupt, Memor
 use crate::branch::{BranchBoard, BranchLaunch, BranchMode, Branches, Launcher};
 use crate::engine::{EPOCH_TICK, WasmEngine, module_hash};
 use crate::journal::{Entry, EntryStatus, Journal};
-use crate::store::{RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
+use crate::lock::RunLock;
+use crate::store::{NewRun, RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
 use crate::watch::{RunWatch, Watcher};
 
 /// Waits longer than this drop the run's instance (it is replayed when it
@@ -140,6 +141,25 @@ impl Executor {
         let mut store = self.new_store(&probe, Vec::new(), Arc::default(), Branches::inert(), None)?;
         self.instantiate(&mut store, &module, &shown.to_string()).await?;
         Ok(PreparedModule { hash, bytes, module })
+    }
+
+    /// Store the module and create a run of it (locked for this process
+    /// before anyone else can see it, if `lock`).
+    pub async fn create_run(
+        &self,
+        prepared: &PreparedModule,
+        run: NewRun,
+        lock: bool,
+    ) -> Result<(RunRecord, Option<RunLock>), ExecError> {
+        let writes = vec![
+            Write::PutModule { hash: prepared.hash.clone(), bytes: prepared.bytes.clone() },
+            Write::CreateRun { run, lock },
+        ];
+        let committed = match self.store.submit(writes).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ExecError::Store(StoreError::WriterGone)),
+        };
+        committed.created.into_iter().next().ok_or_else(|| ExecError::Module("the run was not created".into()))
     }
 
     fn new_store(

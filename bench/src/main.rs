@@ -1,0 +1,552 @@
+//! `make bench`: every workload of BENCHMARKS.md, each next to a physical
+//! limit measured in the same run on the same disk, as one table and as
+//! `target/bench/results.json`. `--quick` runs tiny sizes (from `make
+//! test`, so the bench cannot rot); its figures mean nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use cairn::engine::WasmEngine;
+use cairn::executor::{Executor, PreparedModule, RunOutcome};
+use cairn::store::sqlite::SqliteStore;
+use cairn::store::{Durability, NewRun, RunConfig, RunRecord, RunStatus, Store, Write};
+use serde_json::{Value, json};
+
+struct Sizes {
+    reps: usize,
+    w1_steps: u32,
+    w2_small: (usize, u32),
+    w2_large: (usize, u32),
+    w3: [(u32, u64); 2],
+    w4_steps: u32,
+    w5: [u32; 2],
+    w6_reps: usize,
+    w7_runs: usize,
+    baseline_commits: usize,
+}
+
+const FULL: Sizes = Sizes {
+    reps: 3,
+    w1_steps: 1000,
+    w2_small: (200, 10),
+    w2_large: (2000, 10),
+    w3: [(2, 1000), (100, 1000)],
+    w4_steps: 1000,
+    w5: [1000, 100_000],
+    w6_reps: 20,
+    w7_runs: 10_000,
+    baseline_commits: 2000,
+};
+
+const QUICK: Sizes = Sizes {
+    reps: 1,
+    w1_steps: 20,
+    w2_small: (10, 3),
+    w2_large: (20, 3),
+    w3: [(2, 50), (5, 50)],
+    w4_steps: 200,
+    w5: [50, 200],
+    w6_reps: 2,
+    w7_runs: 50,
+    baseline_commits: 50,
+};
+
+/// One line of the table.
+struct Row {
+    id: &'static str,
+    workload: String,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<(f64, &'static str)>,
+    /// value / baseline (or baseline / value when lower is better)
+    ratio: Option<f64>,
+    target: String,
+    extra: Value,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+struct Bench {
+    sizes: &'static Sizes,
+    dir: PathBuf,
+    cache: PathBuf,
+    cairn: PathBuf,
+    guest: PathBuf,
+    counter: usize,
+}
+
+/// An engine, a store and an executor on a fresh database.
+struct Host {
+    executor: Arc<Executor>,
+    store: Arc<dyn Store>,
+    engine: Arc<WasmEngine>,
+    module: Arc<PreparedModule>,
+    db: PathBuf,
+}
+
+impl Bench {
+    fn fresh_db(&mut self, tag: &str) -> PathBuf {
+        self.counter += 1;
+        let db = self.dir.join(format!("{tag}-{}.db", self.counter));
+        for ext in ["", "-wal", "-shm", ".lock"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+        }
+        db
+    }
+
+    async fn host(&mut self, tag: &str, durability: Durability, park: Option<Duration>) -> Result<Host> {
+        let db = self.fresh_db(tag);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, durability)?);
+        let engine = Arc::new(WasmEngine::new(Some(self.cache.clone()))?);
+        let mut executor = Executor::new(engine.clone(), store.clone())?;
+        if let Some(p) = park {
+            executor = executor.with_park_threshold(p);
+        }
+        let executor = Arc::new(executor.with_instance_limit(64));
+        let module = Arc::new(executor.prepare(&self.guest).await?);
+        Ok(Host { executor, store, engine, module, db })
+    }
+}
+
+impl Host {
+    async fn create(&self, n: usize, input: &Value, status: RunStatus) -> Result<Vec<RunRecord>> {
+        let config = RunConfig { dirs: Vec::new(), env: Vec::new(), max_memory_mib: 256, max_cpu_ms: 60_000 };
+        let mut tickets = Vec::with_capacity(n);
+        let input = serde_json::to_vec(input)?;
+        let first = self.store.submit(vec![Write::PutModule { hash: self.module.hash.clone(), bytes: self.module.bytes.clone() }]);
+        first.await??;
+        for i in 0..n {
+            let run = NewRun {
+                id: format!("bench-{i}-{}", unique()),
+                module: self.module.hash.clone(),
+                module_path: "benchflow.wasm".into(),
+                input: input.clone(),
+                config: config.clone(),
+                status,
+            };
+            tickets.push(self.store.submit(vec![Write::CreateRun { run, lock: false }]));
+        }
+        let mut runs = Vec::with_capacity(n);
+        for t in tickets {
+            runs.push(t.await??.created.remove(0).0);
+        }
+        Ok(runs)
+    }
+
+    /// Execute runs concurrently; total wall time.
+    async fn execute_all(&self, runs: Vec<RunRecord>) -> Result<Duration> {
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for run in runs {
+            let ex = self.executor.clone();
+            set.spawn(async move { ex.execute(&run).await });
+        }
+        while let Some(r) = set.join_next().await {
+            match r?? {
+                RunOutcome::Completed(_) => {}
+                other => bail!("a bench run did not complete: {other:?}"),
+            }
+        }
+        Ok(start.elapsed())
+    }
+}
+
+fn unique() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Raw SQLite commits with Cairn's pragmas: (one-row commits/s, rows/s at 100 rows a commit).
+fn sqlite_baseline(path: &Path, commits: usize, durability: Durability) -> Result<(f64, f64)> {
+    let conn = rusqlite::Connection::open(path)?;
+    let sync = if durability == Durability::Power { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync};
+         CREATE TABLE IF NOT EXISTS t (run INTEGER, position INTEGER, output BLOB, PRIMARY KEY (run, position)) WITHOUT ROWID;"
+    ))?;
+    let payload = vec![b'x'; 100];
+    let start = Instant::now();
+    for i in 0..commits {
+        conn.execute("INSERT INTO t VALUES (1, ?1, ?2)", rusqlite::params![i as i64, payload])?;
+    }
+    let one = commits as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let batches = (commits / 10).max(5);
+    for b in 0..batches {
+        let tx = conn.unchecked_transaction()?;
+        for r in 0..100 {
+            tx.execute("INSERT INTO t VALUES (2, ?1, ?2)", rusqlite::params![(b * 100 + r) as i64, payload])?;
+        }
+        tx.commit()?;
+    }
+    let hundred = (batches * 100) as f64 / start.elapsed().as_secs_f64();
+    Ok((one, hundred))
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let root = workspace();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let out_dir = target.join("bench");
+    let dir = out_dir.join(if quick { "work-quick" } else { "work" });
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut bench = Bench {
+        sizes: if quick { &QUICK } else { &FULL },
+        cache: dir.join("cache"),
+        cairn: target.join("release/cairn"),
+        guest: target.join("wasm32-wasip1/release/benchflow.wasm"),
+        dir,
+        counter: 0,
+    };
+    for (what, p) in [("the cairn binary", &bench.cairn), ("the benchflow guest", &bench.guest)] {
+        if !p.exists() {
+            bail!("{what} is missing at {}: run `make build` first", p.display());
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rows = runtime.block_on(run_all(&mut bench))?;
+    print_and_save(&rows, &out_dir, quick)?;
+    let _ = std::fs::remove_dir_all(&bench.dir);
+    Ok(())
+}
+
+async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
+    let s = b.sizes;
+    let mut rows = Vec::new();
+
+    // Physical limits, measured here and now.
+    let mut one = Vec::new();
+    let mut hundred = Vec::new();
+    let mut one_process = Vec::new();
+    for _ in 0..s.reps {
+        let (o, h) = sqlite_baseline(&b.fresh_db("baseline"), s.baseline_commits, Durability::Power)?;
+        one.push(o);
+        hundred.push(h);
+        one_process.push(sqlite_baseline(&b.fresh_db("baseline-nosync"), s.baseline_commits * 5, Durability::Process)?.0);
+    }
+    let (one, hundred, one_process) = (median(one), median(hundred), median(one_process));
+    eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit, {one_process:.0} 1-row commits/s without fsync");
+
+    // W1 and W8: one run of sequential steps.
+    for (id, durability, base, base_unit) in
+        [("W1", Durability::Power, one, "1-row durable commits/s"), ("W8", Durability::Process, one_process, "1-row commits/s, no fsync")]
+    {
+        let mut rates = Vec::new();
+        for _ in 0..s.reps {
+            let h = b.host(id, durability, None).await?;
+            let runs = h.create(1, &json!({"mode": "steps", "n": s.w1_steps}), RunStatus::Running).await?;
+            let took = h.execute_all(runs).await?;
+            rates.push(s.w1_steps as f64 / took.as_secs_f64());
+        }
+        let rate = median(rates);
+        rows.push(Row {
+            id,
+            workload: format!("1 run x {} sequential steps ({})", s.w1_steps, if id == "W1" { "--durability power" } else { "--durability process" }),
+            value: rate,
+            unit: "steps/s",
+            baseline: Some((base, base_unit)),
+            ratio: Some(rate / base),
+            target: if id == "W1" { ">= 0.9 x baseline".into() } else { "-".into() },
+            extra: json!({ "us_per_step": 1e6 / rate }),
+        });
+    }
+
+    // W2: many runs at once.
+    for (runs_n, steps) in [s.w2_small, s.w2_large] {
+        let mut rates = Vec::new();
+        for _ in 0..s.reps {
+            let h = b.host("W2", Durability::Power, None).await?;
+            let runs = h.create(runs_n, &json!({"mode": "steps", "n": steps}), RunStatus::Pending).await?;
+            let took = h.execute_all(runs).await?;
+            rates.push((runs_n as u64 * steps as u64) as f64 / took.as_secs_f64());
+        }
+        let rate = median(rates);
+        rows.push(Row {
+            id: "W2",
+            workload: format!("{runs_n} runs x {steps} steps at once (64 live instances)"),
+            value: rate,
+            unit: "steps/s",
+            baseline: Some((hundred, "rows/s, 100 rows per durable commit")),
+            ratio: Some(rate / hundred),
+            target: ">= 100,000 steps/s".into(),
+            extra: Value::Null,
+        });
+    }
+
+    // W3: branches that wait.
+    for (n, ms) in s.w3 {
+        let mut walls = Vec::new();
+        for _ in 0..s.reps {
+            let h = b.host("W3", Durability::Power, None).await?;
+            let runs = h.create(1, &json!({"mode": "branches", "n": n, "sleep_ms": ms}), RunStatus::Running).await?;
+            walls.push(h.execute_all(runs).await?.as_secs_f64());
+        }
+        let wall = median(walls);
+        let ideal = ms as f64 / 1000.0;
+        rows.push(Row {
+            id: "W3",
+            workload: format!("{n} branches of {ms} ms, joined"),
+            value: wall,
+            unit: "s wall",
+            baseline: Some((ideal, "s, one branch alone")),
+            ratio: Some(wall / ideal),
+            target: if n <= 2 { "<= 1.02 x".into() } else { "<= 1.1 x".into() },
+            extra: Value::Null,
+        });
+    }
+
+    // W4: kill -9 at the middle, resume.
+    let mut restarts = Vec::new();
+    let mut reruns_total = 0;
+    for _ in 0..s.reps {
+        let (ms, reruns) = kill_and_resume(b, s.w4_steps).await?;
+        restarts.push(ms);
+        reruns_total += reruns;
+    }
+    let restart = median(restarts);
+    rows.push(Row {
+        id: "W4",
+        workload: format!("kill -9 a {}-step run at step {}, resume", s.w4_steps, s.w4_steps / 2),
+        value: restart,
+        unit: "ms to first new step",
+        baseline: None,
+        ratio: None,
+        target: "<= 20 ms; 0 re-run".into(),
+        extra: json!({ "completed_steps_rerun": reruns_total }),
+    });
+
+    // W5: replay of finished histories through the resume path.
+    for n in s.w5 {
+        let mut per_step = Vec::new();
+        let mut totals = Vec::new();
+        let mut loads = Vec::new();
+        for _ in 0..s.reps.min(if n > 10_000 { 1 } else { 3 }) {
+            let (us, total_ms, load_ms) = replay(b, n).await?;
+            per_step.push(us);
+            totals.push(total_ms);
+            loads.push(load_ms);
+        }
+        let us = median(per_step);
+        rows.push(Row {
+            id: "W5",
+            workload: format!("replay a finished {n}-step history"),
+            value: us,
+            unit: "us/replayed step",
+            baseline: None,
+            ratio: None,
+            target: "<= 1 us".into(),
+            extra: json!({ "replay_total_ms": median(totals), "module_load_ms": median(loads) }),
+        });
+    }
+
+    // W6: a tiny workflow, whole process, module cached.
+    let db = b.fresh_db("W6");
+    let tiny = r#"{"mode":"tiny"}"#;
+    let cairn = |db: &Path| {
+        let mut c = Command::new(&b.cairn);
+        c.arg("--db").arg(db).env("CAIRN_CACHE_DIR", &b.cache).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    cairn(&db).args(["run", b.guest.to_str().unwrap(), "--input", tiny]).status()?; // warm the cache
+    let mut walls = Vec::new();
+    for _ in 0..s.w6_reps {
+        let start = Instant::now();
+        let st = cairn(&db).args(["run", b.guest.to_str().unwrap(), "--input", tiny]).status()?;
+        walls.push(start.elapsed().as_secs_f64() * 1000.0);
+        if !st.success() {
+            bail!("W6: cairn run failed");
+        }
+    }
+    rows.push(Row {
+        id: "W6",
+        workload: "cairn run of a one-step workflow, module cached".into(),
+        value: median(walls),
+        unit: "ms wall",
+        baseline: None,
+        ratio: None,
+        target: "<= 10 ms".into(),
+        extra: Value::Null,
+    });
+
+    // W7: parked runs.
+    let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
+    let runs = h.create(s.w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
+    let before = rss_kib();
+    let mut set = tokio::task::JoinSet::new();
+    for run in runs {
+        let ex = h.executor.clone();
+        set.spawn(async move { ex.execute(&run).await });
+    }
+    let start = Instant::now();
+    loop {
+        let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
+        if parked == s.w7_runs {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("W7: only {parked} of {} runs parked", s.w7_runs);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss_kib();
+    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / s.w7_runs as f64;
+    set.abort_all();
+    rows.push(Row {
+        id: "W7",
+        workload: format!("{} runs parked in ctx.sleep in one host", s.w7_runs),
+        value: per_run,
+        unit: "bytes RSS/run",
+        baseline: None,
+        ratio: None,
+        target: "<= 2048 bytes".into(),
+        extra: json!({ "rss_before_kib": before, "rss_after_kib": after }),
+    });
+    drop(h);
+    Ok(rows)
+}
+
+/// W4: the real binary, killed with SIGKILL mid-run, then resumed.
+async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
+    let db = b.fresh_db("W4");
+    let data = b.dir.join(format!("w4-data-{}", b.counter));
+    std::fs::create_dir_all(&data)?;
+    let log = data.join("log.txt");
+    let id = format!("w4-{}", b.counter);
+    let input = format!(r#"{{"mode":"steps","n":{steps},"log":"/data/log.txt"}}"#);
+    let grant = format!("{}::/data", data.display());
+    let cairn = |args: &[&str]| {
+        let mut c = Command::new(&b.cairn);
+        c.arg("--db").arg(&db).env("CAIRN_CACHE_DIR", &b.cache).args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let mut child = cairn(&["run", b.guest.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", &input]).spawn()?;
+    let lines = |p: &Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
+    let start = Instant::now();
+    while lines(&log) < (steps / 2) as usize {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("W4: the run made no progress");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait()?;
+    let committed = {
+        let store = SqliteStore::open(&db, Durability::Power)?;
+        let run = store.run(&id)?.context("W4 run")?;
+        store.history(run.seq)?.iter().filter(|e| e.kind == cairn::journal::EntryKind::Step).count()
+    };
+    let before_resume = std::fs::read_to_string(&log)?;
+    let at_kill = before_resume.lines().count();
+    let t0 = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let status = cairn(&["resume", &id]).status()?;
+    if !status.success() {
+        bail!("W4: resume failed");
+    }
+    let after = std::fs::read_to_string(&log)?;
+    let new_lines: Vec<(usize, u128)> = after
+        .lines()
+        .skip(at_kill)
+        .map(|l| {
+            let mut f = l.split(' ');
+            (f.next().unwrap().parse().unwrap(), f.next().unwrap().parse().unwrap())
+        })
+        .collect();
+    let first_new = new_lines.first().context("W4: no new step after resume")?.1;
+    let reruns = new_lines.iter().filter(|(i, _)| *i < committed).count();
+    Ok(((first_new.saturating_sub(t0)) as f64 / 1e6, reruns))
+}
+
+/// W5: build an n-step history, then replay it completely as a resume would.
+async fn replay(b: &mut Bench, n: u32) -> Result<(f64, f64, f64)> {
+    let h = b.host("W5", Durability::Process, None).await?;
+    let runs = h.create(1, &json!({"mode": "steps", "n": n}), RunStatus::Running).await?;
+    let run = runs[0].clone();
+    h.execute_all(runs).await?;
+    // Make it unfinished again: the next execution replays every step.
+    h.store.submit(vec![Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None }]).await??;
+    let run = h.store.run(&run.id)?.context("W5 run")?;
+    let t = Instant::now();
+    let _module = h.engine.load(&run.module, || Ok(h.module.bytes.clone()))?;
+    let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let history = h.store.history(run.seq)?;
+    let history_ms = t.elapsed().as_secs_f64() * 1000.0;
+    drop(history);
+    let t = Instant::now();
+    match h.executor.execute(&run).await? {
+        RunOutcome::Completed(_) => {}
+        other => bail!("W5 replay did not complete: {other:?}"),
+    }
+    let total_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let engine_ms = (total_ms - load_ms - history_ms).max(0.0);
+    let _ = std::fs::remove_file(&h.db);
+    Ok((engine_ms * 1000.0 / n as f64, total_ms, load_ms))
+}
+
+fn print_and_save(rows: &[Row], out_dir: &Path, quick: bool) -> Result<()> {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    table.set_header(["id", "workload", "figure", "baseline (same run)", "ratio", "target"]);
+    let mut json_rows = Vec::new();
+    for r in rows {
+        table.add_row([
+            r.id.to_string(),
+            r.workload.clone(),
+            format!("{} {}", fmt(r.value), r.unit),
+            r.baseline.map(|(v, u)| format!("{} {u}", fmt(v))).unwrap_or_else(|| "-".into()),
+            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
+            r.target.clone(),
+        ]);
+        json_rows.push(json!({
+            "id": r.id,
+            "workload": r.workload,
+            "value": r.value,
+            "unit": r.unit,
+            "baseline": r.baseline.map(|(v, _)| v),
+            "baseline_unit": r.baseline.map(|(_, u)| u),
+            "ratio": r.ratio,
+            "target": r.target,
+            "extra": r.extra,
+        }));
+    }
+    println!("{table}");
+    let doc = json!({
+        "quick": quick,
+        "date_unix": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "results": json_rows,
+    });
+    let name = if quick { "results-quick.json" } else { "results.json" };
+    std::fs::write(out_dir.join(name), serde_json::to_string_pretty(&doc)?)?;
+    eprintln!("wrote {}", out_dir.join(name).display());
+    Ok(())
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
