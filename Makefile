@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow
 
-.PHONY: all build host guests setup test demo clean
+.PHONY: all build host guests setup test demo bench clean
 
 all: build
 
@@ -25,6 +25,12 @@ build: host guests
 # on the built guests.
 test: build
 	$(CARGO) test --release --locked -p cairn -p cairn-e2e
+	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
+	$(CARGO) run --release --locked -p cairn-bench -- --quick
+
+# Every workload of BENCHMARKS.md; writes target/bench/results.json.
+bench: build
+	$(CARGO) run --release --locked -p cairn-bench
 
 demo: build
 	./scripts/demo.sh

@@ -78,6 +78,8 @@ fn workspace() -> PathBuf {
 
 struct Bench {
     sizes: &'static Sizes,
+    /// `--only W2,W7`: run just these workloads.
+    only: Option<Vec<String>>,
     dir: PathBuf,
     cache: PathBuf,
     cairn: PathBuf,
@@ -95,6 +97,10 @@ struct Host {
 }
 
 impl Bench {
+    fn wants(&self, id: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == id))
+    }
+
     fn fresh_db(&mut self, tag: &str) -> PathBuf {
         self.counter += 1;
         let db = self.dir.join(format!("{tag}-{}.db", self.counter));
@@ -176,7 +182,7 @@ fn sqlite_baseline(path: &Path, commits: usize, durability: Durability) -> Resul
     let payload = vec![b'x'; 100];
     let start = Instant::now();
     for i in 0..commits {
-        conn.execute("INSERT INTO t VALUES (1, ?1, ?2)", rusqlite::params![i as i64, payload])?;
+        conn.prepare_cached("INSERT INTO t VALUES (1, ?1, ?2)")?.execute(rusqlite::params![i as i64, payload])?;
     }
     let one = commits as f64 / start.elapsed().as_secs_f64();
     let start = Instant::now();
@@ -184,7 +190,7 @@ fn sqlite_baseline(path: &Path, commits: usize, durability: Durability) -> Resul
     for b in 0..batches {
         let tx = conn.unchecked_transaction()?;
         for r in 0..100 {
-            tx.execute("INSERT INTO t VALUES (2, ?1, ?2)", rusqlite::params![(b * 100 + r) as i64, payload])?;
+            tx.prepare_cached("INSERT INTO t VALUES (2, ?1, ?2)")?.execute(rusqlite::params![(b * 100 + r) as i64, payload])?;
         }
         tx.commit()?;
     }
@@ -214,6 +220,7 @@ fn main() -> Result<()> {
         guest: target.join("wasm32-wasip1/release/benchflow.wasm"),
         dir,
         counter: 0,
+        only: std::env::args().skip_while(|a| a != "--only").nth(1).map(|v| v.split(',').map(str::to_string).collect()),
     };
     for (what, p) in [("the cairn binary", &bench.cairn), ("the benchflow guest", &bench.guest)] {
         if !p.exists() {
@@ -248,6 +255,9 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     for (id, durability, base, base_unit) in
         [("W1", Durability::Power, one, "1-row durable commits/s"), ("W8", Durability::Process, one_process, "1-row commits/s, no fsync")]
     {
+        if !b.wants(id) {
+            continue;
+        }
         let mut rates = Vec::new();
         for _ in 0..s.reps {
             let h = b.host(id, durability, None).await?;
@@ -270,6 +280,9 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
 
     // W2: many runs at once.
     for (runs_n, steps) in [s.w2_small, s.w2_large] {
+        if !b.wants("W2") {
+            break;
+        }
         let mut rates = Vec::new();
         for _ in 0..s.reps {
             let h = b.host("W2", Durability::Power, None).await?;
@@ -292,6 +305,9 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
 
     // W3: branches that wait.
     for (n, ms) in s.w3 {
+        if !b.wants("W3") {
+            break;
+        }
         let mut walls = Vec::new();
         for _ in 0..s.reps {
             let h = b.host("W3", Durability::Power, None).await?;
@@ -313,6 +329,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     }
 
     // W4: kill -9 at the middle, resume.
+    if b.wants("W4") {
     let mut restarts = Vec::new();
     let mut reruns_total = 0;
     for _ in 0..s.reps {
@@ -331,9 +348,13 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         target: "<= 20 ms; 0 re-run".into(),
         extra: json!({ "completed_steps_rerun": reruns_total }),
     });
+    }
 
     // W5: replay of finished histories through the resume path.
     for n in s.w5 {
+        if !b.wants("W5") {
+            break;
+        }
         let mut per_step = Vec::new();
         let mut totals = Vec::new();
         let mut loads = Vec::new();
@@ -357,6 +378,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     }
 
     // W6: a tiny workflow, whole process, module cached.
+    if b.wants("W6") {
     let db = b.fresh_db("W6");
     let tiny = r#"{"mode":"tiny"}"#;
     let cairn = |db: &Path| {
@@ -384,34 +406,60 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         target: "<= 10 ms".into(),
         extra: Value::Null,
     });
+    }
 
     // W7: parked runs.
+    if b.wants("W7") {
     let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
-    let runs = h.create(s.w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
+    let w7_runs: usize = std::env::var("CAIRN_BENCH_W7_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(s.w7_runs);
+    let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
     let before = rss_kib();
     let mut set = tokio::task::JoinSet::new();
     for run in runs {
         let ex = h.executor.clone();
+        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && set.is_empty() {
+            let f = async { ex.execute(&run).await };
+            eprintln!("W7: execute future is {} bytes", std::mem::size_of_val(&f));
+        }
         set.spawn(async move { ex.execute(&run).await });
     }
     let start = Instant::now();
     loop {
         let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
-        if parked == s.w7_runs {
+        if parked == w7_runs {
             break;
         }
         if start.elapsed() > Duration::from_secs(300) {
-            bail!("W7: only {parked} of {} runs parked", s.w7_runs);
+            bail!("W7: only {parked} of {w7_runs} runs parked");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = rss_kib();
-    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / s.w7_runs as f64;
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        // SAFETY: plain libc call.
+        unsafe { libc::malloc_trim(0) };
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: rss before {before} KiB, after {after} KiB, after malloc_trim {} KiB, {} mappings", rss_kib(), maps.lines().count());
+        let mut big: Vec<(u64, String)> = Vec::new();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut cur = String::new();
+        for l in smaps.lines() {
+            if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) { cur = l.to_string(); }
+            if let Some(r) = l.strip_prefix("Rss:") { let kb: u64 = r.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0); if kb > 1000 { big.push((kb, cur.clone())); } }
+        }
+        big.sort(); for (kb, m) in big.iter().rev().take(8) { eprintln!("  {kb} KiB {m}"); }
+    }
+    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / w7_runs as f64;
     set.abort_all();
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        while set.join_next().await.is_some() {}
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
+    }
     rows.push(Row {
         id: "W7",
-        workload: format!("{} runs parked in ctx.sleep in one host", s.w7_runs),
+        workload: format!("{w7_runs} runs parked in ctx.sleep in one host"),
         value: per_run,
         unit: "bytes RSS/run",
         baseline: None,
@@ -420,6 +468,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         extra: json!({ "rss_before_kib": before, "rss_after_kib": after }),
     });
     drop(h);
+    }
     Ok(rows)
 }
 

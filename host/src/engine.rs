@@ -6,8 +6,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct WasmEngine {
     engine: Engine,
     cache_dir: Option<PathBuf>,
     ticker_stop: Arc<AtomicBool>,
+    /// Modules loaded by this process, by hash: every run of a module
+    /// shares one copy of its code.
+    loaded: Mutex<HashMap<String, Module>>,
 }
 
 impl WasmEngine {
@@ -49,7 +53,7 @@ impl WasmEngine {
                 }
             }
         })?;
-        Ok(WasmEngine { engine, cache_dir, ticker_stop })
+        Ok(WasmEngine { engine, cache_dir, ticker_stop, loaded: Mutex::default() })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -59,6 +63,15 @@ impl WasmEngine {
     /// A module by hash: from the compiled cache when possible, otherwise
     /// compiled from `bytes()` and cached for next time.
     pub fn load(&self, hash: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<Module> {
+        if let Some(module) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(hash) {
+            return Ok(module.clone());
+        }
+        let module = self.load_uncached(hash, bytes)?;
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), module.clone());
+        Ok(module)
+    }
+
+    fn load_uncached(&self, hash: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<Module> {
         if let Some(path) = self.cache_path(hash) {
             match self.load_cached(&path) {
                 Ok(Some(module)) => return Ok(module),

@@ -304,7 +304,15 @@ impl Executor {
                 return Ok(RunOutcome::Cancelled);
             }
             if status != RunStatus::Running {
-                self.set_status(run, RunStatus::Running).await?;
+                // Not awaited: the writer applies items in order, so this
+                // lands before anything the run commits next (and a failure
+                // shows there); meanwhile the run gets going.
+                drop(self.store.submit(vec![Write::SetStatus {
+                    run: run.seq,
+                    status: RunStatus::Running,
+                    output: None,
+                    error: None,
+                }]));
                 status = RunStatus::Running;
             }
             let permit = match &self.instances {
