@@ -69,6 +69,8 @@ pub struct PreparedModule {
 pub struct Executor {
     engine: Arc<WasmEngine>,
     linker: Linker<HostState>,
+    /// Per module hash: imports resolved once, ABI version checked once.
+    prepared: std::sync::Mutex<std::collections::HashMap<String, wasmtime::InstancePre<HostState>>>,
     store: Arc<dyn Store>,
     watcher: Arc<Watcher>,
     park_threshold: Duration,
@@ -83,7 +85,15 @@ impl Executor {
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let watcher = Watcher::new(store.clone());
-        Ok(Executor { engine, linker, store, watcher, park_threshold: DEFAULT_PARK_THRESHOLD, instances: None })
+        Ok(Executor {
+            engine,
+            linker,
+            prepared: Default::default(),
+            store,
+            watcher,
+            park_threshold: DEFAULT_PARK_THRESHOLD,
+            instances: None,
+        })
     }
 
     /// At most `n` instances live at once across this executor's runs.
@@ -139,7 +149,7 @@ impl Executor {
             cancel_requested: false,
         };
         let mut store = self.new_store(&probe, Vec::new(), Arc::default(), Branches::inert(), None)?;
-        self.instantiate(&mut store, &module, &shown.to_string()).await?;
+        self.instantiate(&mut store, &module, &hash, &shown.to_string()).await?;
         Ok(PreparedModule { hash, bytes, module })
     }
 
@@ -245,14 +255,26 @@ impl Executor {
         &self,
         store: &mut WasmStore<HostState>,
         module: &Module,
+        hash: &str,
         shown: &str,
     ) -> Result<wasmtime::Instance, ExecError> {
-        let instance = self
-            .linker
-            .instantiate_async(&mut *store, module)
+        let known = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned();
+        let pre = match &known {
+            Some(pre) => pre.clone(),
+            None => self
+                .linker
+                .instantiate_pre(module)
+                .map_err(|e| ExecError::Module(format!("cannot instantiate {shown}: {e:#}")))?,
+        };
+        let instance = pre
+            .instantiate_async(&mut *store)
             .await
             .map_err(|e| ExecError::Module(format!("cannot instantiate {shown}: {e:#}")))?;
         store.data_mut().memory = instance.get_memory(&mut *store, "memory");
+        if known.is_some() {
+            return Ok(instance);
+        }
+        // The guest declares its ABI version: ask it, once per module.
         let version = instance
             .get_typed_func::<(), i32>(&mut *store, "cairn_abi_version")
             .map_err(|e| ExecError::Module(format!("{shown}: `cairn_abi_version` has the wrong type: {e:#}")))?
@@ -266,6 +288,7 @@ impl Executor {
                 abi::ABI_VERSION
             )));
         }
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), pre);
         Ok(instance)
     }
 
@@ -285,8 +308,12 @@ impl Executor {
             })
             .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
         // Branches outlive the parent instance that spawned them (a retry
-        // restarts the parent; they go on): one board per execution.
-        let board = Arc::new(BranchBoard::from_attempts(self.store.branch_attempts(run.seq)?));
+        // restarts the parent; they go on): one board per execution. A
+        // branch attempt exists only after its spawn entry: no spawn, no query.
+        let mut history = Some(self.store.history(run.seq)?);
+        let spawned = history.iter().flatten().any(|e| e.kind == crate::journal::EntryKind::Spawn);
+        let attempts = if spawned { self.store.branch_attempts(run.seq)? } else { Vec::new() };
+        let board = Arc::new(BranchBoard::from_attempts(attempts));
         let launcher = Arc::new(BranchLauncher {
             executor: self.clone(),
             run: run.clone(),
@@ -319,7 +346,7 @@ impl Executor {
                 Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| ExecError::ShuttingDown)?),
                 None => None,
             };
-            let next = self.execute_once(run, &module, watch.clone(), branches.clone()).await;
+            let next = self.execute_once(run, &module, history.take(), watch.clone(), branches.clone()).await;
             drop(permit);
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
@@ -361,12 +388,16 @@ impl Executor {
         &self,
         run: &RunRecord,
         module: &Module,
+        history: Option<Vec<Entry>>,
         watch: Arc<RunWatch>,
         branches: Arc<Branches>,
     ) -> Result<Next, ExecError> {
-        let history = self.store.history(run.seq)?;
+        let history = match history {
+            Some(h) => h,
+            None => self.store.history(run.seq)?,
+        };
         let mut wstore = self.new_store(run, history, watch, branches, None)?;
-        let instance = self.instantiate(&mut wstore, module, &run.module_path).await?;
+        let instance = self.instantiate(&mut wstore, module, &run.module, &run.module_path).await?;
         let start = instance
             .get_typed_func::<(), ()>(&mut wstore, "_start")
             .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;
@@ -534,7 +565,7 @@ impl Executor {
     ) -> Result<Entry, ExecError> {
         let mode = BranchMode { key: launch.key.clone(), attempt };
         let mut wstore = self.new_store(run, launch.history.clone(), watch, launch.branches.clone(), Some(mode))?;
-        let instance = self.instantiate(&mut wstore, module, &run.module_path).await?;
+        let instance = self.instantiate(&mut wstore, module, &run.module, &run.module_path).await?;
         let start = instance
             .get_typed_func::<(), ()>(&mut wstore, "_start")
             .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;

@@ -418,41 +418,59 @@ fn write_batch(
     locks: &LockFile,
     path: &Path,
 ) -> Vec<Result<Committed, StoreError>> {
+    // Items almost never fail: write the batch plainly first. Only if one
+    // does, roll back and write it again with a savepoint per item, so the
+    // bad item does not abort its batch-mates.
+    match write_items(conn, jobs, locks, path, false) {
+        Some(results) => results,
+        None => write_items(conn, jobs, locks, path, true).expect("isolated items never abort the batch"),
+    }
+}
+
+/// One transaction over `jobs`. Without `isolate`, returns `None` (and
+/// rolls back) as soon as an item fails.
+fn write_items(
+    conn: &mut Connection,
+    jobs: &[&[Write]],
+    locks: &LockFile,
+    path: &Path,
+    isolate: bool,
+) -> Option<Vec<Result<Committed, StoreError>>> {
     // Cached statements: parsing BEGIN/SAVEPOINT/COMMIT on every batch
     // showed up in profiles.
     let run = |conn: &Connection, sql: &str| -> rusqlite::Result<()> {
         conn.prepare_cached(sql)?.execute([])?;
         Ok(())
     };
-    let fail_all = |conn: &Connection, e: rusqlite::Error| -> Vec<Result<Committed, StoreError>> {
+    let fail_all = |conn: &Connection, e: rusqlite::Error| -> Option<Vec<Result<Committed, StoreError>>> {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        jobs.iter().map(|_| Err(commit_error(path, &e))).collect()
+        Some(jobs.iter().map(|_| Err(commit_error(path, &e))).collect())
     };
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return fail_all(conn, e);
     }
-    // A savepoint per item keeps one bad item from aborting its batch-mates;
-    // a lone item needs none (the transaction is its savepoint).
-    let isolate = jobs.len() > 1;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         if isolate && let Err(e) = run(conn, "SAVEPOINT item") {
             return fail_all(conn, e);
         }
         let result = apply(conn, job, locks);
-        let undo = match (&result, isolate) {
-            (Ok(_), true) => run(conn, "RELEASE item"),
-            (Err(_), true) => run(conn, "ROLLBACK TO item").and_then(|_| run(conn, "RELEASE item")),
-            (Ok(_), false) => Ok(()),
-            (Err(_), false) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return vec![result];
+        if isolate {
+            let undo = match &result {
+                Ok(_) => run(conn, "RELEASE item"),
+                Err(_) => run(conn, "ROLLBACK TO item").and_then(|_| run(conn, "RELEASE item")),
+            };
+            if let Err(e) = undo {
+                return fail_all(conn, e);
             }
-        };
-        if let Err(e) = undo {
-            return fail_all(conn, e);
+        } else if result.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+            if jobs.len() == 1 {
+                return Some(vec![result]);
+            }
+            return None;
         }
         results.push(result);
     }
@@ -460,7 +478,7 @@ fn write_batch(
         // Nothing of this batch is durable: locks taken for new runs go too.
         return fail_all(conn, e);
     }
-    results
+    Some(results)
 }
 
 /// The error every item of a failed batch gets (`rusqlite::Error` is not `Clone`).
