@@ -283,7 +283,15 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     }
 
     // W2: many runs at once.
-    for (runs_n, steps) in [s.w2_small, s.w2_large] {
+    let w2_sizes = match std::env::var("CAIRN_BENCH_W2") {
+        // e.g. CAIRN_BENCH_W2=2000x1 to see the per-run cost apart.
+        Ok(v) => {
+            let (r, st) = v.split_once('x').context("CAIRN_BENCH_W2 is RUNSxSTEPS")?;
+            vec![(r.parse()?, st.parse()?)]
+        }
+        Err(_) => vec![s.w2_small, s.w2_large],
+    };
+    for (runs_n, steps) in w2_sizes {
         if !b.wants("W2") {
             break;
         }

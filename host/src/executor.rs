@@ -346,7 +346,9 @@ impl Executor {
                 Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| ExecError::ShuttingDown)?),
                 None => None,
             };
-            let next = self.execute_once(run, &module, history.take(), watch.clone(), branches.clone()).await;
+            // Boxed: the instance's future is large, and a parked run should
+            // not carry its space while it waits.
+            let next = Box::pin(self.execute_once(run, &module, history.take(), watch.clone(), branches.clone())).await;
             drop(permit);
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
