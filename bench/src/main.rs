@@ -255,6 +255,68 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     let (one, hundred, one_process) = (median(one), median(hundred), median(one_process));
     eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit, {one_process:.0} 1-row commits/s without fsync");
 
+    // W7 first: RSS is measured best on a heap no earlier workload grew.
+    if b.wants("W7") {
+    let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
+    let w7_runs: usize = std::env::var("CAIRN_BENCH_W7_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(s.w7_runs);
+    let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
+    let before = rss_kib();
+    let mut set = tokio::task::JoinSet::new();
+    for run in runs {
+        let ex = h.executor.clone();
+        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && set.is_empty() {
+            let f = async { ex.execute(&run).await };
+            eprintln!("W7: execute future is {} bytes", std::mem::size_of_val(&f));
+        }
+        set.spawn(async move { ex.execute(&run).await });
+    }
+    let start = Instant::now();
+    loop {
+        let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
+        if parked == w7_runs {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("W7: only {parked} of {w7_runs} runs parked");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss_kib();
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        // SAFETY: plain libc call.
+        unsafe { libc::malloc_trim(0) };
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: rss before {before} KiB, after {after} KiB, after malloc_trim {} KiB, {} mappings", rss_kib(), maps.lines().count());
+        let mut big: Vec<(u64, String)> = Vec::new();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut cur = String::new();
+        for l in smaps.lines() {
+            if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) { cur = l.to_string(); }
+            if let Some(r) = l.strip_prefix("Rss:") { let kb: u64 = r.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0); if kb > 1000 { big.push((kb, cur.clone())); } }
+        }
+        big.sort(); for (kb, m) in big.iter().rev().take(8) { eprintln!("  {kb} KiB {m}"); }
+    }
+    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / w7_runs as f64;
+    set.abort_all();
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        while set.join_next().await.is_some() {}
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
+    }
+    rows.push(Row {
+        id: "W7",
+        workload: format!("{w7_runs} runs parked in ctx.sleep in one host"),
+        value: per_run,
+        unit: "bytes RSS/run",
+        baseline: None,
+        ratio: None,
+        target: "<= 2048 bytes".into(),
+        extra: json!({ "rss_before_kib": before, "rss_after_kib": after }),
+    });
+    drop(h);
+    }
+
     // W1 and W8: one run of sequential steps.
     for (id, durability, base, base_unit) in
         [("W1", Durability::Power, one, "1-row durable commits/s"), ("W8", Durability::Process, one_process, "1-row commits/s, no fsync")]
@@ -352,7 +414,11 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     let restart = median(restarts);
     rows.push(Row {
         id: "W4",
-        workload: format!("kill -9 a {}-step run at step {}, resume", s.w4_steps, s.w4_steps / 2),
+        workload: format!(
+            "kill -9 a {}-step run at step {}, resume ({reruns_total} completed steps re-run)",
+            s.w4_steps,
+            s.w4_steps / 2
+        ),
         value: restart,
         unit: "ms to first new step",
         baseline: None,
@@ -420,67 +486,6 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     });
     }
 
-    // W7: parked runs.
-    if b.wants("W7") {
-    let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
-    let w7_runs: usize = std::env::var("CAIRN_BENCH_W7_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(s.w7_runs);
-    let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
-    let before = rss_kib();
-    let mut set = tokio::task::JoinSet::new();
-    for run in runs {
-        let ex = h.executor.clone();
-        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && set.is_empty() {
-            let f = async { ex.execute(&run).await };
-            eprintln!("W7: execute future is {} bytes", std::mem::size_of_val(&f));
-        }
-        set.spawn(async move { ex.execute(&run).await });
-    }
-    let start = Instant::now();
-    loop {
-        let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
-        if parked == w7_runs {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!("W7: only {parked} of {w7_runs} runs parked");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = rss_kib();
-    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
-        // SAFETY: plain libc call.
-        unsafe { libc::malloc_trim(0) };
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-        eprintln!("W7: rss before {before} KiB, after {after} KiB, after malloc_trim {} KiB, {} mappings", rss_kib(), maps.lines().count());
-        let mut big: Vec<(u64, String)> = Vec::new();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        let mut cur = String::new();
-        for l in smaps.lines() {
-            if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) { cur = l.to_string(); }
-            if let Some(r) = l.strip_prefix("Rss:") { let kb: u64 = r.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0); if kb > 1000 { big.push((kb, cur.clone())); } }
-        }
-        big.sort(); for (kb, m) in big.iter().rev().take(8) { eprintln!("  {kb} KiB {m}"); }
-    }
-    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / w7_runs as f64;
-    set.abort_all();
-    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
-        while set.join_next().await.is_some() {}
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-        eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
-    }
-    rows.push(Row {
-        id: "W7",
-        workload: format!("{w7_runs} runs parked in ctx.sleep in one host"),
-        value: per_run,
-        unit: "bytes RSS/run",
-        baseline: None,
-        ratio: None,
-        target: "<= 2048 bytes".into(),
-        extra: json!({ "rss_before_kib": before, "rss_after_kib": after }),
-    });
-    drop(h);
-    }
     Ok(rows)
 }
 
