@@ -539,18 +539,7 @@ async fn spawn(
         return Ok(((mode.attempt as i64) << 40) | (SPAWN_RUN_HERE << 32) | st.staged.len() as i64);
     }
     if !replayed {
-        let now = now_ms();
-        st.journal.record(Entry {
-            kind: EntryKind::Spawn,
-            name: key.0.clone(),
-            occurrence: key.1,
-            attempt: 0,
-            status: EntryStatus::Completed,
-            output: Vec::new(),
-            error: None,
-            started_at: now,
-            finished_at: now,
-        });
+        st.journal.record(Entry::event(EntryKind::Spawn, key.0.clone(), key.1, Vec::new()));
         st.commit(Vec::new()).await?;
     }
     let st = caller.data_mut();
@@ -632,18 +621,7 @@ async fn record_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl 
         },
         Ok(None) => {
             let wake_at = wake_at_if_live();
-            let now = now_ms();
-            st.journal.record(Entry {
-                kind: EntryKind::Timer,
-                name: String::new(),
-                occurrence: 0,
-                attempt: 0,
-                status: EntryStatus::Completed,
-                output: wake_at.to_le_bytes().to_vec(),
-                error: None,
-                started_at: now,
-                finished_at: now,
-            });
+            st.journal.record(Entry::event(EntryKind::Timer, "", 0, wake_at.to_le_bytes().to_vec()));
             st.commit(Vec::new()).await?;
             wake_at
         }
@@ -681,18 +659,7 @@ async fn signal_wait(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32, tim
     let held_since = Instant::now();
     loop {
         let st = caller.data_mut();
-        let now = now_ms();
-        let entry = Entry {
-            kind: EntryKind::Signal,
-            name: name.clone(),
-            occurrence: 0,
-            attempt: 0,
-            status: EntryStatus::Completed,
-            output: Vec::new(),
-            error: None,
-            started_at: now,
-            finished_at: now,
-        };
+        let entry = Entry::event(EntryKind::Signal, name.clone(), 0, Vec::new());
         // Flush pending reads first, so the signal lands at the next position.
         st.commit(Vec::new()).await?;
         let st = caller.data_mut();
@@ -888,18 +855,7 @@ fn clock_time_get(mut caller: Caller<'_, HostState>, id: i32, _precision: i64, o
             },
             Ok(None) => {
                 let v = live_clock(st, id);
-                let now = now_ms();
-                st.journal.record(Entry {
-                    kind: EntryKind::Clock,
-                    name: name.to_string(),
-                    occurrence: 0,
-                    attempt: 0,
-                    status: EntryStatus::Completed,
-                    output: v.to_le_bytes().to_vec(),
-                    error: None,
-                    started_at: now,
-                    finished_at: now,
-                });
+                st.journal.record(Entry::event(EntryKind::Clock, name, 0, v.to_le_bytes().to_vec()));
                 v
             }
         }
@@ -923,18 +879,7 @@ fn random_get(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime
             Ok(Some(entry)) => entry.output.clone(),
             Ok(None) => {
                 let bytes = fresh_random(len)?;
-                let now = now_ms();
-                st.journal.record(Entry {
-                    kind: EntryKind::Random,
-                    name: String::new(),
-                    occurrence: 0,
-                    attempt: 0,
-                    status: EntryStatus::Completed,
-                    output: bytes.clone(),
-                    error: None,
-                    started_at: now,
-                    finished_at: now,
-                });
+                st.journal.record(Entry::event(EntryKind::Random, "", 0, bytes.clone()));
                 bytes
             }
         }

@@ -514,9 +514,20 @@ impl Launcher for BranchLauncher {
         let executor = self.executor.clone();
         let (run, module, board, watch) = (self.run.clone(), self.module.clone(), self.board.clone(), self.watch.clone());
         tokio::spawn(async move {
-            let key = launch.key.clone();
+            // Released even if the task panics: a run waits for its
+            // running branches before it finishes.
+            struct Release(Arc<BranchBoard>, crate::branch::BranchKey);
+            impl Drop for Release {
+                fn drop(&mut self) {
+                    if self.0.outcome(&self.1).is_none() {
+                        // In memory only: the branch runs again on resume.
+                        self.0.give_up(&self.1, format!("branch {:?} stopped unexpectedly", self.1));
+                    }
+                    self.0.release(&self.1);
+                }
+            }
+            let _release = Release(board.clone(), launch.key.clone());
             executor.run_branch(&run, &module, &board, &watch, &launch).await;
-            board.release(&key);
         });
     }
 }

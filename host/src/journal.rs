@@ -105,6 +105,23 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry that records an event rather than a step attempt (a read,
+    /// a timer, a signal, a spawn), timestamped now.
+    pub fn event(kind: EntryKind, name: impl Into<String>, occurrence: u32, output: Vec<u8>) -> Entry {
+        let now = crate::store::now_ms();
+        Entry {
+            kind,
+            name: name.into(),
+            occurrence,
+            attempt: 0,
+            status: EntryStatus::Completed,
+            output,
+            error: None,
+            started_at: now,
+            finished_at: now,
+        }
+    }
+
     /// A short description for error messages: `step "charge" #2`.
     pub fn describe(&self) -> String {
         match self.kind {

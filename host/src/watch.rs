@@ -32,14 +32,16 @@ impl RunWatch {
 
     pub fn request_cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
-        self.notify.notify_one();
+        self.poke();
     }
 
-    /// Wake the run if it waits in [`RunWatch::changed`] (a signal came).
-    /// A run has one waiter at most; `notify_one` keeps the wake-up for it
-    /// if it is not waiting yet, so a poke between its last look at the
-    /// signals and its wait is not lost.
+    /// Wake everything of the run that waits in [`RunWatch::changed`] (the
+    /// parent instance, branch instances sleeping in a step), and keep one
+    /// wake-up for a waiter that is about to wait, so a poke between a
+    /// look at the signals and the wait is not lost (a spurious wake-up
+    /// only makes the waiter look again).
     pub fn poke(&self) {
+        self.notify.notify_waiters();
         self.notify.notify_one();
     }
 

@@ -87,6 +87,26 @@ fn failing_steps_are_retried_with_growing_backoff() {
 }
 
 #[test]
+fn failing_branches_are_retried_in_fresh_instances() {
+    let w = World::new("flaky-branch");
+    let wasm = guest("timers");
+    let out = json_stdout(&w.run(&["run", wasm.to_str().unwrap(), "--run-id", "fb", "--input", r#"{"mode":"flaky_branch","fail":2}"#]));
+    assert_eq!(out["succeeded_on_attempt"], 3);
+    let show = w.show("fb");
+    let attempts: Vec<(u64, String)> = show["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["name"] == "flaky_branch")
+        .map(|b| (b["attempt"].as_u64().unwrap(), b["status"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(attempts, [(1, "failed".into()), (2, "failed".into()), (3, "completed".into())]);
+    let first = show["branches"].as_array().unwrap().iter().find(|b| b["attempt"] == 1).unwrap();
+    assert!(first["error"].as_str().unwrap().contains("branch attempt 1 panicked"), "{first}");
+    assert!(first["output"]["retry_at"].is_string(), "the backoff is journaled: {first}");
+}
+
+#[test]
 fn permanent_errors_and_exhausted_retries_fail_the_step() {
     let w = World::new("permanent");
     let wasm = guest("timers");

@@ -6,6 +6,7 @@
 //! - `{"mode":"flaky","fail":K,"log":PATH}`: a step that fails its first K
 //!   attempts (an `Err`), logging each attempt to PATH.
 //! - `"flaky_panic"`: the same, failing by panicking.
+//! - `"flaky_branch"`: a parallel branch whose first K attempts panic.
 //! - `"permanent"`: a step whose `Err` is permanent.
 //! - `"timeout"`: a step that sleeps 5 s with a 300 ms timeout per attempt.
 
@@ -76,6 +77,19 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<Value, Error> {
                 }
                 Ok(s.attempt())
             })?;
+            Ok(json!({ "succeeded_on_attempt": attempts }))
+        }
+        "flaky_branch" => {
+            // A branch retried like a step: each attempt in a fresh instance.
+            let branch = ctx.spawn_with("flaky_branch", quick_retries(), |s| {
+                log(&input, &format!("attempt {} {}", s.attempt(), now_ms()))?;
+                if s.attempt() <= input.fail {
+                    panic!("branch attempt {} panicked", s.attempt());
+                }
+                Ok(s.attempt())
+            })?;
+            let other = ctx.spawn("steady", |_s| Ok(0u32))?;
+            let (attempts, _): (u32, u32) = ctx.join2(branch, other)?;
             Ok(json!({ "succeeded_on_attempt": attempts }))
         }
         "permanent" => {

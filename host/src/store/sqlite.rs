@@ -392,6 +392,9 @@ impl Store for SqliteStore {
 /// once, then answer every item.
 fn writer_loop(w: &WriteSide, rx: mpsc::Receiver<Job>) {
     let mut jobs: Vec<Job> = Vec::new();
+    // CAIRN_DEBUG_BATCHES=1: print batch statistics when the writer stops.
+    let stats = std::env::var_os("CAIRN_DEBUG_BATCHES").is_some();
+    let (mut batches, mut items) = (0u64, 0u64);
     while let Ok(first) = rx.recv() {
         jobs.push(first);
         while jobs.len() < MAX_BATCH {
@@ -406,6 +409,11 @@ fn writer_loop(w: &WriteSide, rx: mpsc::Receiver<Job>) {
             write_batch(&mut conn, &items, &w.locks, &w.path)
         };
         w.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
+        batches += 1;
+        items += jobs.len() as u64;
+        if stats && batches % 1000 == 0 {
+            eprintln!("cairn writer: {batches} batches, {items} items, {:.1} items/batch", items as f64 / batches as f64);
+        }
         for (job, result) in jobs.drain(..).zip(results) {
             let _ = job.done.send(result);
         }
