@@ -190,8 +190,16 @@ fn open_store(cli: &Cli) -> Result<Arc<dyn Store>, Failure> {
 }
 
 fn context(cli: &Cli, store: Arc<dyn Store>) -> Result<Context, Failure> {
+    context_with(cli, store, None)
+}
+
+/// `pool`: instance slots of a pooled engine (for many runs at once).
+fn context_with(cli: &Cli, store: Arc<dyn Store>, pool: Option<u32>) -> Result<Context, Failure> {
     let cache = cli.cache_dir.clone().or_else(default_cache_dir);
-    let engine = Arc::new(WasmEngine::new(cache)?);
+    let engine = Arc::new(match pool {
+        Some(n) => WasmEngine::pooled(cache, n)?,
+        None => WasmEngine::new(cache)?,
+    });
     if !(cli.park_after >= 0.0 && cli.park_after.is_finite()) {
         return Err(Failure::new(exit::USAGE, anyhow!("--park-after must be a number of seconds")));
     }
@@ -208,7 +216,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 return Err(Failure::new(exit::USAGE, anyhow!("--concurrency must be at least 1")));
             }
             let store = open_store(&cli)?;
-            let ctx = context(&cli, store.clone())?;
+            // Slots for the live runs and their branches; address space only.
+            let slots = (*concurrency as u32).saturating_mul(8).clamp(crate::engine::WORKER_POOL, 8192);
+            let ctx = context_with(&cli, store.clone(), Some(slots))?;
             crate::worker::run_worker(ctx.executor, store, *concurrency).await?;
             Ok(exit::OK)
         }

@@ -22,6 +22,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
 
+/// Pool slots of `cairn worker`'s engine: live instances at once (runs
+/// executing, their branches, retries). Address space only: each slot
+/// reserves its 4 GiB of linear memory, none of it resident until used.
+pub const WORKER_POOL: u32 = 1024;
+
 /// The engine and everything built once per process.
 pub struct WasmEngine {
     engine: Engine,
@@ -34,12 +39,37 @@ pub struct WasmEngine {
 
 impl WasmEngine {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        Self::build(cache_dir, None)
+    }
+
+    /// An engine whose instances come from a pool of `instances`
+    /// pre-reserved slots: for hosts that create and drop many instances
+    /// (`cairn worker`), where one mmap/munmap per instance, and the TLB
+    /// shootdowns they cause, dominate. A foreground `cairn run` is faster
+    /// without (no pool to set up).
+    pub fn pooled(cache_dir: Option<PathBuf>, instances: u32) -> Result<Self> {
+        Self::build(cache_dir, Some(instances))
+    }
+
+    fn build(cache_dir: Option<PathBuf>, pool: Option<u32>) -> Result<Self> {
         let mut config = Config::new();
         // A history must replay the same on any CPU.
         config.cranelift_nan_canonicalization(true);
         config.relaxed_simd_deterministic(true);
         // CPU limits and fair sharing of worker threads (see executor).
         config.epoch_interruption(true);
+        if let Some(n) = pool {
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_core_instances(n)
+                .total_memories(n)
+                .total_tables(n)
+                .total_stacks(n)
+                .max_memory_size(4 << 30)
+                // Return memory in batches: one round of TLB shootdowns for
+                // many slots.
+                .decommit_batch_size(64);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));

@@ -266,10 +266,17 @@ impl Executor {
                 .instantiate_pre(module)
                 .map_err(|e| ExecError::Module(format!("cannot instantiate {shown}: {e:#}")))?,
         };
-        let instance = pre
-            .instantiate_async(&mut *store)
-            .await
-            .map_err(|e| ExecError::Module(format!("cannot instantiate {shown}: {e:#}")))?;
+        let instance = loop {
+            match pre.instantiate_async(&mut *store).await {
+                Ok(instance) => break instance,
+                // Every slot of a pooled engine is in use (many branches):
+                // wait for one instead of failing the run.
+                Err(e) if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(ExecError::Module(format!("cannot instantiate {shown}: {e:#}"))),
+            }
+        };
         store.data_mut().memory = instance.get_memory(&mut *store, "memory");
         if known.is_some() {
             return Ok(instance);
