@@ -102,3 +102,20 @@ fn durability_and_db_flags_come_from_the_environment_too() {
     let out = w.cmd(&["run", wasm.to_str().unwrap(), "--durability", "fast"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "unknown durability is a usage error");
 }
+
+#[test]
+fn a_database_being_created_is_not_mistaken_for_a_foreign_one() {
+    // One process creates the database while others read it: each reader
+    // must see it either empty or complete, never half-made.
+    let wasm = guest("benchflow");
+    for round in 0..15 {
+        let w = World::new("cli-create-race");
+        let mut creator = w.cmd(&["run", wasm.to_str().unwrap(), "--input", r#"{"mode":"tiny"}"#]).spawn().unwrap();
+        for _ in 0..6 {
+            let out = w.run(&["runs", "--json"]);
+            let err = text(&out.stderr);
+            assert!(!err.contains("not a Cairn database"), "round {round}: {err}");
+        }
+        assert!(creator.wait().unwrap().success());
+    }
+}

@@ -101,7 +101,8 @@ fn failing_branches_are_retried_in_fresh_instances() {
         .map(|b| (b["attempt"].as_u64().unwrap(), b["status"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(attempts, [(1, "failed".into()), (2, "failed".into()), (3, "completed".into())]);
-    let first = show["branches"].as_array().unwrap().iter().find(|b| b["attempt"] == 1).unwrap();
+    let first =
+        show["branches"].as_array().unwrap().iter().find(|b| b["name"] == "flaky_branch" && b["attempt"] == 1).unwrap();
     assert!(first["error"].as_str().unwrap().contains("branch attempt 1 panicked"), "{first}");
     assert!(first["output"]["retry_at"].is_string(), "the backoff is journaled: {first}");
 }

@@ -45,7 +45,11 @@ const MIGRATIONS: &[&str] = &[
         finished_at INTEGER
     );
     CREATE INDEX runs_unfinished ON runs(status) WHERE status NOT IN ('completed', 'failed', 'cancelled');
+    -- Rows are appended in commit order (rowid), so a group commit of many
+    -- runs' steps dirties a page or two of the table, not a page per run;
+    -- the small index entries of concurrent runs share a few pages too.
     CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
         run INTEGER NOT NULL REFERENCES runs(seq),
         position INTEGER NOT NULL,
         kind TEXT NOT NULL,
@@ -56,9 +60,9 @@ const MIGRATIONS: &[&str] = &[
         output BLOB NOT NULL,
         error TEXT,
         started_at INTEGER NOT NULL,
-        finished_at INTEGER NOT NULL,
-        PRIMARY KEY (run, position)
-    ) WITHOUT ROWID, STRICT;
+        finished_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX history_run_position ON history(run, position);
     "#,
     // 2: signals and cancel requests.
     r#"
@@ -152,22 +156,48 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError
 }
 
 /// Check that the file is ours (or empty) and bring its schema up to date.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let not_cairn = |why: &str| StoreError::NotCairn { path: path.display().to_string(), why: why.into() };
-    let app_id: i64 = conn
-        .pragma_query_value(None, "application_id", |r| r.get(0))
-        .map_err(|e| map_open_error(path, e))?;
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+/// What a database file holds, read in one snapshot.
+struct Header {
+    app_id: i64,
+    version: i64,
+    tables: i64,
+}
+
+fn read_header(conn: &Connection) -> rusqlite::Result<Header> {
+    Ok(Header {
+        app_id: conn.pragma_query_value(None, "application_id", |r| r.get(0))?,
+        version: conn.pragma_query_value(None, "user_version", |r| r.get(0))?,
+        tables: conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?,
+    })
+}
+
+/// Up to date (`Ok(true)`), to be created or migrated (`Ok(false)`), or refused.
+fn check_header(h: &Header, path: &Path) -> Result<bool, StoreError> {
     let known = MIGRATIONS.len() as i64;
-    if app_id != APPLICATION_ID {
-        if app_id != 0 || tables != 0 {
-            return Err(not_cairn("it is an SQLite database of another program"));
+    if h.app_id != APPLICATION_ID {
+        if h.app_id != 0 || h.tables != 0 {
+            return Err(StoreError::NotCairn {
+                path: path.display().to_string(),
+                why: "it is an SQLite database of another program".into(),
+            });
         }
-    } else if version > known {
-        return Err(StoreError::TooNew { path: path.display().to_string(), found: version, known });
+        return Ok(false);
     }
-    if app_id == APPLICATION_ID && version == known {
+    if h.version > known {
+        return Err(StoreError::TooNew { path: path.display().to_string(), found: h.version, known });
+    }
+    Ok(h.version == known)
+}
+
+/// Check that the file is ours (or empty) and bring its schema up to date.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    // One read transaction: another process may be creating the file right
+    // now, and separate reads could see half of its work.
+    let header = {
+        let tx = conn.transaction().map_err(|e| map_open_error(path, e))?;
+        read_header(&tx).map_err(|e| map_open_error(path, e))?
+    };
+    if check_header(&header, path)? {
         return Ok(());
     }
     // WAL must be set outside a transaction; it sticks to the file.
@@ -179,16 +209,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| map_open_error(path, e))?;
-    // Re-read under the write lock: another process may have migrated meanwhile.
-    let app_id: i64 = tx.pragma_query_value(None, "application_id", |r| r.get(0))?;
-    let version: i64 = if app_id == APPLICATION_ID {
-        tx.pragma_query_value(None, "user_version", |r| r.get(0))?
-    } else {
-        0
-    };
-    if version > known {
-        return Err(StoreError::TooNew { path: path.display().to_string(), found: version, known });
+    // Again under the write lock: another process may have created or
+    // migrated it meanwhile.
+    let header = read_header(&tx)?;
+    if check_header(&header, path)? {
+        return Ok(());
     }
+    let version = if header.app_id == APPLICATION_ID { header.version } else { 0 };
     for sql in &MIGRATIONS[version as usize..] {
         tx.execute_batch(sql)?;
     }
@@ -199,7 +226,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tx.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?1)", [now_ms().to_string()])?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     }
-    tx.pragma_update(None, "user_version", known)?;
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
     tx.commit()?;
     Ok(())
 }
