@@ -235,7 +235,18 @@ impl SqliteStore {
     /// Open (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
         let mut reader = connect(path, durability)?;
-        migrate(&mut reader, path)?;
+        // Switching a new file to WAL, or racing another process that
+        // creates it, can answer "busy" without waiting: try again for as
+        // long as a busy wait would.
+        let started = std::time::Instant::now();
+        loop {
+            match migrate(&mut reader, path) {
+                Err(StoreError::Locked { .. }) if started.elapsed() < BUSY_TIMEOUT => {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        }
         let db_id: String = reader
             .query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| r.get(0))
             .map_err(|e| StoreError::NotCairn { path: path.display().to_string(), why: format!("no database id: {e}") })?;
