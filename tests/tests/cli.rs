@@ -119,3 +119,33 @@ fn a_database_being_created_is_not_mistaken_for_a_foreign_one() {
         assert!(creator.wait().unwrap().success());
     }
 }
+
+#[test]
+fn a_damaged_compiled_module_cache_entry_is_replaced_not_run() {
+    let w = World::new("cli-cache");
+    let cache = w.subdir("cache");
+    let wasm = guest("benchflow");
+    let run = |w: &World| {
+        w.cmd(&["run", wasm.to_str().unwrap(), "--input", r#"{"mode":"tiny"}"#]).env("CAIRN_CACHE_DIR", &cache).output().unwrap()
+    };
+    assert_eq!(json_stdout(&run(&w)), 42);
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 1, "one directory per engine configuration");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(entries[0].metadata().unwrap().permissions().mode() & 0o777, 0o700, "private: entries run as native code");
+    let entry = std::fs::read_dir(entries[0].path()).unwrap().flatten().find(|e| e.path().extension().is_some_and(|x| x == "cwasm")).unwrap().path();
+    // Flip bytes in the middle of the native code.
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&entry, &bytes).unwrap();
+    let out = run(&w);
+    assert_eq!(json_stdout(&out), 42, "recompiled from the module");
+    assert!(text(&out.stderr).contains("ignoring bad compiled-module cache entry"), "{}", text(&out.stderr));
+    // Truncated: the same.
+    let len = std::fs::metadata(&entry).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&entry).unwrap().set_len(len / 3).unwrap();
+    assert_eq!(json_stdout(&run(&w)), 42);
+}

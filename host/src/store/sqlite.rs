@@ -660,3 +660,46 @@ fn create_run(
     };
     Ok((record, held))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("cairn-sqlite-test-{name}-{}.db", std::process::id()));
+        for ext in ["", "-wal", "-shm", ".lock"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+        path
+    }
+
+    #[test]
+    fn one_bad_item_does_not_abort_its_batch() {
+        let path = temp_db("batch");
+        let store = SqliteStore::open(&path, Durability::Process).unwrap();
+        let new_run = |id: &str| Write::CreateRun {
+            run: NewRun {
+                id: id.into(),
+                module: "m".into(),
+                module_path: "m.wasm".into(),
+                input: b"null".to_vec(),
+                config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
+                status: RunStatus::Pending,
+            },
+            lock: false,
+        };
+        let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
+        let mut conn = store.write.conn.lock().unwrap();
+        let good_a = [module, new_run("a")];
+        let bad = [Write::SetStatus { run: 999_999, status: RunStatus::Completed, output: None, error: None }];
+        let good_b = [new_run("b")];
+        let results = write_batch(&mut conn, &[&good_a, &bad, &good_b], &store.locks, &path);
+        drop(conn);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(StoreError::NoSuchRun(999_999))), "{results:?}");
+        let ids: Vec<String> = store.runs().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["a", "b"], "the good items are committed");
+        drop(store);
+        let _ = std::fs::remove_file(&path);
+    }
+}
