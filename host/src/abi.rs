@@ -175,6 +175,8 @@ pub struct HostState {
     pub handles: Vec<BranchKey>,
     /// The attempt a branch instance recorded.
     pub branch_result: Option<Entry>,
+    /// Writes that go with the instance's next commit (the run's status).
+    pub pending_writes: Vec<Write>,
 }
 
 impl HostState {
@@ -277,7 +279,8 @@ impl HostState {
     /// Hand every recorded-but-unsubmitted entry, plus `extra`, to the store
     /// as one commit item and wait until it is durable.
     pub async fn commit(&mut self, extra: Vec<Write>) -> wasmtime::Result<()> {
-        let mut writes = Vec::with_capacity(1 + extra.len());
+        let mut writes = std::mem::take(&mut self.pending_writes);
+        writes.reserve(1 + extra.len());
         if self.journal.has_unsubmitted() {
             let (position, entries) = self.journal.take_unsubmitted();
             writes.push(Write::Append { run: self.run_seq, position, entries });

@@ -225,6 +225,7 @@ impl Executor {
             branches,
             handles: Vec::new(),
             branch_result: None,
+            pending_writes: Vec::new(),
         };
         let mut store = WasmStore::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -337,25 +338,19 @@ impl Executor {
                 self.commit(vec![write]).await?;
                 return Ok(RunOutcome::Cancelled);
             }
-            if status != RunStatus::Running {
-                // Not awaited: the writer applies items in order, so this
-                // lands before anything the run commits next (and a failure
-                // shows there); meanwhile the run gets going.
-                drop(self.store.submit(vec![Write::SetStatus {
-                    run: run.seq,
-                    status: RunStatus::Running,
-                    output: None,
-                    error: None,
-                }]));
-                status = RunStatus::Running;
-            }
+            // `running` rides with the instance's first commit (one item
+            // fewer per run); an instance that commits nothing changes nothing.
+            let mark_running = status != RunStatus::Running;
+            status = RunStatus::Running;
             let permit = match &self.instances {
                 Some(sem) => Some(sem.clone().acquire_owned().await.map_err(|_| ExecError::ShuttingDown)?),
                 None => None,
             };
             // Boxed: the instance's future is large, and a parked run should
             // not carry its space while it waits.
-            let next = Box::pin(self.execute_once(run, &module, history.take(), watch.clone(), branches.clone())).await;
+            let next =
+                Box::pin(self.execute_once(run, &module, history.take(), watch.clone(), branches.clone(), mark_running))
+                    .await;
             drop(permit);
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
@@ -400,12 +395,21 @@ impl Executor {
         history: Option<Vec<Entry>>,
         watch: Arc<RunWatch>,
         branches: Arc<Branches>,
+        mark_running: bool,
     ) -> Result<Next, ExecError> {
         let history = match history {
             Some(h) => h,
             None => self.store.history(run.seq)?,
         };
         let mut wstore = self.new_store(run, history, watch, branches, None)?;
+        if mark_running {
+            wstore.data_mut().pending_writes.push(Write::SetStatus {
+                run: run.seq,
+                status: RunStatus::Running,
+                output: None,
+                error: None,
+            });
+        }
         let instance = self.instantiate(&mut wstore, module, &run.module, &run.module_path).await?;
         let start = instance
             .get_typed_func::<(), ()>(&mut wstore, "_start")
