@@ -251,15 +251,13 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     // Physical limits, measured here and now.
     let mut one = Vec::new();
     let mut hundred = Vec::new();
-    let mut one_process = Vec::new();
     for _ in 0..s.reps {
         let (o, h) = sqlite_baseline(&b.fresh_db("baseline"), s.baseline_commits, Durability::Power)?;
         one.push(o);
         hundred.push(h);
-        one_process.push(sqlite_baseline(&b.fresh_db("baseline-nosync"), s.baseline_commits * 5, Durability::Process)?.0);
     }
-    let (one, hundred, one_process) = (median(one), median(hundred), median(one_process));
-    eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit, {one_process:.0} 1-row commits/s without fsync");
+    let (one, hundred) = (median(one), median(hundred));
+    eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit");
     eprintln!("(W1 and W8 measure their own baseline next to each repetition)");
 
     // W7 first: RSS is measured best on a heap no earlier workload grew.

@@ -209,19 +209,10 @@ impl Ctx {
             abi::Begin::Memoized(Ok(bytes)) => decode(&bytes),
             abi::Begin::Memoized(Err(message)) => Err(Error::new(message)),
             abi::Begin::Run { key, attempt } => {
-                let step = Step { name: name.to_string(), key, attempt };
-                match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
-                    Ok(json) => {
-                        abi::step_end(Ok(&json));
-                        decode(&json)
-                    }
-                    Err(e) => {
-                        // With attempts left the host starts a fresh instance
-                        // and this call does not return.
-                        abi::step_end(Err((e.message(), e.is_permanent())));
-                        Err(e)
-                    }
-                }
+                // With attempts left after an error, the host starts a fresh
+                // instance and this call does not return.
+                let json = run_closure(Step { name: name.to_string(), key, attempt }, f)?;
+                decode(&json)
             }
         }
     }
@@ -271,11 +262,7 @@ impl Ctx {
         match abi::spawn(name, &policy.encode()) {
             abi::Spawned::Handle(handle) => Ok(Branch { handle, name: name.to_string(), _value: PhantomData }),
             abi::Spawned::RunHere { key, attempt } => {
-                let step = Step { name: name.to_string(), key, attempt };
-                match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
-                    Ok(json) => abi::step_end(Ok(&json)),
-                    Err(e) => abi::step_end(Err((e.message(), e.is_permanent()))),
-                }
+                let _ = run_closure(Step { name: name.to_string(), key, attempt }, f);
                 // The host ends a branch instance once its outcome is recorded.
                 unreachable!("the cairn host did not end the branch instance")
             }
@@ -337,6 +324,21 @@ impl Ctx {
         match abi::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),
+        }
+    }
+}
+
+/// Run a step's (or branch's) closure live and report its outcome to the
+/// host; the value as the JSON that was committed.
+fn run_closure<T: Serialize>(step: Step, f: impl FnOnce(&Step) -> Result<T, Error>) -> Result<Vec<u8>, Error> {
+    match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
+        Ok(json) => {
+            abi::step_end(Ok(&json));
+            Ok(json)
+        }
+        Err(e) => {
+            abi::step_end(Err((e.message(), e.is_permanent())));
+            Err(e)
         }
     }
 }

@@ -289,14 +289,21 @@ impl HostState {
         if writes.is_empty() {
             return Ok(());
         }
-        let result = match self.store.submit(writes).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(StoreError::WriterGone),
-        };
-        result.map_err(|source| {
+        self.commit_writes(writes).await.map(|_| ())
+    }
+
+    async fn commit_writes(&mut self, writes: Vec<Write>) -> wasmtime::Result<crate::store::Committed> {
+        crate::store::commit(&*self.store, writes).await.map_err(|source| {
             let fatal = Fatal::Store { run_id: self.run_id.clone(), source };
             self.fail(fatal)
         })
+    }
+
+    /// Commit what ends an instance (its outcome, the run's status); a
+    /// failure to commit is the instance's fatal error.
+    pub async fn commit_final(&mut self, writes: Vec<Write>) -> Result<(), Fatal> {
+        let _ = self.commit(writes).await;
+        self.fatal.take().map_or(Ok(()), Err)
     }
 }
 
@@ -668,17 +675,7 @@ async fn signal_wait(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32, tim
         let st = caller.data_mut();
         let position = st.journal.len();
         let consume = Write::ConsumeSignal { run: st.run_seq, name: name.clone(), entry: (position, entry.clone()) };
-        let taken = match st.store.submit(vec![consume]).await {
-            Ok(Ok(committed)) => committed.signal,
-            Ok(Err(source)) => {
-                let fatal = Fatal::Store { run_id: st.run_id.clone(), source };
-                return Err(st.fail(fatal));
-            }
-            Err(_) => {
-                let fatal = Fatal::Store { run_id: st.run_id.clone(), source: StoreError::WriterGone };
-                return Err(st.fail(fatal));
-            }
-        };
+        let taken = st.commit_writes(vec![consume]).await?.signal;
         if let Some(payload) = taken {
             st.journal.record_committed(Entry { output: payload.clone(), ..entry });
             st.staged = payload;

@@ -224,7 +224,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Resume(args) => resume(&cli, args).await,
         Command::Runs { json } => list_runs(&*open_store(&cli)?, *json),
-        Command::Show { run_id, json } => show(&*open_store(&cli)?, run_id, *json),
+        Command::Show { run_id, json } => show(&cli, &*open_store(&cli)?, run_id, *json),
         Command::Signal { run_id, name, payload } => signal(&cli, run_id, name, payload.as_deref()).await,
         Command::Cancel { run_id } => cancel(&cli, run_id).await,
     }
@@ -237,7 +237,7 @@ fn find_run(cli: &Cli, store: &dyn Store, id: &str) -> Result<RunRecord, Failure
 }
 
 async fn commit(store: &dyn Store, writes: Vec<Write>) -> Result<(), Failure> {
-    store.submit(writes).await.map_err(|_| anyhow!("the database writer stopped"))??;
+    crate::store::commit(store, writes).await?;
     Ok(())
 }
 
@@ -424,9 +424,7 @@ async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
         return resume_all(cli, store).await;
     }
     let id = args.run_id.as_deref().expect("clap requires a run id without --all");
-    let run = store
-        .run(id)?
-        .ok_or_else(|| Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} in {} (`cairn runs` lists them)", cli.db.display())))?;
+    let run = find_run(cli, &*store, id)?;
     match run.status {
         RunStatus::Completed => {
             print_output(run.output.as_deref().unwrap_or(b"null"));
@@ -583,10 +581,8 @@ fn entry_json(position: Option<usize>, e: &Entry, output: Value) -> Value {
     v
 }
 
-fn show(store: &dyn Store, id: &str, json: bool) -> Result<u8, Failure> {
-    let run = store
-        .run(id)?
-        .ok_or_else(|| Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} (`cairn runs` lists them)")))?;
+fn show(cli: &Cli, store: &dyn Store, id: &str, json: bool) -> Result<u8, Failure> {
+    let run = find_run(cli, store, id)?;
     let history = store.history(run.seq)?;
     let branches = store.branch_attempts(run.seq)?;
     // A spawn entry shows its branch's final outcome.

@@ -112,10 +112,6 @@ impl Executor {
         self
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     /// Read, compile and check a workflow module before any run is created.
     pub async fn prepare(&self, path: &Path) -> Result<PreparedModule, ExecError> {
         let shown = path.display();
@@ -165,10 +161,7 @@ impl Executor {
             Write::PutModule { hash: prepared.hash.clone(), bytes: prepared.bytes.clone() },
             Write::CreateRun { run, lock },
         ];
-        let committed = match self.store.submit(writes).await {
-            Ok(r) => r?,
-            Err(_) => return Err(ExecError::Store(StoreError::WriterGone)),
-        };
+        let committed = crate::store::commit(&*self.store, writes).await?;
         committed.created.into_iter().next().ok_or_else(|| ExecError::Module("the run was not created".into()))
     }
 
@@ -376,10 +369,8 @@ impl Executor {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), ExecError> {
-        match self.store.submit(writes).await {
-            Ok(r) => r.map(|_| ()).map_err(ExecError::Store),
-            Err(_) => Err(ExecError::Store(StoreError::WriterGone)),
-        }
+        crate::store::commit(&*self.store, writes).await?;
+        Ok(())
     }
 
     async fn set_status(&self, run: &RunRecord, status: RunStatus) -> Result<(), ExecError> {
@@ -447,10 +438,7 @@ impl Executor {
                     output: None,
                     error: Some("cancelled".into()),
                 };
-                st.commit(vec![write]).await.ok();
-                if let Some(fatal) = st.fatal.take() {
-                    return Err(fatal.into());
-                }
+                st.commit_final(vec![write]).await?;
                 return Ok(Next::Done(RunOutcome::Cancelled));
             }
             None => {}
@@ -463,10 +451,7 @@ impl Executor {
             message = format!("step \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
             let (entry, _) = HostState::failed_attempt(live, message, true);
             st.journal.record(entry);
-            st.commit(Vec::new()).await.ok();
-            if let Some(fatal) = st.fatal.take() {
-                return Err(fatal.into());
-            }
+            st.commit_final(Vec::new()).await?;
             return Ok(Next::Restart);
         }
         let write = Write::SetStatus {
@@ -475,10 +460,7 @@ impl Executor {
             output: None,
             error: Some(message.clone()),
         };
-        st.commit(vec![write]).await.ok();
-        if let Some(fatal) = st.fatal.take() {
-            return Err(fatal.into());
-        }
+        st.commit_final(vec![write]).await?;
         Ok(Next::Done(RunOutcome::Failed(message)))
     }
 }
@@ -610,10 +592,7 @@ impl Executor {
         let message = failure_message(st, &result);
         let message = format!("branch \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
         let (entry, _) = HostState::failed_attempt(live, message, true);
-        st.commit(vec![Write::BranchAttempt { run: run.seq, entry: entry.clone() }]).await.ok();
-        if let Some(fatal) = st.fatal.take() {
-            return Err(fatal.into());
-        }
+        st.commit_final(vec![Write::BranchAttempt { run: run.seq, entry: entry.clone() }]).await?;
         Ok(entry)
     }
 }

@@ -56,12 +56,6 @@ pub struct RunLock {
     seq: i64,
 }
 
-impl RunLock {
-    pub fn seq(&self) -> i64 {
-        self.seq
-    }
-}
-
 impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = self.file.fcntl(libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, self.seq);

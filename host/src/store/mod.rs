@@ -225,6 +225,11 @@ pub trait Store: Send + Sync {
     fn notices(&self, after_signal: i64) -> Result<Notices, StoreError>;
 }
 
+/// Submit a commit item and wait until it is durable.
+pub async fn commit(store: &dyn Store, writes: Vec<Write>) -> Result<Committed, StoreError> {
+    store.submit(writes).await.unwrap_or(Err(StoreError::WriterGone))
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

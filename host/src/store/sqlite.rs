@@ -269,10 +269,6 @@ impl SqliteStore {
         Ok(SqliteStore { path: path.to_path_buf(), db_id, reader: Mutex::new(reader), writer: tx, write, locks })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn).map_err(|e| map_open_error(&self.path, e))
