@@ -80,10 +80,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 struct Bench {
@@ -123,12 +120,7 @@ impl Bench {
         db
     }
 
-    async fn host(
-        &mut self,
-        tag: &str,
-        durability: Durability,
-        park: Option<Duration>,
-    ) -> Result<Host> {
+    async fn host(&mut self, tag: &str, durability: Durability, park: Option<Duration>) -> Result<Host> {
         let db = self.fresh_db(tag);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, durability)?);
         // Many-run workloads use the engine `cairn worker` uses (pooled);
@@ -149,33 +141,20 @@ impl Bench {
         if let Some(p) = park {
             executor = executor.with_park_threshold(p);
         }
-        let executor =
-            Arc::new(executor.with_instance_limit(if tag == "W2" { W2_INSTANCES } else { 64 }));
+        let executor = Arc::new(executor.with_instance_limit(if tag == "W2" { W2_INSTANCES } else { 64 }));
         let module = Arc::new(executor.prepare(&self.guest).await?);
-        Ok(Host {
-            executor,
-            store,
-            engine,
-            module,
-            db,
-        })
+        Ok(Host { executor, store, engine, module, db })
     }
 }
 
 impl Host {
     async fn create(&self, n: usize, input: &Value, status: RunStatus) -> Result<Vec<RunRecord>> {
-        let config = RunConfig {
-            dirs: Vec::new(),
-            env: Vec::new(),
-            max_memory_mib: 256,
-            max_cpu_ms: 60_000,
-        };
+        let config = RunConfig { dirs: Vec::new(), env: Vec::new(), max_memory_mib: 256, max_cpu_ms: 60_000 };
         let mut tickets = Vec::with_capacity(n);
         let input = serde_json::to_vec(input)?;
-        let first = self.store.submit(vec![Write::PutModule {
-            hash: self.module.hash.clone(),
-            bytes: self.module.bytes.clone(),
-        }]);
+        let first = self
+            .store
+            .submit(vec![Write::PutModule { hash: self.module.hash.clone(), bytes: self.module.bytes.clone() }]);
         first.await??;
         for i in 0..n {
             let run = NewRun {
@@ -186,10 +165,7 @@ impl Host {
                 config: config.clone(),
                 status,
             };
-            tickets.push(
-                self.store
-                    .submit(vec![Write::CreateRun { run, lock: false }]),
-            );
+            tickets.push(self.store.submit(vec![Write::CreateRun { run, lock: false }]));
         }
         let mut runs = Vec::with_capacity(n);
         for t in tickets {
@@ -237,20 +213,13 @@ fn process_cpu() -> Duration {
 }
 
 fn unique() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
 /// Raw SQLite commits with Cairn's pragmas: (one-row commits/s, rows/s at 100 rows a commit).
 fn sqlite_baseline(path: &Path, commits: usize, durability: Durability) -> Result<(f64, f64)> {
     let conn = rusqlite::Connection::open(path)?;
-    let sync = if durability == Durability::Power {
-        "FULL"
-    } else {
-        "NORMAL"
-    };
+    let sync = if durability == Durability::Power { "FULL" } else { "NORMAL" };
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync};
          CREATE TABLE IF NOT EXISTS t (run INTEGER, position INTEGER, output BLOB, PRIMARY KEY (run, position)) WITHOUT ROWID;"
@@ -258,8 +227,7 @@ fn sqlite_baseline(path: &Path, commits: usize, durability: Durability) -> Resul
     let payload = vec![b'x'; 100];
     let start = Instant::now();
     for i in 0..commits {
-        conn.prepare_cached("INSERT INTO t VALUES (1, ?1, ?2)")?
-            .execute(rusqlite::params![i as i64, payload])?;
+        conn.prepare_cached("INSERT INTO t VALUES (1, ?1, ?2)")?.execute(rusqlite::params![i as i64, payload])?;
     }
     let one = commits as f64 / start.elapsed().as_secs_f64();
     let start = Instant::now();
@@ -280,9 +248,7 @@ fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -290,9 +256,7 @@ fn rss_kib() -> u64 {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let root = workspace();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let out_dir = target.join("bench");
     let dir = out_dir.join(if quick { "work-quick" } else { "work" });
     let _ = std::fs::remove_dir_all(&dir);
@@ -305,25 +269,14 @@ fn main() -> Result<()> {
         dir,
         counter: 0,
         w2_engine: None,
-        only: std::env::args()
-            .skip_while(|a| a != "--only")
-            .nth(1)
-            .map(|v| v.split(',').map(str::to_string).collect()),
+        only: std::env::args().skip_while(|a| a != "--only").nth(1).map(|v| v.split(',').map(str::to_string).collect()),
     };
-    for (what, p) in [
-        ("the cairn binary", &bench.cairn),
-        ("the benchflow guest", &bench.guest),
-    ] {
+    for (what, p) in [("the cairn binary", &bench.cairn), ("the benchflow guest", &bench.guest)] {
         if !p.exists() {
-            bail!(
-                "{what} is missing at {}: run `make build` first",
-                p.display()
-            );
+            bail!("{what} is missing at {}: run `make build` first", p.display());
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = runtime.block_on(run_all(&mut bench))?;
     print_and_save(&rows, &out_dir, quick)?;
     let _ = std::fs::remove_dir_all(&bench.dir);
@@ -338,36 +291,20 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     let mut one = Vec::new();
     let mut hundred = Vec::new();
     for _ in 0..s.reps {
-        let (o, h) = sqlite_baseline(
-            &b.fresh_db("baseline"),
-            s.baseline_commits,
-            Durability::Power,
-        )?;
+        let (o, h) = sqlite_baseline(&b.fresh_db("baseline"), s.baseline_commits, Durability::Power)?;
         one.push(o);
         hundred.push(h);
     }
     let (one, hundred) = (median(one), median(hundred));
-    eprintln!(
-        "baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit"
-    );
+    eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit");
     eprintln!("(W1 and W8 measure their own baseline next to each repetition)");
 
     // W7 first: RSS is measured best on a heap no earlier workload grew.
     if b.wants("W7") {
-        let h = b
-            .host("W7", Durability::Process, Some(Duration::ZERO))
-            .await?;
-        let w7_runs: usize = std::env::var("CAIRN_BENCH_W7_RUNS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(s.w7_runs);
-        let runs = h
-            .create(
-                w7_runs,
-                &json!({"mode": "park", "sleep_ms": 3_600_000}),
-                RunStatus::Pending,
-            )
-            .await?;
+        let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
+        let w7_runs: usize =
+            std::env::var("CAIRN_BENCH_W7_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(s.w7_runs);
+        let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
         let before = rss_kib();
         let mut set = tokio::task::JoinSet::new();
         for run in runs {
@@ -380,12 +317,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         }
         let start = Instant::now();
         loop {
-            let parked = h
-                .store
-                .runs()?
-                .iter()
-                .filter(|r| r.status == RunStatus::Sleeping)
-                .count();
+            let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
             if parked == w7_runs {
                 break;
             }
@@ -429,11 +361,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
             while set.join_next().await.is_some() {}
             let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-            eprintln!(
-                "W7: after aborting the tasks: rss {} KiB, {} mappings",
-                rss_kib(),
-                maps.lines().count()
-            );
+            eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
         }
         rows.push(Row {
             id: "W7",
@@ -449,10 +377,9 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     }
 
     // W1 and W8: one run of sequential steps.
-    for (id, durability, base_unit) in [
-        ("W1", Durability::Power, "1-row durable commits/s"),
-        ("W8", Durability::Process, "1-row commits/s, no fsync"),
-    ] {
+    for (id, durability, base_unit) in
+        [("W1", Durability::Power, "1-row durable commits/s"), ("W8", Durability::Process, "1-row commits/s, no fsync")]
+    {
         if !b.wants(id) {
             continue;
         }
@@ -460,20 +387,10 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         // baseline right before each repetition and compare pairwise.
         let (mut rates, mut bases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..s.reps {
-            let commits = if durability == Durability::Power {
-                s.w1_steps as usize
-            } else {
-                s.w1_steps as usize * 5
-            };
+            let commits = if durability == Durability::Power { s.w1_steps as usize } else { s.w1_steps as usize * 5 };
             let base = sqlite_baseline(&b.fresh_db("baseline-w1"), commits, durability)?.0;
             let h = b.host(id, durability, None).await?;
-            let runs = h
-                .create(
-                    1,
-                    &json!({"mode": "steps", "n": s.w1_steps}),
-                    RunStatus::Running,
-                )
-                .await?;
+            let runs = h.create(1, &json!({"mode": "steps", "n": s.w1_steps}), RunStatus::Running).await?;
             let took = h.execute_all(runs).await?;
             let rate = s.w1_steps as f64 / took.as_secs_f64();
             rates.push(rate);
@@ -486,21 +403,13 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
             workload: format!(
                 "1 run x {} sequential steps ({})",
                 s.w1_steps,
-                if id == "W1" {
-                    "--durability power"
-                } else {
-                    "--durability process"
-                }
+                if id == "W1" { "--durability power" } else { "--durability process" }
             ),
             value: rate,
             unit: "steps/s",
             baseline: Some((median(bases), base_unit)),
             ratio: Some(median(ratios)),
-            target: if id == "W1" {
-                ">= 0.9 x baseline".into()
-            } else {
-                "-".into()
-            },
+            target: if id == "W1" { ">= 0.9 x baseline".into() } else { "-".into() },
             extra: json!({ "us_per_step": 1e6 / rate }),
         });
     }
@@ -520,21 +429,11 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         }
         // A burst of 200 runs lasts about 20 ms: more repetitions to steady
         // its median.
-        let reps = if runs_n * (steps as usize) < 10_000 {
-            s.reps * 3
-        } else {
-            s.reps
-        };
+        let reps = if runs_n * (steps as usize) < 10_000 { s.reps * 3 } else { s.reps };
         let (mut rates, mut cpus) = (Vec::new(), Vec::new());
         for _ in 0..reps {
             let h = b.host("W2", Durability::Power, None).await?;
-            let runs = h
-                .create(
-                    runs_n,
-                    &json!({"mode": "steps", "n": steps}),
-                    RunStatus::Pending,
-                )
-                .await?;
+            let runs = h.create(runs_n, &json!({"mode": "steps", "n": steps}), RunStatus::Pending).await?;
             perf_control("enable");
             let cpu = process_cpu();
             let took = h.execute_all(runs).await?;
@@ -552,9 +451,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         let rate = median(rates);
         rows.push(Row {
             id: "W2",
-            workload: format!(
-                "{runs_n} runs x {steps} steps at once ({W2_INSTANCES} live instances at most)"
-            ),
+            workload: format!("{runs_n} runs x {steps} steps at once ({W2_INSTANCES} live instances at most)"),
             value: rate,
             unit: "steps/s",
             baseline: Some((hundred, "rows/s, 100 rows per durable commit")),
@@ -572,13 +469,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         let mut walls = Vec::new();
         for _ in 0..s.reps {
             let h = b.host("W3", Durability::Power, None).await?;
-            let runs = h
-                .create(
-                    1,
-                    &json!({"mode": "branches", "n": n, "sleep_ms": ms}),
-                    RunStatus::Running,
-                )
-                .await?;
+            let runs = h.create(1, &json!({"mode": "branches", "n": n, "sleep_ms": ms}), RunStatus::Running).await?;
             walls.push(h.execute_all(runs).await?.as_secs_f64());
         }
         let wall = median(walls);
@@ -590,11 +481,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
             unit: "s wall",
             baseline: Some((ideal, "s, one branch alone")),
             ratio: Some(wall / ideal),
-            target: if n <= 2 {
-                "<= 1.02 x".into()
-            } else {
-                "<= 1.1 x".into()
-            },
+            target: if n <= 2 { "<= 1.02 x".into() } else { "<= 1.1 x".into() },
             extra: Value::Null,
         });
     }
@@ -658,22 +545,14 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         let tiny = r#"{"mode":"tiny"}"#;
         let cairn = |db: &Path| {
             let mut c = Command::new(&b.cairn);
-            c.arg("--db")
-                .arg(db)
-                .env("CAIRN_CACHE_DIR", &b.cache)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            c.arg("--db").arg(db).env("CAIRN_CACHE_DIR", &b.cache).stdout(Stdio::null()).stderr(Stdio::null());
             c
         };
-        cairn(&db)
-            .args(["run", b.guest.to_str().unwrap(), "--input", tiny])
-            .status()?; // warm the cache
+        cairn(&db).args(["run", b.guest.to_str().unwrap(), "--input", tiny]).status()?; // warm the cache
         let mut walls = Vec::new();
         for _ in 0..s.w6_reps {
             let start = Instant::now();
-            let st = cairn(&db)
-                .args(["run", b.guest.to_str().unwrap(), "--input", tiny])
-                .status()?;
+            let st = cairn(&db).args(["run", b.guest.to_str().unwrap(), "--input", tiny]).status()?;
             walls.push(start.elapsed().as_secs_f64() * 1000.0);
             if !st.success() {
                 bail!("W6: cairn run failed");
@@ -705,30 +584,12 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
     let grant = format!("{}::/data", data.display());
     let cairn = |args: &[&str]| {
         let mut c = Command::new(&b.cairn);
-        c.arg("--db")
-            .arg(&db)
-            .env("CAIRN_CACHE_DIR", &b.cache)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.arg("--db").arg(&db).env("CAIRN_CACHE_DIR", &b.cache).args(args).stdout(Stdio::null()).stderr(Stdio::null());
         c
     };
-    let mut child = cairn(&[
-        "run",
-        b.guest.to_str().unwrap(),
-        "--run-id",
-        &id,
-        "--dir",
-        &grant,
-        "--input",
-        &input,
-    ])
-    .spawn()?;
-    let lines = |p: &Path| {
-        std::fs::read_to_string(p)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
+    let mut child =
+        cairn(&["run", b.guest.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", &input]).spawn()?;
+    let lines = |p: &Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
     let start = Instant::now();
     while lines(&log) < (steps / 2) as usize {
         if start.elapsed() > Duration::from_secs(120) {
@@ -742,11 +603,7 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
     let committed = {
         let store = SqliteStore::open(&db, Durability::Power)?;
         let run = store.run(&id)?.context("W4 run")?;
-        store
-            .history(run.seq)?
-            .iter()
-            .filter(|e| e.kind == cairn::journal::EntryKind::Step)
-            .count()
+        store.history(run.seq)?.iter().filter(|e| e.kind == cairn::journal::EntryKind::Step).count()
     };
     let before_resume = std::fs::read_to_string(&log)?;
     let at_kill = before_resume.lines().count();
@@ -761,10 +618,7 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
         .skip(at_kill)
         .map(|l| {
             let mut f = l.split(' ');
-            (
-                f.next().unwrap().parse().unwrap(),
-                f.next().unwrap().parse().unwrap(),
-            )
+            (f.next().unwrap().parse().unwrap(), f.next().unwrap().parse().unwrap())
         })
         .collect();
     let first_new = new_lines.first().context("W4: no new step after resume")?.1;
@@ -775,19 +629,12 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
 /// W5: build an n-step history, then replay it completely as a resume would.
 async fn replay(b: &mut Bench, n: u32) -> Result<(f64, f64, f64)> {
     let h = b.host("W5", Durability::Process, None).await?;
-    let runs = h
-        .create(1, &json!({"mode": "steps", "n": n}), RunStatus::Running)
-        .await?;
+    let runs = h.create(1, &json!({"mode": "steps", "n": n}), RunStatus::Running).await?;
     let run = runs[0].clone();
     h.execute_all(runs).await?;
     // Make it unfinished again: the next execution replays every step.
     h.store
-        .submit(vec![Write::SetStatus {
-            run: run.seq,
-            status: RunStatus::Running,
-            output: None,
-            error: None,
-        }])
+        .submit(vec![Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None }])
         .await??;
     let run = h.store.run(&run.id)?.context("W5 run")?;
     let t = Instant::now();
@@ -811,26 +658,15 @@ async fn replay(b: &mut Bench, n: u32) -> Result<(f64, f64, f64)> {
 fn print_and_save(rows: &[Row], out_dir: &Path, quick: bool) -> Result<()> {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    table.set_header([
-        "id",
-        "workload",
-        "figure",
-        "baseline (same run)",
-        "ratio",
-        "target",
-    ]);
+    table.set_header(["id", "workload", "figure", "baseline (same run)", "ratio", "target"]);
     let mut json_rows = Vec::new();
     for r in rows {
         table.add_row([
             r.id.to_string(),
             r.workload.clone(),
             format!("{} {}", fmt(r.value), r.unit),
-            r.baseline
-                .map(|(v, u)| format!("{} {u}", fmt(v)))
-                .unwrap_or_else(|| "-".into()),
-            r.ratio
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            r.baseline.map(|(v, u)| format!("{} {u}", fmt(v))).unwrap_or_else(|| "-".into()),
+            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
             r.target.clone(),
         ]);
         json_rows.push(json!({
@@ -852,11 +688,7 @@ fn print_and_save(rows: &[Row], out_dir: &Path, quick: bool) -> Result<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "results": json_rows,
     });
-    let name = if quick {
-        "results-quick.json"
-    } else {
-        "results.json"
-    };
+    let name = if quick { "results-quick.json" } else { "results.json" };
     std::fs::write(out_dir.join(name), serde_json::to_string_pretty(&doc)?)?;
     eprintln!("wrote {}", out_dir.join(name).display());
     Ok(())

@@ -41,15 +41,33 @@ mod imports {
 #[allow(clippy::missing_safety_doc)]
 mod imports {
     const NO_HOST: &str = "cairn-sdk workflows run inside the cairn host: build for wasm32-wasip1";
-    pub unsafe fn input() -> i32 { panic!("{NO_HOST}") }
-    pub unsafe fn take(_: *mut u8, _: i32) -> i32 { panic!("{NO_HOST}") }
-    pub unsafe fn step_begin(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
-    pub unsafe fn sleep(_: i64) -> i32 { panic!("{NO_HOST}") }
-    pub unsafe fn signal_wait(_: *const u8, _: i32, _: i64) -> i64 { panic!("{NO_HOST}") }
-    pub unsafe fn spawn(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 { panic!("{NO_HOST}") }
-    pub unsafe fn join(_: *const u32, _: i32) -> i64 { panic!("{NO_HOST}") }
-    pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
-    pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 { panic!("{NO_HOST}") }
+    pub unsafe fn input() -> i32 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn take(_: *mut u8, _: i32) -> i32 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn step_begin(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn sleep(_: i64) -> i32 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn signal_wait(_: *const u8, _: i32, _: i64) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn spawn(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn join(_: *const u32, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn step_end(_: i32, _: *const u8, _: i32) -> i32 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn finish(_: i32, _: *const u8, _: i32) -> i32 {
+        panic!("{NO_HOST}")
+    }
     pub unsafe fn panic(_: *const u8, _: i32) {}
 }
 
@@ -128,7 +146,10 @@ pub(crate) fn sleep(millis: i64) {
 pub(crate) enum Spawned {
     Handle(u32),
     /// This instance exists to run the branch's closure.
-    RunHere { key: String, attempt: u32 },
+    RunHere {
+        key: String,
+        attempt: u32,
+    },
 }
 
 pub(crate) fn spawn(name: &str, policy: &[u8; 48]) -> Spawned {

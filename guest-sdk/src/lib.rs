@@ -320,7 +320,11 @@ impl Ctx {
 
     /// [`Ctx::wait_signal`], giving up after `timeout` (counted from the
     /// first execution, like [`Ctx::sleep`]): `Ok(None)` if no signal came.
-    pub fn wait_signal_timeout<T: DeserializeOwned>(&mut self, name: &str, timeout: Duration) -> Result<Option<T>, Error> {
+    pub fn wait_signal_timeout<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Option<T>, Error> {
         match abi::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),

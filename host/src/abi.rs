@@ -11,9 +11,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker, Memory};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 use crate::branch::{BranchKey, BranchLaunch, BranchMode, Branches};
 use crate::idempotency::idempotency_key;
@@ -324,7 +324,9 @@ fn guest_str(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime
 }
 
 fn write_guest(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> bool {
-    let Some(memory) = caller.data().memory else { return false };
+    let Some(memory) = caller.data().memory else {
+        return false;
+    };
     memory.write(caller, ptr as u32 as usize, bytes).is_ok()
 }
 
@@ -340,17 +342,21 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         Ok(st.staged.len() as i32)
     })?;
 
-    linker.func_wrap(MODULE, "take", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-        caller.data_mut().enter()?;
-        let staged = std::mem::take(&mut caller.data_mut().staged);
-        if staged.len() != len as u32 as usize {
-            return Err(caller.data_mut().abi_error(format!("take({len}) but {} bytes are staged", staged.len())));
-        }
-        if !write_guest(&mut caller, ptr, &staged) {
-            return Err(caller.data_mut().abi_error("take: buffer is outside guest memory"));
-        }
-        Ok(0)
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "take",
+        |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            caller.data_mut().enter()?;
+            let staged = std::mem::take(&mut caller.data_mut().staged);
+            if staged.len() != len as u32 as usize {
+                return Err(caller.data_mut().abi_error(format!("take({len}) but {} bytes are staged", staged.len())));
+            }
+            if !write_guest(&mut caller, ptr, &staged) {
+                return Err(caller.data_mut().abi_error("take: buffer is outside guest memory"));
+            }
+            Ok(0)
+        },
+    )?;
 
     linker.func_wrap(MODULE, "panic", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
         let message = guest_bytes(&mut caller, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned());
@@ -391,13 +397,21 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         Box::new(async move { sleep(&mut caller, millis).await })
     })?;
 
-    linker.func_wrap_async(MODULE, "step_end", |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
-        Box::new(async move { step_end(&mut caller, status, ptr, len).await })
-    })?;
+    linker.func_wrap_async(
+        MODULE,
+        "step_end",
+        |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
+            Box::new(async move { step_end(&mut caller, status, ptr, len).await })
+        },
+    )?;
 
-    linker.func_wrap_async(MODULE, "finish", |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
-        Box::new(async move { finish(&mut caller, status, ptr, len).await })
-    })?;
+    linker.func_wrap_async(
+        MODULE,
+        "finish",
+        |mut caller: Caller<'_, HostState>, (status, ptr, len): (i32, i32, i32)| {
+            Box::new(async move { finish(&mut caller, status, ptr, len).await })
+        },
+    )?;
 
     linker.func_wrap(WASI, "clock_time_get", clock_time_get)?;
     linker.func_wrap(WASI, "random_get", random_get)?;
@@ -613,14 +627,20 @@ async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i32) -> wasmt
 
 /// A durable timer: the wake-up time is committed before the wait, so a
 /// run killed mid-sleep wakes at the original time after a resume.
-async fn durable_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl FnOnce() -> i64) -> wasmtime::Result<()> {
+async fn durable_timer(
+    caller: &mut Caller<'_, HostState>,
+    wake_at_if_live: impl FnOnce() -> i64,
+) -> wasmtime::Result<()> {
     let wake_at = record_timer(caller, wake_at_if_live).await?;
     caller.data_mut().wait_until(wake_at).await
 }
 
 /// The wake-up time of the timer under the cursor (replay), or a new one
 /// recorded and committed (live).
-async fn record_timer(caller: &mut Caller<'_, HostState>, wake_at_if_live: impl FnOnce() -> i64) -> wasmtime::Result<i64> {
+async fn record_timer(
+    caller: &mut Caller<'_, HostState>,
+    wake_at_if_live: impl FnOnce() -> i64,
+) -> wasmtime::Result<i64> {
     let st = caller.data_mut();
     let run_id = st.run_id.clone();
     let wake_at = match st.journal.replay_read(&run_id, &Request::Timer) {
@@ -721,7 +741,13 @@ async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wasmtime::Res
 /// `std::thread::sleep` and friends. Clock subscriptions only: in workflow
 /// code the earliest becomes a durable timer; inside a live step it is a
 /// live sleep that frees the thread (and respects the attempt's timeout).
-async fn poll_oneoff(caller: &mut Caller<'_, HostState>, subs: i32, events: i32, n: i32, nevents: i32) -> wasmtime::Result<i32> {
+async fn poll_oneoff(
+    caller: &mut Caller<'_, HostState>,
+    subs: i32,
+    events: i32,
+    n: i32,
+    nevents: i32,
+) -> wasmtime::Result<i32> {
     caller.data_mut().enter()?;
     if n <= 0 {
         return Ok(ERRNO_INVAL);
@@ -807,18 +833,12 @@ async fn finish(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: 
         other => return Err(st.abi_error(format!("finish status {other} is not 0 or 1"))),
     };
     let write = match &finished {
-        Finished::Completed(out) => Write::SetStatus {
-            run: st.run_seq,
-            status: RunStatus::Completed,
-            output: Some(out.clone()),
-            error: None,
-        },
-        Finished::Failed(msg) => Write::SetStatus {
-            run: st.run_seq,
-            status: RunStatus::Failed,
-            output: None,
-            error: Some(msg.clone()),
-        },
+        Finished::Completed(out) => {
+            Write::SetStatus { run: st.run_seq, status: RunStatus::Completed, output: Some(out.clone()), error: None }
+        }
+        Finished::Failed(msg) => {
+            Write::SetStatus { run: st.run_seq, status: RunStatus::Failed, output: None, error: Some(msg.clone()) }
+        }
     };
     st.commit(vec![write]).await?;
     caller.data_mut().finished = Some(finished);

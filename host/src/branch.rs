@@ -157,5 +157,4 @@ impl Branches {
     pub fn inert() -> Arc<Self> {
         Arc::new(Branches { board: Arc::default(), launcher: Arc::new(NoBranches) })
     }
-
 }

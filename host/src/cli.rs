@@ -203,7 +203,8 @@ fn context_with(cli: &Cli, store: Arc<dyn Store>, pool: Option<u32>) -> Result<C
     if !(cli.park_after >= 0.0 && cli.park_after.is_finite()) {
         return Err(Failure::new(exit::USAGE, anyhow!("--park-after must be a number of seconds")));
     }
-    let executor = Executor::new(engine, store)?.with_park_threshold(std::time::Duration::from_secs_f64(cli.park_after));
+    let executor =
+        Executor::new(engine, store)?.with_park_threshold(std::time::Duration::from_secs_f64(cli.park_after));
     Ok(Context { executor: Arc::new(executor) })
 }
 
@@ -232,7 +233,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 
 fn find_run(cli: &Cli, store: &dyn Store, id: &str) -> Result<RunRecord, Failure> {
     store.run(id)?.ok_or_else(|| {
-        Failure::new(exit::FAILED, anyhow!("there is no run with id {id:?} in {} (`cairn runs` lists them)", cli.db.display()))
+        Failure::new(
+            exit::FAILED,
+            anyhow!("there is no run with id {id:?} in {} (`cairn runs` lists them)", cli.db.display()),
+        )
     })
 }
 
@@ -246,7 +250,10 @@ async fn signal(cli: &Cli, id: &str, name: &str, payload: Option<&str>) -> Resul
     let store = open_store(cli)?;
     let run = find_run(cli, &*store, id)?;
     if run.status.is_finished() {
-        return Err(Failure::new(exit::FAILED, anyhow!("run {id} is {}: it will not receive signals", run.status.as_str())));
+        return Err(Failure::new(
+            exit::FAILED,
+            anyhow!("run {id} is {}: it will not receive signals", run.status.as_str()),
+        ));
     }
     commit(&*store, vec![Write::SendSignal { run: run.seq, name: name.to_string(), payload }]).await?;
     eprintln!("cairn: signal {name:?} sent to run {id}");
@@ -261,13 +268,20 @@ async fn cancel(cli: &Cli, id: &str) -> Result<u8, Failure> {
         return Ok(exit::OK);
     }
     if run.status.is_finished() {
-        return Err(Failure::new(exit::FAILED, anyhow!("run {id} is {}: there is nothing to cancel", run.status.as_str())));
+        return Err(Failure::new(
+            exit::FAILED,
+            anyhow!("run {id} is {}: there is nothing to cancel", run.status.as_str()),
+        ));
     }
     let request = Write::RequestCancel { run: run.seq };
     if let Some(lock) = store.lock_run(run.seq)? {
         // Nobody executes it: cancel it here, under its lock.
-        let cancelled =
-            Write::SetStatus { run: run.seq, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) };
+        let cancelled = Write::SetStatus {
+            run: run.seq,
+            status: RunStatus::Cancelled,
+            output: None,
+            error: Some("cancelled".into()),
+        };
         commit(&*store, vec![request, cancelled]).await?;
         drop(lock);
         eprintln!("cairn: run {id} cancelled");
@@ -302,7 +316,9 @@ fn parse_input(input: Option<&str>) -> Result<Vec<u8>, Failure> {
 fn parse_json(text: Option<&str>, what: &str) -> Result<Vec<u8>, Failure> {
     let value: Value = match text {
         None => Value::Null,
-        Some(t) => serde_json::from_str(t).map_err(|e| Failure::new(exit::USAGE, anyhow!("{what} is not valid JSON: {e}")))?,
+        Some(t) => {
+            serde_json::from_str(t).map_err(|e| Failure::new(exit::USAGE, anyhow!("{what} is not valid JSON: {e}")))?
+        }
     };
     Ok(serde_json::to_vec(&value).expect("a JSON value serializes"))
 }
@@ -314,10 +330,7 @@ fn validate_run_id(id: &str) -> Result<(), Failure> {
     if ok {
         Ok(())
     } else {
-        Err(Failure::new(
-            exit::USAGE,
-            anyhow!("--run-id {id:?} is not valid: use 1 to 128 of A-Z a-z 0-9 - _ . :"),
-        ))
+        Err(Failure::new(exit::USAGE, anyhow!("--run-id {id:?} is not valid: use 1 to 128 of A-Z a-z 0-9 - _ . :")))
     }
 }
 
@@ -370,7 +383,14 @@ async fn create_run(
     }
     let ctx = context(cli, store.clone())?;
     let prepared = ctx.executor.prepare(&args.module).await.map_err(|e| Failure::new(exit::USAGE, e))?;
-    let new = NewRun { id, module: prepared.hash.clone(), module_path: args.module.display().to_string(), input, config, status };
+    let new = NewRun {
+        id,
+        module: prepared.hash.clone(),
+        module_path: args.module.display().to_string(),
+        input,
+        config,
+        status,
+    };
     let (record, lock) = ctx.executor.create_run(&prepared, new, lock).await.map_err(exec_failure)?;
     Ok((ctx, record, lock))
 }
@@ -431,7 +451,11 @@ async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
             return Ok(exit::OK);
         }
         RunStatus::Failed | RunStatus::Cancelled => {
-            eprintln!("cairn: run {id} {}: {}", run.status.as_str(), run.error.as_deref().unwrap_or("(no error recorded)"));
+            eprintln!(
+                "cairn: run {id} {}: {}",
+                run.status.as_str(),
+                run.error.as_deref().unwrap_or("(no error recorded)")
+            );
             return Ok(exit::FAILED);
         }
         _ => {}
@@ -439,7 +463,9 @@ async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
     let Some(lock) = store.lock_run(run.seq)? else {
         return Err(Failure::new(
             exit::BUSY,
-            anyhow!("run {id} is being executed by another cairn process right now; wait for it, or stop that process and resume again"),
+            anyhow!(
+                "run {id} is being executed by another cairn process right now; wait for it, or stop that process and resume again"
+            ),
         ));
     };
     // Re-read under the lock: the previous holder may have finished it.
@@ -463,7 +489,9 @@ async fn resume_all(cli: &Cli, store: Arc<dyn Store>) -> Result<u8, Failure> {
             eprintln!("cairn: skipping run {}: another process is executing it", run.id);
             continue;
         };
-        let Some(run) = store.run(&run.id)?.filter(|r| !r.status.is_finished()) else { continue };
+        let Some(run) = store.run(&run.id)?.filter(|r| !r.status.is_finished()) else {
+            continue;
+        };
         let executor = ctx.executor.clone();
         tasks.spawn(async move {
             let result = executor.execute(&run).await;
@@ -503,7 +531,9 @@ fn time(ms: i64) -> String {
 }
 
 fn output_json(bytes: Option<&[u8]>) -> Value {
-    bytes.map_or(Value::Null, |b| serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into())))
+    bytes.map_or(Value::Null, |b| {
+        serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into()))
+    })
 }
 
 fn run_json(r: &RunRecord) -> Value {
@@ -587,10 +617,8 @@ fn show(cli: &Cli, store: &dyn Store, id: &str, json: bool) -> Result<u8, Failur
     let branches = store.branch_attempts(run.seq)?;
     // A spawn entry shows its branch's final outcome.
     let spawn_view = |e: &Entry| -> (String, Value, Option<String>) {
-        let last = branches
-            .iter()
-            .filter(|b| b.name == e.name && b.occurrence == e.occurrence)
-            .max_by_key(|b| b.attempt);
+        let last =
+            branches.iter().filter(|b| b.name == e.name && b.occurrence == e.occurrence).max_by_key(|b| b.attempt);
         match last {
             Some(b) if b.status != crate::journal::EntryStatus::Failed => {
                 (b.status.as_str().to_string(), entry_output(b), b.error.clone())

@@ -85,28 +85,20 @@ impl WasmEngine {
             }
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
-        let engine =
-            Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
-        thread::Builder::new()
-            .name("cairn-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
+        thread::Builder::new().name("cairn-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
                 }
-            })?;
-        Ok(WasmEngine {
-            engine,
-            cache_dir,
-            ticker_stop,
-            loaded: Mutex::default(),
-        })
+            }
+        })?;
+        Ok(WasmEngine { engine, cache_dir, ticker_stop, loaded: Mutex::default() })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -116,19 +108,11 @@ impl WasmEngine {
     /// A module by hash: from the compiled cache when possible, otherwise
     /// compiled from `bytes()` and cached for next time.
     pub fn load(&self, hash: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<Module> {
-        if let Some(module) = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(hash)
-        {
+        if let Some(module) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(hash) {
             return Ok(module.clone());
         }
         let module = self.load_uncached(hash, bytes)?;
-        self.loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash.to_string(), module.clone());
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), module.clone());
         Ok(module)
     }
 
@@ -139,10 +123,7 @@ impl WasmEngine {
                 Ok(None) => {}
                 Err(e) => {
                     // The cache is disposable: a bad entry is replaced.
-                    eprintln!(
-                        "cairn: ignoring bad compiled-module cache entry {}: {e:#}",
-                        path.display()
-                    );
+                    eprintln!("cairn: ignoring bad compiled-module cache entry {}: {e:#}", path.display());
                     let _ = fs::remove_file(&path);
                 }
             }
@@ -153,21 +134,14 @@ impl WasmEngine {
 
     /// Compile `bytes` (whose SHA-256 is `hash`) and cache the result.
     pub fn compile(&self, hash: &str, bytes: &[u8]) -> Result<Module> {
-        let compiled = self
-            .engine
-            .precompile_module(bytes)
-            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let compiled = self.engine.precompile_module(bytes).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         if let Some(path) = self.cache_path(hash)
             && let Err(e) = write_cache_entry(&path, &compiled)
         {
-            eprintln!(
-                "cairn: could not cache the compiled module at {}: {e:#}",
-                path.display()
-            );
+            eprintln!("cairn: could not cache the compiled module at {}: {e:#}", path.display());
         }
         // SAFETY: `compiled` was produced by this engine a moment ago.
-        unsafe { Module::deserialize(&self.engine, &compiled) }
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
+        unsafe { Module::deserialize(&self.engine, &compiled) }.map_err(|e| anyhow::anyhow!("{e:#}"))
     }
 
     fn cache_path(&self, hash: &str) -> Option<PathBuf> {
@@ -177,10 +151,7 @@ impl WasmEngine {
         let mut h = DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
         env!("CARGO_PKG_VERSION").hash(&mut h);
-        Some(
-            dir.join(format!("{:016x}", h.finish()))
-                .join(format!("{hash}.cwasm")),
-        )
+        Some(dir.join(format!("{:016x}", h.finish())).join(format!("{hash}.cwasm")))
     }
 
     fn load_cached(&self, path: &Path) -> Result<Option<Module>> {
@@ -199,8 +170,7 @@ impl WasmEngine {
         }
         // SAFETY: the file lives in our private (0700) cache directory and
         // its checksum matches what we wrote.
-        let module = unsafe { Module::deserialize(&self.engine, payload) }
-            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let module = unsafe { Module::deserialize(&self.engine, payload) }.map_err(|e| anyhow::anyhow!("{e:#}"))?;
         Ok(Some(module))
     }
 }
@@ -213,25 +183,14 @@ impl Drop for WasmEngine {
 
 fn write_cache_entry(path: &Path, compiled: &[u8]) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     if let Some(root) = dir.parent() {
         use std::os::unix::fs::PermissionsExt;
         let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
     }
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let tmp =
+        dir.join(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(CACHE_MAGIC)?;
     f.write_all(&Sha256::digest(compiled))?;
     f.write_all(compiled)?;

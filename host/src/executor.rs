@@ -268,7 +268,9 @@ impl Executor {
                 Err(e) if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => return Err(ExecError::Module(format!("cannot instantiate {shown}: {e:#}"))),
+                Err(e) => {
+                    return Err(ExecError::Module(format!("cannot instantiate {shown}: {e:#}")));
+                }
             }
         };
         store.data_mut().memory = instance.get_memory(&mut *store, "memory");
@@ -305,7 +307,9 @@ impl Executor {
         let module = self
             .engine
             .load(&run.module, || {
-                store.module(&run.module)?.ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
+                store
+                    .module(&run.module)?
+                    .ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
             })
             .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
         // Branches outlive the parent instance that spawned them (a retry
@@ -326,8 +330,12 @@ impl Executor {
         let mut status = run.status;
         loop {
             if watch.cancel_requested() {
-                let write =
-                    Write::SetStatus { run: run.seq, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) };
+                let write = Write::SetStatus {
+                    run: run.seq,
+                    status: RunStatus::Cancelled,
+                    output: None,
+                    error: Some("cancelled".into()),
+                };
                 self.commit(vec![write]).await?;
                 return Ok(RunOutcome::Cancelled);
             }
@@ -341,9 +349,15 @@ impl Executor {
             };
             // Boxed: the instance's future is large, and a parked run should
             // not carry its space while it waits.
-            let next =
-                Box::pin(self.execute_once(run, &module, history.take(), watch.clone(), branches.clone(), mark_running))
-                    .await;
+            let next = Box::pin(self.execute_once(
+                run,
+                &module,
+                history.take(),
+                watch.clone(),
+                branches.clone(),
+                mark_running,
+            ))
+            .await;
             drop(permit);
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
@@ -454,12 +468,8 @@ impl Executor {
             st.commit_final(Vec::new()).await?;
             return Ok(Next::Restart);
         }
-        let write = Write::SetStatus {
-            run: st.run_seq,
-            status: RunStatus::Failed,
-            output: None,
-            error: Some(message.clone()),
-        };
+        let write =
+            Write::SetStatus { run: st.run_seq, status: RunStatus::Failed, output: None, error: Some(message.clone()) };
         st.commit_final(vec![write]).await?;
         Ok(Next::Done(RunOutcome::Failed(message)))
     }
@@ -505,7 +515,8 @@ struct BranchLauncher {
 impl Launcher for BranchLauncher {
     fn launch(&self, launch: BranchLaunch) {
         let executor = self.executor.clone();
-        let (run, module, board, watch) = (self.run.clone(), self.module.clone(), self.board.clone(), self.watch.clone());
+        let (run, module, board, watch) =
+            (self.run.clone(), self.module.clone(), self.board.clone(), self.watch.clone());
         tokio::spawn(async move {
             // Released even if the task panics: a run waits for its
             // running branches before it finishes.
@@ -528,7 +539,14 @@ impl Launcher for BranchLauncher {
 impl Executor {
     /// Attempts of one branch until it has an outcome: each in a fresh
     /// instance, after the recorded backoff of the previous one.
-    async fn run_branch(&self, run: &RunRecord, module: &Module, board: &BranchBoard, watch: &Arc<RunWatch>, launch: &BranchLaunch) {
+    async fn run_branch(
+        &self,
+        run: &RunRecord,
+        module: &Module,
+        board: &BranchBoard,
+        watch: &Arc<RunWatch>,
+        launch: &BranchLaunch,
+    ) {
         let key = &launch.key;
         loop {
             let (attempt, not_before) = board.next_attempt(key);
@@ -590,7 +608,8 @@ impl Executor {
             return Err(ExecError::Module("the branch instance ended before reaching its spawn".into()));
         };
         let message = failure_message(st, &result);
-        let message = format!("branch \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
+        let message =
+            format!("branch \"{}\" #{} attempt {} failed: {message}", live.name, live.occurrence, live.attempt);
         let (entry, _) = HostState::failed_attempt(live, message, true);
         st.commit_final(vec![Write::BranchAttempt { run: run.seq, entry: entry.clone() }]).await?;
         Ok(entry)

@@ -241,10 +241,10 @@ impl Journal {
         NonDeterminism {
             run_id: run_id.to_string(),
             position: self.cursor,
-            recorded: self.entries.get(self.cursor).map_or_else(
-                || "nothing more (the workflow had finished)".to_string(),
-                Entry::describe,
-            ),
+            recorded: self
+                .entries
+                .get(self.cursor)
+                .map_or_else(|| "nothing more (the workflow had finished)".to_string(), Entry::describe),
             requested: requested.to_string(),
         }
     }
@@ -295,7 +295,9 @@ impl Journal {
     /// A recorded read (clock or random) for the request, if replaying.
     /// `Ok(None)` means: live, read for real and `record` the result.
     pub fn replay_read(&mut self, run_id: &str, request: &Request) -> Result<Option<&Entry>, NonDeterminism> {
-        let Some(e) = self.entries.get(self.cursor) else { return Ok(None) };
+        let Some(e) = self.entries.get(self.cursor) else {
+            return Ok(None);
+        };
         let matches = match request {
             Request::Clock { name } => e.kind == EntryKind::Clock && e.name == *name,
             Request::Random { len } => e.kind == EntryKind::Random && e.output.len() == *len,

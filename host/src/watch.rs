@@ -76,7 +76,12 @@ impl Drop for Registration {
 
 impl Watcher {
     pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Watcher { store, runs: Mutex::default(), last_signal: AtomicI64::new(0), started: AtomicBool::new(false) })
+        Arc::new(Watcher {
+            store,
+            runs: Mutex::default(),
+            last_signal: AtomicI64::new(0),
+            started: AtomicBool::new(false),
+        })
     }
 
     /// Watch run `seq` while the registration lives. Starts the polling task

@@ -51,9 +51,13 @@ pub async fn run_worker(executor: Arc<Executor>, store: Arc<dyn Store>, concurre
                 if skipped.contains(&run.seq) || held.lock().unwrap().contains(&run.seq) {
                     continue;
                 }
-                let Some(lock) = store.lock_run(run.seq)? else { continue };
+                let Some(lock) = store.lock_run(run.seq)? else {
+                    continue;
+                };
                 // Re-read under the lock: its previous holder may have finished it.
-                let Some(run) = store.run(&run.id)?.filter(|r| !r.status.is_finished()) else { continue };
+                let Some(run) = store.run(&run.id)?.filter(|r| !r.status.is_finished()) else {
+                    continue;
+                };
                 held.lock().unwrap().insert(run.seq);
                 claimed += 1;
                 let (executor, held) = (executor.clone(), held.clone());
@@ -91,7 +95,9 @@ pub async fn run_worker(executor: Arc<Executor>, store: Arc<dyn Store>, concurre
     })
     .await;
     if drained.is_err() {
-        eprintln!("cairn worker: instances still live after {SHUTDOWN_GRACE:?}; their unfinished steps run again on resume");
+        eprintln!(
+            "cairn worker: instances still live after {SHUTDOWN_GRACE:?}; their unfinished steps run again on resume"
+        );
     }
     slots.close();
     tasks.abort_all();

@@ -98,8 +98,11 @@ impl World {
     pub fn runs(&self) -> Vec<serde_json::Value> {
         let out = self.run(&["runs", "--json"]);
         assert!(out.status.success(), "runs failed: {}", text(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("runs --json prints JSON")
-            .as_array().expect("an array").clone()
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("runs --json prints JSON")
+            .as_array()
+            .expect("an array")
+            .clone()
     }
 }
 

@@ -5,7 +5,8 @@ use std::process::{Command, Output, Stdio};
 
 use cairn_e2e::{World, guest, json_stdout, text};
 
-const ORDER: &str = r#"{"order_id":"A-1","customer":"ada@example.com","items":[{"sku":"book","qty":2,"unit_cents":1250}]}"#;
+const ORDER: &str =
+    r#"{"order_id":"A-1","customer":"ada@example.com","items":[{"sku":"book","qty":2,"unit_cents":1250}]}"#;
 
 fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
     let err = text(&out.stderr);
@@ -81,7 +82,11 @@ fn bad_input_is_refused_clearly_and_the_database_survives() {
     assert_fails(&w.run(&["show", "no-such-run"]), 1, &["no run with id"]);
 
     // A --run-id that exists already points at resume.
-    assert_fails(&w.run(&["run", ecommerce, "--run-id", "good", "--input", ORDER]), 2, &["already exists", "cairn resume good"]);
+    assert_fails(
+        &w.run(&["run", ecommerce, "--run-id", "good", "--input", ORDER]),
+        2,
+        &["already exists", "cairn resume good"],
+    );
     // A malformed --run-id.
     assert_fails(&w.run(&["run", ecommerce, "--run-id", "no spaces/please"]), 2, &["--run-id"]);
     // Bad grants.
@@ -112,7 +117,9 @@ fn files_that_are_not_cairn_databases_are_refused_untouched() {
     // Another program's SQLite database, and one from a newer Cairn.
     let other = w.dir.join("other.db");
     let newer = w.dir.join("newer.db");
-    json_stdout(&w.cmd(&["run", ecommerce.to_str().unwrap(), "--input", ORDER]).arg("--db").arg(&newer).output().unwrap());
+    json_stdout(
+        &w.cmd(&["run", ecommerce.to_str().unwrap(), "--input", ORDER]).arg("--db").arg(&newer).output().unwrap(),
+    );
     let script = format!(
         "import sqlite3\n\
          c = sqlite3.connect({other:?}); c.execute('create table t (x)'); c.commit(); c.close()\n\

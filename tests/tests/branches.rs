@@ -16,9 +16,8 @@ fn ten_one_second_branches_overlap() {
     let w = World::new("branches-overlap");
     let wasm = guest("branches");
     let started = Instant::now();
-    let out = json_stdout(&w.run(&[
-        "run", wasm.to_str().unwrap(), "--input", r#"{"n":10,"sleep_ms":1000,"flat":true}"#,
-    ]));
+    let out =
+        json_stdout(&w.run(&["run", wasm.to_str().unwrap(), "--input", r#"{"n":10,"sleep_ms":1000,"flat":true}"#]));
     let took = started.elapsed();
     // Correctness bound: sequentially this is 10 s; they must overlap.
     assert!(took < Duration::from_secs(3), "10 x 1 s branches took {took:?}");
@@ -55,7 +54,8 @@ fn finished_branches_are_not_rerun_after_a_crash() {
         assert_eq!(starts[i], 2, "unfinished branch {i} must be restarted: {log}");
     }
     // Same idempotency key across the restart.
-    let keys: Vec<&str> = log.lines().filter(|l| l.starts_with("start 4 ")).map(|l| l.split(' ').nth(2).unwrap()).collect();
+    let keys: Vec<&str> =
+        log.lines().filter(|l| l.starts_with("start 4 ")).map(|l| l.split(' ').nth(2).unwrap()).collect();
     assert_eq!(keys.len(), 2);
     assert_eq!(keys[0], keys[1]);
     let after = w.show("b");
@@ -93,8 +93,20 @@ fn join_returns_the_first_failure_in_spawn_order() {
     // join2, and a branch never joined still completes before the run does.
     let out = json_stdout(&w.run(&["run", wasm.to_str().unwrap(), "--input", r#"{"n":2,"mode":"join2"}"#]));
     assert_eq!(out["values"], json!([1000, 1001]));
-    let out = w.run(&["run", wasm.to_str().unwrap(), "--run-id", "u", "--dir", &grant, "--input", r#"{"n":2,"sleep_ms":300,"mode":"unjoined","log":"/data/u.txt"}"#]);
+    let out = w.run(&[
+        "run",
+        wasm.to_str().unwrap(),
+        "--run-id",
+        "u",
+        "--dir",
+        &grant,
+        "--input",
+        r#"{"n":2,"sleep_ms":300,"mode":"unjoined","log":"/data/u.txt"}"#,
+    ]);
     json_stdout(&out);
     assert_eq!(completed_branches(&w.show("u")), 2);
-    assert_eq!(std::fs::read_to_string(data.join("u.txt")).unwrap().lines().filter(|l| l.starts_with("done")).count(), 2);
+    assert_eq!(
+        std::fs::read_to_string(data.join("u.txt")).unwrap().lines().filter(|l| l.starts_with("done")).count(),
+        2
+    );
 }

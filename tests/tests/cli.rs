@@ -38,14 +38,24 @@ fn ecommerce_runs_and_is_listed_and_shown() {
     let names: Vec<&str> = steps.iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["validate", "reserve_inventory", "fraud_check", "shipping_quote", "charge_payment", "ship", "send_receipt", "notify_warehouse"]
+        [
+            "validate",
+            "reserve_inventory",
+            "fraud_check",
+            "shipping_quote",
+            "charge_payment",
+            "ship",
+            "send_receipt",
+            "notify_warehouse"
+        ]
     );
     let kinds: Vec<&str> = steps.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["step", "spawn", "spawn", "spawn", "step", "spawn", "spawn", "spawn"]);
     assert_eq!(show["branches"].as_array().unwrap().len(), 6, "six branch outcomes");
     for (i, e) in show["history"].as_array().unwrap().iter().enumerate() {
         assert_eq!(e["position"], i);
-        for field in ["kind", "name", "occurrence", "attempt", "status", "output", "error", "started_at", "finished_at"] {
+        for field in ["kind", "name", "occurrence", "attempt", "status", "output", "error", "started_at", "finished_at"]
+        {
             assert!(e.get(field).is_some(), "history entry lacks {field}: {e}");
         }
     }
@@ -126,14 +136,26 @@ fn a_damaged_compiled_module_cache_entry_is_replaced_not_run() {
     let cache = w.subdir("cache");
     let wasm = guest("benchflow");
     let run = |w: &World| {
-        w.cmd(&["run", wasm.to_str().unwrap(), "--input", r#"{"mode":"tiny"}"#]).env("CAIRN_CACHE_DIR", &cache).output().unwrap()
+        w.cmd(&["run", wasm.to_str().unwrap(), "--input", r#"{"mode":"tiny"}"#])
+            .env("CAIRN_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
     };
     assert_eq!(json_stdout(&run(&w)), 42);
     let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
     assert_eq!(entries.len(), 1, "one directory per engine configuration");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(entries[0].metadata().unwrap().permissions().mode() & 0o777, 0o700, "private: entries run as native code");
-    let entry = std::fs::read_dir(entries[0].path()).unwrap().flatten().find(|e| e.path().extension().is_some_and(|x| x == "cwasm")).unwrap().path();
+    assert_eq!(
+        entries[0].metadata().unwrap().permissions().mode() & 0o777,
+        0o700,
+        "private: entries run as native code"
+    );
+    let entry = std::fs::read_dir(entries[0].path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .unwrap()
+        .path();
     // Flip bytes in the middle of the native code.
     let mut bytes = std::fs::read(&entry).unwrap();
     let mid = bytes.len() / 2;

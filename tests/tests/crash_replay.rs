@@ -28,11 +28,11 @@ fn parse_log(text: &str) -> Log {
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
             ["step", i, key] => log.steps.entry(i.parse().unwrap()).or_default().push(key.to_string()),
-            ["obs", i, w, r, m] => log
-                .observed
-                .entry(i.parse().unwrap())
-                .or_default()
-                .push((w.parse().unwrap(), r.parse().unwrap(), m.parse().unwrap())),
+            ["obs", i, w, r, m] => log.observed.entry(i.parse().unwrap()).or_default().push((
+                w.parse().unwrap(),
+                r.parse().unwrap(),
+                m.parse().unwrap(),
+            )),
             _ => panic!("unexpected log line {line:?}"),
         }
     }
@@ -69,7 +69,14 @@ fn killed_runs_resume_without_rerunning_or_losing_steps() {
 
     let base_dir = w.subdir("base");
     let base = json_stdout(&w.run(&[
-        "run", wasm, "--run-id", "base", "--dir", &format!("{}::/data", base_dir.display()), "--input", &input(STEPS, 0),
+        "run",
+        wasm,
+        "--run-id",
+        "base",
+        "--dir",
+        &format!("{}::/data", base_dir.display()),
+        "--input",
+        &input(STEPS, 0),
     ]));
     let expected_sum: u64 = (0..STEPS as u64).map(|i| i * i).sum();
     assert_eq!(base["sum"], expected_sum);
@@ -81,8 +88,7 @@ fn killed_runs_resume_without_rerunning_or_losing_steps() {
         let log_path = data.join("log.txt");
         let id = format!("crash-{round}");
         let grant = format!("{}::/data", data.display());
-        let mut child =
-            w.spawn(&["run", wasm, "--run-id", &id, "--dir", &grant, "--input", &input(STEPS, 3)], &id);
+        let mut child = w.spawn(&["run", wasm, "--run-id", &id, "--dir", &grant, "--input", &input(STEPS, 3)], &id);
         wait_until("log lines before the kill", Duration::from_secs(120), || count_lines(&log_path) >= point);
         kill9(&mut child);
 

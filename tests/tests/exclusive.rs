@@ -15,7 +15,8 @@ fn a_live_run_is_refused_and_a_killed_one_resumes_at_once() {
     std::fs::copy(guest("crashtest"), &copy).unwrap();
     let grant = format!("{}::/data", data.display());
     let input = r#"{"steps":400,"work_ms":5,"log":"/data/log.txt"}"#;
-    let mut child = w.spawn(&["run", copy.to_str().unwrap(), "--run-id", "solo", "--dir", &grant, "--input", input], "solo");
+    let mut child =
+        w.spawn(&["run", copy.to_str().unwrap(), "--run-id", "solo", "--dir", &grant, "--input", input], "solo");
     wait_until("the run to make progress", Duration::from_secs(60), || count_lines(&data.join("log.txt")) >= 20);
 
     let out = w.run(&["resume", "solo"]);
@@ -42,7 +43,8 @@ fn resume_all_continues_every_unfinished_run() {
         let grant = format!("{}::/data", data.display());
         let id = format!("all-{n}");
         let input = r#"{"steps":300,"work_ms":2,"log":"/data/log.txt"}"#;
-        let mut child = w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", input], &id);
+        let mut child =
+            w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", input], &id);
         wait_until("progress", Duration::from_secs(60), || count_lines(&data.join("log.txt")) >= 10);
         kill9(&mut child);
         ids.push(id);

@@ -13,7 +13,8 @@ fn misbehave(w: &World, id: &str, mode: &str, extra: &[&str]) -> Output {
     let input = format!(r#"{{"mode":"{mode}"}}"#);
     let mut args = vec!["run", wasm.to_str().unwrap(), "--run-id", id, "--input", &input];
     args.extend_from_slice(extra);
-    let mut child = w.cmd(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child =
+        w.cmd(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // A watchdog, not a speed check: a limit that never fires must fail the
     // test instead of hanging it.
     let start = Instant::now();
@@ -45,7 +46,10 @@ fn history(w: &World, id: &str) -> Vec<Value> {
 fn runaway_cpu_is_stopped_outside_and_inside_steps() {
     let w = World::new("cpu");
     assert_failed(&misbehave(&w, "loop", "loop", &["--max-cpu", "0.5"]), &["CPU limit", "--max-cpu"]);
-    assert_failed(&misbehave(&w, "loop-step", "loop_in_step", &["--max-cpu", "0.5"]), &["CPU limit", "step \"spin\" #1"]);
+    assert_failed(
+        &misbehave(&w, "loop-step", "loop_in_step", &["--max-cpu", "0.5"]),
+        &["CPU limit", "step \"spin\" #1"],
+    );
     let steps = history(&w, "loop-step");
     assert_eq!(steps[0]["name"], "before");
     assert_eq!(steps[0]["status"], "completed");
@@ -58,7 +62,10 @@ fn runaway_cpu_is_stopped_outside_and_inside_steps() {
 fn memory_bombs_are_stopped_outside_and_inside_steps() {
     let w = World::new("memory");
     assert_failed(&misbehave(&w, "alloc", "alloc", &["--max-memory", "32"]), &["memory limit", "--max-memory"]);
-    assert_failed(&misbehave(&w, "alloc-step", "alloc_in_step", &["--max-memory", "32"]), &["memory limit", "step \"hog\""]);
+    assert_failed(
+        &misbehave(&w, "alloc-step", "alloc_in_step", &["--max-memory", "32"]),
+        &["memory limit", "step \"hog\""],
+    );
     let runs = w.runs();
     assert!(runs.iter().all(|r| r["status"] == "failed"), "{runs:?}");
     // The host is healthy: the next run in the same database works.

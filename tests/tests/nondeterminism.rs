@@ -14,7 +14,8 @@ fn changed_step_names_are_detected_and_the_history_is_kept() {
     let wasm = guest("divergent");
     let grant = format!("{}::/data", data.display());
     let input = r#"{"names_file":"/data/names.txt","log":"/data/log.txt","step_ms":150}"#;
-    let mut child = w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", "nd", "--dir", &grant, "--input", input], "nd");
+    let mut child =
+        w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", "nd", "--dir", &grant, "--input", input], "nd");
     wait_until("two steps", Duration::from_secs(60), || count_lines(&data.join("log.txt")) >= 2);
     kill9(&mut child);
     let before = w.show("nd");
@@ -26,7 +27,9 @@ fn changed_step_names_are_detected_and_the_history_is_kept() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "non-determinism exit code; stderr: {err}");
     assert!(out.stdout.is_empty());
-    for needle in ["non-determinism", "run nd", "position", "step \"alpha\" #1", "step \"zulu\" #1", "history is unchanged"] {
+    for needle in
+        ["non-determinism", "run nd", "position", "step \"alpha\" #1", "step \"zulu\" #1", "history is unchanged"]
+    {
         assert!(err.contains(needle), "missing {needle:?} in: {err}");
     }
     let after = w.show("nd");

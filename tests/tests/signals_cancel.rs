@@ -16,7 +16,8 @@ fn signals_are_kept_delivered_once_and_survive_a_crash() {
     let wasm = guest("signals");
     let grant = format!("{}::/data", data.display());
     let input = r#"{"waits":[{"name":"first"},{"name":"second"},{"name":"third"},{"name":"fourth","timeout_ms":300}],"log":"/data/log.txt"}"#;
-    let mut child = w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", "sig", "--dir", &grant, "--input", input], "sig");
+    let mut child =
+        w.spawn(&["run", wasm.to_str().unwrap(), "--run-id", "sig", "--dir", &grant, "--input", input], "sig");
     wait_until("the first wait", Duration::from_secs(30), || log_has(&w, "waiting 0 first"));
 
     // Sent before the run waits for it: kept.
@@ -71,7 +72,9 @@ fn a_parked_waiting_run_wakes_when_its_signal_comes() {
     let input = r#"{"waits":[{"name":"go"}]}"#;
     let mut child =
         w.spawn(&["--park-after", "0.2", "run", wasm.to_str().unwrap(), "--run-id", "p", "--input", input], "p");
-    wait_until("the run to park", Duration::from_secs(30), || w.runs().first().is_some_and(|r| r["status"] == "waiting"));
+    wait_until("the run to park", Duration::from_secs(30), || {
+        w.runs().first().is_some_and(|r| r["status"] == "waiting")
+    });
     let sent = Instant::now();
     assert!(w.run(&["signal", "p", "go", "42"]).status.success());
     assert!(child.wait().unwrap().success());
@@ -105,7 +108,8 @@ fn cancel_stops_a_live_run_and_a_dead_one_and_keeps_history() {
     let grant = format!("{}::/data", data.display());
     let busy = r#"{"steps":100000,"work_ms":20,"log":"/data/log.txt"}"#;
     let crash = guest("crashtest");
-    let mut child = w.spawn(&["run", crash.to_str().unwrap(), "--run-id", "busy", "--dir", &grant, "--input", busy], "busy");
+    let mut child =
+        w.spawn(&["run", crash.to_str().unwrap(), "--run-id", "busy", "--dir", &grant, "--input", busy], "busy");
     wait_until("progress", Duration::from_secs(30), || count_lines(&data.join("log.txt")) >= 3);
     assert!(w.run(&["cancel", "busy"]).status.success());
     assert_eq!(child.wait().unwrap().code(), Some(1));

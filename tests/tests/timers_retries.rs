@@ -52,7 +52,8 @@ fn long_waits_park_the_run() {
     let w = World::new("park");
     let wasm = guest("timers");
     let input = r#"{"mode":"ctx_sleep","sleep_ms":2500}"#;
-    let mut child = w.spawn(&["--park-after", "0.5", "run", wasm.to_str().unwrap(), "--run-id", "p", "--input", input], "p");
+    let mut child =
+        w.spawn(&["--park-after", "0.5", "run", wasm.to_str().unwrap(), "--run-id", "p", "--input", input], "p");
     wait_until("the run to park", Duration::from_secs(30), || {
         w.runs().first().is_some_and(|r| r["status"] == "sleeping")
     });
@@ -90,7 +91,14 @@ fn failing_steps_are_retried_with_growing_backoff() {
 fn failing_branches_are_retried_in_fresh_instances() {
     let w = World::new("flaky-branch");
     let wasm = guest("timers");
-    let out = json_stdout(&w.run(&["run", wasm.to_str().unwrap(), "--run-id", "fb", "--input", r#"{"mode":"flaky_branch","fail":2}"#]));
+    let out = json_stdout(&w.run(&[
+        "run",
+        wasm.to_str().unwrap(),
+        "--run-id",
+        "fb",
+        "--input",
+        r#"{"mode":"flaky_branch","fail":2}"#,
+    ]));
     assert_eq!(out["succeeded_on_attempt"], 3);
     let show = w.show("fb");
     let attempts: Vec<(u64, String)> = show["branches"]

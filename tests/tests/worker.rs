@@ -85,7 +85,14 @@ fn sigterm_stops_the_worker_gracefully_and_cancelled_runs_stay_cancelled() {
     // Cancelled before any worker runs it.
     assert!(w.run(&["cancel", &pending_cancel]).status.success());
     let slow: Vec<String> = (0..4)
-        .map(|n| start(&w, crash.to_str().unwrap(), &grant, &format!(r#"{{"steps":40,"work_ms":10,"log":"/data/s{n}.txt"}}"#)))
+        .map(|n| {
+            start(
+                &w,
+                crash.to_str().unwrap(),
+                &grant,
+                &format!(r#"{{"steps":40,"work_ms":10,"log":"/data/s{n}.txt"}}"#),
+            )
+        })
         .collect();
 
     let mut worker = w.spawn(&["--park-after", "0.5", "worker", "--concurrency", "2"], "w1");

@@ -12,8 +12,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CommitTicket, Committed, Durability, NewRun, Notices, RunConfig, RunRecord, RunStatus, Store,
-    StoreError, Write, now_ms,
+    CommitTicket, Committed, Durability, NewRun, Notices, RunConfig, RunRecord, RunStatus, Store, StoreError, Write,
+    now_ms,
 };
 use crate::journal::{Entry, EntryKind, EntryStatus};
 use crate::lock::{LockFile, RunLock};
@@ -126,18 +126,13 @@ struct WriteSide {
 
 fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => StoreError::NotCairn {
-            path: path.display().to_string(),
-            why: "not an SQLite file".into(),
-        },
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => StoreError::Locked {
-            path: path.display().to_string(),
-            waited_ms: BUSY_TIMEOUT.as_millis() as u64,
-        },
-        Some(ErrorCode::CannotOpen) => StoreError::CannotOpen {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        },
+        Some(ErrorCode::NotADatabase) => {
+            StoreError::NotCairn { path: path.display().to_string(), why: "not an SQLite file".into() }
+        }
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            StoreError::Locked { path: path.display().to_string(), waited_ms: BUSY_TIMEOUT.as_millis() as u64 }
+        }
+        Some(ErrorCode::CannotOpen) => StoreError::CannotOpen { path: path.display().to_string(), why: e.to_string() },
         _ => StoreError::Sqlite(e),
     }
 }
@@ -145,9 +140,7 @@ fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| map_open_error(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -155,18 +148,13 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError
     // `WHERE col = ?` is marked for re-preparing whenever its bindings are
     // cleared, which rusqlite does on every return to its statement cache:
     // every history read parsed and planned its SQL again.
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
-        true,
-    )?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     let sync = match durability {
         Durability::Power => "FULL",
         Durability::Process => "NORMAL",
     };
-    conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
-    ))
-    .map_err(|e| map_open_error(path, e))?;
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))
+        .map_err(|e| map_open_error(path, e))?;
     Ok(conn)
 }
 
@@ -199,11 +187,7 @@ fn check_header(h: &Header, path: &Path) -> Result<bool, StoreError> {
         return Ok(false);
     }
     if h.version > known {
-        return Err(StoreError::TooNew {
-            path: path.display().to_string(),
-            found: h.version,
-            known,
-        });
+        return Err(StoreError::TooNew { path: path.display().to_string(), found: h.version, known });
     }
     Ok(h.version == known)
 }
@@ -220,14 +204,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     // WAL must be set outside a transaction; it sticks to the file.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| map_open_error(path, e))?;
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| map_open_error(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!(
-            "could not switch {} to WAL mode (got {mode})",
-            path.display()
-        )));
+        return Err(StoreError::Corrupt(format!("could not switch {} to WAL mode (got {mode})", path.display())));
     }
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -238,26 +218,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if check_header(&header, path)? {
         return Ok(());
     }
-    let version = if header.app_id == APPLICATION_ID {
-        header.version
-    } else {
-        0
-    };
+    let version = if header.app_id == APPLICATION_ID { header.version } else { 0 };
     for sql in &MIGRATIONS[version as usize..] {
         tx.execute_batch(sql)?;
     }
     if version == 0 {
         let mut id = [0u8; 16];
-        getrandom::fill(&mut id)
-            .map_err(|e| StoreError::Corrupt(format!("no randomness for the database id: {e}")))?;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('db_id', ?1)",
-            [hex::encode(id)],
-        )?;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('created_at', ?1)",
-            [now_ms().to_string()],
-        )?;
+        getrandom::fill(&mut id).map_err(|e| StoreError::Corrupt(format!("no randomness for the database id: {e}")))?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('db_id', ?1)", [hex::encode(id)])?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?1)", [now_ms().to_string()])?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     }
     tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
@@ -281,13 +250,9 @@ impl SqliteStore {
                 other => break other?,
             }
         }
-        let db_id: String = reader
-            .query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| {
-                r.get(0)
-            })
-            .map_err(|e| StoreError::NotCairn {
-                path: path.display().to_string(),
-                why: format!("no database id: {e}"),
+        let db_id: String =
+            reader.query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| r.get(0)).map_err(|e| {
+                StoreError::NotCairn { path: path.display().to_string(), why: format!("no database id: {e}") }
             })?;
         let writer_conn = connect(path, durability)?;
         let mut lock_path = path.as_os_str().to_owned();
@@ -305,14 +270,7 @@ impl SqliteStore {
             .name("cairn-writer".into())
             .spawn(move || writer_loop(&writer_side, rx))
             .map_err(StoreError::Lock)?;
-        Ok(SqliteStore {
-            path: path.to_path_buf(),
-            db_id,
-            reader: Mutex::new(reader),
-            writer: tx,
-            write,
-            locks,
-        })
+        Ok(SqliteStore { path: path.to_path_buf(), db_id, reader: Mutex::new(reader), writer: tx, write, locks })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -337,10 +295,8 @@ fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
         module: row.get(2)?,
         module_path: row.get(3)?,
         input: row.get(4)?,
-        config: serde_json::from_str::<RunConfig>(&config)
-            .map_err(|e| corrupt(5, e.to_string()))?,
-        status: RunStatus::parse(&status)
-            .ok_or_else(|| corrupt(6, format!("unknown status {status:?}")))?,
+        config: serde_json::from_str::<RunConfig>(&config).map_err(|e| corrupt(5, e.to_string()))?,
+        status: RunStatus::parse(&status).ok_or_else(|| corrupt(6, format!("unknown status {status:?}")))?,
         output: row.get(7)?,
         error: row.get(8)?,
         created_at: row.get(9)?,
@@ -357,13 +313,11 @@ fn entry_from_row(row: &rusqlite::Row) -> rusqlite::Result<Entry> {
         rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
     };
     Ok(Entry {
-        kind: EntryKind::parse(&kind)
-            .ok_or_else(|| corrupt(0, format!("unknown entry kind {kind:?}")))?,
+        kind: EntryKind::parse(&kind).ok_or_else(|| corrupt(0, format!("unknown entry kind {kind:?}")))?,
         name: row.get(1)?,
         occurrence: row.get(2)?,
         attempt: row.get(3)?,
-        status: EntryStatus::parse(&status)
-            .ok_or_else(|| corrupt(4, format!("unknown entry status {status:?}")))?,
+        status: EntryStatus::parse(&status).ok_or_else(|| corrupt(4, format!("unknown entry status {status:?}")))?,
         output: row.get(5)?,
         error: row.get(6)?,
         started_at: row.get(7)?,
@@ -401,22 +355,12 @@ impl Store for SqliteStore {
     }
 
     fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(|c| {
-            c.query_row("SELECT bytes FROM modules WHERE hash = ?1", [hash], |r| {
-                r.get(0)
-            })
-            .optional()
-        })
+        self.read(|c| c.query_row("SELECT bytes FROM modules WHERE hash = ?1", [hash], |r| r.get(0)).optional())
     }
 
     fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
         self.read(|c| {
-            c.query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
-                [id],
-                run_from_row,
-            )
-            .optional()
+            c.query_row(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"), [id], run_from_row).optional()
         })
     }
 
@@ -461,30 +405,21 @@ impl Store for SqliteStore {
     }
 
     fn last_signal_seq(&self) -> Result<i64, StoreError> {
-        self.read(|c| {
-            c.query_row("SELECT coalesce(max(seq), 0) FROM signals", [], |r| {
-                r.get(0)
-            })
-        })
+        self.read(|c| c.query_row("SELECT coalesce(max(seq), 0) FROM signals", [], |r| r.get(0)))
     }
 
     fn notices(&self, after_signal: i64) -> Result<Notices, StoreError> {
         self.read(|c| {
             let mut signals = Vec::new();
-            let mut stmt =
-                c.prepare_cached("SELECT seq, run FROM signals WHERE seq > ?1 ORDER BY seq")?;
-            for row in stmt.query_map([after_signal], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })? {
+            let mut stmt = c.prepare_cached("SELECT seq, run FROM signals WHERE seq > ?1 ORDER BY seq")?;
+            for row in stmt.query_map([after_signal], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
                 signals.push(row?);
             }
             let mut stmt = c.prepare_cached(
                 "SELECT seq FROM runs WHERE cancel_requested = 1 \
                  AND status NOT IN ('completed', 'failed', 'cancelled')",
             )?;
-            let cancelled = stmt
-                .query_map([], |r| r.get::<_, i64>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
+            let cancelled = stmt.query_map([], |r| r.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?;
             Ok(Notices { signals, cancelled })
         })
     }
@@ -540,8 +475,7 @@ fn write_batch(
     // bad item does not abort its batch-mates.
     match write_items(conn, jobs, locks, path, false) {
         Some(results) => results,
-        None => write_items(conn, jobs, locks, path, true)
-            .expect("isolated items never abort the batch"),
+        None => write_items(conn, jobs, locks, path, true).expect("isolated items never abort the batch"),
     }
 }
 
@@ -560,13 +494,12 @@ fn write_items(
         conn.prepare_cached(sql)?.execute([])?;
         Ok(())
     };
-    let fail_all =
-        |conn: &Connection, e: rusqlite::Error| -> Option<Vec<Result<Committed, StoreError>>> {
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-            Some(jobs.iter().map(|_| Err(commit_error(path, &e))).collect())
-        };
+    let fail_all = |conn: &Connection, e: rusqlite::Error| -> Option<Vec<Result<Committed, StoreError>>> {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        Some(jobs.iter().map(|_| Err(commit_error(path, &e))).collect())
+    };
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return fail_all(conn, e);
     }
@@ -603,10 +536,9 @@ fn write_items(
 /// The error every item of a failed batch gets (`rusqlite::Error` is not `Clone`).
 fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => StoreError::Locked {
-            path: path.display().to_string(),
-            waited_ms: BUSY_TIMEOUT.as_millis() as u64,
-        },
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            StoreError::Locked { path: path.display().to_string(), waited_ms: BUSY_TIMEOUT.as_millis() as u64 }
+        }
         _ => StoreError::Commit(e.to_string()),
     }
 }
@@ -616,38 +548,25 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
     for write in writes {
         match write {
             Write::PutModule { hash, bytes } => {
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO modules (hash, bytes, created_at) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![hash, bytes, now_ms()])?;
+                tx.prepare_cached("INSERT OR IGNORE INTO modules (hash, bytes, created_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![hash, bytes, now_ms()])?;
             }
-            Write::CreateRun { run, lock } => {
-                committed.created.push(create_run(tx, run, *lock, locks)?)
-            }
-            Write::Append {
-                run,
-                position,
-                entries,
-            } => insert_entries(tx, *run, *position, entries)?,
-            Write::SetStatus {
-                run,
-                status,
-                output,
-                error,
-            } => {
+            Write::CreateRun { run, lock } => committed.created.push(create_run(tx, run, *lock, locks)?),
+            Write::Append { run, position, entries } => insert_entries(tx, *run, *position, entries)?,
+            Write::SetStatus { run, status, output, error } => {
                 let finished_at = status.is_finished().then(now_ms);
                 let n = tx
-                    .prepare_cached("UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5 WHERE seq = ?1")?
+                    .prepare_cached(
+                        "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5 WHERE seq = ?1",
+                    )?
                     .execute(params![run, status.as_str(), output, error, finished_at])?;
                 if n == 0 {
                     return Err(StoreError::NoSuchRun(*run));
                 }
             }
             Write::SendSignal { run, name, payload } => {
-                tx.prepare_cached(
-                    "INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![run, name, payload, now_ms()])?;
+                tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![run, name, payload, now_ms()])?;
             }
             Write::BranchAttempt { run, entry: e } => {
                 tx.prepare_cached(
@@ -657,8 +576,7 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
                 .execute(params![run, e.name, e.occurrence, e.attempt, e.status.as_str(), e.output, e.error, e.started_at, e.finished_at])?;
             }
             Write::RequestCancel { run } => {
-                tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?
-                    .execute([run])?;
+                tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run])?;
             }
             Write::ConsumeSignal { run, name, entry } => {
                 // Taking the signal and journaling it are one atomic step:
@@ -684,12 +602,7 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
     Ok(committed)
 }
 
-fn insert_entries(
-    tx: &Connection,
-    run: i64,
-    position: usize,
-    entries: &[Entry],
-) -> Result<(), StoreError> {
+fn insert_entries(tx: &Connection, run: i64, position: usize, entries: &[Entry]) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
          started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -719,37 +632,26 @@ fn create_run(
     locks: &LockFile,
 ) -> Result<(RunRecord, Option<RunLock>), StoreError> {
     let created_at = now_ms();
-    let config =
-        serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let inserted = tx
         .prepare_cached(
             "INSERT INTO runs (id, module, module_path, input, config, status, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
         )?
-        .execute(params![
-            run.id,
-            run.module,
-            run.module_path,
-            run.input,
-            config,
-            run.status.as_str(),
-            created_at
-        ])?;
+        .execute(params![run.id, run.module, run.module_path, run.input, config, run.status.as_str(), created_at])?;
     if inserted == 0 {
         return Err(StoreError::RunExists(run.id.clone()));
     }
     let seq = tx.last_insert_rowid();
     // Lock before the commit makes the run visible to other processes.
-    let held = if lock {
-        Some(locks.try_lock(seq)?.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "the lock of new run {} is held by another process",
-                run.id
-            ))
-        })?)
-    } else {
-        None
-    };
+    let held =
+        if lock {
+            Some(locks.try_lock(seq)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("the lock of new run {} is held by another process", run.id))
+            })?)
+        } else {
+            None
+        };
     let record = RunRecord {
         seq,
         id: run.id.clone(),
@@ -773,10 +675,7 @@ mod tests {
     use super::*;
 
     fn temp_db(name: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "cairn-sqlite-test-{name}-{}.db",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("cairn-sqlite-test-{name}-{}.db", std::process::id()));
         for ext in ["", "-wal", "-shm", ".lock"] {
             let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
         }
@@ -793,36 +692,20 @@ mod tests {
                 module: "m".into(),
                 module_path: "m.wasm".into(),
                 input: b"null".to_vec(),
-                config: RunConfig {
-                    dirs: vec![],
-                    env: vec![],
-                    max_memory_mib: 1,
-                    max_cpu_ms: 1,
-                },
+                config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
                 status: RunStatus::Pending,
             },
             lock: false,
         };
-        let module = Write::PutModule {
-            hash: "m".into(),
-            bytes: vec![0],
-        };
+        let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
         let mut conn = store.write.conn.lock().unwrap();
         let good_a = [module, new_run("a")];
-        let bad = [Write::SetStatus {
-            run: 999_999,
-            status: RunStatus::Completed,
-            output: None,
-            error: None,
-        }];
+        let bad = [Write::SetStatus { run: 999_999, status: RunStatus::Completed, output: None, error: None }];
         let good_b = [new_run("b")];
         let results = write_batch(&mut conn, &[&good_a, &bad, &good_b], &store.locks, &path);
         drop(conn);
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-        assert!(
-            matches!(results[1], Err(StoreError::NoSuchRun(999_999))),
-            "{results:?}"
-        );
+        assert!(matches!(results[1], Err(StoreError::NoSuchRun(999_999))), "{results:?}");
         let ids: Vec<String> = store.runs().unwrap().into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["a", "b"], "the good items are committed");
         drop(store);
