@@ -182,11 +182,23 @@ impl Host {
             let ex = self.executor.clone();
             set.spawn(async move { ex.execute(&run).await });
         }
+        let mut done = Vec::new();
         while let Some(r) = set.join_next().await {
             match r?? {
-                RunOutcome::Completed(_) => {}
+                RunOutcome::Completed(_) => done.push(start.elapsed().as_secs_f64() * 1e3),
                 other => bail!("a bench run did not complete: {other:?}"),
             }
+        }
+        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && !done.is_empty() {
+            let q = |f: f64| done[((done.len() - 1) as f64 * f) as usize];
+            eprintln!(
+                "  runs done at (ms): first {:.1}, 10% {:.1}, 50% {:.1}, 90% {:.1}, last {:.1}",
+                q(0.0),
+                q(0.1),
+                q(0.5),
+                q(0.9),
+                q(1.0)
+            );
         }
         Ok(start.elapsed())
     }
@@ -430,6 +442,11 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         // A burst of 200 runs lasts about 20 ms: more repetitions to steady
         // its median.
         let reps = if runs_n * (steps as usize) < 10_000 { s.reps * 3 } else { s.reps };
+        // One unmeasured burst first: a running worker's pool slots and
+        // allocator are warm.
+        let h = b.host("W2", Durability::Power, None).await?;
+        h.execute_all(h.create(runs_n, &json!({"mode": "steps", "n": steps}), RunStatus::Pending).await?).await?;
+        drop(h);
         let (mut rates, mut cpus) = (Vec::new(), Vec::new());
         for _ in 0..reps {
             let h = b.host("W2", Durability::Power, None).await?;
