@@ -28,8 +28,11 @@ const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
 pub const WORKER_POOL: u32 = 1024;
 
 /// At most this many bytes of each pool slot's memory (and of its table)
-/// stay resident between instances: only the pages instances touched.
-const KEEP_RESIDENT: usize = 4 << 20;
+/// stay resident between instances: only the pages instances touched. The
+/// slots in use number about the peak of live instances (a module's most
+/// recently used slot is taken first), so this bounds what a worker keeps:
+/// 64 live runs of a guest that touches much memory, 128 MiB at most.
+const KEEP_RESIDENT: usize = 2 << 20;
 
 /// The engine and everything built once per process.
 pub struct WasmEngine {
