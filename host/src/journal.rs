@@ -211,7 +211,9 @@ pub enum StepStart<'a> {
 }
 
 impl Journal {
-    pub fn new(entries: Vec<Entry>) -> Self {
+    pub fn new(mut entries: Vec<Entry>) -> Self {
+        // Room for a short run's entries without regrowing the vector.
+        entries.reserve(16);
         let submitted = entries.len();
         Journal { entries, cursor: 0, submitted, occurrences: HashMap::new() }
     }
@@ -249,14 +251,21 @@ impl Journal {
         }
     }
 
+    /// Count one more occurrence of `name` (steps and spawns share the
+    /// count); the name is copied only the first time it is seen.
+    fn next_occurrence(&mut self, name: &str) -> u32 {
+        let n = match self.occurrences.get_mut(name) {
+            Some(n) => n,
+            None => self.occurrences.entry(name.to_string()).or_insert(0),
+        };
+        *n += 1;
+        *n
+    }
+
     /// A step begins: return its memoized outcome, or say it must run live.
     /// Failed attempts recorded for it are skipped and counted.
     pub fn begin_step(&mut self, run_id: &str, name: &str) -> Result<StepStart<'_>, NonDeterminism> {
-        let occurrence = {
-            let n = self.occurrences.entry(name.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let occurrence = self.next_occurrence(name);
         let mut attempt = 1;
         let mut not_before = None;
         while let Some(e) = self.entries.get(self.cursor) {
@@ -277,11 +286,7 @@ impl Journal {
     /// A branch is spawned: its occurrence (shared with steps, so keys never
     /// collide), and whether the spawn is replayed (true) or new (false).
     pub fn begin_spawn(&mut self, run_id: &str, name: &str) -> Result<(u32, bool), NonDeterminism> {
-        let occurrence = {
-            let n = self.occurrences.entry(name.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let occurrence = self.next_occurrence(name);
         match self.entries.get(self.cursor) {
             None => Ok((occurrence, false)),
             Some(e) if e.kind == EntryKind::Spawn && e.name == name && e.occurrence == occurrence => {
