@@ -27,13 +27,6 @@ const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
 /// reserves its 4 GiB of linear memory, none of it resident until used.
 pub const WORKER_POOL: u32 = 1024;
 
-/// At most this many bytes of each pool slot's memory (and of its table)
-/// stay resident between instances: only the pages instances touched. The
-/// slots in use number about the peak of live instances (a module's most
-/// recently used slot is taken first), so this bounds what a worker keeps:
-/// 64 live runs of a guest that touches much memory, 128 MiB at most.
-const KEEP_RESIDENT: usize = 2 << 20;
-
 /// The engine and everything built once per process.
 pub struct WasmEngine {
     engine: Engine,
@@ -75,17 +68,14 @@ impl WasmEngine {
                 // Return memory in batches: one round of TLB shootdowns for
                 // many slots.
                 .decommit_batch_size(64);
-            // Reset the pages an instance touched in place instead of
-            // handing them back to the kernel: the next instance in the slot
-            // writes to resident pages, where a fresh mapping takes a fault
-            // per page, and a copy-on-write fault a TLB shootdown across every
-            // core. PAGEMAP_SCAN (Linux 6.7+) finds the touched pages; without
-            // it Wasmtime would memset the whole kept region each time.
-            if wasmtime::PoolingAllocationConfig::is_pagemap_scan_available() {
-                pool.pagemap_scan(wasmtime::Enabled::Yes)
-                    .linear_memory_keep_resident(KEEP_RESIDENT)
-                    .table_keep_resident(KEEP_RESIDENT);
-            }
+            // Not used: keeping a slot's touched pages resident and resetting
+            // them in place (`*_keep_resident` with `pagemap_scan`). It saves
+            // the next instance its page faults (5 to 20% of W2's CPU), but
+            // Wasmtime 48 resets only the dirty pages that are present: one
+            // the kernel swapped out is neither reset nor released, so the
+            // next instance in the slot would read the previous run's memory
+            // (bytecodealliance/wasmtime#14357). Worth turning on once a
+            // Wasmtime release resets swapped pages too.
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;

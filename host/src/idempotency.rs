@@ -37,4 +37,12 @@ mod tests {
         assert_ne!(key("db1", "r", "a", 1), key("db2", "r", "a", 1));
         assert_eq!(key("db", "r", "a", 1).len(), 32);
     }
+
+    /// Keys are promised to stay the same across versions: a provider may
+    /// hold one from before an upgrade. (Computed independently of this
+    /// code, from the documented layout.)
+    #[test]
+    fn a_known_key() {
+        assert_eq!(key("db", "r", "charge", 1), "d882df7ee1b799cf91459b9b5e035565");
+    }
 }

@@ -212,8 +212,11 @@ pub enum StepStart<'a> {
 
 impl Journal {
     pub fn new(mut entries: Vec<Entry>) -> Self {
-        // Room for a short run's entries without regrowing the vector.
-        entries.reserve(16);
+        // A new run: room for a short run's entries without regrowing. (A
+        // loaded history is not reserved: that would copy all of it.)
+        if entries.is_empty() {
+            entries.reserve(16);
+        }
         let submitted = entries.len();
         Journal { entries, cursor: 0, submitted, occurrences: HashMap::new() }
     }

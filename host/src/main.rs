@@ -1,5 +1,6 @@
-// mimalloc: many threads (executor workers, the writer) allocate and free
-// each other's memory on every step, where glibc's arenas contend.
+// mimalloc for Rust's allocations: executor threads and the writer thread
+// allocate and free each other's memory on every step, where glibc's arenas
+// contend. (The bundled SQLite keeps the C library's malloc.)
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
