@@ -68,13 +68,12 @@ impl WasmEngine {
                 // Return memory in batches: one round of TLB shootdowns for
                 // many slots.
                 .decommit_batch_size(64);
-            // A fresh instance writes its data segments and its table up
-            // front (a copy of 40 KiB or so), instead of mapping the module's
-            // memory image copy-on-write and filling table entries on first
-            // use: both read a page before writing it, and each such
-            // copy-on-write fault also flushed the TLB of every other core
-            // (an IPI, and a VM exit here): about 15% of W2's CPU.
-            config.memory_init_cow(false);
+            // A fresh instance fills its table up front instead of entry by
+            // entry on first use: lazy filling reads a table page before
+            // writing it, and each such copy-on-write fault also flushed the
+            // TLB of every other core (an IPI, and a VM exit here): about 10%
+            // of W2's CPU. (Writing data segments up front as well, instead
+            // of mapping the memory image copy-on-write, measured no better.)
             config.table_lazy_init(false);
             // Not used: keeping a slot's touched pages resident and resetting
             // them in place (`*_keep_resident` with `pagemap_scan`). It saves
