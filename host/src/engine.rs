@@ -68,16 +68,18 @@ impl WasmEngine {
                 // Return memory in batches: one round of TLB shootdowns for
                 // many slots.
                 .decommit_batch_size(64);
-            // A fresh instance fills its table up front instead of entry by
-            // entry on first use: lazy filling reads a table page before
-            // writing it, and each such copy-on-write fault also flushed the
-            // TLB of every other core (an IPI, and a VM exit here): about 10%
-            // of W2's CPU. (Writing data segments up front as well, instead
-            // of mapping the memory image copy-on-write, measured no better.)
+            // A fresh instance fills its table and writes its data segments
+            // up front, instead of filling table entries on first use and
+            // mapping the memory image copy-on-write: those read a page
+            // before writing it, and each such copy-on-write fault also
+            // flushed the TLB of every other core (an IPI, and a VM exit
+            // here). The table is most of it (about 10% of W2's CPU), the
+            // data segments (a copy of 40 KiB or so) another 5%.
             config.table_lazy_init(false);
+            config.memory_init_cow(false);
             // Not used: keeping a slot's touched pages resident and resetting
             // them in place (`*_keep_resident` with `pagemap_scan`). It saves
-            // the next instance its page faults (5 to 20% of W2's CPU), but
+            // the next instance its page faults (a quarter of W2's CPU here), but
             // Wasmtime 48 resets only the dirty pages that are present: one
             // the kernel swapped out is neither reset nor released, so the
             // next instance in the slot would read the previous run's memory
