@@ -21,10 +21,10 @@ guests: setup
 # target/release/cairn and target/wasm32-wasip1/release/<guest>.wasm
 build: host guests
 
-# Unit tests of the host, then end-to-end tests that drive the built binary
-# on the built guests.
+# Unit tests of the shared ABI crate and the host, then end-to-end tests
+# that drive the built binary on the built guests.
 test: build
-	$(CARGO) test --release --locked -p cairn -p cairn-e2e
+	$(CARGO) test --release --locked -p cairn-abi -p cairn -p cairn-e2e
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
 	$(CARGO) run --release --locked -p cairn-bench -- --quick
 

@@ -1,7 +1,8 @@
 //! The raw host imports (`docs/abi.md`), and thin safe wrappers over them.
 
 /// The ABI version this SDK speaks; the host asks for it before running.
-pub const ABI_VERSION: i32 = 1;
+pub use cairn_abi::ABI_VERSION;
+use cairn_abi::{SIGNAL_RECEIVED, SPAWN_HANDLE, SPAWN_RUN_HERE, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN};
 
 /// Exported so the host can check which ABI the module was built for.
 #[unsafe(no_mangle)]
@@ -71,10 +72,6 @@ mod imports {
     pub unsafe fn panic(_: *const u8, _: i32) {}
 }
 
-const STEP_MEMOIZED_OK: i64 = 0;
-const STEP_MEMOIZED_ERR: i64 = 1;
-const STEP_RUN: i64 = 2;
-
 /// Copy the `len` bytes the host staged into a new buffer.
 fn take(len: usize) -> Vec<u8> {
     let mut buf = Vec::with_capacity(len);
@@ -103,7 +100,7 @@ pub(crate) enum Begin {
     Run { key: String, attempt: u32 },
 }
 
-pub(crate) fn step_begin(name: &str, policy: &[u8; 48]) -> Begin {
+pub(crate) fn step_begin(name: &str, policy: &[u8; cairn_abi::POLICY_BYTES]) -> Begin {
     // SAFETY: the host only reads the buffers for the duration of the call.
     let r = unsafe { imports::step_begin(name.as_ptr(), name.len() as i32, policy.as_ptr(), policy.len() as i32) };
     let len = (r & 0xffff_ffff) as usize;
@@ -152,12 +149,12 @@ pub(crate) enum Spawned {
     },
 }
 
-pub(crate) fn spawn(name: &str, policy: &[u8; 48]) -> Spawned {
+pub(crate) fn spawn(name: &str, policy: &[u8; cairn_abi::POLICY_BYTES]) -> Spawned {
     // SAFETY: the host only reads the buffers for the duration of the call.
     let r = unsafe { imports::spawn(name.as_ptr(), name.len() as i32, policy.as_ptr(), policy.len() as i32) };
     match (r >> 32) & 0xff {
-        0 => Spawned::Handle((r & 0xffff_ffff) as u32),
-        1 => {
+        SPAWN_HANDLE => Spawned::Handle((r & 0xffff_ffff) as u32),
+        SPAWN_RUN_HERE => {
             let key = take((r & 0xffff_ffff) as usize);
             Spawned::RunHere { key: String::from_utf8_lossy(&key).into_owned(), attempt: (r >> 40) as u32 }
         }
@@ -187,7 +184,7 @@ pub(crate) fn signal_wait(name: &str, timeout_ms: Option<i64>) -> Option<Vec<u8>
     let r = unsafe { imports::signal_wait(name.as_ptr(), name.len() as i32, timeout_ms.unwrap_or(-1)) };
     let len = (r & 0xffff_ffff) as usize;
     let payload = take(len);
-    ((r >> 32) & 0xff == 0).then_some(payload)
+    ((r >> 32) & 0xff == SIGNAL_RECEIVED).then_some(payload)
 }
 
 pub(crate) fn report_panic(message: &str) {

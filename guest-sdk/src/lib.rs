@@ -87,7 +87,6 @@
 
 mod abi;
 mod error;
-mod retry;
 
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -98,8 +97,8 @@ use serde::de::DeserializeOwned;
 
 pub use abi::ABI_VERSION;
 pub use abi::cairn_abi_version;
+pub use cairn_abi::RetryPolicy;
 pub use error::Error;
-pub use retry::RetryPolicy;
 
 /// Run a workflow: read the run's input from the host, call `workflow`,
 /// and hand its output (or its error's text) back to the host.

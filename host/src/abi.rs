@@ -18,31 +18,19 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use crate::branch::{BranchKey, BranchLaunch, BranchMode, Branches};
 use crate::idempotency::idempotency_key;
 use crate::journal::{Entry, EntryKind, EntryStatus, Journal, NonDeterminism, Request, StepStart};
-use crate::retry::RetryPolicy;
 use crate::store::{RunStatus, Store, StoreError, Write, now_ms};
 use crate::watch::RunWatch;
 
-/// The ABI version this host speaks; a guest declares its own by exporting
-/// `cairn_abi_version() -> i32`.
-pub const ABI_VERSION: i32 = 1;
+// The version, status codes and policy form shared with cairn-sdk.
+pub use cairn_abi::{
+    ABI_VERSION, RetryPolicy, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT, SPAWN_HANDLE, SPAWN_RUN_HERE, STEP_MEMOIZED_ERR,
+    STEP_MEMOIZED_OK, STEP_RUN,
+};
 /// The import module of the Cairn ABI.
 pub const MODULE: &str = "cairn";
 /// Every function of the `cairn` import module.
 pub const FUNCTIONS: &[&str] =
     &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep", "signal_wait", "spawn", "join"];
-
-/// `spawn` status codes (bits 32..40 of its result).
-pub const SPAWN_HANDLE: i64 = 0;
-pub const SPAWN_RUN_HERE: i64 = 1;
-
-/// `signal_wait` status codes (bits 32..40 of its result).
-pub const SIGNAL_RECEIVED: i64 = 0;
-pub const SIGNAL_TIMED_OUT: i64 = 1;
-
-/// `step_begin` status codes (bits 32..40 of its result).
-pub const STEP_MEMOIZED_OK: i64 = 0;
-pub const STEP_MEMOIZED_ERR: i64 = 1;
-pub const STEP_RUN: i64 = 2;
 
 const WASI: &str = "wasi_snapshot_preview1";
 const ERRNO_SUCCESS: i32 = 0;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::journal::{Entry, EntryStatus};
-use crate::retry::RetryPolicy;
+use cairn_abi::RetryPolicy;
 
 /// A branch: its spawn name and occurrence.
 pub type BranchKey = (String, u32);

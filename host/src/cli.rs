@@ -276,13 +276,7 @@ async fn cancel(cli: &Cli, id: &str) -> Result<u8, Failure> {
     let request = Write::RequestCancel { run: run.seq };
     if let Some(lock) = store.lock_run(run.seq)? {
         // Nobody executes it: cancel it here, under its lock.
-        let cancelled = Write::SetStatus {
-            run: run.seq,
-            status: RunStatus::Cancelled,
-            output: None,
-            error: Some("cancelled".into()),
-        };
-        commit(&*store, vec![request, cancelled]).await?;
+        commit(&*store, vec![request, Write::cancelled(run.seq)]).await?;
         drop(lock);
         eprintln!("cairn: run {id} cancelled");
         return Ok(exit::OK);

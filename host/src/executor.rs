@@ -330,13 +330,7 @@ impl Executor {
         let mut status = run.status;
         loop {
             if watch.cancel_requested() {
-                let write = Write::SetStatus {
-                    run: run.seq,
-                    status: RunStatus::Cancelled,
-                    output: None,
-                    error: Some("cancelled".into()),
-                };
-                self.commit(vec![write]).await?;
+                self.commit(vec![Write::cancelled(run.seq)]).await?;
                 return Ok(RunOutcome::Cancelled);
             }
             // `running` rides with the instance's first commit (one item
@@ -446,13 +440,7 @@ impl Executor {
             }
             Some(Interrupt::Cancelled) => {
                 // An attempt cut short by the cancel is not recorded: it has no outcome.
-                let write = Write::SetStatus {
-                    run: st.run_seq,
-                    status: RunStatus::Cancelled,
-                    output: None,
-                    error: Some("cancelled".into()),
-                };
-                st.commit_final(vec![write]).await?;
+                st.commit_final(vec![Write::cancelled(st.run_seq)]).await?;
                 return Ok(Next::Done(RunOutcome::Cancelled));
             }
             None => {}

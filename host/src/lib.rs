@@ -13,7 +13,6 @@
 //! - [`engine`]: wasmtime configuration and the compiled-module cache.
 //! - [`lock`]: one executor per run, with instant takeover after a crash.
 //! - [`idempotency`]: step idempotency keys.
-//! - [`retry`]: retry policies and backoff.
 //! - [`worker`]: `cairn worker`, many runs at once.
 //! - [`watch`]: cancel requests and signals reaching an executing run.
 
@@ -25,7 +24,6 @@ pub mod executor;
 pub mod idempotency;
 pub mod journal;
 pub mod lock;
-pub mod retry;
 pub mod store;
 pub mod watch;
 pub mod worker;

@@ -134,6 +134,13 @@ pub enum Write {
     ConsumeSignal { run: i64, name: String, entry: (usize, Entry) },
 }
 
+impl Write {
+    /// The run ends as cancelled.
+    pub fn cancelled(run: i64) -> Self {
+        Write::SetStatus { run, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) }
+    }
+}
+
 /// What a commit produced, for the writes that produce something.
 #[derive(Debug, Default)]
 pub struct Committed {
