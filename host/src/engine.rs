@@ -27,6 +27,9 @@ const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
 /// reserves its 4 GiB of linear memory, none of it resident until used.
 pub const WORKER_POOL: u32 = 1024;
 
+/// Bytes of each pooled table slot zeroed in place instead of released.
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+
 /// The engine and everything built once per process.
 pub struct WasmEngine {
     engine: Engine,
@@ -68,23 +71,31 @@ impl WasmEngine {
                 // Return memory in batches: one round of TLB shootdowns for
                 // many slots.
                 .decommit_batch_size(64);
-            // A fresh instance fills its table and writes its data segments
-            // up front, instead of filling table entries on first use and
-            // mapping the memory image copy-on-write: those read a page
+            // A slot's table stays resident and is zeroed in place (its
+            // entries are then filled lazily, on first use): releasing it
+            // made every instance fault it back in, and filling all of it up
+            // front resolved every function of the module (a registry lookup
+            // each) where a run calls a handful indirectly. Tables are small
+            // (8 bytes an entry); only the part in use is zeroed.
+            pool.table_keep_resident(TABLE_KEEP_RESIDENT);
+            // A fresh instance writes its data segments up front instead of
+            // mapping the memory image copy-on-write: that path reads a page
             // before writing it, and each such copy-on-write fault also
             // flushed the TLB of every other core (an IPI, and a VM exit
-            // here). The table is most of it (about 10% of W2's CPU), the
-            // data segments (a copy of 40 KiB or so) another 5%.
-            config.table_lazy_init(false);
+            // here): about 5% of W2's CPU for a copy of 40 KiB or so.
             config.memory_init_cow(false);
-            // Not used: keeping a slot's touched pages resident and resetting
-            // them in place (`*_keep_resident` with `pagemap_scan`). It saves
-            // the next instance its page faults (a quarter of W2's CPU here), but
-            // Wasmtime 48 resets only the dirty pages that are present: one
-            // the kernel swapped out is neither reset nor released, so the
-            // next instance in the slot would read the previous run's memory
-            // (bytecodealliance/wasmtime#14357). Worth turning on once a
-            // Wasmtime release resets swapped pages too.
+            // Not used: keeping a slot's touched linear-memory pages resident
+            // and resetting them in place (`linear_memory_keep_resident` with
+            // `pagemap_scan`). It saves the next instance its page faults (a
+            // quarter of W2's CPU here), but Wasmtime 48 resets only the dirty
+            // pages that are present: one the kernel swapped out is neither
+            // reset nor released, so the next instance in the slot would read
+            // the previous run's memory (bytecodealliance/wasmtime#14357).
+            // Worth turning on once a Wasmtime release resets swapped pages
+            // too. Without `pagemap_scan` the option zeroes memory from
+            // address 0, and Rust guests put their 1 MiB stack there: a run
+            // touches about 13 pages, and zeroing 1.1 MiB per instance cost
+            // far more (+135 µs a run) than faulting them.
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime configuration: {e}"))?;
