@@ -144,6 +144,8 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError
     )
     .map_err(|e| map_open_error(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Every statement either connection runs stays prepared.
+    conn.set_prepared_statement_cache_capacity(32);
     // Without the query planner stability guarantee, a statement with
     // `WHERE col = ?` is marked for re-preparing whenever its bindings are
     // cleared, which rusqlite does on every return to its statement cache:
@@ -504,11 +506,14 @@ fn write_items(
         return fail_all(conn, e);
     }
     let mut results = Vec::with_capacity(jobs.len());
+    // Outside isolation, the batch's history rows go in together at the end
+    // (a few multi-row INSERTs instead of a statement per row).
+    let mut rows = Vec::new();
     for job in jobs {
         if isolate && let Err(e) = run(conn, "SAVEPOINT item") {
             return fail_all(conn, e);
         }
-        let result = apply(conn, job, locks);
+        let result = apply(conn, job, locks, (!isolate).then_some(&mut rows));
         if isolate {
             let undo = match &result {
                 Ok(_) => run(conn, "RELEASE item"),
@@ -525,6 +530,13 @@ fn write_items(
             return None;
         }
         results.push(result);
+    }
+    if let Err(e) = insert_rows(conn, &rows) {
+        let _ = conn.execute_batch("ROLLBACK");
+        if jobs.len() == 1 {
+            return Some(vec![Err(e)]);
+        }
+        return None;
     }
     if let Err(e) = run(conn, "COMMIT") {
         // Nothing of this batch is durable: locks taken for new runs go too.
@@ -543,7 +555,18 @@ fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
     }
 }
 
-fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committed, StoreError> {
+/// A history row: run, position, entry.
+type Row<'a> = (i64, usize, &'a Entry);
+
+/// Apply one item's writes. History rows are collected in `rows` when it
+/// is given (the caller inserts them), and inserted at once otherwise.
+fn apply<'a>(
+    tx: &Connection,
+    writes: &'a [Write],
+    locks: &LockFile,
+    rows: Option<&mut Vec<Row<'a>>>,
+) -> Result<Committed, StoreError> {
+    let mut rows = rows;
     let mut committed = Committed::default();
     for write in writes {
         match write {
@@ -552,7 +575,13 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
                     .execute(params![hash, bytes, now_ms()])?;
             }
             Write::CreateRun { run, lock } => committed.created.push(create_run(tx, run, *lock, locks)?),
-            Write::Append { run, position, entries } => insert_entries(tx, *run, *position, entries)?,
+            Write::Append { run, position, entries } => match rows.as_deref_mut() {
+                Some(rows) => rows.extend(entries.iter().enumerate().map(|(i, e)| (*run, position + i, e))),
+                None => insert_rows(
+                    tx,
+                    &entries.iter().enumerate().map(|(i, e)| (*run, position + i, e)).collect::<Vec<_>>(),
+                )?,
+            },
             Write::SetStatus { run, status, output, error } => {
                 let finished_at = status.is_finished().then(now_ms);
                 let n = tx
@@ -593,7 +622,7 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
                         .execute(params![seq, now_ms()])?;
                     let (position, mut e) = (entry.0, entry.1.clone());
                     e.output = payload.clone();
-                    insert_entries(tx, *run, position, std::slice::from_ref(&e))?;
+                    insert_rows(tx, &[(*run, position, &e)])?;
                     committed.signal = Some(payload);
                 }
             }
@@ -602,25 +631,50 @@ fn apply(tx: &Connection, writes: &[Write], locks: &LockFile) -> Result<Committe
     Ok(committed)
 }
 
-fn insert_entries(tx: &Connection, run: i64, position: usize, entries: &[Entry]) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
-         started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?;
-    for (i, e) in entries.iter().enumerate() {
-        stmt.execute(params![
-            run,
-            (position + i) as i64,
-            e.kind.as_str(),
-            e.name,
-            e.occurrence,
-            e.attempt,
-            e.status.as_str(),
-            e.output,
-            e.error,
-            e.started_at,
-            e.finished_at,
-        ])?;
+/// Rows per multi-row INSERT: a batch's rows go in statements of these
+/// sizes, largest first (one cached statement each).
+const ROW_CHUNKS: [usize; 3] = [32, 8, 1];
+const HISTORY_COLUMNS: usize = 11;
+
+fn insert_rows(tx: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
+    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        ROW_CHUNKS
+            .iter()
+            .map(|&n| {
+                let one = format!("({})", vec!["?"; HISTORY_COLUMNS].join(", "));
+                format!(
+                    "INSERT INTO history (run, position, kind, name, occurrence, attempt, status, output, error, \
+                     started_at, finished_at) VALUES {}",
+                    vec![one; n].join(", ")
+                )
+            })
+            .collect()
+    });
+    let mut rest = rows;
+    for (size, sql) in ROW_CHUNKS.iter().zip(SQL.iter()) {
+        if rest.len() < *size {
+            continue;
+        }
+        let mut stmt = tx.prepare_cached(sql)?;
+        while rest.len() >= *size {
+            let (chunk, tail) = rest.split_at(*size);
+            for (r, (run, position, e)) in chunk.iter().enumerate() {
+                let at = r * HISTORY_COLUMNS;
+                stmt.raw_bind_parameter(at + 1, run)?;
+                stmt.raw_bind_parameter(at + 2, *position as i64)?;
+                stmt.raw_bind_parameter(at + 3, e.kind.as_str())?;
+                stmt.raw_bind_parameter(at + 4, &e.name)?;
+                stmt.raw_bind_parameter(at + 5, e.occurrence)?;
+                stmt.raw_bind_parameter(at + 6, e.attempt)?;
+                stmt.raw_bind_parameter(at + 7, e.status.as_str())?;
+                stmt.raw_bind_parameter(at + 8, &e.output)?;
+                stmt.raw_bind_parameter(at + 9, &e.error)?;
+                stmt.raw_bind_parameter(at + 10, e.started_at)?;
+                stmt.raw_bind_parameter(at + 11, e.finished_at)?;
+            }
+            stmt.raw_execute()?;
+            rest = tail;
+        }
     }
     Ok(())
 }
@@ -708,6 +762,64 @@ mod tests {
         assert!(matches!(results[1], Err(StoreError::NoSuchRun(999_999))), "{results:?}");
         let ids: Vec<String> = store.runs().unwrap().into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["a", "b"], "the good items are committed");
+        drop(store);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A batch's history rows go in together, in statements of several
+    /// sizes: every row lands at its position, with its fields; an item
+    /// whose rows collide with committed ones fails alone.
+    #[test]
+    fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
+        let path = temp_db("rows");
+        let store = SqliteStore::open(&path, Durability::Process).unwrap();
+        let mut conn = store.write.conn.lock().unwrap();
+        let mut setup = vec![Write::PutModule { hash: "m".into(), bytes: vec![0] }];
+        for id in ["a", "b", "c"] {
+            setup.push(Write::CreateRun {
+                run: NewRun {
+                    id: id.into(),
+                    module: "m".into(),
+                    module_path: "m.wasm".into(),
+                    input: b"null".to_vec(),
+                    config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
+                    status: RunStatus::Pending,
+                },
+                lock: false,
+            });
+        }
+        let created = write_batch(&mut conn, &[&setup], &store.locks, &path).pop().unwrap().unwrap().created;
+        let seqs: Vec<i64> = created.iter().map(|(r, _)| r.seq).collect();
+        let entry = |run: usize, i: usize| Entry {
+            kind: EntryKind::Step,
+            name: format!("s{run}"),
+            occurrence: i as u32 + 1,
+            attempt: 1,
+            status: EntryStatus::Completed,
+            output: format!("[{run},{i}]").into_bytes(),
+            error: (i % 7 == 0).then(|| format!("e{i}")),
+            started_at: i as i64,
+            finished_at: 1000 + i as i64,
+        };
+        // 45 rows for run a (32 + 8 + 5 single rows), 3 for run b.
+        let append = |run: usize, from: usize, n: usize| Write::Append {
+            run: seqs[run],
+            position: from,
+            entries: (from..from + n).map(|i| entry(run, i)).collect(),
+        };
+        let (a1, a2, b1) = ([append(0, 0, 20)], [append(0, 20, 25)], [append(1, 0, 3)]);
+        let results = write_batch(&mut conn, &[&a1, &a2, &b1], &store.locks, &path);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        // Run b's position 2 exists already: that item fails, run c's commits.
+        let (b_again, c1) = ([append(1, 2, 2)], [append(2, 0, 2)]);
+        let results = write_batch(&mut conn, &[&b_again, &c1], &store.locks, &path);
+        drop(conn);
+        assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
+        for (run, n) in [(0, 45), (1, 3), (2, 2)] {
+            let history = store.history(seqs[run]).unwrap();
+            let want: Vec<Entry> = (0..n).map(|i| entry(run, i)).collect();
+            assert_eq!(history, want, "run {run}");
+        }
         drop(store);
         let _ = std::fs::remove_file(&path);
     }
