@@ -61,6 +61,10 @@ impl WasmEngine {
         config.relaxed_simd_deterministic(true);
         // CPU limits and fair sharing of worker threads (see executor).
         config.epoch_interruption(true);
+        // CAIRN_PERFMAP=1: name guest functions for `perf` (/tmp/perf-PID.map).
+        if std::env::var_os("CAIRN_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         if let Some(n) = pool {
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_core_instances(n)
