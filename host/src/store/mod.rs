@@ -135,6 +135,19 @@ pub enum Write {
 }
 
 impl Write {
+    /// The existing run this write changes, if any.
+    pub fn run(&self) -> Option<i64> {
+        match self {
+            Write::PutModule { .. } | Write::CreateRun { .. } => None,
+            Write::Append { run, .. }
+            | Write::SetStatus { run, .. }
+            | Write::SendSignal { run, .. }
+            | Write::RequestCancel { run }
+            | Write::BranchAttempt { run, .. }
+            | Write::ConsumeSignal { run, .. } => Some(*run),
+        }
+    }
+
     /// The run ends as cancelled.
     pub fn cancelled(run: i64) -> Self {
         Write::SetStatus { run, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) }

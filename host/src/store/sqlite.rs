@@ -3,7 +3,7 @@
 //! runs' pending writes), and a separate connection for reads.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
@@ -95,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Items commit inline only once this long has passed without items of
+/// two different runs in a row: one run alone, not a crowd between rounds.
+const ALONE: Duration = Duration::from_millis(5);
+const NO_RUN: i64 = i64::MIN;
+
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many commit items share one transaction.
@@ -120,6 +125,11 @@ struct WriteSide {
     conn: Mutex<Connection>,
     /// Items sent to the writer thread and not yet answered.
     queued: AtomicUsize,
+    /// The run of the last item that named one, and when (ns since
+    /// `opened`) an item last named a different run than the one before.
+    last_run: AtomicI64,
+    last_switch_ns: AtomicU64,
+    opened: std::time::Instant,
     locks: LockFile,
     path: PathBuf,
 }
@@ -264,6 +274,10 @@ impl SqliteStore {
         let write = Arc::new(WriteSide {
             conn: Mutex::new(writer_conn),
             queued: AtomicUsize::new(0),
+            last_run: AtomicI64::new(NO_RUN),
+            last_switch_ns: AtomicU64::new(0),
+            // As if the last switch were long past: a store starts alone.
+            opened: std::time::Instant::now().checked_sub(ALONE).unwrap_or_else(std::time::Instant::now),
             locks: locks.clone(),
             path: path.to_path_buf(),
         });
@@ -334,13 +348,25 @@ impl Store for SqliteStore {
 
     fn submit(&self, writes: Vec<Write>) -> CommitTicket {
         let (done, ticket) = oneshot::channel();
-        // Nothing queued and the connection free: commit right here. A lone
-        // run then pays one commit per step and no thread hand-offs (which
-        // cost more than the commit itself on small VMs). Under load items
-        // queue up for the writer thread, which commits them in groups.
+        // One run alone, nothing queued and the connection free: commit
+        // right here. A lone run then pays one commit per step and no
+        // thread hand-offs (which cost more than the commit itself on small
+        // VMs). With several runs committing, items go to the writer thread,
+        // which commits them in groups: committing inline whenever the queue
+        // happened to be empty (between two rounds of a burst, say) cost an
+        // fsync for one item and held the connection from the next group.
         // Only when nothing is queued, so one run's items stay in order.
         let w = &self.write;
-        if w.queued.load(Ordering::Acquire) == 0
+        let now = w.opened.elapsed().as_nanos() as u64;
+        if let Some(run) = writes.iter().find_map(Write::run) {
+            let before = w.last_run.swap(run, Ordering::Relaxed);
+            if before != run && before != NO_RUN {
+                w.last_switch_ns.store(now, Ordering::Relaxed);
+            }
+        }
+        let alone = now.saturating_sub(w.last_switch_ns.load(Ordering::Relaxed)) >= ALONE.as_nanos() as u64;
+        if alone
+            && w.queued.load(Ordering::Acquire) == 0
             && let Ok(mut conn) = w.conn.try_lock()
             && w.queued.load(Ordering::Acquire) == 0
         {
