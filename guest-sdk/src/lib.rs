@@ -64,10 +64,11 @@
 //!
 //! Workflow code outside step closures is replayed, so it must do the same
 //! thing on every execution. Cairn makes the usual sources of difference
-//! safe: `SystemTime::now()`, `Instant::now()` and random numbers (including
-//! std's `HashMap` seeds) read between steps are recorded on the first
-//! execution and returned from the history on replay. Reads inside a step
-//! closure are live and not recorded. Files and environment variables are
+//! safe: `SystemTime::now()` and `Instant::now()` read between steps are
+//! recorded on the first execution and returned from the history on
+//! replay, and random numbers (including std's `HashMap` seeds) come from a
+//! key drawn for each run, so every replay reads the same ones. Reads inside
+//! a step closure are live and not recorded. Files and environment variables are
 //! *not* recorded: if workflow code between steps reads a file and the file
 //! changes before a resume, the replay may ask for different steps than the
 //! history holds; the host then stops the run with a non-determinism error
@@ -112,8 +113,11 @@ where
 {
     install_panic_hook();
     // std draws its per-thread HashMap keys lazily, on first use. Draw them
-    // here, at a fixed point of the history, so that a first use inside a
-    // step closure (live) or outside it (recorded) cannot shift the history.
+    // here, outside any step closure, so that they come from the run's own
+    // random stream (the same on every replay): drawn first inside a closure
+    // they would be fresh bytes, and HashMaps made later by workflow code
+    // would iterate in another order on replay. (Runs created before run
+    // keys record the draw at this fixed point of their history.)
     let _ = std::collections::hash_map::RandomState::new();
 
     let input: I = match serde_json::from_slice(&abi::input()) {

@@ -165,6 +165,9 @@ pub struct HostState {
     pub branch_result: Option<Entry>,
     /// Writes that go with the instance's next commit (the run's status).
     pub pending_writes: Vec<Write>,
+    /// Random bytes for workflow code outside step closures; `None` for
+    /// runs created before run keys (their reads are journaled).
+    pub random: Option<crate::random::RandomStream>,
 }
 
 impl HostState {
@@ -454,8 +457,12 @@ async fn step_begin(
         st.wait_until(at).await?;
     }
     // Whatever the workflow read since the last commit may be used by the
-    // closure for a live side effect: make it durable first.
-    st.commit(Vec::new()).await?;
+    // closure for a live side effect: make it durable first. (Writes that
+    // no side effect depends on, such as the run's `running` status, wait
+    // for the step's own commit.)
+    if st.journal.has_unsubmitted() {
+        st.commit(Vec::new()).await?;
+    }
     let st = caller.data_mut();
     st.staged = idempotency_key(st.store.db_id(), &st.run_id, &name, occurrence).into_bytes();
     let deadline = policy.timeout.map(|t| Instant::now() + t);
@@ -880,6 +887,10 @@ fn random_get(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime
     let len = len as u32 as usize;
     let bytes = if st.live_step.is_some() {
         fresh_random(len)?
+    } else if let Some(stream) = &mut st.random {
+        let mut bytes = vec![0u8; len];
+        stream.fill(&mut bytes);
+        bytes
     } else {
         let run_id = st.run_id.clone();
         match st.journal.replay_read(&run_id, &Request::Random { len }) {

@@ -143,6 +143,7 @@ impl Executor {
             finished_at: None,
             steps: 0,
             cancel_requested: false,
+            random_key: None,
         };
         let mut store = self.new_store(&probe, Vec::new(), Arc::default(), Branches::inert(), None)?;
         self.instantiate(&mut store, &module, &hash, &shown.to_string()).await?;
@@ -219,6 +220,7 @@ impl Executor {
             handles: Vec::new(),
             branch_result: None,
             pending_writes: Vec::new(),
+            random: run.random_key.map(crate::random::RandomStream::new),
         };
         let mut store = WasmStore::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);

@@ -13,6 +13,7 @@
 //! - [`engine`]: wasmtime configuration and the compiled-module cache.
 //! - [`lock`]: one executor per run, with instant takeover after a crash.
 //! - [`idempotency`]: step idempotency keys.
+//! - [`random`]: the per-run random stream workflow code reads.
 //! - [`worker`]: `cairn worker`, many runs at once.
 //! - [`watch`]: cancel requests and signals reaching an executing run.
 
@@ -24,6 +25,7 @@ pub mod executor;
 pub mod idempotency;
 pub mod journal;
 pub mod lock;
+pub mod random;
 pub mod store;
 pub mod watch;
 pub mod worker;

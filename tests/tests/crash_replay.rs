@@ -143,6 +143,18 @@ fn killed_runs_resume_without_rerunning_or_losing_steps() {
                 assert_eq!(Some(v), observed.get(i), "round {round}: observation {i} changed across the kill");
             }
         }
+        // Random bytes come from the run's own key: another run reads
+        // others, and reads outside steps leave no history entry (so no
+        // commit waits on them before the next step).
+        let base_randoms: BTreeSet<u64> =
+            base["observed"].as_array().unwrap().iter().map(|o| o[2].as_u64().unwrap()).collect();
+        assert!(
+            observed.values().all(|v| !base_randoms.contains(&v.1)),
+            "round {round}: random values repeat another run's"
+        );
+        let kinds: BTreeSet<&str> =
+            history_before["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert!(!kinds.contains("random"), "round {round}: random reads were journaled: {kinds:?}");
         let monos: Vec<u64> = observed.values().map(|v| v.2).collect();
         assert!(monos.windows(2).all(|p| p[0] < p[1]), "monotonic time went backwards: {monos:?}");
 
@@ -174,4 +186,48 @@ fn resuming_a_completed_run_prints_its_output_again() {
     let again = json_stdout(&w.run(&["resume", "done"]));
     assert_eq!(first, again);
     assert_eq!(count_lines(&data.join("log.txt")), lines, "no step ran again");
+}
+
+/// A run created before runs had random keys (its key is NULL) journals
+/// the random bytes its workflow code reads, and a resume after a kill
+/// replays them from the history.
+#[test]
+fn runs_without_a_random_key_replay_journaled_randomness() {
+    let w = World::new("legacy-random");
+    let wasm = guest("crashtest");
+    let data = w.subdir("data");
+    let log_path = data.join("log.txt");
+    let grant = format!("{}::/data", data.display());
+    let started =
+        w.run(&["start", wasm.to_str().unwrap(), "--run-id", "old", "--dir", &grant, "--input", &input(40, 5)]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let script = format!(
+        "import sqlite3\nc = sqlite3.connect({db:?}); c.execute(\"update runs set random_key = null where id = 'old'\"); \
+         c.commit(); c.close()\n",
+        db = w.db.display().to_string()
+    );
+    let py = std::process::Command::new("python3").arg("-c").arg(&script).status().expect("python3 is on the machine");
+    assert!(py.success());
+
+    let mut child = w.spawn(&["resume", "old"], "old-resume");
+    wait_until("log lines before the kill", Duration::from_secs(120), || count_lines(&log_path) >= 25);
+    kill9(&mut child);
+    let before_kill = parse_log(&std::fs::read_to_string(&log_path).unwrap());
+    let kinds: BTreeSet<String> =
+        w.show("old")["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    assert!(kinds.contains("random"), "a run without a key journals its random reads: {kinds:?}");
+
+    let result = json_stdout(&w.run(&["resume", "old"]));
+    let observed: BTreeMap<u64, u64> = result["observed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o[0].as_u64().unwrap(), o[2].as_u64().unwrap()))
+        .collect();
+    assert!(!before_kill.observed.is_empty());
+    for (i, seen) in &before_kill.observed {
+        for v in seen {
+            assert_eq!(Some(&v.1), observed.get(i), "observation {i}: the random value changed across the kill");
+        }
+    }
 }

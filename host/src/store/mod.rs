@@ -98,6 +98,11 @@ pub struct RunRecord {
     pub steps: u64,
     /// `cairn cancel` asked for this run to stop.
     pub cancel_requested: bool,
+    /// The key of the random bytes workflow code reads outside step
+    /// closures (see `crate::random`), drawn when the run was created.
+    /// `None` for runs created before there were keys: their reads are
+    /// journaled instead.
+    pub random_key: Option<[u8; 32]>,
 }
 
 /// A run to create.

@@ -93,6 +93,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run, name, occurrence, attempt)
     ) WITHOUT ROWID, STRICT;
     "#,
+    // 4: a per-run key for the random bytes workflow code reads (NULL for
+    // older runs, whose reads are journaled).
+    r#"
+    ALTER TABLE runs ADD COLUMN random_key BLOB;
+    "#,
 ];
 
 /// Items commit inline only once this long has passed without items of
@@ -297,7 +302,7 @@ impl SqliteStore {
 
 const RUN_COLUMNS: &str = "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
      (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind IN ('step', 'spawn') AND h.status != 'failed'), \
-     cancel_requested";
+     cancel_requested, random_key";
 
 fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
     let config: String = row.get(5)?;
@@ -319,6 +324,10 @@ fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
         finished_at: row.get(10)?,
         steps: row.get::<_, i64>(11)? as u64,
         cancel_requested: row.get::<_, i64>(12)? != 0,
+        random_key: match row.get::<_, Option<Vec<u8>>>(13)? {
+            None => None,
+            Some(key) => Some(key.try_into().map_err(|_| corrupt(13, "a random key is not 32 bytes".into()))?),
+        },
     })
 }
 
@@ -713,12 +722,22 @@ fn create_run(
 ) -> Result<(RunRecord, Option<RunLock>), StoreError> {
     let created_at = now_ms();
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let random_key = crate::random::new_key().map_err(|e| StoreError::Commit(e.to_string()))?;
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO runs (id, module, module_path, input, config, status, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
         )?
-        .execute(params![run.id, run.module, run.module_path, run.input, config, run.status.as_str(), created_at])?;
+        .execute(params![
+            run.id,
+            run.module,
+            run.module_path,
+            run.input,
+            config,
+            run.status.as_str(),
+            created_at,
+            &random_key[..]
+        ])?;
     if inserted == 0 {
         return Err(StoreError::RunExists(run.id.clone()));
     }
@@ -746,6 +765,7 @@ fn create_run(
         finished_at: None,
         steps: 0,
         cancel_requested: false,
+        random_key: Some(random_key),
     };
     Ok((record, held))
 }
