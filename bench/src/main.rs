@@ -291,7 +291,8 @@ fn main() -> Result<()> {
             bail!("{what} is missing at {}: run `make build` first", p.display());
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The runtime `cairn` itself runs on.
+    let runtime = cairn::executor::runtime()?;
     let rows = runtime.block_on(run_all(&mut bench))?;
     print_and_save(&rows, &out_dir, quick)?;
     let _ = std::fs::remove_dir_all(&bench.dir);

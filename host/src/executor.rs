@@ -18,6 +18,22 @@ use crate::lock::RunLock;
 use crate::store::{NewRun, RunConfig, RunRecord, RunStatus, Store, StoreError, Write, now_ms};
 use crate::watch::{RunWatch, Watcher};
 
+/// The tokio runtime runs execute on: a thread per core but one, which is
+/// left to the store's writer thread (and the kernel's I/O on its behalf).
+/// On the 2-core machine of BENCHMARKS.md, one executor thread beside the
+/// writer did a W2 run in 13% less CPU than two, and the whole burst 10%
+/// sooner: with more threads than cores, threads preempt each other, wake
+/// each other through the kernel, and each core's caches and TLB hold
+/// another thread's instances. `TOKIO_WORKER_THREADS` overrides the count.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(cores.saturating_sub(1).max(1));
+    }
+    builder.enable_all().build()
+}
+
 /// Waits longer than this drop the run's instance (it is replayed when it
 /// wakes) instead of holding its memory.
 pub const DEFAULT_PARK_THRESHOLD: Duration = Duration::from_secs(5);
