@@ -110,7 +110,11 @@ pub(crate) fn step_begin(name: &str, policy: &[u8; cairn_abi::POLICY_BYTES]) -> 
     match status {
         STEP_MEMOIZED_OK => Begin::Memoized(Ok(bytes)),
         STEP_MEMOIZED_ERR => Begin::Memoized(Err(String::from_utf8_lossy(&bytes).into_owned())),
-        STEP_RUN => Begin::Run { key: String::from_utf8_lossy(&bytes).into_owned(), attempt },
+        // The key is hex: the bytes are taken as they are, not copied.
+        STEP_RUN => Begin::Run {
+            key: String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            attempt,
+        },
         other => panic!("cairn host answered step_begin with unknown status {other}"),
     }
 }
