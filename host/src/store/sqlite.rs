@@ -782,11 +782,9 @@ mod tests {
         path
     }
 
-    #[test]
-    fn one_bad_item_does_not_abort_its_batch() {
-        let path = temp_db("batch");
-        let store = SqliteStore::open(&path, Durability::Process).unwrap();
-        let new_run = |id: &str| Write::CreateRun {
+    /// Create run `id` of module "m".
+    fn new_run(id: &str) -> Write {
+        Write::CreateRun {
             run: NewRun {
                 id: id.into(),
                 module: "m".into(),
@@ -796,7 +794,13 @@ mod tests {
                 status: RunStatus::Pending,
             },
             lock: false,
-        };
+        }
+    }
+
+    #[test]
+    fn one_bad_item_does_not_abort_its_batch() {
+        let path = temp_db("batch");
+        let store = SqliteStore::open(&path, Durability::Process).unwrap();
         let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
         let mut conn = store.write.conn.lock().unwrap();
         let good_a = [module, new_run("a")];
@@ -821,19 +825,7 @@ mod tests {
         let store = SqliteStore::open(&path, Durability::Process).unwrap();
         let mut conn = store.write.conn.lock().unwrap();
         let mut setup = vec![Write::PutModule { hash: "m".into(), bytes: vec![0] }];
-        for id in ["a", "b", "c"] {
-            setup.push(Write::CreateRun {
-                run: NewRun {
-                    id: id.into(),
-                    module: "m".into(),
-                    module_path: "m.wasm".into(),
-                    input: b"null".to_vec(),
-                    config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
-                    status: RunStatus::Pending,
-                },
-                lock: false,
-            });
-        }
+        setup.extend(["a", "b", "c"].map(new_run));
         let created = write_batch(&mut conn, &[&setup], &store.locks, &path).pop().unwrap().unwrap().created;
         let seqs: Vec<i64> = created.iter().map(|(r, _)| r.seq).collect();
         let entry = |run: usize, i: usize| Entry {
