@@ -184,9 +184,25 @@ struct Context {
     executor: Arc<Executor>,
 }
 
+/// The database, created if it does not exist (commands that create runs).
 fn open_store(cli: &Cli) -> Result<Arc<dyn Store>, Failure> {
     let store = SqliteStore::open(&cli.db, cli.durability)?;
     Ok(Arc::new(store))
+}
+
+/// The database, which must exist already (commands about existing runs):
+/// a mistyped path is not silently answered from a new, empty database.
+fn open_existing_store(cli: &Cli) -> Result<Arc<dyn Store>, Failure> {
+    if !cli.db.exists() {
+        return Err(Failure::new(
+            exit::FAILED,
+            anyhow!(
+                "there is no database at {} (`cairn run` or `cairn start` creates one; --db or CAIRN_DB picks another)",
+                cli.db.display()
+            ),
+        ));
+    }
+    open_store(cli)
 }
 
 fn context(cli: &Cli, store: Arc<dyn Store>) -> Result<Context, Failure> {
@@ -224,8 +240,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Resume(args) => resume(&cli, args).await,
-        Command::Runs { json } => list_runs(&*open_store(&cli)?, *json),
-        Command::Show { run_id, json } => show(&cli, &*open_store(&cli)?, run_id, *json),
+        Command::Runs { json } => list_runs(&*open_existing_store(&cli)?, *json),
+        Command::Show { run_id, json } => show(&cli, &*open_existing_store(&cli)?, run_id, *json),
         Command::Signal { run_id, name, payload } => signal(&cli, run_id, name, payload.as_deref()).await,
         Command::Cancel { run_id } => cancel(&cli, run_id).await,
     }
@@ -247,7 +263,7 @@ async fn commit(store: &dyn Store, writes: Vec<Write>) -> Result<(), Failure> {
 
 async fn signal(cli: &Cli, id: &str, name: &str, payload: Option<&str>) -> Result<u8, Failure> {
     let payload = parse_json(payload, "the signal payload")?;
-    let store = open_store(cli)?;
+    let store = open_existing_store(cli)?;
     let run = find_run(cli, &*store, id)?;
     if run.status.is_finished() {
         return Err(Failure::new(
@@ -261,7 +277,7 @@ async fn signal(cli: &Cli, id: &str, name: &str, payload: Option<&str>) -> Resul
 }
 
 async fn cancel(cli: &Cli, id: &str) -> Result<u8, Failure> {
-    let store = open_store(cli)?;
+    let store = open_existing_store(cli)?;
     let run = find_run(cli, &*store, id)?;
     if run.status == RunStatus::Cancelled {
         eprintln!("cairn: run {id} is already cancelled");
@@ -433,7 +449,7 @@ fn print_output(output: &[u8]) {
 }
 
 async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
-    let store = open_store(cli)?;
+    let store = open_existing_store(cli)?;
     if args.all {
         return resume_all(cli, store).await;
     }

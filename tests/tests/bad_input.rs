@@ -102,6 +102,25 @@ fn bad_input_is_refused_clearly_and_the_database_survives() {
     json_stdout(&w.run(&["resume", "good"]));
 }
 
+/// Commands about existing runs do not create a database at a mistyped path.
+#[test]
+fn commands_about_runs_need_an_existing_database() {
+    let w = World::new("no-db");
+    let missing = w.dir.join("typo.db");
+    for args in [
+        &["runs"][..],
+        &["show", "r"],
+        &["resume", "r"],
+        &["resume", "--all"],
+        &["cancel", "r"],
+        &["signal", "r", "go"],
+    ] {
+        let out = w.cmd(args).arg("--db").arg(&missing).output().unwrap();
+        assert_fails(&out, 1, &["no database at", "typo.db"]);
+        assert!(!missing.exists(), "`cairn {}` created {}", args.join(" "), missing.display());
+    }
+}
+
 #[test]
 fn files_that_are_not_cairn_databases_are_refused_untouched() {
     let w = World::new("bad-db");
