@@ -879,8 +879,10 @@ fn clock_time_get(mut caller: Caller<'_, HostState>, id: i32, _precision: i64, o
     Ok(if write_guest(&mut caller, out, &value.to_le_bytes()) { ERRNO_SUCCESS } else { ERRNO_FAULT })
 }
 
-/// Random bytes read by workflow code are journaled (this also covers std's
-/// `HashMap` keys); reads inside a live step closure are live.
+/// Random bytes read by workflow code come from the run's keyed stream
+/// (`crate::random`; this also covers std's `HashMap` keys), or are
+/// journaled for runs without a key; reads inside a live step closure are
+/// live.
 fn random_get(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
     let st = caller.data_mut();
     st.enter()?;

@@ -82,12 +82,12 @@ impl WasmEngine {
             // each) where a run calls a handful indirectly. Tables are small
             // (8 bytes an entry); only the part in use is zeroed.
             pool.table_keep_resident(TABLE_KEEP_RESIDENT);
-            // A fresh instance writes its data segments up front instead of
-            // mapping the memory image copy-on-write: that path reads a page
-            // before writing it, and each such copy-on-write fault also
-            // flushed the TLB of every other core (an IPI, and a VM exit
-            // here): about 5% of W2's CPU for a copy of 40 KiB or so.
-            config.memory_init_cow(false);
+            // Data segments are mapped copy-on-write from the module's
+            // memory image (Wasmtime's default): a run need not touch every
+            // page of its data (11 in a typical guest). With two executor threads,
+            // copying them up front had been about 5% faster (each
+            // copy-on-write fault also flushed the other core's TLB); with
+            // one executor thread per core but one, the image is 3-8% faster.
             // Not used: keeping a slot's touched linear-memory pages resident
             // and resetting them in place (`linear_memory_keep_resident` with
             // `pagemap_scan`). It saves the next instance its page faults (a
@@ -122,11 +122,16 @@ impl WasmEngine {
         &self.engine
     }
 
+    /// A module this process has loaded already, by hash.
+    pub fn loaded(&self, hash: &str) -> Option<Module> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+    }
+
     /// A module by hash: from the compiled cache when possible, otherwise
     /// compiled from `bytes()` and cached for next time.
     pub fn load(&self, hash: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<Module> {
-        if let Some(module) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(hash) {
-            return Ok(module.clone());
+        if let Some(module) = self.loaded(hash) {
+            return Ok(module);
         }
         let module = self.load_uncached(hash, bytes)?;
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), module.clone());

@@ -190,6 +190,11 @@ impl Executor {
         branches: Arc<Branches>,
         branch_mode: Option<BranchMode>,
     ) -> Result<WasmStore<HostState>, ExecError> {
+        // A history with journaled random reads was (partly) executed by a
+        // cairn from before run keys, which ignores the key: go on
+        // journaling, or the replay would not find the values it read.
+        let keyed = !history.iter().any(|e| e.kind == crate::journal::EntryKind::Random);
+        let random_key = run.random_key.filter(|_| keyed);
         let journal = Journal::new(history);
         let replaying = Arc::new(AtomicBool::new(journal.replaying()));
         let mut wasi = WasiCtxBuilder::new();
@@ -236,7 +241,7 @@ impl Executor {
             handles: Vec::new(),
             branch_result: None,
             pending_writes: Vec::new(),
-            random: run.random_key.map(crate::random::RandomStream::new),
+            random: random_key.map(crate::random::RandomStream::new),
         };
         let mut store = WasmStore::new(self.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -321,15 +326,23 @@ impl Executor {
         if run.cancel_requested {
             watch.request_cancel();
         }
-        let store = self.store.clone();
-        let module = self
-            .engine
-            .load(&run.module, || {
-                store
-                    .module(&run.module)?
-                    .ok_or_else(|| anyhow::anyhow!("module {} is not in the database", run.module))
-            })
-            .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?;
+        let module = match self.engine.loaded(&run.module) {
+            Some(module) => module,
+            // Reading a compiled module from the cache, or compiling one,
+            // takes milliseconds to a few hundred: not on an executor
+            // thread, which every other run in this process shares.
+            None => {
+                let (engine, store, hash) = (self.engine.clone(), self.store.clone(), run.module.clone());
+                tokio::task::spawn_blocking(move || {
+                    engine.load(&hash, || {
+                        store.module(&hash)?.ok_or_else(|| anyhow::anyhow!("module {hash} is not in the database"))
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the loading task failed: {e}")))
+                .map_err(|e| ExecError::Module(format!("run {}: cannot load its module: {e:#}", run.id)))?
+            }
+        };
         // Branches outlive the parent instance that spawned them (a retry
         // restarts the parent; they go on): one board per execution. A
         // branch attempt exists only after its spawn entry: no spawn, no query.

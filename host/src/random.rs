@@ -5,8 +5,9 @@
 //! the run (after a crash, a retry, in a branch instance) reads the same
 //! bytes at the same point, so they need no history entry, and so no commit
 //! before the next step runs. Only someone holding the database can predict
-//! them, as with values journaled in it. Inside a step closure reads are
-//! fresh: the step's outcome is what is recorded.
+//! them; unlike journaled values, the key also predicts the reads the run
+//! has yet to make. Inside a step closure reads are fresh: the step's
+//! outcome is what is recorded.
 
 use sha2::{Digest, Sha256};
 

@@ -94,8 +94,12 @@ impl World {
         out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("show --json prints JSON"))
     }
 
-    /// `cairn runs --json`, parsed.
+    /// `cairn runs --json`, parsed; none while no process has created the
+    /// database yet (`cairn runs` refuses a path with no database).
     pub fn runs(&self) -> Vec<serde_json::Value> {
+        if !self.db.exists() {
+            return Vec::new();
+        }
         let out = self.run(&["runs", "--json"]);
         assert!(out.status.success(), "runs failed: {}", text(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout)
