@@ -63,6 +63,10 @@ const QUICK: Sizes = Sizes {
     baseline_commits: 50,
 };
 
+/// Set (to the number of runs) in the child process that measures one
+/// repetition of W7.
+const W7_CHILD: &str = "CAIRN_BENCH_W7_CHILD";
+
 /// One line of the table.
 struct Row {
     id: &'static str,
@@ -89,6 +93,7 @@ struct Bench {
     sizes: &'static Sizes,
     /// `--only W2,W7`: run just these workloads.
     only: Option<Vec<String>>,
+    quick: bool,
     dir: PathBuf,
     cache: PathBuf,
     cairn: PathBuf,
@@ -275,7 +280,11 @@ fn main() -> Result<()> {
     let root = workspace();
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let out_dir = target.join("bench");
-    let dir = out_dir.join(if quick { "work-quick" } else { "work" });
+    let w7_child: Option<usize> = std::env::var(W7_CHILD).ok().and_then(|v| v.parse().ok());
+    let dir = match w7_child {
+        Some(_) => out_dir.join(format!("work-w7-{}", std::process::id())),
+        None => out_dir.join(if quick { "work-quick" } else { "work" }),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut bench = Bench {
@@ -287,6 +296,7 @@ fn main() -> Result<()> {
         counter: 0,
         w2_engine: None,
         only: std::env::args().skip_while(|a| a != "--only").nth(1).map(|v| v.split(',').map(str::to_string).collect()),
+        quick,
     };
     for (what, p) in [("the cairn binary", &bench.cairn), ("the benchflow guest", &bench.guest)] {
         if !p.exists() {
@@ -295,6 +305,14 @@ fn main() -> Result<()> {
     }
     // The runtime `cairn` itself runs on.
     let runtime = cairn::executor::runtime()?;
+    if let Some(runs) = w7_child {
+        let measured = runtime.block_on(w7_once(&mut bench, runs));
+        let _ = std::fs::remove_dir_all(&bench.dir);
+        let (per_run, before, after) = measured?;
+        println!("{}", json!({ "per_run": per_run, "before_kib": before, "after_kib": after }));
+        // Parked runs' tasks are not waited for.
+        std::process::exit(0);
+    }
     let rows = runtime.block_on(run_all(&mut bench))?;
     print_and_save(&rows, &out_dir, quick)?;
     let _ = std::fs::remove_dir_all(&bench.dir);
@@ -317,64 +335,26 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     eprintln!("baselines: {one:.0} durable 1-row commits/s, {hundred:.0} rows/s at 100 rows/commit");
     eprintln!("(W1 and W8 measure their own baseline next to each repetition)");
 
-    // W7 first: RSS is measured best on a heap no earlier workload grew.
+    // W7: each repetition in a child process of its own: RSS growth is
+    // measured best on a heap no earlier workload (or repetition) grew.
     if b.wants("W7") {
-        let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
         let w7_runs: usize =
             std::env::var("CAIRN_BENCH_W7_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(s.w7_runs);
-        let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
-        let before = rss_kib();
-        let mut set = tokio::task::JoinSet::new();
-        for run in runs {
-            let ex = h.executor.clone();
-            if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && set.is_empty() {
-                let f = async { ex.execute(&run).await };
-                eprintln!("W7: execute future is {} bytes", std::mem::size_of_val(&f));
+        let mut reps = Vec::new();
+        for _ in 0..s.reps {
+            let mut child = Command::new(std::env::current_exe()?);
+            child.env(W7_CHILD, w7_runs.to_string()).stderr(Stdio::inherit());
+            if b.quick {
+                child.arg("--quick");
             }
-            set.spawn(async move { ex.execute(&run).await });
+            let out = child.output()?;
+            if !out.status.success() {
+                bail!("W7: the measuring process failed ({})", out.status);
+            }
+            let v: Value = serde_json::from_slice(&out.stdout).context("W7: the measuring process's answer")?;
+            reps.push((v["per_run"].as_f64().unwrap_or(f64::NAN), v["before_kib"].clone(), v["after_kib"].clone()));
         }
-        let start = Instant::now();
-        loop {
-            let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
-            if parked == w7_runs {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(300) {
-                bail!("W7: only {parked} of {w7_runs} runs parked");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let after = rss_kib();
-        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
-            let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-            eprintln!("W7: rss before {before} KiB, after {after} KiB, {} mappings", maps.lines().count());
-            let mut big: Vec<(u64, String)> = Vec::new();
-            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-            let mut cur = String::new();
-            for l in smaps.lines() {
-                if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) {
-                    cur = l.to_string();
-                }
-                if let Some(r) = l.strip_prefix("Rss:") {
-                    let kb: u64 = r.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
-                    if kb > 1000 {
-                        big.push((kb, cur.clone()));
-                    }
-                }
-            }
-            big.sort();
-            for (kb, m) in big.iter().rev().take(8) {
-                eprintln!("  {kb} KiB {m}");
-            }
-        }
-        let per_run = (after.saturating_sub(before) as f64 * 1024.0) / w7_runs as f64;
-        set.abort_all();
-        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
-            while set.join_next().await.is_some() {}
-            let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-            eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
-        }
+        let per_run = median(reps.iter().map(|r| r.0).collect());
         rows.push(Row {
             id: "W7",
             workload: format!("{w7_runs} runs parked in ctx.sleep in one host"),
@@ -383,9 +363,12 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
             baseline: None,
             ratio: None,
             target: "<= 2048 bytes".into(),
-            extra: json!({ "rss_before_kib": before, "rss_after_kib": after }),
+            extra: json!({
+                "repetitions": reps.len(),
+                "bytes_per_run": reps.iter().map(|r| r.0).collect::<Vec<_>>(),
+                "rss_kib_before_after": reps.iter().map(|r| json!([r.1, r.2])).collect::<Vec<_>>(),
+            }),
         });
-        drop(h);
     }
 
     // W1 and W8: one run of sequential steps.
@@ -544,8 +527,7 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         let mut per_step = Vec::new();
         let mut totals = Vec::new();
         let mut loads = Vec::new();
-        for _ in 0..s.reps.min(if n > 10_000 { 1 } else { 3 }) {
-            let (us, total_ms, load_ms) = replay(b, n).await?;
+        for (us, total_ms, load_ms) in replay(b, n, s.reps).await? {
             per_step.push(us);
             totals.push(total_ms);
             loads.push(load_ms);
@@ -650,33 +632,99 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
     Ok(((first_new.saturating_sub(t0)) as f64 / 1e6, reruns))
 }
 
-/// W5: build an n-step history, then replay it completely as a resume would.
-async fn replay(b: &mut Bench, n: u32) -> Result<(f64, f64, f64)> {
+/// W5: build an n-step history, then replay it completely as a resume
+/// would, `reps` times: per replay, engine µs per step, total ms, module
+/// load ms.
+async fn replay(b: &mut Bench, n: u32, reps: usize) -> Result<Vec<(f64, f64, f64)>> {
     let h = b.host("W5", Durability::Process, None).await?;
     let runs = h.create(1, &json!({"mode": "steps", "n": n}), RunStatus::Running).await?;
     let run = runs[0].clone();
     h.execute_all(runs).await?;
-    // Make it unfinished again: the next execution replays every step.
-    h.store
-        .submit(vec![Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None }])
-        .await??;
-    let run = h.store.run(&run.id)?.context("W5 run")?;
-    let t = Instant::now();
-    let _module = h.engine.load(&run.module, || Ok(h.module.bytes.clone()))?;
-    let load_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let t = Instant::now();
-    let history = h.store.history(run.seq)?;
-    let history_ms = t.elapsed().as_secs_f64() * 1000.0;
-    drop(history);
-    let t = Instant::now();
-    match h.executor.execute(&run).await? {
-        RunOutcome::Completed(_) => {}
-        other => bail!("W5 replay did not complete: {other:?}"),
+    let mut measured = Vec::new();
+    for _ in 0..reps {
+        // Make it unfinished again: the next execution replays every step.
+        h.store
+            .submit(vec![Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None }])
+            .await??;
+        let run = h.store.run(&run.id)?.context("W5 run")?;
+        let t = Instant::now();
+        let _module = h.engine.load(&run.module, || Ok(h.module.bytes.clone()))?;
+        let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let t = Instant::now();
+        let history = h.store.history(run.seq)?;
+        let history_ms = t.elapsed().as_secs_f64() * 1000.0;
+        drop(history);
+        let t = Instant::now();
+        match h.executor.execute(&run).await? {
+            RunOutcome::Completed(_) => {}
+            other => bail!("W5 replay did not complete: {other:?}"),
+        }
+        let total_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let engine_ms = (total_ms - load_ms - history_ms).max(0.0);
+        measured.push((engine_ms * 1000.0 / n as f64, total_ms, load_ms));
     }
-    let total_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let engine_ms = (total_ms - load_ms - history_ms).max(0.0);
     let _ = std::fs::remove_file(&h.db);
-    Ok((engine_ms * 1000.0 / n as f64, total_ms, load_ms))
+    Ok(measured)
+}
+
+/// W7 in this process: park `w7_runs` runs in a long `ctx.sleep`; RSS
+/// growth per parked run, and RSS before and after (KiB).
+async fn w7_once(b: &mut Bench, w7_runs: usize) -> Result<(f64, u64, u64)> {
+    let h = b.host("W7", Durability::Process, Some(Duration::ZERO)).await?;
+    let runs = h.create(w7_runs, &json!({"mode": "park", "sleep_ms": 3_600_000}), RunStatus::Pending).await?;
+    let before = rss_kib();
+    let mut set = tokio::task::JoinSet::new();
+    for run in runs {
+        let ex = h.executor.clone();
+        if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() && set.is_empty() {
+            let f = async { ex.execute(&run).await };
+            eprintln!("W7: execute future is {} bytes", std::mem::size_of_val(&f));
+        }
+        set.spawn(async move { ex.execute(&run).await });
+    }
+    let start = Instant::now();
+    loop {
+        let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
+        if parked == w7_runs {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("W7: only {parked} of {w7_runs} runs parked");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss_kib();
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: rss before {before} KiB, after {after} KiB, {} mappings", maps.lines().count());
+        let mut big: Vec<(u64, String)> = Vec::new();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut cur = String::new();
+        for l in smaps.lines() {
+            if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) {
+                cur = l.to_string();
+            }
+            if let Some(r) = l.strip_prefix("Rss:") {
+                let kb: u64 = r.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+                if kb > 1000 {
+                    big.push((kb, cur.clone()));
+                }
+            }
+        }
+        big.sort();
+        for (kb, m) in big.iter().rev().take(8) {
+            eprintln!("  {kb} KiB {m}");
+        }
+    }
+    let per_run = (after.saturating_sub(before) as f64 * 1024.0) / w7_runs as f64;
+    set.abort_all();
+    if std::env::var_os("CAIRN_BENCH_DEBUG").is_some() {
+        while set.join_next().await.is_some() {}
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        eprintln!("W7: after aborting the tasks: rss {} KiB, {} mappings", rss_kib(), maps.lines().count());
+    }
+    Ok((per_run, before, after))
 }
 
 fn print_and_save(rows: &[Row], out_dir: &Path, quick: bool) -> Result<()> {
