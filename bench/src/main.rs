@@ -643,9 +643,8 @@ async fn replay(b: &mut Bench, n: u32, reps: usize) -> Result<Vec<(f64, f64, f64
     let mut measured = Vec::new();
     for _ in 0..reps {
         // Make it unfinished again: the next execution replays every step.
-        h.store
-            .submit(vec![Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None }])
-            .await??;
+        let running = Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None };
+        cairn::store::commit(&*h.store, vec![running]).await?;
         let run = h.store.run(&run.id)?.context("W5 run")?;
         let t = Instant::now();
         let _module = h.engine.load(&run.module, || Ok(h.module.bytes.clone()))?;

@@ -831,9 +831,7 @@ async fn finish(caller: &mut Caller<'_, HostState>, status: i32, ptr: i32, len: 
         Finished::Completed(out) => {
             Write::SetStatus { run: st.run_seq, status: RunStatus::Completed, output: Some(out.clone()), error: None }
         }
-        Finished::Failed(msg) => {
-            Write::SetStatus { run: st.run_seq, status: RunStatus::Failed, output: None, error: Some(msg.clone()) }
-        }
+        Finished::Failed(msg) => Write::failed(st.run_seq, msg.clone()),
     };
     st.commit(vec![write]).await?;
     caller.data_mut().finished = Some(finished);

@@ -487,8 +487,7 @@ impl Executor {
             st.commit_final(Vec::new()).await?;
             return Ok(Next::Restart);
         }
-        let write =
-            Write::SetStatus { run: st.run_seq, status: RunStatus::Failed, output: None, error: Some(message.clone()) };
+        let write = Write::failed(st.run_seq, message.clone());
         st.commit_final(vec![write]).await?;
         Ok(Next::Done(RunOutcome::Failed(message)))
     }

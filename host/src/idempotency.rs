@@ -19,9 +19,7 @@ pub fn idempotency_key(db_id: &str, run_id: &str, name: &str, occurrence: u32) -
         h.update(part);
     }
     h.update(occurrence.to_le_bytes());
-    let mut key = [0u8; 32];
-    hex::encode_to_slice(&h.finalize()[..16], &mut key).expect("16 bytes are 32 hex digits");
-    String::from_utf8(key.to_vec()).expect("hex digits are ASCII")
+    hex::encode(&h.finalize()[..16])
 }
 
 #[cfg(test)]

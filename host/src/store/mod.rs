@@ -153,6 +153,11 @@ impl Write {
         }
     }
 
+    /// The run ends as failed, with this error.
+    pub fn failed(run: i64, error: String) -> Self {
+        Write::SetStatus { run, status: RunStatus::Failed, output: None, error: Some(error) }
+    }
+
     /// The run ends as cancelled.
     pub fn cancelled(run: i64) -> Self {
         Write::SetStatus { run, status: RunStatus::Cancelled, output: None, error: Some("cancelled".into()) }

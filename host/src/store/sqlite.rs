@@ -544,15 +544,18 @@ fn write_items(
         return fail_all(conn, e);
     }
     let mut results = Vec::with_capacity(jobs.len());
-    // Outside isolation, the batch's history rows go in together at the end
-    // (a few multi-row INSERTs instead of a statement per row).
+    // History rows go in by a few multi-row INSERTs instead of a statement
+    // per row: the whole batch's at the end, or each item's own under
+    // isolation (inside its savepoint).
     let mut rows = Vec::new();
     for job in jobs {
         if isolate && let Err(e) = run(conn, "SAVEPOINT item") {
             return fail_all(conn, e);
         }
-        let result = apply(conn, job, locks, (!isolate).then_some(&mut rows));
+        let mut result = apply(conn, job, locks, &mut rows);
         if isolate {
+            result = result.and_then(|c| insert_rows(conn, &rows).map(|()| c));
+            rows.clear();
             let undo = match &result {
                 Ok(_) => run(conn, "RELEASE item"),
                 Err(_) => run(conn, "ROLLBACK TO item").and_then(|_| run(conn, "RELEASE item")),
@@ -596,15 +599,14 @@ fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
 /// A history row: run, position, entry.
 type Row<'a> = (i64, usize, &'a Entry);
 
-/// Apply one item's writes. History rows are collected in `rows` when it
-/// is given (the caller inserts them), and inserted at once otherwise.
+/// Apply one item's writes; its appended history rows are added to `rows`
+/// for the caller to insert.
 fn apply<'a>(
     tx: &Connection,
     writes: &'a [Write],
     locks: &LockFile,
-    rows: Option<&mut Vec<Row<'a>>>,
+    rows: &mut Vec<Row<'a>>,
 ) -> Result<Committed, StoreError> {
-    let mut rows = rows;
     let mut committed = Committed::default();
     for write in writes {
         match write {
@@ -613,13 +615,9 @@ fn apply<'a>(
                     .execute(params![hash, bytes, now_ms()])?;
             }
             Write::CreateRun { run, lock } => committed.created.push(create_run(tx, run, *lock, locks)?),
-            Write::Append { run, position, entries } => match rows.as_deref_mut() {
-                Some(rows) => rows.extend(entries.iter().enumerate().map(|(i, e)| (*run, position + i, e))),
-                None => insert_rows(
-                    tx,
-                    &entries.iter().enumerate().map(|(i, e)| (*run, position + i, e)).collect::<Vec<_>>(),
-                )?,
-            },
+            Write::Append { run, position, entries } => {
+                rows.extend(entries.iter().enumerate().map(|(i, e)| (*run, position + i, e)));
+            }
             Write::SetStatus { run, status, output, error } => {
                 let finished_at = status.is_finished().then(now_ms);
                 let n = tx
