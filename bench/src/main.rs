@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use cairn::engine::WasmEngine;
-use cairn::executor::{Executor, PreparedModule, RunOutcome};
+use cairn::model::{EntryKind, NewRun, RunConfig, RunRecord, RunStatus};
+use cairn::runtime::{Executor, PreparedModule, RunOutcome, WasmEngine};
 use cairn::store::sqlite::SqliteStore;
-use cairn::store::{Durability, NewRun, RunConfig, RunRecord, RunStatus, Store, Write};
+use cairn::store::{Durability, RunStore, Write};
 use serde_json::{Value, json};
 
 #[global_allocator]
@@ -107,7 +107,7 @@ struct Bench {
 /// An engine, a store and an executor on a fresh database.
 struct Host {
     executor: Arc<Executor>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn RunStore>,
     engine: Arc<WasmEngine>,
     module: Arc<PreparedModule>,
     db: PathBuf,
@@ -129,10 +129,10 @@ impl Bench {
 
     async fn host(&mut self, tag: &str, durability: Durability, park: Option<Duration>) -> Result<Host> {
         let db = self.fresh_db(tag);
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, durability)?);
+        let store: Arc<dyn RunStore> = Arc::new(SqliteStore::open(&db, durability)?);
         // Many-run workloads use the engine `cairn worker` uses (pooled);
         // single-run ones the one `cairn run` uses.
-        let pooled = || WasmEngine::pooled(Some(self.cache.clone()), cairn::engine::WORKER_POOL);
+        let pooled = || WasmEngine::pooled(Some(self.cache.clone()), cairn::runtime::engine::WORKER_POOL);
         let engine = if tag == "W2" {
             match &self.w2_engine {
                 Some(engine) => engine.clone(),
@@ -149,7 +149,8 @@ impl Bench {
             executor = executor.with_park_threshold(p);
         }
         let executor = Arc::new(executor.with_instance_limit(if tag == "W2" { W2_INSTANCES } else { 64 }));
-        let module = Arc::new(executor.prepare(&self.guest).await?);
+        let bytes = std::fs::read(&self.guest)?;
+        let module = Arc::new(executor.prepare(bytes, &self.guest.display().to_string()).await?);
         Ok(Host { executor, store, engine, module, db })
     }
 }
@@ -171,8 +172,9 @@ impl Host {
                 input: input.clone(),
                 config: config.clone(),
                 status,
+                random_key: cairn::runtime::random::new_key().map_err(|e| anyhow::anyhow!("{e}"))?,
             };
-            tickets.push(self.store.submit(vec![Write::CreateRun { run, lock: false }]));
+            tickets.push(self.store.submit(vec![Write::CreateRun { run, lease: false }]));
         }
         let mut runs = Vec::with_capacity(n);
         for t in tickets {
@@ -304,7 +306,7 @@ fn main() -> Result<()> {
         }
     }
     // The runtime `cairn` itself runs on.
-    let runtime = cairn::executor::runtime()?;
+    let runtime = cairn::runtime::executor::runtime()?;
     if let Some(runs) = w7_child {
         let measured = runtime.block_on(w7_once(&mut bench, runs));
         let _ = std::fs::remove_dir_all(&bench.dir);
@@ -608,8 +610,8 @@ async fn kill_and_resume(b: &mut Bench, steps: u32) -> Result<(f64, usize)> {
     child.wait()?;
     let committed = {
         let store = SqliteStore::open(&db, Durability::Power)?;
-        let run = store.run(&id)?.context("W4 run")?;
-        store.history(run.seq)?.iter().filter(|e| e.kind == cairn::journal::EntryKind::Step).count()
+        let run = store.run(&id).await?.context("W4 run")?;
+        store.history(run.key).await?.iter().filter(|e| e.kind == EntryKind::Step).count()
     };
     let before_resume = std::fs::read_to_string(&log)?;
     let at_kill = before_resume.lines().count();
@@ -643,14 +645,14 @@ async fn replay(b: &mut Bench, n: u32, reps: usize) -> Result<Vec<(f64, f64, f64
     let mut measured = Vec::new();
     for _ in 0..reps {
         // Make it unfinished again: the next execution replays every step.
-        let running = Write::SetStatus { run: run.seq, status: RunStatus::Running, output: None, error: None };
+        let running = Write::status(run.key, RunStatus::Running);
         cairn::store::commit(&*h.store, vec![running]).await?;
-        let run = h.store.run(&run.id)?.context("W5 run")?;
+        let run = h.store.run(&run.id).await?.context("W5 run")?;
         let t = Instant::now();
         let _module = h.engine.load(&run.module, || Ok(h.module.bytes.clone()))?;
         let load_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
-        let history = h.store.history(run.seq)?;
+        let history = h.store.history(run.key).await?;
         let history_ms = t.elapsed().as_secs_f64() * 1000.0;
         drop(history);
         let t = Instant::now();
@@ -683,7 +685,7 @@ async fn w7_once(b: &mut Bench, w7_runs: usize) -> Result<(f64, u64, u64)> {
     }
     let start = Instant::now();
     loop {
-        let parked = h.store.runs()?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
+        let parked = h.store.runs().await?.iter().filter(|r| r.status == RunStatus::Sleeping).count();
         if parked == w7_runs {
             break;
         }

@@ -86,8 +86,8 @@
 //! workflow that returns `Err` fails the run with that message. Failed runs
 //! keep their history (`cairn show RUN_ID`).
 
-mod abi;
 mod error;
+mod host_calls;
 
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -96,10 +96,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use abi::ABI_VERSION;
-pub use abi::cairn_abi_version;
 pub use cairn_abi::RetryPolicy;
 pub use error::Error;
+pub use host_calls::ABI_VERSION;
+pub use host_calls::cairn_abi_version;
 
 /// Run a workflow: read the run's input from the host, call `workflow`,
 /// and hand its output (or its error's text) back to the host.
@@ -120,27 +120,27 @@ where
     // keys record the draw at this fixed point of their history.)
     let _ = std::collections::hash_map::RandomState::new();
 
-    let input: I = match serde_json::from_slice(&abi::input()) {
+    let input: I = match serde_json::from_slice(&host_calls::input()) {
         Ok(input) => input,
         Err(e) => {
-            abi::finish(Err(&format!("invalid input for this workflow: {e}")));
+            host_calls::finish(Err(&format!("invalid input for this workflow: {e}")));
             return;
         }
     };
     let mut ctx = Ctx { _private: () };
     match workflow(&mut ctx, input) {
         Ok(output) => match serde_json::to_vec(&output) {
-            Ok(json) => abi::finish(Ok(&json)),
-            Err(e) => abi::finish(Err(&format!("the workflow's output cannot be serialized as JSON: {e}"))),
+            Ok(json) => host_calls::finish(Ok(&json)),
+            Err(e) => host_calls::finish(Err(&format!("the workflow's output cannot be serialized as JSON: {e}"))),
         },
-        Err(e) => abi::finish(Err(&e.to_string())),
+        Err(e) => host_calls::finish(Err(&e.to_string())),
     }
 }
 
 fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        abi::report_panic(&format!("workflow {info}"));
+        host_calls::report_panic(&format!("workflow {info}"));
         default(info);
     }));
 }
@@ -208,10 +208,10 @@ impl Ctx {
                 Error::new(format!("step \"{name}\": its recorded value does not fit the type asked for: {e}"))
             })
         };
-        match abi::step_begin(name, &policy.encode()) {
-            abi::Begin::Memoized(Ok(bytes)) => decode(&bytes),
-            abi::Begin::Memoized(Err(message)) => Err(Error::new(message)),
-            abi::Begin::Run { key, attempt } => {
+        match host_calls::step_begin(name, &policy.encode()) {
+            host_calls::Begin::Memoized(Ok(bytes)) => decode(&bytes),
+            host_calls::Begin::Memoized(Err(message)) => Err(Error::new(message)),
+            host_calls::Begin::Run { key, attempt } => {
                 // With attempts left after an error, the host starts a fresh
                 // instance and this call does not return.
                 let json = run_closure(Step { name: name.to_string(), key, attempt }, f)?;
@@ -262,9 +262,9 @@ impl Ctx {
     where
         T: Serialize + DeserializeOwned,
     {
-        match abi::spawn(name, &policy.encode()) {
-            abi::Spawned::Handle(handle) => Ok(Branch { handle, name: name.to_string(), _value: PhantomData }),
-            abi::Spawned::RunHere { key, attempt } => {
+        match host_calls::spawn(name, &policy.encode()) {
+            host_calls::Spawned::Handle(handle) => Ok(Branch { handle, name: name.to_string(), _value: PhantomData }),
+            host_calls::Spawned::RunHere { key, attempt } => {
                 let _ = run_closure(Step { name: name.to_string(), key, attempt }, f);
                 // The host ends a branch instance once its outcome is recorded.
                 unreachable!("the cairn host did not end the branch instance")
@@ -280,7 +280,7 @@ impl Ctx {
         A: DeserializeOwned,
         B: DeserializeOwned,
     {
-        let mut outcomes = abi::join(&[a.handle, b.handle]).into_iter();
+        let mut outcomes = host_calls::join(&[a.handle, b.handle]).into_iter();
         let (ra, rb) = (outcomes.next(), outcomes.next());
         let va = decode_branch::<A>(&a.name, ra);
         let vb = decode_branch::<B>(&b.name, rb);
@@ -291,7 +291,7 @@ impl Ctx {
     /// failed, returns the error of the first failed one in that order.
     pub fn join_all<T: DeserializeOwned>(&mut self, branches: Vec<Branch<T>>) -> Result<Vec<T>, Error> {
         let handles: Vec<u32> = branches.iter().map(|b| b.handle).collect();
-        let outcomes = abi::join(&handles);
+        let outcomes = host_calls::join(&handles);
         branches.iter().zip(outcomes).map(|(b, o)| decode_branch::<T>(&b.name, Some(o))).collect()
     }
 
@@ -304,7 +304,7 @@ impl Ctx {
     /// `std::thread::sleep` in workflow code is a durable timer too; inside
     /// a step closure it is an ordinary (live) sleep.
     pub fn sleep(&mut self, duration: Duration) -> Result<(), Error> {
-        abi::sleep(duration.as_millis().min(i64::MAX as u128) as i64);
+        host_calls::sleep(duration.as_millis().min(i64::MAX as u128) as i64);
         Ok(())
     }
 
@@ -317,7 +317,7 @@ impl Ctx {
     /// wait holds no memory: the run is dropped and replayed when the
     /// signal comes.
     pub fn wait_signal<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Error> {
-        let payload = abi::signal_wait(name, None).unwrap_or_default();
+        let payload = host_calls::signal_wait(name, None).unwrap_or_default();
         decode_signal(name, &payload)
     }
 
@@ -328,7 +328,7 @@ impl Ctx {
         name: &str,
         timeout: Duration,
     ) -> Result<Option<T>, Error> {
-        match abi::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
+        match host_calls::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),
         }
@@ -340,11 +340,11 @@ impl Ctx {
 fn run_closure<T: Serialize>(step: Step, f: impl FnOnce(&Step) -> Result<T, Error>) -> Result<Vec<u8>, Error> {
     match f(&step).and_then(|v| serde_json::to_vec(&v).map_err(Error::from)) {
         Ok(json) => {
-            abi::step_end(Ok(&json));
+            host_calls::step_end(Ok(&json));
             Ok(json)
         }
         Err(e) => {
-            abi::step_end(Err((e.message(), e.is_permanent())));
+            host_calls::step_end(Err((e.message(), e.is_permanent())));
             Err(e)
         }
     }

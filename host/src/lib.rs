@@ -1,31 +1,24 @@
 //! Cairn: a durable-execution engine for Rust workflows compiled to
 //! `wasm32-wasip1`.
 //!
-//! The parts, in the order a step flows through them (see
-//! `docs/architecture.md`):
-//! - [`cli`]: the `cairn` command.
-//! - [`executor`]: runs a run: module, sandbox, history, outcome.
-//! - [`abi`]: the host functions the guest calls (`docs/abi.md`), and the
-//!   WASI calls taken over for determinism.
-//! - [`branch`]: parallel branches (fork by replay).
-//! - [`journal`]: a run's history and the replay cursor over it.
-//! - [`store`]: the storage trait and its SQLite implementation (group commit).
-//! - [`engine`]: wasmtime configuration and the compiled-module cache.
-//! - [`lock`]: one executor per run, with instant takeover after a crash.
-//! - [`idempotency`]: step idempotency keys.
-//! - [`random`]: the per-run random stream workflow code reads.
-//! - [`worker`]: `cairn worker`, many runs at once.
-//! - [`watch`]: cancel requests and signals reaching an executing run.
+//! The layers, from the user inwards (`docs/architecture.md` follows one
+//! step through them):
+//! - [`cli`]: the `cairn` command, a thin shell: parse, call the service,
+//!   print, exit with the error's code.
+//! - [`service`]: what Cairn does for its users (start, resume, cancel,
+//!   signal, list, view, claim, subscribe), with typed errors and the one
+//!   table of exit codes and HTTP statuses; `service::worker` is `cairn worker`.
+//! - [`runtime`]: executing workflows: the wasmtime engine, the executor,
+//!   how an instance ended (`runtime::outcome`), the host imports the guest
+//!   calls (`runtime::imports`, one concern per file), the history and its
+//!   replay cursor (`runtime::journal`), parallel branches.
+//! - [`store`]: the store contract (commit items, leases, the change feed)
+//!   and its SQLite implementation; `store::conformance` is the suite any
+//!   store must pass.
+//! - [`model`]: the words every layer shares: runs, statuses, history entries.
 
-pub mod abi;
-pub mod branch;
 pub mod cli;
-pub mod engine;
-pub mod executor;
-pub mod idempotency;
-pub mod journal;
-pub mod lock;
-pub mod random;
+pub mod model;
+pub mod runtime;
+pub mod service;
 pub mod store;
-pub mod watch;
-pub mod worker;

@@ -1,0 +1,411 @@
+//! The `cairn` command line: parse (clap), call the service layer, print,
+//! and exit with the code of [`ServiceError::class`].
+
+mod print;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::model::{RunConfig, RunRecord, RunStatus};
+use crate::runtime::engine::{WORKER_POOL, default_cache_dir};
+use crate::runtime::{Executor, RunOutcome, WasmEngine};
+use crate::service::request::{self, ModuleSource};
+use crate::service::{Cancelled, ClaimedRun, Resumed, Service, ServiceError, StartMode, StartRequest, exit};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Durability, RunStore};
+
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about = "Durable execution for Rust workflows compiled to WebAssembly")]
+pub struct Cli {
+    /// The database file (created if missing).
+    #[arg(long, global = true, env = "CAIRN_DB", default_value = "cairn.db")]
+    pub db: PathBuf,
+    /// power: fsync before a step returns (survives power loss);
+    /// process: no fsync per commit (survives a killed process, not power loss).
+    #[arg(long, global = true, env = "CAIRN_DURABILITY", value_enum, default_value = "power")]
+    pub durability: DurabilityArg,
+    /// Where compiled modules are cached [default: $XDG_CACHE_HOME/cairn/modules or ~/.cache/cairn/modules].
+    #[arg(long, global = true, env = "CAIRN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// A run waiting longer than this (timer, retry backoff) drops its
+    /// instance and is replayed when it wakes.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 5.0)]
+    pub park_after: f64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a run of a workflow module and execute it in the foreground.
+    Run(RunArgs),
+    /// Record a pending run and print its id; `cairn worker` (or `cairn
+    /// resume ID`) executes it.
+    Start(RunArgs),
+    /// Execute pending and unfinished runs concurrently until stopped
+    /// (SIGTERM or Ctrl-C: in-flight runs finish or park, nothing is lost).
+    Worker {
+        /// Runs executing at once (parked runs do not count).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Continue an unfinished run from its history (or print a finished one's result).
+    Resume(ResumeArgs),
+    /// List runs.
+    Runs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver a signal to a run; it is kept until the run waits for it.
+    Signal {
+        run_id: String,
+        /// The signal's name, as the workflow waits for it.
+        name: String,
+        /// The payload, JSON [default: null].
+        payload: Option<String>,
+    },
+    /// Stop a run at its next host call or wake-up; its history is kept.
+    Cancel { run_id: String },
+    /// Show a run's history.
+    Show {
+        run_id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The workflow: a wasm32-wasip1 module built with cairn-sdk.
+    pub module: PathBuf,
+    /// The run's input: JSON, or @FILE to read it from a file [default: null].
+    #[arg(long)]
+    pub input: Option<String>,
+    /// The run's id [default: a new UUIDv7].
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Grant a host directory to the guest, as HOST or HOST::GUEST (repeatable).
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    pub dirs: Vec<String>,
+    /// Give the guest an environment variable (repeatable; stored in the database in clear).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Memory limit per instance, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub max_memory: u64,
+    /// CPU seconds a guest may run without reaching a host call (a step, a clock read, ...).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub max_cpu: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The run to continue.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub run_id: Option<String>,
+    /// Continue every unfinished run that no live process holds; one JSON line per run.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `--durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// fsync before a step returns: survives power loss.
+    Power,
+    /// Written to the OS before a step returns, no fsync per commit: survives
+    /// a killed process, not a power loss.
+    Process,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(d: DurabilityArg) -> Self {
+        match d {
+            DurabilityArg::Power => Durability::Power,
+            DurabilityArg::Process => Durability::Process,
+        }
+    }
+}
+
+/// An error with the exit code it ends the process with.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure { code: exit::USAGE, error: anyhow::anyhow!(message.into()) }
+    }
+}
+
+impl From<ServiceError> for Failure {
+    fn from(e: ServiceError) -> Self {
+        Failure { code: e.class().exit, error: e.into() }
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        ServiceError::from(e).into()
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: exit::FAILED, error }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match crate::runtime::executor::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("cairn: error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// The database, created if it does not exist (commands that create runs).
+fn open_store(cli: &Cli) -> Result<Arc<dyn RunStore>, Failure> {
+    Ok(Arc::new(SqliteStore::open(&cli.db, cli.durability.into())?))
+}
+
+/// The database, which must exist already (commands about existing runs):
+/// a mistyped path is not silently answered from a new, empty database.
+fn open_existing_store(cli: &Cli) -> Result<Arc<dyn RunStore>, Failure> {
+    if !cli.db.exists() {
+        return Err(ServiceError::NoDatabase(cli.db.display().to_string()).into());
+    }
+    open_store(cli)
+}
+
+/// An executor on `store`; `pool`: instance slots of a pooled engine (for
+/// many runs at once).
+fn executor(cli: &Cli, store: Arc<dyn RunStore>, pool: Option<u32>) -> Result<Executor, Failure> {
+    let cache = cli.cache_dir.clone().or_else(default_cache_dir);
+    let engine = Arc::new(match pool {
+        Some(n) => WasmEngine::pooled(cache, n)?,
+        None => WasmEngine::new(cache)?,
+    });
+    if !(cli.park_after >= 0.0 && cli.park_after.is_finite()) {
+        return Err(Failure::usage("--park-after must be a number of seconds"));
+    }
+    Ok(Executor::new(engine, store)?.with_park_threshold(Duration::from_secs_f64(cli.park_after)))
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Run(args) => run(&cli, args).await,
+        Command::Start(args) => start(&cli, args).await,
+        Command::Worker { concurrency } => {
+            if *concurrency == 0 {
+                return Err(Failure::usage("--concurrency must be at least 1"));
+            }
+            let store = open_store(&cli)?;
+            // Slots for the live runs and their branches; address space only.
+            let slots = (*concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
+            let executor = executor(&cli, store.clone(), Some(slots))?;
+            crate::service::worker::run_worker(Arc::new(executor), &Service::new(store), *concurrency).await?;
+            Ok(exit::OK)
+        }
+        Command::Resume(args) => resume(&cli, args).await,
+        Command::Runs { json } => {
+            let runs = Service::new(open_existing_store(&cli)?).list_runs().await?;
+            print::runs(&runs, *json);
+            Ok(exit::OK)
+        }
+        Command::Show { run_id, json } => {
+            let view = Service::new(open_existing_store(&cli)?).run_view(run_id).await?;
+            print::run_view(&view, *json);
+            Ok(exit::OK)
+        }
+        Command::Signal { run_id, name, payload } => {
+            let payload = request::json_payload(payload.as_deref(), "the signal payload")?;
+            Service::new(open_existing_store(&cli)?).signal(run_id, name, payload).await?;
+            eprintln!("cairn: signal {name:?} sent to run {run_id}");
+            Ok(exit::OK)
+        }
+        Command::Cancel { run_id } => {
+            match Service::new(open_existing_store(&cli)?).cancel(run_id).await? {
+                Cancelled::Already => eprintln!("cairn: run {run_id} is already cancelled"),
+                Cancelled::Done => eprintln!("cairn: run {run_id} cancelled"),
+                Cancelled::Requested => eprintln!(
+                    "cairn: cancel of run {run_id} requested; the process executing it stops it at its next host call"
+                ),
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// The run `run` and `start` describe.
+fn start_request(args: &RunArgs) -> Result<StartRequest, Failure> {
+    let input = match args.input.as_deref() {
+        None => request::json_payload(None, "--input")?,
+        Some(s) => match s.strip_prefix('@') {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| Failure::usage(format!("cannot read --input file {file}: {e}")))?;
+                request::json_payload(Some(&text), "--input")?
+            }
+            None => request::json_payload(Some(s), "--input")?,
+        },
+    };
+    let run_id = args.run_id.as_deref().map(request::run_id).transpose()?;
+    let dirs = args.dirs.iter().map(|d| request::dir_grant(d)).collect::<Result<Vec<_>, _>>()?;
+    let env = args.env.iter().map(|e| request::env_var(e)).collect::<Result<Vec<_>, _>>()?;
+    let (max_memory_mib, max_cpu_ms) = request::limits(args.max_memory, args.max_cpu)?;
+    Ok(StartRequest {
+        module: ModuleSource { bytes: Vec::new(), shown: args.module.display().to_string() },
+        input,
+        run_id,
+        config: RunConfig { dirs, env, max_memory_mib, max_cpu_ms },
+    })
+}
+
+/// Check the module and record the run.
+async fn create_run(
+    cli: &Cli,
+    args: &RunArgs,
+    mode: StartMode,
+) -> Result<(Arc<Executor>, Service, crate::service::StartedRun), Failure> {
+    let mut request = start_request(args)?;
+    let store = open_store(cli)?;
+    let service = Service::new(store.clone());
+    if let Some(id) = &request.run_id
+        && store.run(id).await?.is_some()
+    {
+        return Err(ServiceError::RunExists(id.clone()).into());
+    }
+    let executor = Arc::new(executor(cli, store, None)?);
+    request.module = ModuleSource::read(&args.module)?;
+    let started = service.start_run(&executor, request, mode).await?;
+    Ok((executor, service, started))
+}
+
+async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+    let (executor, _service, started) = create_run(cli, args, StartMode::Execute).await?;
+    let id = &started.run.id;
+    eprintln!("cairn: run {id} started (if interrupted: cairn resume {id})");
+    let code = execute_foreground(&executor, &started.run).await;
+    drop(started.lease);
+    code
+}
+
+async fn start(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
+    let (_, _, started) = create_run(cli, args, StartMode::Queue).await?;
+    println!("{}", started.run.id);
+    Ok(exit::OK)
+}
+
+async fn execute_foreground(executor: &Arc<Executor>, run: &RunRecord) -> Result<u8, Failure> {
+    let started = Instant::now();
+    let outcome = executor.execute(run).await.map_err(ServiceError::from)?;
+    let elapsed = started.elapsed();
+    match outcome {
+        RunOutcome::Completed(output) => {
+            eprintln!("cairn: run {} completed in {:.1?}", run.id, elapsed);
+            print::output(&output);
+            Ok(exit::OK)
+        }
+        RunOutcome::Failed(error) => {
+            eprintln!("cairn: run {} failed: {error}", run.id);
+            Ok(exit::FAILED)
+        }
+        RunOutcome::Cancelled => {
+            eprintln!("cairn: run {} was cancelled", run.id);
+            Ok(exit::FAILED)
+        }
+    }
+}
+
+/// A finished run's result, as `resume` reports it.
+fn report_finished(run: &RunRecord) -> u8 {
+    if run.status == RunStatus::Completed {
+        print::output(run.output.as_deref().unwrap_or(b"null"));
+        return exit::OK;
+    }
+    eprintln!(
+        "cairn: run {} {}: {}",
+        run.id,
+        run.status.as_str(),
+        run.error.as_deref().unwrap_or("(no error recorded)")
+    );
+    exit::FAILED
+}
+
+async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
+    let store = open_existing_store(cli)?;
+    let service = Service::new(store.clone());
+    if args.all {
+        return resume_all(cli, &service).await;
+    }
+    let id = args.run_id.as_deref().expect("clap requires a run id without --all");
+    let ClaimedRun { run, lease } = match service.resume(id).await? {
+        Resumed::Finished(run) => return Ok(report_finished(&run)),
+        Resumed::Claimed(claimed) => claimed,
+    };
+    let executor = Arc::new(executor(cli, store, None)?);
+    eprintln!("cairn: resuming run {id} ({} steps recorded)", run.steps);
+    let code = execute_foreground(&executor, &run).await;
+    drop(lease);
+    code
+}
+
+async fn resume_all(cli: &Cli, service: &Service) -> Result<u8, Failure> {
+    let executor = Arc::new(executor(cli, service.store().clone(), None)?);
+    let (claimed, busy) = service.resume_all().await?;
+    for id in busy {
+        eprintln!("cairn: skipping run {id}: another process is executing it");
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for claimed in claimed {
+        let executor = executor.clone();
+        tasks.spawn(async move {
+            let id = claimed.run.id.clone();
+            (id, Service::execute(&executor, claimed).await)
+        });
+    }
+    let mut code = exit::OK;
+    while let Some(joined) = tasks.join_next().await {
+        let (id, result) = joined.map_err(|e| anyhow::anyhow!("a run task failed: {e}"))?;
+        let line = match result {
+            Ok(RunOutcome::Completed(out)) => {
+                let output: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+                json!({"id": id, "status": "completed", "output": output})
+            }
+            Ok(RunOutcome::Failed(error)) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "failed", "error": error})
+            }
+            Ok(RunOutcome::Cancelled) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "cancelled"})
+            }
+            Err(e) => {
+                code = exit::FAILED;
+                json!({"id": id, "status": "error", "error": e.to_string()})
+            }
+        };
+        println!("{line}");
+    }
+    Ok(code)
+}

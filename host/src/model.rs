@@ -1,0 +1,273 @@
+//! The words every layer shares: runs, their status and grants, history
+//! entries. Nothing here knows about a database, wasmtime or a terminal.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The store's own number for a run: never reused, compact, and what every
+/// write and change event names. (People use the run's id, a string.)
+/// On SQLite it is also the run's byte in the lock file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey(pub i64);
+
+impl fmt::Display for RunKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// The status of a run, as stored and as printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Pending,
+    Running,
+    Sleeping,
+    Waiting,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Pending,
+        RunStatus::Running,
+        RunStatus::Sleeping,
+        RunStatus::Waiting,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// The statuses a run never leaves.
+    pub const FINISHED: [RunStatus; 3] = [RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "pending",
+            RunStatus::Running => "running",
+            RunStatus::Sleeping => "sleeping",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        RunStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Completed, failed and cancelled runs never execute again.
+    pub fn is_finished(self) -> bool {
+        RunStatus::FINISHED.contains(&self)
+    }
+}
+
+/// What a run was granted and limited to; stored with the run and reused by
+/// every resume, so a resumed run sees the same sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Preopened directories: (host path, guest path).
+    #[serde(default)]
+    pub dirs: Vec<(PathBuf, String)>,
+    /// Environment variables (stored in the database in clear).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Linear-memory limit per instance, in MiB.
+    pub max_memory_mib: u64,
+    /// CPU time a guest may run without reaching a host call, in milliseconds.
+    pub max_cpu_ms: u64,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub key: RunKey,
+    pub id: String,
+    /// SHA-256 of the module, hex.
+    pub module: String,
+    /// The path the module was started from (for people; never loaded again).
+    pub module_path: String,
+    pub input: Vec<u8>,
+    pub config: RunConfig,
+    pub status: RunStatus,
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    /// Entries of the history that count as steps ([`Entry::counts_as_step`]).
+    pub steps: u64,
+    /// `cairn cancel` asked for this run to stop.
+    pub cancel_requested: bool,
+    /// The key of the random bytes workflow code reads outside step
+    /// closures (see `runtime::random`), drawn when the run was created.
+    /// `None` for runs created before there were keys: their reads are
+    /// journaled instead.
+    pub random_key: Option<[u8; 32]>,
+}
+
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub module: String,
+    pub module_path: String,
+    pub input: Vec<u8>,
+    pub config: RunConfig,
+    pub status: RunStatus,
+    pub random_key: [u8; 32],
+}
+
+/// What kind of thing a history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// The outcome of one attempt of a durable step.
+    Step,
+    /// A clock read by workflow code (outside step closures).
+    Clock,
+    /// Random bytes read by workflow code (outside step closures), in runs
+    /// without a random key.
+    Random,
+    /// A durable timer (`ctx.sleep`, or `std::thread::sleep` in workflow
+    /// code): its absolute wake-up time.
+    Timer,
+    /// A signal received: its payload (JSON), or empty if the wait timed out.
+    Signal,
+    /// A parallel branch started (its outcome is kept by branch, elsewhere).
+    Spawn,
+}
+
+impl EntryKind {
+    pub const ALL: [EntryKind; 6] =
+        [EntryKind::Step, EntryKind::Clock, EntryKind::Random, EntryKind::Timer, EntryKind::Signal, EntryKind::Spawn];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Step => "step",
+            EntryKind::Clock => "clock",
+            EntryKind::Random => "random",
+            EntryKind::Timer => "timer",
+            EntryKind::Signal => "signal",
+            EntryKind::Spawn => "spawn",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        EntryKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// How an entry ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryStatus {
+    /// A step that returned a value, or a recorded read.
+    Completed,
+    /// A step whose closure returned `Err`: the error is its memoized outcome.
+    Error,
+    /// A step attempt that failed (an `Err`, a panic, a trap, a limit, a
+    /// timeout) and will be retried: not memoized; the next attempt runs the
+    /// closure again, not before the retry time in `output`.
+    Failed,
+}
+
+impl EntryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryStatus::Completed => "completed",
+            EntryStatus::Error => "error",
+            EntryStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [EntryStatus::Completed, EntryStatus::Error, EntryStatus::Failed].into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One entry of a run's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    /// Step name; clock name (`realtime`, `monotonic`); empty for random.
+    pub name: String,
+    /// 1 for the first step of this name in the run, 2 for the second, ...
+    pub occurrence: u32,
+    pub attempt: u32,
+    pub status: EntryStatus,
+    /// Step value (JSON); clock value (u64 little-endian); random bytes;
+    /// timer wake-up or failed attempt's retry time (Unix ms, i64
+    /// little-endian).
+    pub output: Vec<u8>,
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    pub finished_at: i64,
+}
+
+impl Entry {
+    /// The entry kinds a run's step count counts (a spawn stands for its
+    /// branch), when their status is not [`Entry::UNCOUNTED_STATUS`].
+    pub const COUNTED_KINDS: [EntryKind; 2] = [EntryKind::Step, EntryKind::Spawn];
+    /// A failed attempt is not a step: its retry, or final error, is.
+    pub const UNCOUNTED_STATUS: EntryStatus = EntryStatus::Failed;
+
+    /// An entry that records an event rather than a step attempt (a read,
+    /// a timer, a signal, a spawn), timestamped now.
+    pub fn event(kind: EntryKind, name: impl Into<String>, occurrence: u32, output: Vec<u8>) -> Entry {
+        let now = now_ms();
+        Entry {
+            kind,
+            name: name.into(),
+            occurrence,
+            attempt: 0,
+            status: EntryStatus::Completed,
+            output,
+            error: None,
+            started_at: now,
+            finished_at: now,
+        }
+    }
+
+    /// Whether the entry counts in a run's step count.
+    pub fn counts_as_step(&self) -> bool {
+        Entry::COUNTED_KINDS.contains(&self.kind) && self.status != Entry::UNCOUNTED_STATUS
+    }
+
+    /// A short description for error messages: `step "charge" #2`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            EntryKind::Step => format!("step \"{}\" #{}", self.name, self.occurrence),
+            EntryKind::Clock => format!("a read of the {} clock", self.name),
+            EntryKind::Random => format!("a read of {} random bytes", self.output.len()),
+            EntryKind::Timer => "a timer".to_string(),
+            EntryKind::Signal => format!("signal \"{}\"", self.name),
+            EntryKind::Spawn => format!("branch \"{}\" #{}", self.name, self.occurrence),
+        }
+    }
+
+    /// The Unix-ms time of a `Timer` entry or of a `Failed` attempt's retry.
+    pub fn time_value(&self) -> Option<i64> {
+        let bytes: [u8; 8] = self.output.as_slice().try_into().ok()?;
+        Some(i64::from_le_bytes(bytes))
+    }
+
+    /// The clock value of a `Clock` entry.
+    pub fn clock_value(&self) -> Option<u64> {
+        let bytes: [u8; 8] = self.output.as_slice().try_into().ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Unix microseconds now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

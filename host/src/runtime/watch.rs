@@ -1,0 +1,177 @@
+//! How the outside world reaches a run that is executing: cancel requests
+//! and signals, from this process or another (`cairn cancel`, `cairn
+//! signal`, the HTTP API).
+//!
+//! One task per executor listens to the store's change feed (control events
+//! only) and sets flags and wakes waiters; host calls read an atomic, never
+//! the database.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Notify;
+
+use crate::model::RunKey;
+use crate::store::feed::FeedError;
+use crate::store::{ChangeKind, RunStore, Subscription};
+
+/// Per-run flags shared between the watcher and the run's instances.
+#[derive(Debug, Default)]
+pub struct RunWatch {
+    cancel: AtomicBool,
+    notify: Notify,
+}
+
+impl RunWatch {
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.poke();
+    }
+
+    /// Wake everything of the run that waits in [`RunWatch::changed`] (the
+    /// parent instance, branch instances sleeping in a step), and keep one
+    /// wake-up for a waiter that is about to wait, so a poke between a
+    /// look at the signals and the wait is not lost (a spurious wake-up
+    /// only makes the waiter look again).
+    pub fn poke(&self) {
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// Resolves at the next `poke` or cancel request (or at once if one
+    /// came since the last wait).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[derive(Default)]
+struct Runs {
+    watched: HashMap<RunKey, Weak<RunWatch>>,
+    /// Runs with a cancel request seen in the feed and not yet finished: a
+    /// run registered just after its cancel event still sees it.
+    cancelled: HashSet<RunKey>,
+}
+
+/// An executor's registry of executing runs, fed by the change feed.
+pub struct Watcher {
+    store: Arc<dyn RunStore>,
+    runs: Mutex<Runs>,
+    /// Taken by the listening task when the first run registers. Subscribed
+    /// when the watcher is made, before any run is claimed, so no cancel
+    /// committed after a run's record was read can be missed.
+    subscription: Mutex<Option<Subscription>>,
+    started: AtomicBool,
+}
+
+/// Unregisters a run when its execution ends.
+pub struct Registration {
+    watcher: Arc<Watcher>,
+    run: RunKey,
+    pub watch: Arc<RunWatch>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.watcher.lock().watched.remove(&self.run);
+    }
+}
+
+impl Watcher {
+    pub fn new(store: Arc<dyn RunStore>) -> Arc<Self> {
+        let subscription = store.subscribe_control();
+        Arc::new(Watcher {
+            store,
+            runs: Mutex::default(),
+            subscription: Mutex::new(Some(subscription)),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Runs> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watch a run while the registration lives. Starts the listening task
+    /// on first use (inside a tokio runtime).
+    pub fn register(self: &Arc<Self>, run: RunKey) -> Registration {
+        let watch = Arc::new(RunWatch::default());
+        {
+            let mut runs = self.lock();
+            runs.watched.insert(run, Arc::downgrade(&watch));
+            if runs.cancelled.contains(&run) {
+                watch.request_cancel();
+            }
+        }
+        if !self.started.swap(true, Ordering::Relaxed) {
+            let subscription = self.subscription.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(subscription) = subscription {
+                tokio::spawn(listen(Arc::downgrade(self), subscription));
+            }
+        }
+        Registration { watcher: self.clone(), run, watch }
+    }
+
+    fn watched(&self, run: RunKey) -> Option<Arc<RunWatch>> {
+        self.lock().watched.get(&run).and_then(Weak::upgrade)
+    }
+
+    /// After missing events: look at every executing run again.
+    async fn resync(&self) {
+        let watched: Vec<(RunKey, Arc<RunWatch>)> =
+            self.lock().watched.iter().filter_map(|(k, w)| Some((*k, w.upgrade()?))).collect();
+        let cancelled: HashSet<RunKey> = match self.store.unfinished_runs().await {
+            Ok(runs) => runs.into_iter().filter(|r| r.cancel_requested).map(|r| r.key).collect(),
+            Err(e) => {
+                eprintln!("cairn: watcher: {e}");
+                HashSet::new()
+            }
+        };
+        for (key, watch) in watched {
+            if cancelled.contains(&key) {
+                watch.request_cancel();
+            } else {
+                // A signal may have come: the run looks again.
+                watch.poke();
+            }
+        }
+        self.lock().cancelled.extend(cancelled);
+    }
+}
+
+async fn listen(watcher: Weak<Watcher>, mut subscription: Subscription) {
+    loop {
+        let event = subscription.recv().await;
+        let Some(w) = watcher.upgrade() else { return };
+        match event {
+            Ok(event) => match event.kind {
+                ChangeKind::Signal => {
+                    if let Some(watch) = w.watched(event.run) {
+                        watch.poke();
+                    }
+                }
+                ChangeKind::Cancel => {
+                    let watch = {
+                        let mut runs = w.lock();
+                        runs.cancelled.insert(event.run);
+                        runs.watched.get(&event.run).and_then(Weak::upgrade)
+                    };
+                    if let Some(watch) = watch {
+                        watch.request_cancel();
+                    }
+                }
+                // A finished run needs no more watching.
+                _ => {
+                    w.lock().cancelled.remove(&event.run);
+                }
+            },
+            Err(FeedError::Lagged(_)) => w.resync().await,
+            Err(FeedError::Closed) => return,
+        }
+    }
+}

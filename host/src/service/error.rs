@@ -1,0 +1,108 @@
+//! Every error a user of Cairn can get, and what each becomes: one exit
+//! code for the command line and one HTTP status and code for the API, in
+//! one table ([`ServiceError::class`]).
+
+use crate::runtime::ExecError;
+use crate::runtime::imports::Fatal;
+use crate::store::StoreError;
+
+/// Exit codes of the `cairn` command (also in the README).
+pub mod exit {
+    /// The run completed (or the command succeeded).
+    pub const OK: u8 = 0;
+    /// The run failed, or the command could not do its job.
+    pub const FAILED: u8 = 1;
+    /// Bad usage or bad input (clap uses it too).
+    pub const USAGE: u8 = 2;
+    /// Replay diverged from the history; nothing was written.
+    pub const NON_DETERMINISM: u8 = 3;
+    /// The run, or the database, is held by another process right now.
+    pub const BUSY: u8 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A request's own content is wrong (an id, a grant, a JSON payload, a limit).
+    #[error("{0}")]
+    BadInput(String),
+    /// The workflow module cannot be used (not wasm, not a Cairn workflow,
+    /// another ABI version, unreadable).
+    #[error("{0}")]
+    BadModule(String),
+    #[error("there is no database at {0} (`cairn run` or `cairn start` creates one; --db or CAIRN_DB picks another)")]
+    NoDatabase(String),
+    #[error("there is no run with id {id:?} in {location} (`cairn runs` lists them)")]
+    RunNotFound { id: String, location: String },
+    #[error("a run with id {0:?} already exists; continue it with `cairn resume {0}`")]
+    RunExists(String),
+    /// The run is finished, so it cannot take what was asked (`what`).
+    #[error("run {id} is {status}: {what}")]
+    RunFinished { id: String, status: &'static str, what: &'static str },
+    #[error(
+        "run {0} is being executed by another cairn process right now; wait for it, or stop that process and resume again"
+    )]
+    RunBusy(String),
+    #[error(transparent)]
+    Exec(ExecError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// What an error becomes at each edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorClass {
+    /// The `cairn` command's exit code.
+    pub exit: u8,
+    /// The HTTP status of the API.
+    pub http: u16,
+    /// The API's `error` code.
+    pub code: &'static str,
+}
+
+const fn class(exit: u8, http: u16, code: &'static str) -> ErrorClass {
+    ErrorClass { exit, http, code }
+}
+
+impl ServiceError {
+    /// The one table.
+    pub fn class(&self) -> ErrorClass {
+        use ServiceError as E;
+        match self {
+            E::BadInput(_) => class(exit::USAGE, 422, "invalid_request"),
+            E::BadModule(_) => class(exit::USAGE, 400, "invalid_module"),
+            E::NoDatabase(_) => class(exit::FAILED, 503, "no_database"),
+            E::RunNotFound { .. } => class(exit::FAILED, 404, "not_found"),
+            E::RunExists(_) => class(exit::USAGE, 409, "conflict"),
+            E::RunFinished { .. } => class(exit::FAILED, 409, "finished"),
+            E::RunBusy(_) => class(exit::BUSY, 409, "busy"),
+            E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => class(exit::NON_DETERMINISM, 409, "non_determinism"),
+            E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { source: e, .. })) | E::Store(e) => {
+                store_class(e)
+            }
+            E::Exec(_) => class(exit::FAILED, 500, "internal"),
+        }
+    }
+}
+
+fn store_class(e: &StoreError) -> ErrorClass {
+    match e {
+        StoreError::Locked { .. } => class(exit::BUSY, 503, "busy"),
+        StoreError::RunExists(_) => class(exit::USAGE, 409, "conflict"),
+        _ => class(exit::FAILED, 500, "internal"),
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::RunExists(id) => ServiceError::RunExists(id),
+            e => ServiceError::Store(e),
+        }
+    }
+}
+
+impl From<ExecError> for ServiceError {
+    fn from(e: ExecError) -> Self {
+        ServiceError::Exec(e)
+    }
+}

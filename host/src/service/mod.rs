@@ -1,0 +1,295 @@
+//! What Cairn does for its users, whichever way they reach it: start,
+//! resume, cancel and signal runs, list and view them, claim work for a
+//! worker, and subscribe to changes. Typed values in, typed values and
+//! [`ServiceError`]s out; the command line (`cli`) and the coming HTTP
+//! server are shells over these calls.
+
+mod error;
+pub mod request;
+pub mod views;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{ErrorClass, ServiceError, exit};
+pub use request::StartRequest;
+pub use views::RunView;
+
+use crate::model::{NewRun, RunKey, RunRecord, RunStatus};
+use crate::runtime::random;
+use crate::runtime::{Executor, RunOutcome};
+use crate::store::{ChangeKind, Lease, RunStore, Subscription, Write, commit};
+
+/// How long `cancel` waits for the executing process to stop the run.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// A run this process may execute: it holds the lease, and the record was
+/// read under it.
+#[derive(Debug)]
+pub struct ClaimedRun {
+    pub run: RunRecord,
+    pub lease: Lease,
+}
+
+/// How a new run is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// `running`, leased by this process, to execute here at once.
+    Execute,
+    /// `pending`, for a worker (or `resume`) to claim.
+    Queue,
+}
+
+/// A created run, with its lease when it was created to execute here.
+#[derive(Debug)]
+pub struct StartedRun {
+    pub run: RunRecord,
+    pub lease: Option<Lease>,
+}
+
+/// What an attempt to claim a run found.
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(ClaimedRun),
+    /// Another process holds it.
+    Busy,
+    /// It is finished.
+    Finished(RunRecord),
+}
+
+/// What `resume` found.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The run is finished; nothing was executed.
+    Finished(RunRecord),
+    /// The run is claimed by this process, to execute.
+    Claimed(ClaimedRun),
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was cancelled before.
+    Already,
+    /// It is cancelled now.
+    Done,
+    /// The process executing it was asked to stop it (and has not yet).
+    Requested,
+}
+
+pub struct Service {
+    store: Arc<dyn RunStore>,
+}
+
+impl Service {
+    pub fn new(store: Arc<dyn RunStore>) -> Self {
+        Service { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn RunStore> {
+        &self.store
+    }
+
+    /// Committed changes from now on (see `store::feed`).
+    pub fn subscribe(&self) -> Subscription {
+        self.store.subscribe()
+    }
+
+    /// A run by id, or the error that names what is missing.
+    pub async fn find_run(&self, id: &str) -> Result<RunRecord, ServiceError> {
+        self.store.run(id).await?.ok_or_else(|| ServiceError::RunNotFound {
+            id: id.to_string(),
+            location: self.store.location().to_string(),
+        })
+    }
+
+    /// Check the module and record a new run of it. With
+    /// [`StartMode::Execute`] the run is leased by this process before
+    /// anyone else can see it.
+    pub async fn start_run(
+        &self,
+        executor: &Executor,
+        request: StartRequest,
+        mode: StartMode,
+    ) -> Result<StartedRun, ServiceError> {
+        let id = match request.run_id {
+            Some(id) => id,
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        if self.store.run(&id).await?.is_some() {
+            return Err(ServiceError::RunExists(id));
+        }
+        let prepared = executor
+            .prepare(request.module.bytes, &request.module.shown)
+            .await
+            .map_err(|e| ServiceError::BadModule(e.to_string()))?;
+        let random_key = random::new_key()
+            .map_err(|e| ServiceError::Store(crate::store::StoreError::Backend(format!("no randomness: {e}"))))?;
+        let status = match mode {
+            StartMode::Execute => RunStatus::Running,
+            StartMode::Queue => RunStatus::Pending,
+        };
+        let new = NewRun {
+            id,
+            module: prepared.hash.clone(),
+            module_path: request.module.shown,
+            input: request.input,
+            config: request.config,
+            status,
+            random_key,
+        };
+        let writes = vec![
+            Write::PutModule { hash: prepared.hash, bytes: prepared.bytes },
+            Write::CreateRun { run: new, lease: mode == StartMode::Execute },
+        ];
+        let committed = commit(&*self.store, writes).await?;
+        let (run, lease) =
+            committed.created.into_iter().next().ok_or_else(|| {
+                ServiceError::Store(crate::store::StoreError::Commit("the run was not created".into()))
+            })?;
+        Ok(StartedRun { run, lease })
+    }
+
+    /// Take the run's lease, then read the run again under it (its
+    /// previous holder may have finished it meanwhile): the one way a run
+    /// is claimed, by `resume`, `resume --all` and workers alike.
+    pub async fn claim(&self, run: &RunRecord) -> Result<Claim, ServiceError> {
+        let Some(lease) = self.store.lease(run.key).await? else {
+            return Ok(Claim::Busy);
+        };
+        match self.store.run(&run.id).await? {
+            Some(run) if !run.status.is_finished() => Ok(Claim::Claimed(ClaimedRun { run, lease })),
+            Some(run) => Ok(Claim::Finished(run)),
+            None => Err(ServiceError::RunNotFound { id: run.id.clone(), location: self.store.location().to_string() }),
+        }
+    }
+
+    /// Claim up to `max` unfinished runs, oldest first, passing over those
+    /// `skip` names (held by this process already, or left alone).
+    pub async fn claim_next(&self, max: usize, skip: impl Fn(RunKey) -> bool) -> Result<Vec<ClaimedRun>, ServiceError> {
+        let mut claimed = Vec::new();
+        if max == 0 {
+            return Ok(claimed);
+        }
+        for run in self.store.unfinished_runs().await? {
+            if claimed.len() >= max {
+                break;
+            }
+            if skip(run.key) {
+                continue;
+            }
+            if let Claim::Claimed(c) = self.claim(&run).await? {
+                claimed.push(c);
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Get ready to continue a run: finished runs are answered as they are;
+    /// an unfinished one is claimed, or refused while another process holds it.
+    pub async fn resume(&self, id: &str) -> Result<Resumed, ServiceError> {
+        let run = self.find_run(id).await?;
+        if run.status.is_finished() {
+            return Ok(Resumed::Finished(run));
+        }
+        match self.claim(&run).await? {
+            Claim::Claimed(claimed) => Ok(Resumed::Claimed(claimed)),
+            Claim::Busy => Err(ServiceError::RunBusy(id.to_string())),
+            Claim::Finished(run) => Ok(Resumed::Finished(run)),
+        }
+    }
+
+    /// Every unfinished run no live process holds, claimed; the ids of
+    /// those another process holds.
+    pub async fn resume_all(&self) -> Result<(Vec<ClaimedRun>, Vec<String>), ServiceError> {
+        let (mut claimed, mut busy) = (Vec::new(), Vec::new());
+        for run in self.store.unfinished_runs().await? {
+            match self.claim(&run).await? {
+                Claim::Claimed(c) => claimed.push(c),
+                Claim::Busy => busy.push(run.id),
+                Claim::Finished(_) => {}
+            }
+        }
+        Ok((claimed, busy))
+    }
+
+    /// Execute a claimed run to its end in this process.
+    pub async fn execute(executor: &Arc<Executor>, claimed: ClaimedRun) -> Result<RunOutcome, ServiceError> {
+        let outcome = executor.execute(&claimed.run).await;
+        drop(claimed.lease);
+        Ok(outcome?)
+    }
+
+    /// Deliver a signal; it is kept until the run waits for it.
+    pub async fn signal(&self, id: &str, name: &str, payload: Vec<u8>) -> Result<(), ServiceError> {
+        let run = self.find_run(id).await?;
+        if run.status.is_finished() {
+            return Err(ServiceError::RunFinished {
+                id: id.to_string(),
+                status: run.status.as_str(),
+                what: "it will not receive signals",
+            });
+        }
+        commit(&*self.store, vec![Write::SendSignal { run: run.key, name: name.to_string(), payload }]).await?;
+        Ok(())
+    }
+
+    /// Stop a run: at once if nobody executes it, else by asking its
+    /// executor, which stops it at its next host call or wake-up (waited
+    /// for a few seconds).
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled, ServiceError> {
+        let run = self.find_run(id).await?;
+        if run.status == RunStatus::Cancelled {
+            return Ok(Cancelled::Already);
+        }
+        if run.status.is_finished() {
+            return Err(ServiceError::RunFinished {
+                id: id.to_string(),
+                status: run.status.as_str(),
+                what: "there is nothing to cancel",
+            });
+        }
+        let request = Write::RequestCancel { run: run.key };
+        if let Some(lease) = self.store.lease(run.key).await? {
+            // Nobody executes it: cancel it here, under its lease.
+            commit(&*self.store, vec![request, Write::cancelled(run.key)]).await?;
+            drop(lease);
+            return Ok(Cancelled::Done);
+        }
+        let mut changes = self.store.subscribe_control();
+        commit(&*self.store, vec![request]).await?;
+        let finished = async {
+            loop {
+                match changes.recv().await {
+                    Ok(e) if e.run == run.key && e.kind == ChangeKind::Status => return true,
+                    Ok(_) => {}
+                    // Missed some: look at the run itself.
+                    Err(crate::store::feed::FeedError::Lagged(_)) => {
+                        if self.store.run(id).await.ok().flatten().is_some_and(|r| r.status.is_finished()) {
+                            return true;
+                        }
+                    }
+                    Err(crate::store::feed::FeedError::Closed) => return false,
+                }
+            }
+        };
+        match tokio::time::timeout(CANCEL_WAIT, finished).await {
+            Ok(true) => Ok(Cancelled::Done),
+            _ => Ok(Cancelled::Requested),
+        }
+    }
+
+    /// All runs, oldest first.
+    pub async fn list_runs(&self) -> Result<Vec<RunRecord>, ServiceError> {
+        Ok(self.store.runs().await?)
+    }
+
+    /// A run with its history and its branches' attempts.
+    pub async fn run_view(&self, id: &str) -> Result<RunView, ServiceError> {
+        let run = self.find_run(id).await?;
+        let history = self.store.history(run.key).await?;
+        let branches = self.store.branch_attempts(run.key).await?;
+        Ok(RunView { run, history, branches })
+    }
+}

@@ -1,0 +1,126 @@
+//! What people see of runs, as JSON: the objects of `cairn runs --json`
+//! and `cairn show --json` (and of the HTTP API). Guest-provided text is
+//! carried as JSON strings, so it is escaped whatever it holds.
+
+use serde_json::{Value, json};
+
+use crate::model::{Entry, EntryKind, EntryStatus, RunRecord};
+
+/// A run with its history and its branches' attempts.
+#[derive(Debug, Clone)]
+pub struct RunView {
+    pub run: RunRecord,
+    pub history: Vec<Entry>,
+    pub branches: Vec<Entry>,
+}
+
+/// A branch's state as its spawn entry shows it: status, output, error.
+pub struct BranchState {
+    pub status: String,
+    pub output: Value,
+    pub error: Option<String>,
+}
+
+impl RunView {
+    /// The branch a spawn entry started, by its final attempt.
+    pub fn spawn_state(&self, spawn: &Entry) -> BranchState {
+        let last = self
+            .branches
+            .iter()
+            .filter(|b| b.name == spawn.name && b.occurrence == spawn.occurrence)
+            .max_by_key(|b| b.attempt);
+        match last {
+            Some(b) if b.status != EntryStatus::Failed => {
+                BranchState { status: b.status.as_str().to_string(), output: entry_output(b), error: b.error.clone() }
+            }
+            _ => BranchState { status: "running".to_string(), output: Value::Null, error: None },
+        }
+    }
+
+    /// `cairn show --json`.
+    pub fn to_json(&self) -> Value {
+        let entries: Vec<Value> = self
+            .history
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if e.kind == EntryKind::Spawn {
+                    let state = self.spawn_state(e);
+                    let mut v = entry_json(Some(i), e, state.output);
+                    v["branch_status"] = json!(state.status);
+                    v["error"] = json!(state.error);
+                    v
+                } else {
+                    entry_json(Some(i), e, entry_output(e))
+                }
+            })
+            .collect();
+        let mut obj = run_summary(&self.run);
+        obj["input"] = output_json(Some(&self.run.input));
+        obj["output"] = output_json(self.run.output.as_deref());
+        obj["history"] = Value::Array(entries);
+        obj["branches"] = Value::Array(self.branches.iter().map(|b| entry_json(None, b, entry_output(b))).collect());
+        obj
+    }
+}
+
+/// RFC 3339 with milliseconds, for Unix ms.
+pub fn time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Stored JSON bytes as a value (text that is not JSON as a string).
+pub fn output_json(bytes: Option<&[u8]>) -> Value {
+    bytes.map_or(Value::Null, |b| {
+        serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into()))
+    })
+}
+
+/// One run, as `cairn runs --json` lists it.
+pub fn run_summary(r: &RunRecord) -> Value {
+    json!({
+        "id": r.id,
+        "module": r.module,
+        "module_path": r.module_path,
+        "status": r.status.as_str(),
+        "steps": r.steps,
+        "created_at": time(r.created_at),
+        "finished_at": r.finished_at.map(time),
+        "error": r.error,
+    })
+}
+
+/// What an entry holds, for people.
+pub fn entry_output(e: &Entry) -> Value {
+    match e.kind {
+        EntryKind::Step if e.status == EntryStatus::Completed => output_json(Some(&e.output)),
+        EntryKind::Step => e.time_value().map_or(Value::Null, |t| json!({ "retry_at": time(t) })),
+        EntryKind::Timer => e.time_value().map_or(Value::Null, |t| json!({ "wake_at": time(t) })),
+        EntryKind::Signal if e.output.is_empty() => json!({ "timed_out": true }),
+        EntryKind::Signal => output_json(Some(&e.output)),
+        // Filled in from the branch's attempts (`RunView::spawn_state`).
+        EntryKind::Spawn => Value::Null,
+        EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
+        EntryKind::Random => Value::String(hex::encode(&e.output)),
+    }
+}
+
+fn entry_json(position: Option<usize>, e: &Entry, output: Value) -> Value {
+    let mut v = json!({
+        "kind": e.kind.as_str(),
+        "name": e.name,
+        "occurrence": e.occurrence,
+        "attempt": e.attempt,
+        "status": e.status.as_str(),
+        "output": output,
+        "error": e.error,
+        "started_at": time(e.started_at),
+        "finished_at": time(e.finished_at),
+        "duration_ms": e.finished_at - e.started_at,
+    });
+    if let Some(p) = position {
+        v["position"] = json!(p);
+    }
+    v
+}

@@ -1,0 +1,131 @@
+//! `cairn worker`: execute pending and unfinished runs, many at once.
+//!
+//! The worker claims runs by taking their lease (so two workers, or a worker
+//! and `cairn resume`, never execute the same run), and executes each on
+//! its own task. At most `concurrency` instances are live at once; a run
+//! that parks (a long timer or signal wait) gives its slot back and costs
+//! only a task until it wakes. On SIGTERM or Ctrl-C the worker stops
+//! claiming, lets live instances finish or park, then exits: everything a
+//! run committed is in the database, and the leases go with the process.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use super::{Service, ServiceError};
+use crate::model::RunKey;
+use crate::runtime::{ExecError, Executor, RunOutcome};
+
+/// How often an idle worker looks for new runs.
+const CLAIM_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a stopping worker waits for live instances.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency: usize) -> Result<(), ServiceError> {
+    let executor = Arc::new(
+        Arc::try_unwrap(executor)
+            .map_err(|_| ServiceError::Exec(ExecError::Module("the executor is shared".into())))?
+            .with_instance_limit(concurrency),
+    );
+    let slots = executor.instance_limit().expect("set above").clone();
+    // Runs this process holds (an OS lock taken twice by the same process
+    // would not refuse).
+    let held: Arc<Mutex<HashSet<RunKey>>> = Arc::default();
+    // Runs that could not execute (non-determinism, a bad module): not
+    // claimed again by this worker.
+    let mut skipped: HashSet<RunKey> = HashSet::new();
+    let mut tasks: JoinSet<(RunKey, String, Result<RunOutcome, ExecError>)> = JoinSet::new();
+    let mut stop = Box::pin(shutdown_signal());
+    eprintln!("cairn worker: started (concurrency {concurrency})");
+
+    'claiming: loop {
+        // Claim while there are free slots.
+        let free = slots.available_permits();
+        let claimed = service
+            .claim_next(free, |run| {
+                skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
+            })
+            .await?;
+        for claimed in claimed {
+            let run = claimed.run.key;
+            held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
+            let (executor, held) = (executor.clone(), held.clone());
+            tasks.spawn(async move {
+                let result = executor.execute(&claimed.run).await;
+                held.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
+                drop(claimed.lease);
+                (run, claimed.run.id, result)
+            });
+        }
+        // Wait for a run to end, the next look, or the stop signal.
+        let pause = tokio::time::sleep(CLAIM_INTERVAL);
+        tokio::select! {
+            _ = &mut stop => break 'claiming,
+            _ = pause => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(run) = report(done) {
+                    skipped.insert(run);
+                }
+            }
+        }
+    }
+
+    eprintln!("cairn worker: stopping; waiting for live instances to finish or park");
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        loop {
+            tokio::select! {
+                // Every slot free: no instance is live; the rest are parked.
+                permits = slots.acquire_many(all) => { drop(permits); break }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => { report(done); }
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!(
+            "cairn worker: instances still live after {SHUTDOWN_GRACE:?}; their unfinished steps run again on resume"
+        );
+    }
+    slots.close();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    eprintln!("cairn worker: stopped");
+    Ok(())
+}
+
+/// Log how a run ended; returns its key if it must not be claimed again.
+fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::task::JoinError>) -> Option<RunKey> {
+    let (run, id, result) = match done {
+        Ok(d) => d,
+        Err(e) if e.is_cancelled() => return None,
+        Err(e) => {
+            eprintln!("cairn worker: a run task failed: {e}");
+            return None;
+        }
+    };
+    match result {
+        Ok(RunOutcome::Completed(_)) => eprintln!("cairn worker: run {id} completed"),
+        Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {error}"),
+        Ok(RunOutcome::Cancelled) => eprintln!("cairn worker: run {id} cancelled"),
+        Err(ExecError::ShuttingDown) => {}
+        Err(e) => {
+            eprintln!("cairn worker: run {id} cannot execute: {e}; this worker leaves it alone");
+            return Some(run);
+        }
+    }
+    None
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

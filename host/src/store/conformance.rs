@@ -1,0 +1,314 @@
+//! The store conformance suite: what every [`RunStore`] must do, written
+//! against the contract alone. A store's tests instantiate it with
+//! `suite!(open, reopen)`: `open(name)` gives a fresh, empty store, and
+//! `reopen(&store)` a second handle on the same database, as another
+//! process would have (its own leases, its own change feed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::{Entry, EntryKind, EntryStatus, NewRun, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::store::{ChangeEvent, ChangeKind, RunStore, StoreError, Subscription, Write, commit};
+
+/// A generous bound for "soon": a test fails only if something never happens.
+const SOON: Duration = Duration::from_secs(5);
+
+pub(crate) type Open = fn(&str) -> Arc<dyn RunStore>;
+pub(crate) type Reopen = fn(&Arc<dyn RunStore>) -> Arc<dyn RunStore>;
+
+fn new_run(id: &str) -> NewRun {
+    NewRun {
+        id: id.into(),
+        module: "m".into(),
+        module_path: "m.wasm".into(),
+        input: b"null".to_vec(),
+        config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
+        status: RunStatus::Pending,
+        random_key: [7; 32],
+    }
+}
+
+fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
+    Entry {
+        kind: EntryKind::Step,
+        name: name.into(),
+        occurrence,
+        attempt: 1,
+        status,
+        output: format!("\"{name}{occurrence}\"").into_bytes(),
+        error: None,
+        started_at: 1,
+        finished_at: 2,
+    }
+}
+
+/// Create runs of module "m" (stored with them).
+async fn create(store: &dyn RunStore, ids: &[&str]) -> Vec<RunRecord> {
+    let mut writes = vec![Write::PutModule { hash: "m".into(), bytes: b"\0asm".to_vec() }];
+    writes.extend(ids.iter().map(|id| Write::CreateRun { run: new_run(id), lease: false }));
+    commit(store, writes).await.expect("create runs").created.into_iter().map(|(r, _)| r).collect()
+}
+
+async fn next(sub: &mut Subscription) -> ChangeEvent {
+    tokio::time::timeout(SOON, sub.recv()).await.expect("an event comes").expect("the feed is open")
+}
+
+pub(crate) async fn commit_is_atomic(open: Open) {
+    let store = open("atomic");
+    let [a] = &create(&*store, &["a"]).await[..] else { panic!() };
+    // A run created with a write that fails: neither lands.
+    let bad = vec![
+        Write::CreateRun { run: new_run("b"), lease: false },
+        Write::Append { run: a.key, position: 0, entries: vec![step("x", 1, EntryStatus::Completed)] },
+        Write::status(RunKey(i64::MAX), RunStatus::Completed),
+    ];
+    let err = commit(&*store, bad).await.expect_err("a write of a missing run fails the item");
+    assert!(matches!(err, StoreError::NoSuchRun(_)), "{err:?}");
+    assert!(store.run("b").await.unwrap().is_none(), "the run of the failed item was not created");
+    assert!(store.history(a.key).await.unwrap().is_empty(), "the append of the failed item did not land");
+    // The same without the bad write: all of it lands.
+    let entries = vec![step("x", 1, EntryStatus::Completed), step("y", 1, EntryStatus::Failed)];
+    let good = vec![
+        Write::Append { run: a.key, position: 0, entries: entries.clone() },
+        Write::SetStatus { run: a.key, status: RunStatus::Completed, output: Some(b"1".to_vec()), error: None },
+    ];
+    commit(&*store, good).await.expect("commit");
+    assert_eq!(store.history(a.key).await.unwrap(), entries);
+    let a = store.run("a").await.unwrap().expect("run a");
+    assert_eq!((a.status, a.output.as_deref(), a.steps), (RunStatus::Completed, Some(&b"1"[..]), 1));
+    assert!(a.finished_at.is_some());
+    let dup = commit(&*store, vec![Write::CreateRun { run: new_run("a"), lease: false }]).await;
+    assert!(matches!(dup, Err(StoreError::RunExists(id)) if id == "a"));
+}
+
+pub(crate) async fn one_bad_item_fails_alone(open: Open) {
+    let store = open("group");
+    let runs = create(&*store, &["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"]).await;
+    // Submitted together, so a store that groups commits groups them.
+    let tickets: Vec<_> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut writes =
+                vec![Write::Append { run: r.key, position: 0, entries: vec![step("s", 1, EntryStatus::Completed)] }];
+            if i == 3 {
+                writes.push(Write::status(RunKey(i64::MAX - 1), RunStatus::Running));
+            }
+            store.submit(writes)
+        })
+        .collect();
+    for (i, ticket) in tickets.into_iter().enumerate() {
+        let result = ticket.await.expect("answered");
+        assert_eq!(result.is_err(), i == 3, "item {i}: {result:?}");
+    }
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(store.history(r.key).await.unwrap().len(), usize::from(i != 3), "run {i}");
+    }
+    // A second entry at a taken position fails that item only.
+    let tickets = [
+        store.submit(vec![Write::Append {
+            run: runs[0].key,
+            position: 0,
+            entries: vec![step("t", 1, EntryStatus::Completed)],
+        }]),
+        store.submit(vec![Write::Append {
+            run: runs[1].key,
+            position: 1,
+            entries: vec![step("t", 1, EntryStatus::Completed)],
+        }]),
+    ];
+    let mut results = Vec::new();
+    for ticket in tickets {
+        results.push(ticket.await.expect("answered").map(|_| ()));
+    }
+    assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
+}
+
+pub(crate) async fn lease_is_exclusive_and_taken_over(open: Open, reopen: Reopen) {
+    let a = open("lease");
+    let b = reopen(&a);
+    let [run] = &create(&*a, &["x"]).await[..] else { panic!() };
+    let held = a.lease(run.key).await.unwrap().expect("a free run can be leased");
+    assert_eq!(held.run(), run.key);
+    assert!(b.lease(run.key).await.unwrap().is_none(), "another holder is refused");
+    drop(held);
+    let taken = b.lease(run.key).await.unwrap().expect("a released lease is taken over at once");
+    assert!(a.lease(run.key).await.unwrap().is_none(), "and is then refused to the first holder");
+    drop(taken);
+    // A run created with a lease is held before anyone can see it.
+    let created = commit(&*a, vec![Write::CreateRun { run: new_run("y"), lease: true }]).await.unwrap();
+    let (record, lease) = created.created.into_iter().next().expect("created");
+    assert!(lease.is_some(), "created with its lease");
+    assert!(b.lease(record.key).await.unwrap().is_none(), "a new run's lease is held from the start");
+    drop(lease);
+    assert!(b.lease(record.key).await.unwrap().is_some());
+}
+
+pub(crate) async fn change_feed_in_order_and_replayable(open: Open) {
+    let store = open("feed");
+    let mut all = store.subscribe();
+    let mut control = store.subscribe_control();
+    let before = store.last_seq().await.unwrap();
+    let [run] = &create(&*store, &["f"]).await[..] else { panic!() };
+    let k = run.key;
+    let entries = vec![step("a", 1, EntryStatus::Completed), step("b", 1, EntryStatus::Completed)];
+    commit(&*store, vec![Write::Append { run: k, position: 0, entries }, Write::status(k, RunStatus::Running)])
+        .await
+        .unwrap();
+    commit(&*store, vec![Write::SendSignal { run: k, name: "go".into(), payload: b"1".to_vec() }]).await.unwrap();
+    commit(&*store, vec![Write::BranchAttempt { run: k, entry: step("br", 1, EntryStatus::Completed) }]).await.unwrap();
+    commit(&*store, vec![Write::RequestCancel { run: k }]).await.unwrap();
+    commit(&*store, vec![Write::cancelled(k)]).await.unwrap();
+    let want = [
+        (ChangeKind::Created, None, Some(RunStatus::Pending)),
+        (ChangeKind::History, Some(0), None),
+        (ChangeKind::History, Some(1), None),
+        (ChangeKind::Status, None, Some(RunStatus::Running)),
+        (ChangeKind::Signal, None, None),
+        (ChangeKind::Branch, None, None),
+        (ChangeKind::Cancel, None, None),
+        (ChangeKind::Status, None, Some(RunStatus::Cancelled)),
+    ];
+    let mut got = Vec::new();
+    for _ in want {
+        got.push(next(&mut all).await);
+    }
+    let shape: Vec<_> = got.iter().map(|e| (e.kind, e.position, e.status)).collect();
+    assert_eq!(shape, want, "{got:?}");
+    assert!(got.iter().all(|e| e.run == k && e.ts_us > 0));
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert!(got[0].seq > before);
+    assert_eq!(store.last_seq().await.unwrap(), got.last().unwrap().seq);
+    // The same events, read back from the store.
+    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    assert_eq!(store.changes_since(got[2].seq, 3).await.unwrap(), got[3..6]);
+    // Control listeners get only what executing runs wait for.
+    let control_got = [next(&mut control).await, next(&mut control).await, next(&mut control).await];
+    let kinds: Vec<_> = control_got.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [ChangeKind::Signal, ChangeKind::Cancel, ChangeKind::Status]);
+    assert_eq!(control_got[2].status, Some(RunStatus::Cancelled));
+}
+
+pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: Reopen) {
+    let here = open("foreign");
+    let there = reopen(&here);
+    let [run] = &create(&*here, &["g"]).await[..] else { panic!() };
+    let mut all = here.subscribe();
+    let mut control = here.subscribe_control();
+    // Committed by the other handle, after the subscription.
+    commit(&*there, vec![Write::SendSignal { run: run.key, name: "go".into(), payload: b"2".to_vec() }]).await.unwrap();
+    let event = next(&mut all).await;
+    assert_eq!((event.run, event.kind), (run.key, ChangeKind::Signal));
+    assert_eq!(next(&mut control).await, event, "control listeners get it too");
+    // Mixed with this process's own commits: each event exactly once.
+    commit(&*here, vec![Write::status(run.key, RunStatus::Running)]).await.unwrap();
+    commit(&*there, vec![Write::RequestCancel { run: run.key }]).await.unwrap();
+    let (a, b) = (next(&mut all).await, next(&mut all).await);
+    let mut kinds = [a.kind, b.kind];
+    kinds.sort_by_key(|k| k.as_str());
+    assert_eq!(kinds, [ChangeKind::Cancel, ChangeKind::Status]);
+    let quiet = tokio::time::timeout(Duration::from_millis(200), all.recv()).await;
+    assert!(quiet.is_err(), "no duplicates: {quiet:?}");
+}
+
+pub(crate) async fn signals_are_consumed_once(open: Open) {
+    let store = open("signals");
+    let [run] = &create(&*store, &["s"]).await[..] else { panic!() };
+    let k = run.key;
+    for payload in [&b"1"[..], b"2"] {
+        commit(&*store, vec![Write::SendSignal { run: k, name: "go".into(), payload: payload.to_vec() }])
+            .await
+            .unwrap();
+    }
+    commit(&*store, vec![Write::SendSignal { run: k, name: "other".into(), payload: b"9".to_vec() }]).await.unwrap();
+    let consume = |position: usize| Write::ConsumeSignal {
+        run: k,
+        name: "go".into(),
+        entry: (position, Entry::event(EntryKind::Signal, "go", 0, Vec::new())),
+    };
+    // Two waits submitted together: each takes a different signal, in order.
+    let (first, second) = (store.submit(vec![consume(0)]), store.submit(vec![consume(1)]));
+    let first = first.await.unwrap().unwrap().signal;
+    let second = second.await.unwrap().unwrap().signal;
+    assert_eq!((first.as_deref(), second.as_deref()), (Some(&b"1"[..]), Some(&b"2"[..])));
+    let none = commit(&*store, vec![consume(2)]).await.unwrap().signal;
+    assert_eq!(none, None, "no third \"go\": the other signal is not taken");
+    let history = store.history(k).await.unwrap();
+    let payloads: Vec<&[u8]> = history.iter().map(|e| e.output.as_slice()).collect();
+    assert_eq!(payloads, [&b"1"[..], b"2"], "each consumed signal is journaled where it was taken");
+}
+
+pub(crate) async fn cancel_is_recorded(open: Open) {
+    let store = open("cancel");
+    let [run, other] = &create(&*store, &["c", "d"]).await[..] else { panic!() };
+    commit(&*store, vec![Write::RequestCancel { run: run.key }]).await.unwrap();
+    let unfinished = store.unfinished_runs().await.unwrap();
+    let flags: Vec<(String, bool)> = unfinished.iter().map(|r| (r.id.clone(), r.cancel_requested)).collect();
+    assert_eq!(flags, [("c".to_string(), true), ("d".to_string(), false)]);
+    commit(&*store, vec![Write::cancelled(run.key)]).await.unwrap();
+    let ids: Vec<String> = store.unfinished_runs().await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, [other.id.clone()], "a cancelled run is finished");
+    let c = store.run("c").await.unwrap().unwrap();
+    assert_eq!((c.status, c.error.as_deref()), (RunStatus::Cancelled, Some("cancelled")));
+    let all: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(all, ["c", "d"], "oldest first");
+}
+
+pub(crate) async fn modules_and_branches_read_back(open: Open) {
+    let store = open("reads");
+    let [run] = &create(&*store, &["m"]).await[..] else { panic!() };
+    assert_eq!(store.module("m").await.unwrap().as_deref(), Some(&b"\0asm"[..]));
+    assert_eq!(store.module("nope").await.unwrap(), None);
+    let mut late = step("b", 1, EntryStatus::Completed);
+    late.finished_at = 10;
+    let mut early = step("a", 1, EntryStatus::Failed);
+    early.finished_at = 5;
+    for e in [&late, &early] {
+        commit(&*store, vec![Write::BranchAttempt { run: run.key, entry: e.clone() }]).await.unwrap();
+    }
+    assert_eq!(store.branch_attempts(run.key).await.unwrap(), [early, late], "in the order they ended");
+    assert!(store.run("missing").await.unwrap().is_none());
+}
+
+/// Instantiate every test of the suite for one store.
+macro_rules! suite {
+    ($open:ident, $reopen:ident) => {
+        mod conformance {
+            use crate::store::conformance as c;
+
+            #[tokio::test]
+            async fn commit_is_atomic() {
+                c::commit_is_atomic(super::$open).await
+            }
+            #[tokio::test]
+            async fn one_bad_item_fails_alone() {
+                c::one_bad_item_fails_alone(super::$open).await
+            }
+            #[tokio::test]
+            async fn lease_is_exclusive_and_taken_over() {
+                c::lease_is_exclusive_and_taken_over(super::$open, super::$reopen).await
+            }
+            #[tokio::test]
+            async fn change_feed_in_order_and_replayable() {
+                c::change_feed_in_order_and_replayable(super::$open).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn other_processes_commits_reach_the_feed() {
+                c::other_processes_commits_reach_the_feed(super::$open, super::$reopen).await
+            }
+            #[tokio::test]
+            async fn signals_are_consumed_once() {
+                c::signals_are_consumed_once(super::$open).await
+            }
+            #[tokio::test]
+            async fn cancel_is_recorded() {
+                c::cancel_is_recorded(super::$open).await
+            }
+            #[tokio::test]
+            async fn modules_and_branches_read_back() {
+                c::modules_and_branches_read_back(super::$open).await
+            }
+        }
+    };
+}
+pub(crate) use suite;

@@ -1,0 +1,305 @@
+//! The SQLite store: WAL mode, numbered migrations (`schema`), one writer
+//! thread that group-commits everything queued (`writer`), a separate
+//! connection for reads, leases as OS locks (`lock`), and a watcher of other
+//! processes' commits for the change feed (`watch`).
+
+mod lock;
+mod schema;
+mod watch;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension};
+
+pub use schema::APPLICATION_ID;
+pub use watch::WATCH_INTERVAL;
+
+use crate::model::{Entry, EntryKind, EntryStatus, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::store::{
+    ChangeEvent, ChangeFeed, CommitTicket, Durability, Lease, RunStore, StoreError, Subscription, Write,
+};
+use lock::LockFile;
+use schema::{BUSY_TIMEOUT, connect, map_open_error, migrate};
+use writer::{Job, WriteSide};
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    location: String,
+    db_id: String,
+    reader: Mutex<Connection>,
+    writer: mpsc::Sender<Job>,
+    write: Arc<WriteSide>,
+    locks: LockFile,
+    feed: Arc<ChangeFeed>,
+    closed: Arc<AtomicBool>,
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let mut reader = connect(path, durability)?;
+        // Switching a new file to WAL, or racing another process that
+        // creates it, can answer "busy" without waiting: try again for as
+        // long as a busy wait would.
+        let started = std::time::Instant::now();
+        loop {
+            match migrate(&mut reader, path) {
+                Err(StoreError::Locked { .. }) if started.elapsed() < BUSY_TIMEOUT => {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        }
+        let db_id: String =
+            reader.query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| r.get(0)).map_err(|e| {
+                StoreError::NotCairn { location: path.display().to_string(), why: format!("no database id: {e}") }
+            })?;
+        let writer_conn = connect(path, durability)?;
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let locks = LockFile::open(Path::new(&lock_path))
+            .map_err(|e| StoreError::Backend(format!("lock file {}: {e}", Path::new(&lock_path).display())))?;
+        let feed = Arc::new(ChangeFeed::default());
+        let (tx, rx) = mpsc::channel::<Job>();
+        let write = Arc::new(WriteSide::new(writer_conn, locks.clone(), path, feed.clone()));
+        let writer_side = write.clone();
+        thread::Builder::new().name("cairn-writer".into()).spawn(move || writer_side.writer_loop(rx))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        watch::spawn(Arc::downgrade(&write), feed.clone(), closed.clone())?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            location: path.display().to_string(),
+            db_id,
+            reader: Mutex::new(reader),
+            writer: tx,
+            write,
+            locks,
+            feed,
+            closed,
+        })
+    }
+
+    /// Reads answer inline: in WAL mode a reader never waits for the writer.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| map_open_error(&self.path, e))
+    }
+
+    #[cfg(test)]
+    fn write_side(&self) -> &WriteSide {
+        &self.write
+    }
+
+    /// Make sure other processes' commits are noticed from now on, then
+    /// hand out a receiver (under the write lock, so no commit falls between).
+    fn subscribe_with(&self, subscribe: impl FnOnce(&ChangeFeed) -> Subscription) -> Subscription {
+        let mut wc = self.write.lock();
+        let subscription = subscribe(&self.feed);
+        if let Err(e) = watch::start(&mut wc) {
+            eprintln!("cairn: cannot watch for other processes' changes: {e}");
+        }
+        subscription
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.feed.wake_all();
+    }
+}
+
+/// The columns of a `RunRecord`, its step count by the rule of
+/// `Entry::counts_as_step`.
+static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    let kinds: Vec<String> = Entry::COUNTED_KINDS.iter().map(|k| format!("'{}'", k.as_str())).collect();
+    format!(
+        "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
+         (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind IN ({}) AND h.status != '{}'), \
+         cancel_requested, random_key",
+        kinds.join(", "),
+        Entry::UNCOUNTED_STATUS.as_str()
+    )
+});
+
+/// `status NOT IN (<finished statuses>)`.
+static UNFINISHED: LazyLock<String> = LazyLock::new(|| {
+    let finished: Vec<String> = RunStatus::FINISHED.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    format!("status NOT IN ({})", finished.join(", "))
+});
+
+fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
+    let config: String = row.get(5)?;
+    let status: String = row.get(6)?;
+    let corrupt = |col: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(RunRecord {
+        key: RunKey(row.get(0)?),
+        id: row.get(1)?,
+        module: row.get(2)?,
+        module_path: row.get(3)?,
+        input: row.get(4)?,
+        config: serde_json::from_str::<RunConfig>(&config).map_err(|e| corrupt(5, e.to_string()))?,
+        status: RunStatus::parse(&status).ok_or_else(|| corrupt(6, format!("unknown status {status:?}")))?,
+        output: row.get(7)?,
+        error: row.get(8)?,
+        created_at: row.get(9)?,
+        finished_at: row.get(10)?,
+        steps: row.get::<_, i64>(11)? as u64,
+        cancel_requested: row.get::<_, i64>(12)? != 0,
+        // A key that is not 32 bytes (edited by hand) is no key: that run
+        // journals its reads, and a replay of reads made with the key stops
+        // with a non-determinism error; every other run stays listable.
+        random_key: row.get::<_, Option<Vec<u8>>>(13)?.and_then(|key| key.try_into().ok()),
+    })
+}
+
+fn entry_from_row(row: &rusqlite::Row) -> rusqlite::Result<Entry> {
+    let kind: String = row.get(0)?;
+    let status: String = row.get(4)?;
+    let corrupt = |col: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
+    };
+    Ok(Entry {
+        kind: EntryKind::parse(&kind).ok_or_else(|| corrupt(0, format!("unknown entry kind {kind:?}")))?,
+        name: row.get(1)?,
+        occurrence: row.get(2)?,
+        attempt: row.get(3)?,
+        status: EntryStatus::parse(&status).ok_or_else(|| corrupt(4, format!("unknown entry status {status:?}")))?,
+        output: row.get(5)?,
+        error: row.get(6)?,
+        started_at: row.get(7)?,
+        finished_at: row.get(8)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl RunStore for SqliteStore {
+    fn db_id(&self) -> &str {
+        &self.db_id
+    }
+
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn submit(&self, writes: Vec<Write>) -> CommitTicket {
+        self.write.submit(&self.writer, writes)
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.subscribe_with(ChangeFeed::subscribe_all)
+    }
+
+    fn subscribe_control(&self) -> Subscription {
+        self.subscribe_with(ChangeFeed::subscribe_control)
+    }
+
+    async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| c.query_row("SELECT bytes FROM modules WHERE hash = ?1", [hash], |r| r.get(0)).optional())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("SELECT {} FROM runs WHERE id = ?1", *RUN_COLUMNS))?
+                .query_row([id], run_from_row)
+                .optional()
+        })
+    }
+
+    async fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {} FROM runs ORDER BY seq", *RUN_COLUMNS))?;
+            stmt.query_map([], run_from_row)?.collect()
+        })
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT {} FROM runs WHERE {} ORDER BY seq", *RUN_COLUMNS, *UNFINISHED))?;
+            stmt.query_map([], run_from_row)?.collect()
+        })
+    }
+
+    async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT kind, name, occurrence, attempt, status, output, error, started_at, finished_at \
+                 FROM history WHERE run = ?1 ORDER BY position",
+            )?;
+            stmt.query_map([run.0], entry_from_row)?.collect()
+        })
+    }
+
+    async fn branch_attempts(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT 'step', name, occurrence, attempt, status, output, error, started_at, finished_at \
+                 FROM branches WHERE run = ?1 ORDER BY finished_at, name, occurrence, attempt",
+            )?;
+            stmt.query_map([run.0], entry_from_row)?.collect()
+        })
+    }
+
+    async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError> {
+        Ok(self.locks.try_lock(run)?)
+    }
+
+    async fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.read(writer::max_seq)? as u64)
+    }
+
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        watch::read_changes(&conn, after, limit)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A fresh database path under the system's temporary directory.
+    pub(crate) fn temp_db(name: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("cairn-sqlite-test-{name}-{}-{n}.db", std::process::id()));
+        for ext in ["", "-wal", "-shm", ".lock"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+        path
+    }
+
+    fn open(name: &str) -> Arc<dyn RunStore> {
+        Arc::new(SqliteStore::open(&temp_db(name), Durability::Process).expect("open"))
+    }
+
+    /// A second store on the same file: another process, as far as leases
+    /// and the change feed can tell.
+    fn reopen(store: &Arc<dyn RunStore>) -> Arc<dyn RunStore> {
+        Arc::new(SqliteStore::open(Path::new(store.location()), Durability::Process).expect("reopen"))
+    }
+
+    crate::store::conformance::suite!(open, reopen);
+}

@@ -1,0 +1,187 @@
+//! Noticing other processes' commits. SQLite cannot notify another
+//! process, so while anyone in this process listens to the change feed, a
+//! thread looks at `PRAGMA data_version` of the write connection every few
+//! milliseconds. That number changes only when another connection
+//! committed, so a process that commits a lot itself pays nothing more than
+//! the look; when it did change, the changes since the last look are read
+//! and published, skipping this process's own (published at commit).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+
+use super::writer::{WriteConn, WriteSide, max_seq};
+use crate::model::{RunKey, RunStatus};
+use crate::store::{ChangeEvent, ChangeFeed, ChangeKind, StoreError};
+
+/// How often the watcher looks while someone listens: a signal or cancel
+/// from another process reaches a waiting run within about this long.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Where the watcher is; lives with the write connection, under its lock,
+/// so that commits and looks never interleave.
+#[derive(Debug, Default)]
+pub(in crate::store::sqlite) struct WatchState {
+    active: bool,
+    /// Every change up to here was published (or was this process's own).
+    cursor: u64,
+    /// `PRAGMA data_version` at the last look.
+    version: i64,
+    /// [first, next) ranges of sequence numbers this process committed
+    /// since the last look.
+    own: Vec<(u64, u64)>,
+}
+
+impl WatchState {
+    pub(in crate::store::sqlite) fn own_commit(&mut self, first: u64, next: u64) {
+        if !self.active || next <= first {
+            return;
+        }
+        match self.own.last_mut() {
+            Some(last) if last.1 == first => last.1 = next,
+            _ => self.own.push((first, next)),
+        }
+    }
+
+    fn is_own(&self, seq: u64) -> bool {
+        self.own.iter().any(|&(a, b)| a <= seq && seq < b)
+    }
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
+}
+
+/// Start watching from the current end of the sequence (called with the
+/// write connection locked, so no commit falls between).
+pub(in crate::store::sqlite) fn start(wc: &mut WriteConn) -> Result<(), StoreError> {
+    let version = data_version(&wc.conn)?;
+    let cursor = max_seq(&wc.conn)? as u64;
+    wc.watch = WatchState { active: true, cursor, version, own: Vec::new() };
+    Ok(())
+}
+
+/// One look: publish what other processes committed since the last one.
+fn look(w: &WriteSide) -> Result<(), StoreError> {
+    let mut guard = w.lock();
+    let wc = &mut *guard;
+    if !w.feed.listening() {
+        wc.watch.active = false;
+        return Ok(());
+    }
+    if !wc.watch.active {
+        return start(wc);
+    }
+    let version = data_version(&wc.conn)?;
+    if version == wc.watch.version {
+        // Nobody else committed: everything since was ours, and published.
+        if let Some(&(_, next)) = wc.watch.own.last() {
+            wc.watch.cursor = wc.watch.cursor.max(next - 1);
+        }
+        wc.watch.own.clear();
+        return Ok(());
+    }
+    const PAGE: usize = 1024;
+    loop {
+        let events = read_changes(&wc.conn, wc.watch.cursor, PAGE)?;
+        for event in &events {
+            if !wc.watch.is_own(event.seq) {
+                w.feed.publish(event.clone());
+            }
+        }
+        if let Some(last) = events.last() {
+            wc.watch.cursor = last.seq;
+        }
+        if events.len() < PAGE {
+            break;
+        }
+    }
+    wc.watch.own.clear();
+    wc.watch.version = version;
+    Ok(())
+}
+
+/// The watcher thread of one store: idle while nobody listens.
+pub(in crate::store::sqlite) fn spawn(
+    write: Weak<WriteSide>,
+    feed: Arc<ChangeFeed>,
+    closed: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    thread::Builder::new().name("cairn-watch".into()).spawn(move || {
+        while !closed.load(Ordering::Relaxed) {
+            if !feed.wait_for_listeners(Duration::from_secs(1)) {
+                if let Some(w) = write.upgrade() {
+                    w.lock().watch.active = false;
+                }
+                continue;
+            }
+            thread::sleep(WATCH_INTERVAL);
+            let Some(w) = write.upgrade() else { break };
+            if let Err(e) = look(&w) {
+                eprintln!("cairn: cannot read other processes' changes: {e}");
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Up to `limit` changes after `after`, in sequence order: history rows
+/// and `changes` rows merged.
+pub(in crate::store::sqlite) fn read_changes(
+    conn: &Connection,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<ChangeEvent>, StoreError> {
+    let (after, n) = (after as i64, limit as i64);
+    let mut history = conn.prepare_cached(
+        "SELECT id, run, position, coalesce(committed_us, finished_at * 1000) FROM history \
+         WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let history = history
+        .query_map(params![after, n], |r| {
+            Ok(ChangeEvent {
+                seq: r.get::<_, i64>(0)? as u64,
+                run: RunKey(r.get(1)?),
+                kind: ChangeKind::History,
+                position: Some(r.get::<_, i64>(2)? as u64),
+                status: None,
+                ts_us: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut changes = conn.prepare_cached(
+        "SELECT seq, run, kind, status, committed_us FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let changes = changes
+        .query_map(params![after, n], |r| {
+            let kind: String = r.get(2)?;
+            let status: Option<String> = r.get(3)?;
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, kind, status, r.get::<_, i64>(4)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut merged = Vec::with_capacity(limit.min(history.len() + changes.len()));
+    let mut history = history.into_iter().peekable();
+    for (seq, run, kind, status, ts_us) in changes {
+        let seq = seq as u64;
+        while let Some(h) = history.next_if(|h| h.seq < seq) {
+            merged.push(h);
+        }
+        let kind = ChangeKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown kind {kind:?}")))?;
+        let status = match status {
+            None => None,
+            Some(s) => Some(
+                RunStatus::parse(&s)
+                    .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown status {s:?}")))?,
+            ),
+        };
+        merged.push(ChangeEvent { seq, run: RunKey(run), kind, position: None, status, ts_us });
+    }
+    merged.extend(history);
+    merged.truncate(limit);
+    Ok(merged)
+}

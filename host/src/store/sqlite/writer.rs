@@ -1,0 +1,661 @@
+//! Group commit on SQLite: one write connection, one writer thread that
+//! takes everything queued and commits it in one transaction (one fsync for
+//! all runs' pending writes), and inline commits for a run that is alone.
+//!
+//! Every history row and every `changes` row gets the next number of the
+//! store-wide change sequence inside the committing transaction; once the
+//! transaction is durable, the item's change events are published.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::lock::LockFile;
+use super::schema::BUSY_TIMEOUT;
+use crate::model::{Entry, NewRun, RunKey, RunRecord, now_ms, now_us};
+use crate::store::{ChangeEvent, ChangeFeed, ChangeKind, CommitTicket, Committed, Lease, StoreError, Write};
+
+/// Items commit inline only once this long has passed without items of
+/// two different runs in a row: one run alone, not a crowd between rounds.
+const ALONE: Duration = Duration::from_millis(5);
+const NO_RUN: i64 = i64::MIN;
+/// At most this many commit items share one transaction.
+const MAX_BATCH: usize = 1024;
+
+pub(super) struct Job {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// The write connection and what is known about the sequence it writes.
+pub(super) struct WriteConn {
+    pub(super) conn: Connection,
+    /// The next change sequence number, while known to be current: valid
+    /// as long as no other connection committed (`PRAGMA data_version`
+    /// unchanged since `seq_version`).
+    next_seq: Option<i64>,
+    seq_version: i64,
+    /// Where the watcher of other processes' commits is (see `super::watch`).
+    pub(super) watch: super::watch::WatchState,
+}
+
+impl WriteConn {
+    pub(super) fn new(conn: Connection) -> Self {
+        WriteConn { conn, next_seq: None, seq_version: 0, watch: Default::default() }
+    }
+}
+
+/// The one write connection, shared by the writer thread and callers that
+/// commit inline.
+pub(super) struct WriteSide {
+    pub(super) conn: Mutex<WriteConn>,
+    /// Items sent to the writer thread and not yet answered.
+    queued: AtomicUsize,
+    /// The run of the last item that named one, and when (ns since
+    /// `opened`) an item last named a different run than the one before.
+    last_run: AtomicI64,
+    last_switch_ns: AtomicU64,
+    opened: Instant,
+    locks: LockFile,
+    path: PathBuf,
+    pub(super) feed: Arc<ChangeFeed>,
+}
+
+impl WriteSide {
+    pub(super) fn new(conn: Connection, locks: LockFile, path: &Path, feed: Arc<ChangeFeed>) -> Self {
+        WriteSide {
+            conn: Mutex::new(WriteConn::new(conn)),
+            queued: AtomicUsize::new(0),
+            last_run: AtomicI64::new(NO_RUN),
+            last_switch_ns: AtomicU64::new(0),
+            // As if the last switch were long past: a store starts alone.
+            opened: Instant::now().checked_sub(ALONE).unwrap_or_else(Instant::now),
+            locks,
+            path: path.to_path_buf(),
+            feed,
+        }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, WriteConn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commit an item inline or hand it to the writer thread.
+    ///
+    /// One run alone, nothing queued and the connection free: commit right
+    /// here. A lone run then pays one commit per step and no thread
+    /// hand-offs (which cost more than the commit itself on small VMs).
+    /// With several runs committing, items go to the writer thread, which
+    /// commits them in groups: committing inline whenever the queue
+    /// happened to be empty (between two rounds of a burst, say) cost an
+    /// fsync for one item and held the connection from the next group.
+    /// Only when nothing is queued, so one run's items stay in order.
+    pub(super) fn submit(&self, writer: &mpsc::Sender<Job>, writes: Vec<Write>) -> CommitTicket {
+        let (done, ticket) = oneshot::channel();
+        let now = self.opened.elapsed().as_nanos() as u64;
+        if let Some(run) = writes.iter().find_map(Write::run) {
+            let before = self.last_run.swap(run.0, Ordering::Relaxed);
+            // Branch instances commit concurrently with their parent and
+            // with each other: one run, but a crowd.
+            let branch = writes.iter().any(|x| matches!(x, Write::BranchAttempt { .. }));
+            if branch || (before != run.0 && before != NO_RUN) {
+                self.last_switch_ns.store(now, Ordering::Relaxed);
+            }
+        }
+        let alone = now.saturating_sub(self.last_switch_ns.load(Ordering::Relaxed)) >= ALONE.as_nanos() as u64;
+        if alone
+            && self.queued.load(Ordering::Acquire) == 0
+            && let Ok(mut conn) = self.conn.try_lock()
+            && self.queued.load(Ordering::Acquire) == 0
+        {
+            let mut results = self.write_batch(&mut conn, &[&writes]);
+            drop(conn);
+            let _ = done.send(results.pop().expect("one result per item"));
+            return ticket;
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(job)) = writer.send(Job { writes, done }) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = job.done.send(Err(StoreError::WriterGone));
+        }
+        ticket
+    }
+
+    /// The writer: take everything queued, write it in one transaction,
+    /// commit once, then answer every item.
+    pub(super) fn writer_loop(&self, rx: mpsc::Receiver<Job>) {
+        let mut jobs: Vec<Job> = Vec::new();
+        // CAIRN_DEBUG_BATCHES=1: print batch statistics when the writer stops.
+        let stats = std::env::var_os("CAIRN_DEBUG_BATCHES").is_some();
+        let (mut batches, mut items, mut busy) = (0u64, 0u64, Duration::ZERO);
+        while let Ok(first) = rx.recv() {
+            let started = Instant::now();
+            jobs.push(first);
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let results = {
+                let mut conn = self.lock();
+                let items: Vec<&[Write]> = jobs.iter().map(|j| j.writes.as_slice()).collect();
+                self.write_batch(&mut conn, &items)
+            };
+            self.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
+            busy += started.elapsed();
+            batches += 1;
+            items += jobs.len() as u64;
+            for (job, result) in jobs.drain(..).zip(results) {
+                let _ = job.done.send(result);
+            }
+        }
+        if stats && batches > 0 {
+            eprintln!(
+                "cairn writer: {batches} batches, {items} items, {:.1} items/batch, {:.0} ms committing",
+                items as f64 / batches as f64,
+                busy.as_secs_f64() * 1e3
+            );
+        }
+    }
+
+    /// Write the items in one transaction and publish their changes.
+    ///
+    /// Items almost never fail: write the batch plainly first. Only if one
+    /// does, roll back and write it again with a savepoint per item, so the
+    /// bad item does not abort its batch-mates.
+    pub(super) fn write_batch(&self, conn: &mut WriteConn, jobs: &[&[Write]]) -> Vec<Result<Committed, StoreError>> {
+        let events = if self.feed.wants_all() {
+            Events::All
+        } else if self.feed.listening() {
+            Events::Control
+        } else {
+            Events::None
+        };
+        let mut batch = Batch { events, published: Vec::new(), next_seq: 0, ts_us: 0 };
+        let results = match self.write_items(conn, jobs, &mut batch, false) {
+            Some(results) => results,
+            None => {
+                batch.published.clear();
+                self.write_items(conn, jobs, &mut batch, true).expect("isolated items never abort the batch")
+            }
+        };
+        for event in batch.published {
+            self.feed.publish(event);
+        }
+        results
+    }
+
+    /// One transaction over `jobs`. Without `isolate`, returns `None` (and
+    /// rolls back) as soon as an item fails.
+    fn write_items(
+        &self,
+        wc: &mut WriteConn,
+        jobs: &[&[Write]],
+        batch: &mut Batch,
+        isolate: bool,
+    ) -> Option<Vec<Result<Committed, StoreError>>> {
+        // Cached statements: parsing BEGIN/SAVEPOINT/COMMIT on every batch
+        // showed up in profiles.
+        let run = |conn: &Connection, sql: &str| -> rusqlite::Result<()> {
+            conn.prepare_cached(sql)?.execute([])?;
+            Ok(())
+        };
+        // Nothing of the batch lands: every item gets the error.
+        let fail_all = |wc: &mut WriteConn, batch: &mut Batch, e: rusqlite::Error| {
+            if !wc.conn.is_autocommit() {
+                let _ = wc.conn.execute_batch("ROLLBACK");
+            }
+            wc.next_seq = None;
+            batch.published.clear();
+            Some(jobs.iter().map(|_| Err(commit_error(&self.path, &e))).collect())
+        };
+        if let Err(e) = run(&wc.conn, "BEGIN IMMEDIATE") {
+            return fail_all(wc, batch, e);
+        }
+        match next_seq(wc) {
+            Ok(seq) => batch.next_seq = seq,
+            Err(e) => return fail_all(wc, batch, e),
+        }
+        batch.ts_us = now_us();
+        let first_seq = batch.next_seq;
+        let conn = &wc.conn;
+        let mut results = Vec::with_capacity(jobs.len());
+        // History rows go in by a few multi-row INSERTs instead of a statement
+        // per row: the whole batch's at the end, or each item's own under
+        // isolation (inside its savepoint).
+        let mut rows = Vec::new();
+        let mut abort = None;
+        for job in jobs {
+            if isolate && let Err(e) = run(conn, "SAVEPOINT item") {
+                abort = Some(e);
+                break;
+            }
+            let published = batch.published.len();
+            let mut result = apply(conn, job, &self.locks, &mut rows, batch);
+            if isolate {
+                result = result.and_then(|c| insert_rows(conn, &rows, batch.ts_us).map(|()| c));
+                rows.clear();
+                let undo = match &result {
+                    Ok(_) => run(conn, "RELEASE item"),
+                    Err(_) => {
+                        batch.published.truncate(published);
+                        run(conn, "ROLLBACK TO item").and_then(|_| run(conn, "RELEASE item"))
+                    }
+                };
+                if let Err(e) = undo {
+                    abort = Some(e);
+                    break;
+                }
+            } else if result.is_err() {
+                let _ = conn.execute_batch("ROLLBACK");
+                wc.next_seq = None;
+                batch.published.clear();
+                if jobs.len() == 1 {
+                    return Some(vec![result]);
+                }
+                return None;
+            }
+            results.push(result);
+        }
+        if let Some(e) = abort {
+            return fail_all(wc, batch, e);
+        }
+        if let Err(e) = insert_rows(conn, &rows, batch.ts_us) {
+            let _ = conn.execute_batch("ROLLBACK");
+            wc.next_seq = None;
+            batch.published.clear();
+            if jobs.len() == 1 {
+                return Some(vec![Err(e)]);
+            }
+            return None;
+        }
+        if let Err(e) = run(conn, "COMMIT") {
+            // Nothing of this batch is durable: leases taken for new runs go too.
+            return fail_all(wc, batch, e);
+        }
+        wc.next_seq = Some(batch.next_seq);
+        wc.watch.own_commit(first_seq as u64, batch.next_seq as u64);
+        Some(results)
+    }
+}
+
+/// The next change sequence number, under the write lock: the cached one
+/// unless another connection committed since it was read.
+fn next_seq(wc: &mut WriteConn) -> rusqlite::Result<i64> {
+    let version: i64 = wc.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+    if let Some(seq) = wc.next_seq
+        && version == wc.seq_version
+    {
+        return Ok(seq);
+    }
+    let seq = max_seq(&wc.conn)? + 1;
+    wc.next_seq = Some(seq);
+    wc.seq_version = version;
+    Ok(seq)
+}
+
+/// The highest change sequence number committed (0 if none).
+pub(super) fn max_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    let history: i64 = conn.prepare_cached("SELECT coalesce(max(id), 0) FROM history")?.query_row([], |r| r.get(0))?;
+    let changes: i64 = conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM changes")?.query_row([], |r| r.get(0))?;
+    Ok(history.max(changes))
+}
+
+/// Which change events a batch builds for publishing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Events {
+    None,
+    Control,
+    All,
+}
+
+/// The state of one batch's transaction.
+struct Batch {
+    events: Events,
+    /// Events of the items applied so far, published after the commit.
+    published: Vec<ChangeEvent>,
+    next_seq: i64,
+    ts_us: i64,
+}
+
+impl Batch {
+    fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn event(&mut self, event: ChangeEvent) {
+        let wanted = match self.events {
+            Events::None => false,
+            Events::Control => event.is_control(),
+            Events::All => true,
+        };
+        if wanted {
+            self.published.push(event);
+        }
+    }
+
+    /// A change other than a history row: its `changes` row and its event.
+    fn change(
+        &mut self,
+        conn: &Connection,
+        run: RunKey,
+        kind: ChangeKind,
+        status: Option<crate::model::RunStatus>,
+    ) -> Result<(), StoreError> {
+        let seq = self.take_seq();
+        conn.prepare_cached("INSERT INTO changes (seq, run, kind, status, committed_us) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![seq, run.0, kind.as_str(), status.map(|s| s.as_str()), self.ts_us])?;
+        self.event(ChangeEvent { seq: seq as u64, run, kind, position: None, status, ts_us: self.ts_us });
+        Ok(())
+    }
+}
+
+/// The error every item of a failed batch gets (`rusqlite::Error` is not `Clone`).
+fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            StoreError::Locked { location: path.display().to_string(), waited_ms: BUSY_TIMEOUT.as_millis() as u64 }
+        }
+        _ => StoreError::Commit(e.to_string()),
+    }
+}
+
+/// A history row: run, position, entry, change sequence number.
+type Row<'a> = (RunKey, usize, &'a Entry, i64);
+
+/// Apply one item's writes; its appended history rows are added to `rows`
+/// for the caller to insert.
+fn apply<'a>(
+    tx: &Connection,
+    writes: &'a [Write],
+    locks: &LockFile,
+    rows: &mut Vec<Row<'a>>,
+    batch: &mut Batch,
+) -> Result<Committed, StoreError> {
+    let mut committed = Committed::default();
+    for write in writes {
+        match write {
+            Write::PutModule { hash, bytes } => {
+                tx.prepare_cached("INSERT OR IGNORE INTO modules (hash, bytes, created_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![hash, bytes, now_ms()])?;
+            }
+            Write::CreateRun { run, lease } => {
+                let (record, lease) = create_run(tx, run, *lease, locks)?;
+                batch.change(tx, record.key, ChangeKind::Created, Some(record.status))?;
+                committed.created.push((record, lease));
+            }
+            Write::Append { run, position, entries } => {
+                for (i, e) in entries.iter().enumerate() {
+                    let seq = batch.take_seq();
+                    rows.push((*run, position + i, e, seq));
+                    history_event(batch, *run, position + i, seq);
+                }
+            }
+            Write::SetStatus { run, status, output, error } => {
+                let finished_at = status.is_finished().then(now_ms);
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5 WHERE seq = ?1",
+                    )?
+                    .execute(params![run.0, status.as_str(), output, error, finished_at])?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchRun(*run));
+                }
+                batch.change(tx, *run, ChangeKind::Status, Some(*status))?;
+            }
+            Write::SendSignal { run, name, payload } => {
+                tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![run.0, name, payload, now_ms()])?;
+                batch.change(tx, *run, ChangeKind::Signal, None)?;
+            }
+            Write::BranchAttempt { run, entry: e } => {
+                tx.prepare_cached(
+                    "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![run.0, e.name, e.occurrence, e.attempt, e.status.as_str(), e.output, e.error, e.started_at, e.finished_at])?;
+                batch.change(tx, *run, ChangeKind::Branch, None)?;
+            }
+            Write::RequestCancel { run } => {
+                tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run.0])?;
+                batch.change(tx, *run, ChangeKind::Cancel, None)?;
+            }
+            Write::ConsumeSignal { run, name, entry } => {
+                // Taking the signal and journaling it are one atomic step:
+                // each signal is received exactly once.
+                let found: Option<(i64, Vec<u8>)> = tx
+                    .prepare_cached(
+                        "SELECT seq, payload FROM signals WHERE run = ?1 AND name = ?2 AND consumed_at IS NULL \
+                         ORDER BY seq LIMIT 1",
+                    )?
+                    .query_row(params![run.0, name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((signal, payload)) = found {
+                    tx.prepare_cached("UPDATE signals SET consumed_at = ?2 WHERE seq = ?1")?
+                        .execute(params![signal, now_ms()])?;
+                    let (position, mut e) = (entry.0, entry.1.clone());
+                    e.output = payload.clone();
+                    let seq = batch.take_seq();
+                    insert_rows(tx, &[(*run, position, &e, seq)], batch.ts_us)?;
+                    history_event(batch, *run, position, seq);
+                    committed.signal = Some(payload);
+                }
+            }
+        }
+    }
+    Ok(committed)
+}
+
+fn history_event(batch: &mut Batch, run: RunKey, position: usize, seq: i64) {
+    if batch.events == Events::All {
+        let ts_us = batch.ts_us;
+        batch.published.push(ChangeEvent {
+            seq: seq as u64,
+            run,
+            kind: ChangeKind::History,
+            position: Some(position as u64),
+            status: None,
+            ts_us,
+        });
+    }
+}
+
+/// Rows per multi-row INSERT: a batch's rows go in statements of these
+/// sizes, largest first (one cached statement each).
+const ROW_CHUNKS: [usize; 3] = [32, 8, 1];
+const HISTORY_COLUMNS: usize = 13;
+
+fn insert_rows(tx: &Connection, rows: &[Row<'_>], ts_us: i64) -> Result<(), StoreError> {
+    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        ROW_CHUNKS
+            .iter()
+            .map(|&n| {
+                let one = format!("({})", vec!["?"; HISTORY_COLUMNS].join(", "));
+                format!(
+                    "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, \
+                     started_at, finished_at, committed_us) VALUES {}",
+                    vec![one; n].join(", ")
+                )
+            })
+            .collect()
+    });
+    let mut rest = rows;
+    for (size, sql) in ROW_CHUNKS.iter().zip(SQL.iter()) {
+        if rest.len() < *size {
+            continue;
+        }
+        let mut stmt = tx.prepare_cached(sql)?;
+        while rest.len() >= *size {
+            let (chunk, tail) = rest.split_at(*size);
+            for (r, (run, position, e, seq)) in chunk.iter().enumerate() {
+                let at = r * HISTORY_COLUMNS;
+                stmt.raw_bind_parameter(at + 1, seq)?;
+                stmt.raw_bind_parameter(at + 2, run.0)?;
+                stmt.raw_bind_parameter(at + 3, *position as i64)?;
+                stmt.raw_bind_parameter(at + 4, e.kind.as_str())?;
+                stmt.raw_bind_parameter(at + 5, &e.name)?;
+                stmt.raw_bind_parameter(at + 6, e.occurrence)?;
+                stmt.raw_bind_parameter(at + 7, e.attempt)?;
+                stmt.raw_bind_parameter(at + 8, e.status.as_str())?;
+                stmt.raw_bind_parameter(at + 9, &e.output)?;
+                stmt.raw_bind_parameter(at + 10, &e.error)?;
+                stmt.raw_bind_parameter(at + 11, e.started_at)?;
+                stmt.raw_bind_parameter(at + 12, e.finished_at)?;
+                stmt.raw_bind_parameter(at + 13, ts_us)?;
+            }
+            stmt.raw_execute()?;
+            rest = tail;
+        }
+    }
+    Ok(())
+}
+
+fn create_run(
+    tx: &Connection,
+    run: &NewRun,
+    lease: bool,
+    locks: &LockFile,
+) -> Result<(RunRecord, Option<Lease>), StoreError> {
+    let created_at = now_ms();
+    let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            run.id,
+            run.module,
+            run.module_path,
+            run.input,
+            config,
+            run.status.as_str(),
+            created_at,
+            &run.random_key[..]
+        ])?;
+    if inserted == 0 {
+        return Err(StoreError::RunExists(run.id.clone()));
+    }
+    let key = RunKey(tx.last_insert_rowid());
+    // Leased before the commit makes the run visible to other processes.
+    let held =
+        if lease {
+            Some(locks.try_lock(key)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("the lock of new run {} is held by another process", run.id))
+            })?)
+        } else {
+            None
+        };
+    let record = RunRecord {
+        key,
+        id: run.id.clone(),
+        module: run.module.clone(),
+        module_path: run.module_path.clone(),
+        input: run.input.clone(),
+        config: run.config.clone(),
+        status: run.status,
+        output: None,
+        error: None,
+        created_at,
+        finished_at: None,
+        steps: 0,
+        cancel_requested: false,
+        random_key: Some(run.random_key),
+    };
+    Ok((record, held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EntryKind, EntryStatus, RunConfig, RunStatus};
+    use crate::store::RunStore;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::sqlite::tests::temp_db;
+
+    /// Create run `id` of module "m".
+    fn new_run(id: &str) -> Write {
+        Write::CreateRun {
+            run: NewRun {
+                id: id.into(),
+                module: "m".into(),
+                module_path: "m.wasm".into(),
+                input: b"null".to_vec(),
+                config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
+                status: RunStatus::Pending,
+                random_key: [0; 32],
+            },
+            lease: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_bad_item_does_not_abort_its_batch() {
+        let path = temp_db("batch");
+        let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
+        let w = store.write_side();
+        let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
+        let mut conn = w.lock();
+        let good_a = [module, new_run("a")];
+        let bad = [Write::status(RunKey(999_999), RunStatus::Completed)];
+        let good_b = [new_run("b")];
+        let results = w.write_batch(&mut conn, &[&good_a, &bad, &good_b]);
+        drop(conn);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(StoreError::NoSuchRun(RunKey(999_999)))), "{results:?}");
+        let ids: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["a", "b"], "the good items are committed");
+    }
+
+    /// A batch's history rows go in together, in statements of several
+    /// sizes: every row lands at its position, with its fields; an item
+    /// whose rows collide with committed ones fails alone.
+    #[tokio::test]
+    async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
+        let path = temp_db("rows");
+        let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
+        let w = store.write_side();
+        let mut conn = w.lock();
+        let mut setup = vec![Write::PutModule { hash: "m".into(), bytes: vec![0] }];
+        setup.extend(["a", "b", "c"].map(new_run));
+        let created = w.write_batch(&mut conn, &[&setup]).pop().unwrap().unwrap().created;
+        let keys: Vec<RunKey> = created.iter().map(|(r, _)| r.key).collect();
+        let entry = |run: usize, i: usize| Entry {
+            kind: EntryKind::Step,
+            name: format!("s{run}"),
+            occurrence: i as u32 + 1,
+            attempt: 1,
+            status: EntryStatus::Completed,
+            output: format!("[{run},{i}]").into_bytes(),
+            error: (i % 7 == 0).then(|| format!("e{i}")),
+            started_at: i as i64,
+            finished_at: 1000 + i as i64,
+        };
+        // 45 rows for run a (32 + 8 + 5 single rows), 3 for run b.
+        let append = |run: usize, from: usize, n: usize| Write::Append {
+            run: keys[run],
+            position: from,
+            entries: (from..from + n).map(|i| entry(run, i)).collect(),
+        };
+        let (a1, a2, b1) = ([append(0, 0, 20)], [append(0, 20, 25)], [append(1, 0, 3)]);
+        let results = w.write_batch(&mut conn, &[&a1, &a2, &b1]);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        // Run b's position 2 exists already: that item fails, run c's commits.
+        let (b_again, c1) = ([append(1, 2, 2)], [append(2, 0, 2)]);
+        let results = w.write_batch(&mut conn, &[&b_again, &c1]);
+        drop(conn);
+        assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
+        for (run, n) in [(0, 45), (1, 3), (2, 2)] {
+            let history = store.history(keys[run]).await.unwrap();
+            let want: Vec<Entry> = (0..n).map(|i| entry(run, i)).collect();
+            assert_eq!(history, want, "run {run}");
+        }
+    }
+}
