@@ -256,8 +256,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// The run `run` and `start` describe.
-fn start_request(args: &RunArgs) -> Result<StartRequest, Failure> {
+/// What `run` and `start` say of the run, checked: input, id, grants and limits.
+fn run_arguments(args: &RunArgs) -> Result<(Vec<u8>, Option<String>, RunConfig), Failure> {
     let input = match args.input.as_deref() {
         None => request::json_payload(None, "--input")?,
         Some(s) => match s.strip_prefix('@') {
@@ -273,12 +273,7 @@ fn start_request(args: &RunArgs) -> Result<StartRequest, Failure> {
     let dirs = args.dirs.iter().map(|d| request::dir_grant(d)).collect::<Result<Vec<_>, _>>()?;
     let env = args.env.iter().map(|e| request::env_var(e)).collect::<Result<Vec<_>, _>>()?;
     let (max_memory_mib, max_cpu_ms) = request::limits(args.max_memory, args.max_cpu)?;
-    Ok(StartRequest {
-        module: ModuleSource { bytes: Vec::new(), shown: args.module.display().to_string() },
-        input,
-        run_id,
-        config: RunConfig { dirs, env, max_memory_mib, max_cpu_ms },
-    })
+    Ok((input, run_id, RunConfig { dirs, env, max_memory_mib, max_cpu_ms }))
 }
 
 /// Check the module and record the run.
@@ -287,17 +282,12 @@ async fn create_run(
     args: &RunArgs,
     mode: StartMode,
 ) -> Result<(Arc<Executor>, Service, crate::service::StartedRun), Failure> {
-    let mut request = start_request(args)?;
+    let (input, run_id, config) = run_arguments(args)?;
     let store = open_store(cli)?;
     let service = Service::new(store.clone());
-    if let Some(id) = &request.run_id
-        && store.run(id).await?.is_some()
-    {
-        return Err(ServiceError::RunExists(id.clone()).into());
-    }
     let executor = Arc::new(executor(cli, store, None)?);
-    request.module = ModuleSource::read(&args.module)?;
-    let started = service.start_run(&executor, request, mode).await?;
+    let module = ModuleSource::read(&args.module)?;
+    let started = service.start_run(&executor, StartRequest { module, input, run_id, config }, mode).await?;
     Ok((executor, service, started))
 }
 
@@ -359,11 +349,13 @@ async fn resume(cli: &Cli, args: &ResumeArgs) -> Result<u8, Failure> {
         return resume_all(cli, &service).await;
     }
     let id = args.run_id.as_deref().expect("clap requires a run id without --all");
+    // The executor listens for cancels and signals from the moment it is
+    // made: before the run is claimed and read, so none falls between.
+    let executor = Arc::new(executor(cli, store, None)?);
     let ClaimedRun { run, lease } = match service.resume(id).await? {
         Resumed::Finished(run) => return Ok(report_finished(&run)),
         Resumed::Claimed(claimed) => claimed,
     };
-    let executor = Arc::new(executor(cli, store, None)?);
     eprintln!("cairn: resuming run {id} ({} steps recorded)", run.steps);
     let code = execute_foreground(&executor, &run).await;
     drop(lease);

@@ -53,8 +53,9 @@ impl RunWatch {
 #[derive(Default)]
 struct Runs {
     watched: HashMap<RunKey, Weak<RunWatch>>,
-    /// Runs with a cancel request seen in the feed and not yet finished: a
-    /// run registered just after its cancel event still sees it.
+    /// Runs with a cancel request seen in the feed and not yet cancelled
+    /// or executed here: a run registered just after its cancel event still
+    /// sees it.
     cancelled: HashSet<RunKey>,
 }
 
@@ -78,7 +79,10 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.watcher.lock().watched.remove(&self.run);
+        let mut runs = self.watcher.lock();
+        runs.watched.remove(&self.run);
+        // Its execution here is over (finished, or the process lets go).
+        runs.cancelled.remove(&self.run);
     }
 }
 
@@ -165,7 +169,7 @@ async fn listen(watcher: Weak<Watcher>, mut subscription: Subscription) {
                         watch.request_cancel();
                     }
                 }
-                // A finished run needs no more watching.
+                // A cancelled run needs no more watching.
                 _ => {
                     w.lock().cancelled.remove(&event.run);
                 }

@@ -12,7 +12,7 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The run failed, or the command could not do its job.
     pub const FAILED: u8 = 1;
-    /// Bad usage or bad input (clap uses it too).
+    /// Bad usage or bad input (the argument parser uses it too).
     pub const USAGE: u8 = 2;
     /// Replay diverged from the history; nothing was written.
     pub const NON_DETERMINISM: u8 = 3;

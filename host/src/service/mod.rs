@@ -259,24 +259,24 @@ impl Service {
         }
         let mut changes = self.store.subscribe_control();
         commit(&*self.store, vec![request]).await?;
-        let finished = async {
-            loop {
-                match changes.recv().await {
-                    Ok(e) if e.run == run.key && e.kind == ChangeKind::Status => return true,
-                    Ok(_) => {}
-                    // Missed some: look at the run itself.
-                    Err(crate::store::feed::FeedError::Lagged(_)) => {
-                        if self.store.run(id).await.ok().flatten().is_some_and(|r| r.status.is_finished()) {
-                            return true;
-                        }
+        // Its executor ends it cancelled (an event), or it ends otherwise
+        // first (completed before it saw the request: looked up now and then).
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        let mut look = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(Cancelled::Requested),
+                event = changes.recv() => match event {
+                    Ok(e) if e.run == run.key && e.kind == ChangeKind::Status => return Ok(Cancelled::Done),
+                    Ok(_) | Err(crate::store::feed::FeedError::Lagged(_)) => {}
+                    Err(crate::store::feed::FeedError::Closed) => return Ok(Cancelled::Requested),
+                },
+                _ = look.tick() => {
+                    if self.store.run(id).await?.is_some_and(|r| r.status.is_finished()) {
+                        return Ok(Cancelled::Done);
                     }
-                    Err(crate::store::feed::FeedError::Closed) => return false,
                 }
             }
-        };
-        match tokio::time::timeout(CANCEL_WAIT, finished).await {
-            Ok(true) => Ok(Cancelled::Done),
-            _ => Ok(Cancelled::Requested),
         }
     }
 

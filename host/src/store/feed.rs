@@ -8,6 +8,13 @@
 //! once the store notices them. Publishing never waits for a listener: a
 //! listener that falls behind by more than the channel holds is told how
 //! many it missed and can read them back with `changes_since`.
+//!
+//! Order: this process's events are published as they commit, other
+//! processes' when the store notices them (on SQLite within about 10 ms),
+//! so a listener may see a higher `seq` before a lower one from elsewhere.
+//! Each event comes once; a listener that keeps a position must keep the
+//! highest `seq` it has seen *of a complete prefix* (or use
+//! `changes_since`), not skip everything below the last one seen.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -80,12 +87,14 @@ pub struct ChangeEvent {
 }
 
 impl ChangeEvent {
-    /// What executing runs wait for: signals, cancel requests, and runs
-    /// that finished (a cancel of an idle run finishes it at once).
+    /// What executing runs, and whoever cancels one, wait for: signals,
+    /// cancel requests, and runs ending cancelled. (Not every finished run:
+    /// a worker finishing thousands of runs a second would wake its
+    /// listeners for nothing.)
     pub fn is_control(&self) -> bool {
         match self.kind {
             ChangeKind::Signal | ChangeKind::Cancel => true,
-            ChangeKind::Status => self.status.is_some_and(RunStatus::is_finished),
+            ChangeKind::Status => self.status == Some(RunStatus::Cancelled),
             _ => false,
         }
     }

@@ -187,8 +187,8 @@ pub trait RunStore: Send + Sync {
     /// so, and can catch up with [`RunStore::changes_since`]).
     fn subscribe(&self) -> Subscription;
 
-    /// Like [`RunStore::subscribe`], but only signals sent, cancel requests
-    /// and finished runs: what executing runs wait for.
+    /// Like [`RunStore::subscribe`], but only control events
+    /// ([`ChangeEvent::is_control`]): what executing runs wait for.
     fn subscribe_control(&self) -> Subscription;
 
     async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError>;

@@ -272,6 +272,16 @@ impl HostState {
     /// Hand every recorded-but-unsubmitted entry, plus `extra`, to the store
     /// as one commit item and wait until it is durable.
     pub(super) async fn commit(&mut self, extra: Vec<Write>) -> wasmtime::Result<()> {
+        match self.commit_inner(extra).await {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                let fatal = Fatal::Store { run_id: self.run.run_id.clone(), source };
+                Err(self.fail(fatal))
+            }
+        }
+    }
+
+    async fn commit_inner(&mut self, extra: Vec<Write>) -> Result<(), StoreError> {
         let mut writes = std::mem::take(&mut self.pending_writes);
         writes.reserve(1 + extra.len());
         if self.journal.has_unsubmitted() {
@@ -282,7 +292,7 @@ impl HostState {
         if writes.is_empty() {
             return Ok(());
         }
-        self.commit_writes(writes).await.map(|_| ())
+        crate::store::commit(&*self.run.store, writes).await.map(|_| ())
     }
 
     pub(super) async fn commit_writes(&mut self, writes: Vec<Write>) -> wasmtime::Result<Committed> {
@@ -295,36 +305,29 @@ impl HostState {
     /// Commit what ends an instance (its outcome, the run's status), after
     /// the guest stopped; a failure to commit is the instance's fatal error.
     pub async fn commit_final(&mut self, writes: Vec<Write>) -> Result<(), Fatal> {
-        match self.commit(writes).await {
-            Ok(()) => Ok(()),
-            Err(_) => match self.ending.take() {
-                Some(Ending::Fatal(fatal)) => Err(fatal),
-                other => {
-                    self.ending = other;
-                    Ok(())
-                }
-            },
-        }
+        self.commit_inner(writes).await.map_err(|source| Fatal::Store { run_id: self.run.run_id.clone(), source })
     }
 
     /// Record an ended attempt and make it durable: in the history for a
     /// step, in the branch table for a branch instance.
     pub(super) async fn record_attempt(&mut self, entry: Entry) -> wasmtime::Result<()> {
-        if self.branch_mode.is_some() {
-            return self.commit(vec![Write::BranchAttempt { run: self.run.run, entry }]).await;
-        }
-        self.journal.record(entry);
-        self.commit(Vec::new()).await
+        let write = self.attempt_write(entry);
+        self.commit(write).await
     }
 
     /// [`HostState::record_attempt`] after the instance stopped.
     pub async fn record_attempt_final(&mut self, entry: Entry) -> Result<(), Fatal> {
-        match self.record_attempt(entry).await {
-            Ok(()) => Ok(()),
-            Err(_) => match self.ending.take() {
-                Some(Ending::Fatal(fatal)) => Err(fatal),
-                _ => Ok(()),
-            },
+        let write = self.attempt_write(entry);
+        self.commit_final(write).await
+    }
+
+    /// Where an ended attempt goes: the branch table for a branch instance,
+    /// else the history (then it rides with the instance's next commit).
+    fn attempt_write(&mut self, entry: Entry) -> Vec<Write> {
+        if self.branch_mode.is_some() {
+            return vec![Write::BranchAttempt { run: self.run.run, entry }];
         }
+        self.journal.record(entry);
+        Vec::new()
     }
 }

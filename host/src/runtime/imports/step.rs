@@ -96,12 +96,13 @@ pub(super) async fn step_end(
         1 | 2 => failed_attempt(live, String::from_utf8_lossy(&bytes).into_owned(), status == 1),
         other => return Err(st.abi_error(format!("step_end status {other} is not 0, 1 or 2"))),
     };
-    st.record_attempt(entry.clone()).await?;
-    let st = caller.data_mut();
     if st.branch_mode.is_some() {
         // A branch instance exists for this one attempt: its work is done.
-        return Err(st.stop(Ending::BranchRecorded(entry)));
+        st.record_attempt(entry.clone()).await?;
+        return Err(caller.data_mut().stop(Ending::BranchRecorded(entry)));
     }
+    st.record_attempt(entry).await?;
+    let st = caller.data_mut();
     if retry {
         // The closure was FnOnce: the next attempt needs a fresh instance
         // that replays up to this step.

@@ -112,7 +112,11 @@ impl SqliteStore {
     fn subscribe_with(&self, subscribe: impl FnOnce(&ChangeFeed) -> Subscription) -> Subscription {
         let mut wc = self.write.lock();
         let subscription = subscribe(&self.feed);
-        if let Err(e) = watch::start(&mut wc) {
+        // Already watching: go on from where the watcher is, or the
+        // listeners there would lose what it has not read yet.
+        if !wc.watch.is_active()
+            && let Err(e) = watch::start(&mut wc)
+        {
             eprintln!("cairn: cannot watch for other processes' changes: {e}");
         }
         subscription
@@ -270,36 +274,12 @@ impl RunStore for SqliteStore {
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        watch::read_changes(&conn, after, limit)
+        let snapshot = conn.unchecked_transaction()?;
+        let changes = watch::read_changes(&snapshot, after, limit)?;
+        snapshot.commit()?;
+        Ok(changes)
     }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::path::PathBuf;
-
-    use super::*;
-
-    /// A fresh database path under the system's temporary directory.
-    pub(crate) fn temp_db(name: &str) -> PathBuf {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("cairn-sqlite-test-{name}-{}-{n}.db", std::process::id()));
-        for ext in ["", "-wal", "-shm", ".lock"] {
-            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
-        }
-        path
-    }
-
-    fn open(name: &str) -> Arc<dyn RunStore> {
-        Arc::new(SqliteStore::open(&temp_db(name), Durability::Process).expect("open"))
-    }
-
-    /// A second store on the same file: another process, as far as leases
-    /// and the change feed can tell.
-    fn reopen(store: &Arc<dyn RunStore>) -> Arc<dyn RunStore> {
-        Arc::new(SqliteStore::open(Path::new(store.location()), Durability::Process).expect("reopen"))
-    }
-
-    crate::store::conformance::suite!(open, reopen);
-}
+pub(crate) mod tests;

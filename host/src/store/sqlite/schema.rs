@@ -94,9 +94,14 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 5: the change feed. History rows and `changes` rows share one
     // store-wide sequence (a history row's id is its place in it); each
-    // commit's changes other than history appends get a `changes` row.
+    // commit's changes other than history appends get a `changes` row, and
+    // each transaction a `commits` row: its first sequence number and its
+    // time (one row per batch, where a column would cost every history row).
     r#"
-    ALTER TABLE history ADD COLUMN committed_us INTEGER;
+    CREATE TABLE commits (
+        first_seq INTEGER PRIMARY KEY,
+        committed_us INTEGER NOT NULL
+    ) STRICT;
     CREATE TABLE changes (
         seq INTEGER PRIMARY KEY,
         run INTEGER NOT NULL,

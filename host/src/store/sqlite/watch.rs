@@ -36,6 +36,10 @@ pub(in crate::store::sqlite) struct WatchState {
 }
 
 impl WatchState {
+    pub(in crate::store::sqlite) fn is_active(&self) -> bool {
+        self.active
+    }
+
     pub(in crate::store::sqlite) fn own_commit(&mut self, first: u64, next: u64) {
         if !self.active || next <= first {
             return;
@@ -84,21 +88,35 @@ fn look(w: &WriteSide) -> Result<(), StoreError> {
         wc.watch.own.clear();
         return Ok(());
     }
-    const PAGE: usize = 1024;
-    loop {
-        let events = read_changes(&wc.conn, wc.watch.cursor, PAGE)?;
-        for event in &events {
-            if !wc.watch.is_own(event.seq) {
-                w.feed.publish(event.clone());
+    // One snapshot: other processes go on committing meanwhile.
+    let snapshot = wc.conn.unchecked_transaction()?;
+    if w.feed.wants_all() {
+        const PAGE: usize = 1024;
+        loop {
+            let events = read_changes(&snapshot, wc.watch.cursor, PAGE)?;
+            for event in &events {
+                if !wc.watch.is_own(event.seq) {
+                    w.feed.publish(event.clone());
+                }
+            }
+            if let Some(last) = events.last() {
+                wc.watch.cursor = last.seq;
+            }
+            if events.len() < PAGE {
+                break;
             }
         }
-        if let Some(last) = events.last() {
-            wc.watch.cursor = last.seq;
+    } else {
+        // Only executing runs listen: read control events, not every
+        // history row other processes wrote.
+        for event in read_control_changes(&snapshot, wc.watch.cursor)? {
+            if !wc.watch.is_own(event.seq) {
+                w.feed.publish(event);
+            }
         }
-        if events.len() < PAGE {
-            break;
-        }
+        wc.watch.cursor = wc.watch.cursor.max(max_seq(&snapshot)? as u64);
     }
+    snapshot.commit()?;
     wc.watch.own.clear();
     wc.watch.version = version;
     Ok(())
@@ -114,7 +132,12 @@ pub(in crate::store::sqlite) fn spawn(
         while !closed.load(Ordering::Relaxed) {
             if !feed.wait_for_listeners(Duration::from_secs(1)) {
                 if let Some(w) = write.upgrade() {
-                    w.lock().watch.active = false;
+                    // Checked again under the lock: a subscriber may have
+                    // started watching meanwhile.
+                    let mut wc = w.lock();
+                    if !w.feed.listening() {
+                        wc.watch.active = false;
+                    }
                 }
                 continue;
             }
@@ -129,8 +152,47 @@ pub(in crate::store::sqlite) fn spawn(
     Ok(())
 }
 
+/// The control events (`ChangeEvent::is_control`) after `after`.
+fn read_control_changes(conn: &Connection, after: u64) -> Result<Vec<ChangeEvent>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, run, kind, status, committed_us FROM changes \
+         WHERE seq > ?1 AND kind IN ('signal', 'cancel', 'status') ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([after as i64], change_row)?.collect::<Result<Vec<_>, _>>()?;
+    let mut events = Vec::new();
+    for row in rows {
+        let event = change_event(row)?;
+        if event.is_control() {
+            events.push(event);
+        }
+    }
+    Ok(events)
+}
+
+type ChangeRow = (i64, i64, String, Option<String>, i64);
+
+fn change_row(r: &rusqlite::Row) -> rusqlite::Result<ChangeRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+/// A `changes` row as an event.
+fn change_event((seq, run, kind, status, ts_us): ChangeRow) -> Result<ChangeEvent, StoreError> {
+    let seq = seq as u64;
+    let kind = ChangeKind::parse(&kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown kind {kind:?}")))?;
+    let status = match status {
+        None => None,
+        Some(s) => Some(
+            RunStatus::parse(&s)
+                .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown status {s:?}")))?,
+        ),
+    };
+    Ok(ChangeEvent { seq, run: RunKey(run), kind, position: None, status, ts_us })
+}
+
 /// Up to `limit` changes after `after`, in sequence order: history rows
-/// and `changes` rows merged.
+/// and `changes` rows merged. Call it inside one read transaction, or a
+/// commit between its two queries could be half seen.
 pub(in crate::store::sqlite) fn read_changes(
     conn: &Connection,
     after: u64,
@@ -138,8 +200,10 @@ pub(in crate::store::sqlite) fn read_changes(
 ) -> Result<Vec<ChangeEvent>, StoreError> {
     let (after, n) = (after as i64, limit as i64);
     let mut history = conn.prepare_cached(
-        "SELECT id, run, position, coalesce(committed_us, finished_at * 1000) FROM history \
-         WHERE id > ?1 ORDER BY id LIMIT ?2",
+        "SELECT h.id, h.run, h.position, coalesce( \
+             (SELECT c.committed_us FROM commits c WHERE c.first_seq <= h.id ORDER BY c.first_seq DESC LIMIT 1), \
+             h.finished_at * 1000) \
+         FROM history h WHERE h.id > ?1 ORDER BY h.id LIMIT ?2",
     )?;
     let history = history
         .query_map(params![after, n], |r| {
@@ -156,30 +220,15 @@ pub(in crate::store::sqlite) fn read_changes(
     let mut changes = conn.prepare_cached(
         "SELECT seq, run, kind, status, committed_us FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    let changes = changes
-        .query_map(params![after, n], |r| {
-            let kind: String = r.get(2)?;
-            let status: Option<String> = r.get(3)?;
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, kind, status, r.get::<_, i64>(4)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let changes = changes.query_map(params![after, n], change_row)?.collect::<Result<Vec<_>, _>>()?;
     let mut merged = Vec::with_capacity(limit.min(history.len() + changes.len()));
     let mut history = history.into_iter().peekable();
-    for (seq, run, kind, status, ts_us) in changes {
-        let seq = seq as u64;
-        while let Some(h) = history.next_if(|h| h.seq < seq) {
+    for row in changes {
+        let event = change_event(row)?;
+        while let Some(h) = history.next_if(|h| h.seq < event.seq) {
             merged.push(h);
         }
-        let kind = ChangeKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown kind {kind:?}")))?;
-        let status = match status {
-            None => None,
-            Some(s) => Some(
-                RunStatus::parse(&s)
-                    .ok_or_else(|| StoreError::Corrupt(format!("change {seq} has an unknown status {s:?}")))?,
-            ),
-        };
-        merged.push(ChangeEvent { seq, run: RunKey(run), kind, position: None, status, ts_us });
+        merged.push(event);
     }
     merged.extend(history);
     merged.truncate(limit);

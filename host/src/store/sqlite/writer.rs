@@ -176,12 +176,18 @@ impl WriteSide {
         } else {
             Events::None
         };
-        let mut batch = Batch { events, published: Vec::new(), next_seq: 0, ts_us: 0 };
+        let mut batch = Batch { events, published: Vec::new(), next_seq: 0, ts_us: 0, changes: Vec::new() };
         let results = match self.write_items(conn, jobs, &mut batch, false) {
             Some(results) => results,
             None => {
                 batch.published.clear();
-                self.write_items(conn, jobs, &mut batch, true).expect("isolated items never abort the batch")
+                batch.changes.clear();
+                // Isolated items fail alone; only the transaction itself
+                // failing at its end fails them all.
+                self.write_items(conn, jobs, &mut batch, true).unwrap_or_else(|| {
+                    batch.published.clear();
+                    jobs.iter().map(|_| Err(StoreError::Commit("the batch could not be written".into()))).collect()
+                })
             }
         };
         for event in batch.published {
@@ -238,8 +244,9 @@ impl WriteSide {
             let published = batch.published.len();
             let mut result = apply(conn, job, &self.locks, &mut rows, batch);
             if isolate {
-                result = result.and_then(|c| insert_rows(conn, &rows, batch.ts_us).map(|()| c));
+                result = result.and_then(|c| flush_rows(conn, &rows, batch).map(|()| c));
                 rows.clear();
+                batch.changes.clear();
                 let undo = match &result {
                     Ok(_) => run(conn, "RELEASE item"),
                     Err(_) => {
@@ -265,7 +272,15 @@ impl WriteSide {
         if let Some(e) = abort {
             return fail_all(wc, batch, e);
         }
-        if let Err(e) = insert_rows(conn, &rows, batch.ts_us) {
+        let flushed = flush_rows(conn, &rows, batch).and_then(|()| {
+            if batch.next_seq == first_seq {
+                return Ok(());
+            }
+            conn.prepare_cached("INSERT INTO commits (first_seq, committed_us) VALUES (?1, ?2)")?
+                .execute(params![first_seq, batch.ts_us])?;
+            Ok(())
+        });
+        if let Err(e) = flushed {
             let _ = conn.execute_batch("ROLLBACK");
             wc.next_seq = None;
             batch.published.clear();
@@ -299,11 +314,15 @@ fn next_seq(wc: &mut WriteConn) -> rusqlite::Result<i64> {
     Ok(seq)
 }
 
-/// The highest change sequence number committed (0 if none).
+/// The highest change sequence number taken so far (0 if none). A
+/// `commits` row may name a number whose rows all failed (an isolated
+/// batch): it counts as taken too, so the number is never handed out again.
 pub(super) fn max_seq(conn: &Connection) -> rusqlite::Result<i64> {
     let history: i64 = conn.prepare_cached("SELECT coalesce(max(id), 0) FROM history")?.query_row([], |r| r.get(0))?;
     let changes: i64 = conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM changes")?.query_row([], |r| r.get(0))?;
-    Ok(history.max(changes))
+    let commits: i64 =
+        conn.prepare_cached("SELECT coalesce(max(first_seq), 0) FROM commits")?.query_row([], |r| r.get(0))?;
+    Ok(history.max(changes).max(commits))
 }
 
 /// Which change events a batch builds for publishing.
@@ -321,7 +340,11 @@ struct Batch {
     published: Vec<ChangeEvent>,
     next_seq: i64,
     ts_us: i64,
+    /// `changes` rows not yet inserted: seq, run, kind, status.
+    changes: Vec<ChangeRow>,
 }
+
+type ChangeRow = (i64, RunKey, ChangeKind, Option<crate::model::RunStatus>);
 
 impl Batch {
     fn take_seq(&mut self) -> i64 {
@@ -342,18 +365,11 @@ impl Batch {
     }
 
     /// A change other than a history row: its `changes` row and its event.
-    fn change(
-        &mut self,
-        conn: &Connection,
-        run: RunKey,
-        kind: ChangeKind,
-        status: Option<crate::model::RunStatus>,
-    ) -> Result<(), StoreError> {
+    /// Its row goes in with the batch's history rows ([`flush_rows`]).
+    fn change(&mut self, run: RunKey, kind: ChangeKind, status: Option<crate::model::RunStatus>) {
         let seq = self.take_seq();
-        conn.prepare_cached("INSERT INTO changes (seq, run, kind, status, committed_us) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![seq, run.0, kind.as_str(), status.map(|s| s.as_str()), self.ts_us])?;
+        self.changes.push((seq, run, kind, status));
         self.event(ChangeEvent { seq: seq as u64, run, kind, position: None, status, ts_us: self.ts_us });
-        Ok(())
     }
 }
 
@@ -388,7 +404,7 @@ fn apply<'a>(
             }
             Write::CreateRun { run, lease } => {
                 let (record, lease) = create_run(tx, run, *lease, locks)?;
-                batch.change(tx, record.key, ChangeKind::Created, Some(record.status))?;
+                batch.change(record.key, ChangeKind::Created, Some(record.status));
                 committed.created.push((record, lease));
             }
             Write::Append { run, position, entries } => {
@@ -408,12 +424,12 @@ fn apply<'a>(
                 if n == 0 {
                     return Err(StoreError::NoSuchRun(*run));
                 }
-                batch.change(tx, *run, ChangeKind::Status, Some(*status))?;
+                batch.change(*run, ChangeKind::Status, Some(*status));
             }
             Write::SendSignal { run, name, payload } => {
                 tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![run.0, name, payload, now_ms()])?;
-                batch.change(tx, *run, ChangeKind::Signal, None)?;
+                batch.change(*run, ChangeKind::Signal, None);
             }
             Write::BranchAttempt { run, entry: e } => {
                 tx.prepare_cached(
@@ -421,11 +437,11 @@ fn apply<'a>(
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![run.0, e.name, e.occurrence, e.attempt, e.status.as_str(), e.output, e.error, e.started_at, e.finished_at])?;
-                batch.change(tx, *run, ChangeKind::Branch, None)?;
+                batch.change(*run, ChangeKind::Branch, None);
             }
             Write::RequestCancel { run } => {
                 tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run.0])?;
-                batch.change(tx, *run, ChangeKind::Cancel, None)?;
+                batch.change(*run, ChangeKind::Cancel, None);
             }
             Write::ConsumeSignal { run, name, entry } => {
                 // Taking the signal and journaling it are one atomic step:
@@ -443,7 +459,7 @@ fn apply<'a>(
                     let (position, mut e) = (entry.0, entry.1.clone());
                     e.output = payload.clone();
                     let seq = batch.take_seq();
-                    insert_rows(tx, &[(*run, position, &e, seq)], batch.ts_us)?;
+                    insert_rows(tx, &[(*run, position, &e, seq)])?;
                     history_event(batch, *run, position, seq);
                     committed.signal = Some(payload);
                 }
@@ -467,12 +483,18 @@ fn history_event(batch: &mut Batch, run: RunKey, position: usize, seq: i64) {
     }
 }
 
+/// Insert the history rows and `changes` rows gathered so far.
+fn flush_rows(conn: &Connection, rows: &[Row<'_>], batch: &Batch) -> Result<(), StoreError> {
+    insert_rows(conn, rows)?;
+    insert_changes(conn, &batch.changes, batch.ts_us)
+}
+
 /// Rows per multi-row INSERT: a batch's rows go in statements of these
 /// sizes, largest first (one cached statement each).
 const ROW_CHUNKS: [usize; 3] = [32, 8, 1];
-const HISTORY_COLUMNS: usize = 13;
+const HISTORY_COLUMNS: usize = 12;
 
-fn insert_rows(tx: &Connection, rows: &[Row<'_>], ts_us: i64) -> Result<(), StoreError> {
+fn insert_rows(tx: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
     static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
         ROW_CHUNKS
             .iter()
@@ -480,7 +502,7 @@ fn insert_rows(tx: &Connection, rows: &[Row<'_>], ts_us: i64) -> Result<(), Stor
                 let one = format!("({})", vec!["?"; HISTORY_COLUMNS].join(", "));
                 format!(
                     "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, \
-                     started_at, finished_at, committed_us) VALUES {}",
+                     started_at, finished_at) VALUES {}",
                     vec![one; n].join(", ")
                 )
             })
@@ -508,7 +530,41 @@ fn insert_rows(tx: &Connection, rows: &[Row<'_>], ts_us: i64) -> Result<(), Stor
                 stmt.raw_bind_parameter(at + 10, &e.error)?;
                 stmt.raw_bind_parameter(at + 11, e.started_at)?;
                 stmt.raw_bind_parameter(at + 12, e.finished_at)?;
-                stmt.raw_bind_parameter(at + 13, ts_us)?;
+            }
+            stmt.raw_execute()?;
+            rest = tail;
+        }
+    }
+    Ok(())
+}
+
+const CHANGE_COLUMNS: usize = 5;
+
+fn insert_changes(tx: &Connection, changes: &[ChangeRow], ts_us: i64) -> Result<(), StoreError> {
+    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        ROW_CHUNKS
+            .iter()
+            .map(|&n| {
+                let one = format!("({})", vec!["?"; CHANGE_COLUMNS].join(", "));
+                format!("INSERT INTO changes (seq, run, kind, status, committed_us) VALUES {}", vec![one; n].join(", "))
+            })
+            .collect()
+    });
+    let mut rest = changes;
+    for (size, sql) in ROW_CHUNKS.iter().zip(SQL.iter()) {
+        if rest.len() < *size {
+            continue;
+        }
+        let mut stmt = tx.prepare_cached(sql)?;
+        while rest.len() >= *size {
+            let (chunk, tail) = rest.split_at(*size);
+            for (r, (seq, run, kind, status)) in chunk.iter().enumerate() {
+                let at = r * CHANGE_COLUMNS;
+                stmt.raw_bind_parameter(at + 1, seq)?;
+                stmt.raw_bind_parameter(at + 2, run.0)?;
+                stmt.raw_bind_parameter(at + 3, kind.as_str())?;
+                stmt.raw_bind_parameter(at + 4, status.map(|s| s.as_str()))?;
+                stmt.raw_bind_parameter(at + 5, ts_us)?;
             }
             stmt.raw_execute()?;
             rest = tail;
@@ -570,92 +626,4 @@ fn create_run(
         random_key: Some(run.random_key),
     };
     Ok((record, held))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{EntryKind, EntryStatus, RunConfig, RunStatus};
-    use crate::store::RunStore;
-    use crate::store::sqlite::SqliteStore;
-    use crate::store::sqlite::tests::temp_db;
-
-    /// Create run `id` of module "m".
-    fn new_run(id: &str) -> Write {
-        Write::CreateRun {
-            run: NewRun {
-                id: id.into(),
-                module: "m".into(),
-                module_path: "m.wasm".into(),
-                input: b"null".to_vec(),
-                config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
-                status: RunStatus::Pending,
-                random_key: [0; 32],
-            },
-            lease: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn one_bad_item_does_not_abort_its_batch() {
-        let path = temp_db("batch");
-        let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
-        let w = store.write_side();
-        let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
-        let mut conn = w.lock();
-        let good_a = [module, new_run("a")];
-        let bad = [Write::status(RunKey(999_999), RunStatus::Completed)];
-        let good_b = [new_run("b")];
-        let results = w.write_batch(&mut conn, &[&good_a, &bad, &good_b]);
-        drop(conn);
-        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-        assert!(matches!(results[1], Err(StoreError::NoSuchRun(RunKey(999_999)))), "{results:?}");
-        let ids: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, ["a", "b"], "the good items are committed");
-    }
-
-    /// A batch's history rows go in together, in statements of several
-    /// sizes: every row lands at its position, with its fields; an item
-    /// whose rows collide with committed ones fails alone.
-    #[tokio::test]
-    async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
-        let path = temp_db("rows");
-        let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
-        let w = store.write_side();
-        let mut conn = w.lock();
-        let mut setup = vec![Write::PutModule { hash: "m".into(), bytes: vec![0] }];
-        setup.extend(["a", "b", "c"].map(new_run));
-        let created = w.write_batch(&mut conn, &[&setup]).pop().unwrap().unwrap().created;
-        let keys: Vec<RunKey> = created.iter().map(|(r, _)| r.key).collect();
-        let entry = |run: usize, i: usize| Entry {
-            kind: EntryKind::Step,
-            name: format!("s{run}"),
-            occurrence: i as u32 + 1,
-            attempt: 1,
-            status: EntryStatus::Completed,
-            output: format!("[{run},{i}]").into_bytes(),
-            error: (i % 7 == 0).then(|| format!("e{i}")),
-            started_at: i as i64,
-            finished_at: 1000 + i as i64,
-        };
-        // 45 rows for run a (32 + 8 + 5 single rows), 3 for run b.
-        let append = |run: usize, from: usize, n: usize| Write::Append {
-            run: keys[run],
-            position: from,
-            entries: (from..from + n).map(|i| entry(run, i)).collect(),
-        };
-        let (a1, a2, b1) = ([append(0, 0, 20)], [append(0, 20, 25)], [append(1, 0, 3)]);
-        let results = w.write_batch(&mut conn, &[&a1, &a2, &b1]);
-        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
-        // Run b's position 2 exists already: that item fails, run c's commits.
-        let (b_again, c1) = ([append(1, 2, 2)], [append(2, 0, 2)]);
-        let results = w.write_batch(&mut conn, &[&b_again, &c1]);
-        drop(conn);
-        assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
-        for (run, n) in [(0, 45), (1, 3), (2, 2)] {
-            let history = store.history(keys[run]).await.unwrap();
-            let want: Vec<Entry> = (0..n).map(|i| entry(run, i)).collect();
-            assert_eq!(history, want, "run {run}");
-        }
-    }
 }
