@@ -16,7 +16,8 @@ const SOON: Duration = Duration::from_secs(5);
 pub(crate) type Open = fn(&str) -> Arc<dyn RunStore>;
 pub(crate) type Reopen = fn(&Arc<dyn RunStore>) -> Arc<dyn RunStore>;
 
-fn new_run(id: &str) -> NewRun {
+/// A run of module "m" to create (stores' own tests use it too).
+pub(crate) fn new_run(id: &str) -> NewRun {
     NewRun {
         id: id.into(),
         module: "m".into(),

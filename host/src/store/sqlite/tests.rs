@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::SqliteStore;
-use crate::model::{Entry, EntryKind, EntryStatus, NewRun, RunConfig, RunKey, RunStatus};
+use crate::model::{Entry, EntryKind, EntryStatus, RunKey, RunStatus};
 use crate::store::{Durability, RunStore, StoreError, Write};
 
 /// A fresh database path under the system's temporary directory.
@@ -34,18 +34,7 @@ crate::store::conformance::suite!(open, reopen);
 
 /// Create run `id` of module "m".
 fn new_run(id: &str) -> Write {
-    Write::CreateRun {
-        run: NewRun {
-            id: id.into(),
-            module: "m".into(),
-            module_path: "m.wasm".into(),
-            input: b"null".to_vec(),
-            config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
-            status: RunStatus::Pending,
-            random_key: [0; 32],
-        },
-        lease: false,
-    }
+    Write::CreateRun { run: crate::store::conformance::new_run(id), lease: false }
 }
 
 #[tokio::test]

@@ -492,44 +492,35 @@ fn flush_rows(conn: &Connection, rows: &[Row<'_>], batch: &Batch) -> Result<(), 
 /// Rows per multi-row INSERT: a batch's rows go in statements of these
 /// sizes, largest first (one cached statement each).
 const ROW_CHUNKS: [usize; 3] = [32, 8, 1];
-const HISTORY_COLUMNS: usize = 12;
+/// The statements of a multi-row INSERT into `table (columns)`, one per
+/// size of [`ROW_CHUNKS`].
+fn chunked_inserts(table: &str, columns: &[&str]) -> Vec<String> {
+    let one = format!("({})", vec!["?"; columns.len()].join(", "));
+    ROW_CHUNKS
+        .iter()
+        .map(|&n| format!("INSERT INTO {table} ({}) VALUES {}", columns.join(", "), vec![one.as_str(); n].join(", ")))
+        .collect()
+}
 
-fn insert_rows(tx: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
-    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-        ROW_CHUNKS
-            .iter()
-            .map(|&n| {
-                let one = format!("({})", vec!["?"; HISTORY_COLUMNS].join(", "));
-                format!(
-                    "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, \
-                     started_at, finished_at) VALUES {}",
-                    vec![one; n].join(", ")
-                )
-            })
-            .collect()
-    });
+/// Insert `rows` with the statements of [`chunked_inserts`] (`columns`
+/// values each, bound by `bind(statement, first parameter index, row)`).
+fn insert_chunked<T>(
+    tx: &Connection,
+    statements: &[String],
+    columns: usize,
+    rows: &[T],
+    bind: impl Fn(&mut rusqlite::CachedStatement<'_>, usize, &T) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
     let mut rest = rows;
-    for (size, sql) in ROW_CHUNKS.iter().zip(SQL.iter()) {
+    for (size, sql) in ROW_CHUNKS.iter().zip(statements) {
         if rest.len() < *size {
             continue;
         }
         let mut stmt = tx.prepare_cached(sql)?;
         while rest.len() >= *size {
             let (chunk, tail) = rest.split_at(*size);
-            for (r, (run, position, e, seq)) in chunk.iter().enumerate() {
-                let at = r * HISTORY_COLUMNS;
-                stmt.raw_bind_parameter(at + 1, seq)?;
-                stmt.raw_bind_parameter(at + 2, run.0)?;
-                stmt.raw_bind_parameter(at + 3, *position as i64)?;
-                stmt.raw_bind_parameter(at + 4, e.kind.as_str())?;
-                stmt.raw_bind_parameter(at + 5, &e.name)?;
-                stmt.raw_bind_parameter(at + 6, e.occurrence)?;
-                stmt.raw_bind_parameter(at + 7, e.attempt)?;
-                stmt.raw_bind_parameter(at + 8, e.status.as_str())?;
-                stmt.raw_bind_parameter(at + 9, &e.output)?;
-                stmt.raw_bind_parameter(at + 10, &e.error)?;
-                stmt.raw_bind_parameter(at + 11, e.started_at)?;
-                stmt.raw_bind_parameter(at + 12, e.finished_at)?;
+            for (r, row) in chunk.iter().enumerate() {
+                bind(&mut stmt, r * columns + 1, row)?;
             }
             stmt.raw_execute()?;
             rest = tail;
@@ -538,39 +529,52 @@ fn insert_rows(tx: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
     Ok(())
 }
 
-const CHANGE_COLUMNS: usize = 5;
+const HISTORY_COLUMNS: [&str; 12] = [
+    "id",
+    "run",
+    "position",
+    "kind",
+    "name",
+    "occurrence",
+    "attempt",
+    "status",
+    "output",
+    "error",
+    "started_at",
+    "finished_at",
+];
+
+fn insert_rows(tx: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
+    static SQL: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| chunked_inserts("history", &HISTORY_COLUMNS));
+    insert_chunked(tx, &SQL, HISTORY_COLUMNS.len(), rows, |stmt, at, (run, position, e, seq)| {
+        stmt.raw_bind_parameter(at, seq)?;
+        stmt.raw_bind_parameter(at + 1, run.0)?;
+        stmt.raw_bind_parameter(at + 2, *position as i64)?;
+        stmt.raw_bind_parameter(at + 3, e.kind.as_str())?;
+        stmt.raw_bind_parameter(at + 4, &e.name)?;
+        stmt.raw_bind_parameter(at + 5, e.occurrence)?;
+        stmt.raw_bind_parameter(at + 6, e.attempt)?;
+        stmt.raw_bind_parameter(at + 7, e.status.as_str())?;
+        stmt.raw_bind_parameter(at + 8, &e.output)?;
+        stmt.raw_bind_parameter(at + 9, &e.error)?;
+        stmt.raw_bind_parameter(at + 10, e.started_at)?;
+        stmt.raw_bind_parameter(at + 11, e.finished_at)
+    })
+}
+
+const CHANGE_COLUMNS: [&str; 5] = ["seq", "run", "kind", "status", "committed_us"];
 
 fn insert_changes(tx: &Connection, changes: &[ChangeRow], ts_us: i64) -> Result<(), StoreError> {
-    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-        ROW_CHUNKS
-            .iter()
-            .map(|&n| {
-                let one = format!("({})", vec!["?"; CHANGE_COLUMNS].join(", "));
-                format!("INSERT INTO changes (seq, run, kind, status, committed_us) VALUES {}", vec![one; n].join(", "))
-            })
-            .collect()
-    });
-    let mut rest = changes;
-    for (size, sql) in ROW_CHUNKS.iter().zip(SQL.iter()) {
-        if rest.len() < *size {
-            continue;
-        }
-        let mut stmt = tx.prepare_cached(sql)?;
-        while rest.len() >= *size {
-            let (chunk, tail) = rest.split_at(*size);
-            for (r, (seq, run, kind, status)) in chunk.iter().enumerate() {
-                let at = r * CHANGE_COLUMNS;
-                stmt.raw_bind_parameter(at + 1, seq)?;
-                stmt.raw_bind_parameter(at + 2, run.0)?;
-                stmt.raw_bind_parameter(at + 3, kind.as_str())?;
-                stmt.raw_bind_parameter(at + 4, status.map(|s| s.as_str()))?;
-                stmt.raw_bind_parameter(at + 5, ts_us)?;
-            }
-            stmt.raw_execute()?;
-            rest = tail;
-        }
-    }
-    Ok(())
+    static SQL: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| chunked_inserts("changes", &CHANGE_COLUMNS));
+    insert_chunked(tx, &SQL, CHANGE_COLUMNS.len(), changes, |stmt, at, (seq, run, kind, status)| {
+        stmt.raw_bind_parameter(at, seq)?;
+        stmt.raw_bind_parameter(at + 1, run.0)?;
+        stmt.raw_bind_parameter(at + 2, kind.as_str())?;
+        stmt.raw_bind_parameter(at + 3, status.map(|s| s.as_str()))?;
+        stmt.raw_bind_parameter(at + 4, ts_us)
+    })
 }
 
 fn create_run(
