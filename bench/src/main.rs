@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use cairn::model::{EntryKind, NewRun, RunConfig, RunRecord, RunStatus};
+use cairn::model::{EntryKind, Limits, NewRun, RunConfig, RunRecord, RunStatus};
 use cairn::runtime::{Executor, PreparedModule, RunOutcome, WasmEngine};
 use cairn::store::sqlite::SqliteStore;
 use cairn::store::{Durability, RunStore, Write};
@@ -157,7 +157,7 @@ impl Bench {
 
 impl Host {
     async fn create(&self, n: usize, input: &Value, status: RunStatus) -> Result<Vec<RunRecord>> {
-        let config = RunConfig { dirs: Vec::new(), env: Vec::new(), max_memory_mib: 256, max_cpu_ms: 60_000 };
+        let config = RunConfig::new(Limits { max_memory_mib: 256, max_cpu_ms: 60_000, ..Limits::default() });
         let mut tickets = Vec::with_capacity(n);
         let input = serde_json::to_vec(input)?;
         let first = self

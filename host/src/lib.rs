@@ -22,3 +22,4 @@ pub mod model;
 pub mod runtime;
 pub mod service;
 pub mod store;
+pub mod terminal;

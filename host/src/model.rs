@@ -71,16 +71,97 @@ impl RunStatus {
 /// every resume, so a resumed run sees the same sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
-    /// Preopened directories: (host path, guest path).
+    /// Preopened directories, read-write: (host path, guest path).
     #[serde(default)]
     pub dirs: Vec<(PathBuf, String)>,
+    /// Preopened directories, read-only: (host path, guest path).
+    #[serde(default)]
+    pub dirs_ro: Vec<(PathBuf, String)>,
     /// Environment variables (stored in the database in clear).
     #[serde(default)]
     pub env: Vec<(String, String)>,
-    /// Linear-memory limit per instance, in MiB.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+impl RunConfig {
+    /// No grants, the default limits.
+    pub fn new(limits: Limits) -> Self {
+        RunConfig { dirs: Vec::new(), dirs_ro: Vec::new(), env: Vec::new(), limits }
+    }
+}
+
+/// What a run may cost the host, each with the flag of `cairn run` and
+/// `cairn start` that sets it (and, in snake case without the dashes, its
+/// name in JSON). Runs stored before a limit existed get its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Linear memory per instance, MiB (`--max-memory`).
     pub max_memory_mib: u64,
-    /// CPU time a guest may run without reaching a host call, in milliseconds.
+    /// Guest CPU between two durable points (steps, timers, signals,
+    /// branches), milliseconds (`--max-cpu`, in seconds).
     pub max_cpu_ms: u64,
+    /// History entries (`--max-history`).
+    #[serde(default = "Limits::default_max_history")]
+    pub max_history: u64,
+    /// History size, MiB (`--max-history-mib`).
+    #[serde(default = "Limits::default_max_history_mib")]
+    pub max_history_mib: u64,
+    /// One payload: a step's output, a signal's payload, the run's input or
+    /// its final output, MiB (`--max-payload-mib`).
+    #[serde(default = "Limits::default_max_payload_mib")]
+    pub max_payload_mib: u64,
+    /// Guest CPU over the whole execution of the run in one process,
+    /// milliseconds (`--max-run-cpu`, in seconds).
+    #[serde(default = "Limits::default_max_run_cpu_ms")]
+    pub max_run_cpu_ms: u64,
+    /// Wall time from the run's creation to its end, milliseconds
+    /// (`--max-wall`, in seconds); none by default.
+    #[serde(default)]
+    pub max_wall_ms: Option<u64>,
+    /// Branches the run may spawn (`--max-branches`).
+    #[serde(default = "Limits::default_max_branches")]
+    pub max_branches: u64,
+}
+
+impl Limits {
+    pub const DEFAULT_MAX_MEMORY_MIB: u64 = 256;
+    pub const DEFAULT_MAX_CPU_MS: u64 = 60_000;
+
+    fn default_max_history() -> u64 {
+        1_000_000
+    }
+    fn default_max_history_mib() -> u64 {
+        256
+    }
+    fn default_max_payload_mib() -> u64 {
+        16
+    }
+    fn default_max_run_cpu_ms() -> u64 {
+        3_600_000
+    }
+    fn default_max_branches() -> u64 {
+        1_000
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        usize::try_from(self.max_payload_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_memory_mib: Limits::DEFAULT_MAX_MEMORY_MIB,
+            max_cpu_ms: Limits::DEFAULT_MAX_CPU_MS,
+            max_history: Limits::default_max_history(),
+            max_history_mib: Limits::default_max_history_mib(),
+            max_payload_mib: Limits::default_max_payload_mib(),
+            max_run_cpu_ms: Limits::default_max_run_cpu_ms(),
+            max_wall_ms: None,
+            max_branches: Limits::default_max_branches(),
+        }
+    }
 }
 
 /// A run as stored.

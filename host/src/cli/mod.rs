@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::model::{RunConfig, RunRecord, RunStatus};
+use crate::model::{Limits, RunConfig, RunRecord, RunStatus};
 use crate::runtime::engine::{WORKER_POOL, default_cache_dir};
 use crate::runtime::{Executor, RunOutcome, WasmEngine};
 use crate::service::request::{self, ModuleSource};
 use crate::service::{Cancelled, ClaimedRun, Resumed, Service, ServiceError, StartMode, StartRequest, exit};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Durability, RunStore};
+use crate::terminal::escape;
 
 #[derive(Parser, Debug)]
 #[command(name = "cairn", version, about = "Durable execution for Rust workflows compiled to WebAssembly")]
@@ -94,15 +95,40 @@ pub struct RunArgs {
     /// Grant a host directory to the guest, as HOST or HOST::GUEST (repeatable).
     #[arg(long = "dir", value_name = "HOST[::GUEST]")]
     pub dirs: Vec<String>,
+    /// Grant a host directory read-only, as HOST or HOST::GUEST (repeatable).
+    #[arg(long = "dir-ro", value_name = "HOST[::GUEST]")]
+    pub dirs_ro: Vec<String>,
     /// Give the guest an environment variable (repeatable; stored in the database in clear).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
     /// Memory limit per instance, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub max_memory: u64,
-    /// CPU seconds a guest may run without reaching a host call (a step, a clock read, ...).
+    /// CPU seconds a guest may run without reaching a durable point (a step,
+    /// a timer, a signal wait, a branch).
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub max_cpu: f64,
+    /// History entries the run may have.
+    #[arg(long, value_name = "ENTRIES", default_value_t = Limits::default().max_history)]
+    pub max_history: u64,
+    /// MiB the run's history may take.
+    #[arg(long, value_name = "MIB", default_value_t = Limits::default().max_history_mib)]
+    pub max_history_mib: u64,
+    /// MiB of one payload: the input, a step's output, a signal's payload, the result.
+    #[arg(long, value_name = "MIB", default_value_t = Limits::default().max_payload_mib)]
+    pub max_payload_mib: u64,
+    /// CPU seconds the guest may use in all over one execution of the run.
+    #[arg(long, value_name = "SECONDS", default_value_t = Limits::default().max_run_cpu_ms as f64 / 1000.0)]
+    pub max_run_cpu: f64,
+    /// Seconds from the run's creation to its end [default: no limit].
+    #[arg(long, value_name = "SECONDS")]
+    pub max_wall: Option<f64>,
+    /// Branches the run may spawn.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_branches)]
+    pub max_branches: u64,
+    /// MiB of the module file; larger modules are refused before they are compiled.
+    #[arg(long, value_name = "MIB", default_value_t = request::DEFAULT_MAX_MODULE_MIB)]
+    pub max_module_mib: u64,
 }
 
 #[derive(Args, Debug)]
@@ -177,7 +203,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("cairn: error: {:#}", f.error);
+            eprintln!("cairn: error: {}", escape(&format!("{:#}", f.error)));
             ExitCode::from(f.code)
         }
     }
@@ -258,22 +284,34 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 
 /// What `run` and `start` say of the run, checked: input, id, grants and limits.
 fn run_arguments(args: &RunArgs) -> Result<(Vec<u8>, Option<String>, RunConfig), Failure> {
+    let limits = request::limits(&request::LimitArgs {
+        max_memory: args.max_memory,
+        max_cpu: args.max_cpu,
+        max_history: args.max_history,
+        max_history_mib: args.max_history_mib,
+        max_payload_mib: args.max_payload_mib,
+        max_run_cpu: args.max_run_cpu,
+        max_wall: args.max_wall,
+        max_branches: args.max_branches,
+    })?;
+    let max_input = limits.max_payload_bytes();
     let input = match args.input.as_deref() {
         None => request::json_payload(None, "--input")?,
         Some(s) => match s.strip_prefix('@') {
             Some(file) => {
-                let text = std::fs::read_to_string(file)
+                let text = request::read_capped(std::path::Path::new(file), max_input, "--input file")
                     .map_err(|e| Failure::usage(format!("cannot read --input file {file}: {e}")))?;
                 request::json_payload(Some(&text), "--input")?
             }
             None => request::json_payload(Some(s), "--input")?,
         },
     };
+    request::payload_size(input.len(), max_input, "--input")?;
     let run_id = args.run_id.as_deref().map(request::run_id).transpose()?;
-    let dirs = args.dirs.iter().map(|d| request::dir_grant(d)).collect::<Result<Vec<_>, _>>()?;
+    let dirs = args.dirs.iter().map(|d| request::dir_grant(d, "--dir")).collect::<Result<Vec<_>, _>>()?;
+    let dirs_ro = args.dirs_ro.iter().map(|d| request::dir_grant(d, "--dir-ro")).collect::<Result<Vec<_>, _>>()?;
     let env = args.env.iter().map(|e| request::env_var(e)).collect::<Result<Vec<_>, _>>()?;
-    let (max_memory_mib, max_cpu_ms) = request::limits(args.max_memory, args.max_cpu)?;
-    Ok((input, run_id, RunConfig { dirs, env, max_memory_mib, max_cpu_ms }))
+    Ok((input, run_id, RunConfig { dirs, dirs_ro, env, limits }))
 }
 
 /// Check the module and record the run.
@@ -286,7 +324,7 @@ async fn create_run(
     let store = open_store(cli)?;
     let service = Service::new(store.clone());
     let executor = Arc::new(executor(cli, store, None)?);
-    let module = ModuleSource::read(&args.module)?;
+    let module = ModuleSource::read(&args.module, args.max_module_mib)?;
     let started = service.start_run(&executor, StartRequest { module, input, run_id, config }, mode).await?;
     Ok((executor, service, started))
 }
@@ -317,7 +355,7 @@ async fn execute_foreground(executor: &Arc<Executor>, run: &RunRecord) -> Result
             Ok(exit::OK)
         }
         RunOutcome::Failed(error) => {
-            eprintln!("cairn: run {} failed: {error}", run.id);
+            eprintln!("cairn: run {} failed: {}", run.id, escape(&error));
             Ok(exit::FAILED)
         }
         RunOutcome::Cancelled => {
@@ -335,9 +373,9 @@ fn report_finished(run: &RunRecord) -> u8 {
     }
     eprintln!(
         "cairn: run {} {}: {}",
-        run.id,
+        escape(&run.id),
         run.status.as_str(),
-        run.error.as_deref().unwrap_or("(no error recorded)")
+        escape(run.error.as_deref().unwrap_or("(no error recorded)"))
     );
     exit::FAILED
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::model::{EntryKind, RunRecord};
 use crate::service::views::{self, RunView, entry_output, output_json, time};
+use crate::terminal::escape;
 
 /// A run's output on stdout, one line.
 pub fn output(output: &[u8]) {
@@ -27,10 +28,14 @@ fn table(header: &[&str]) -> comfy_table::Table {
     table
 }
 
-/// At most `max` characters of a value's JSON text.
+/// At most `max` characters of a value's JSON text, escaped for a terminal.
 fn short(v: &Value, max: usize) -> String {
-    let s = if v.is_null() { String::new() } else { v.to_string() };
+    let s = if v.is_null() { String::new() } else { escape(&v.to_string()).into_owned() };
     if s.chars().count() > max { format!("{}…", s.chars().take(max - 1).collect::<String>()) } else { s }
+}
+
+fn text(s: &str) -> String {
+    escape(s).into_owned()
 }
 
 /// `cairn runs`.
@@ -42,10 +47,10 @@ pub fn runs(runs: &[RunRecord], json: bool) {
     let mut t = table(&["ID", "STATUS", "STEPS", "MODULE", "CREATED", "FINISHED"]);
     for r in runs {
         t.add_row([
-            r.id.clone(),
+            text(&r.id),
             r.status.as_str().to_string(),
             r.steps.to_string(),
-            r.module[..12.min(r.module.len())].to_string(),
+            r.module.chars().take(12).collect(),
             time(r.created_at),
             r.finished_at.map(time).unwrap_or_default(),
         ]);
@@ -60,9 +65,9 @@ pub fn run_view(view: &RunView, json: bool) {
         return;
     }
     let run = &view.run;
-    println!("run      {}", run.id);
+    println!("run      {}", text(&run.id));
     println!("status   {}", run.status.as_str());
-    println!("module   {} ({})", run.module, run.module_path);
+    println!("module   {} ({})", run.module, text(&run.module_path));
     println!("created  {}", time(run.created_at));
     if let Some(f) = run.finished_at {
         println!("finished {}", time(f));
@@ -71,7 +76,7 @@ pub fn run_view(view: &RunView, json: bool) {
         println!("output   {}", short(&output_json(Some(out)), 200));
     }
     if let Some(err) = &run.error {
-        println!("error    {err}");
+        println!("error    {}", text(err));
     }
     let mut t = table(&["POS", "KIND", "NAME", "OCC", "ATTEMPT", "STATUS", "DURATION", "OUTPUT / ERROR"]);
     for (i, e) in view.history.iter().enumerate() {
@@ -89,11 +94,15 @@ pub fn run_view(view: &RunView, json: bool) {
         t.add_row([
             i.to_string(),
             e.kind.as_str().to_string(),
-            e.name.clone(),
+            text(&e.name),
             if is_step { e.occurrence.to_string() } else { String::new() },
             if e.kind == EntryKind::Step { e.attempt.to_string() } else { String::new() },
             status,
-            if e.kind == EntryKind::Step { format!("{} ms", e.finished_at - e.started_at) } else { String::new() },
+            if e.kind == EntryKind::Step {
+                format!("{} ms", e.finished_at.saturating_sub(e.started_at))
+            } else {
+                String::new()
+            },
             detail,
         ]);
     }
@@ -106,11 +115,11 @@ pub fn run_view(view: &RunView, json: bool) {
                 None => short(&entry_output(b), 60),
             };
             t.add_row([
-                b.name.clone(),
+                text(&b.name),
                 b.occurrence.to_string(),
                 b.attempt.to_string(),
                 b.status.as_str().to_string(),
-                format!("{} ms", b.finished_at - b.started_at),
+                format!("{} ms", b.finished_at.saturating_sub(b.started_at)),
                 detail,
             ]);
         }

@@ -61,6 +61,8 @@ impl WasmEngine {
         config.relaxed_simd_deterministic(true);
         // CPU limits and fair sharing of worker threads (see executor).
         config.epoch_interruption(true);
+        // One memory per instance: the memory limit is then the instance's.
+        config.wasm_multi_memory(false);
         // CAIRN_PERFMAP=1: name guest functions for `perf` (/tmp/perf-PID.map).
         if std::env::var_os("CAIRN_PERFMAP").is_some() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
@@ -177,11 +179,18 @@ impl WasmEngine {
     }
 
     fn load_cached(&self, path: &Path) -> Result<Option<Module>> {
-        let data = match fs::read(path) {
-            Ok(d) => d,
+        let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // Only this user's private files, in this user's private directory.
+        check_private(&file.metadata()?, 0o022, path)?;
+        if let Some(dir) = path.parent() {
+            check_private(&fs::symlink_metadata(dir)?, 0o077, dir)?;
+        }
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut data)?;
         // A .cwasm runs as native code: check it is whole and ours first.
         if data.len() < 40 || &data[..8] != CACHE_MAGIC {
             bail!("not a cache entry");
@@ -205,19 +214,52 @@ impl Drop for WasmEngine {
 
 fn write_cache_entry(path: &Path, compiled: &[u8]) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    if let Some(root) = dir.parent() {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
-    }
+    private_dir(dir)?;
     let tmp =
         dir.join(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let _ = fs::remove_file(&tmp);
+    // Exclusive and not through a link: nobody else's file is written.
+    let mut f =
+        fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
     f.write_all(CACHE_MAGIC)?;
     f.write_all(&Sha256::digest(compiled))?;
     f.write_all(compiled)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The cache's own directory inside the one the user named: created 0700
+/// if missing (the user's directory is created if missing, never changed),
+/// and refused unless it is a directory of this user that nobody else can
+/// use, since what it holds runs as native code.
+fn private_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    check_private(&meta, 0o077, dir)
+}
+
+/// Owned by this user, with none of `forbidden` mode bits.
+fn check_private(meta: &fs::Metadata, forbidden: u32, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        bail!("{} belongs to another user (uid {}); it is not used", path.display(), meta.uid());
+    }
+    if meta.mode() & forbidden != 0 {
+        bail!("{} is open to other users (mode {:o}); it is not used", path.display(), meta.mode() & 0o7777);
+    }
     Ok(())
 }
 

@@ -11,6 +11,12 @@ use std::fmt;
 
 use crate::model::{Entry, EntryKind, EntryStatus};
 
+/// What an entry takes in memory, roughly: its variable parts and a fixed
+/// overhead.
+pub fn entry_bytes(e: &Entry) -> usize {
+    64 + e.name.len() + e.output.len() + e.error.as_ref().map_or(0, String::len)
+}
+
 /// What the workflow is asking for at a host call, checked against the
 /// entry under the cursor during replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +67,9 @@ pub struct Journal {
     cursor: usize,
     /// `entries[..submitted]` have been handed to the store.
     submitted: usize,
+    /// What the entries take, roughly ([`entry_bytes`]): bounded by
+    /// `--max-history-mib`.
+    bytes: usize,
     occurrences: HashMap<String, u32>,
 }
 
@@ -82,7 +91,18 @@ impl Journal {
             entries.reserve(16);
         }
         let submitted = entries.len();
-        Journal { entries, cursor: 0, submitted, occurrences: HashMap::new() }
+        let bytes = entries.iter().map(entry_bytes).sum();
+        Journal { entries, cursor: 0, submitted, bytes, occurrences: HashMap::new() }
+    }
+
+    /// Roughly the bytes the entries take in memory.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Entries recorded and not yet handed to the store.
+    pub fn unsubmitted(&self) -> usize {
+        self.entries.len() - self.submitted
     }
 
     pub fn len(&self) -> usize {
@@ -195,6 +215,7 @@ impl Journal {
     /// Append a new entry at the end (live execution only).
     pub fn record(&mut self, entry: Entry) {
         debug_assert!(!self.replaying());
+        self.bytes += entry_bytes(&entry);
         self.entries.push(entry);
         self.cursor = self.entries.len();
     }

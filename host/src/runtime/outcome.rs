@@ -29,8 +29,13 @@ pub enum InstanceOutcome {
     /// The guest trapped, panicked, exited or returned without a result.
     /// With `live`, inside that step's closure: a failed attempt.
     Trapped { message: String, live: Option<LiveStep> },
-    /// The guest ran into a limit (CPU, memory, a step's timeout).
+    /// The guest ran into a limit of an instance (CPU between durable
+    /// points, memory, a step's timeout). With `live`, inside that step's
+    /// closure: a failed attempt.
     LimitExceeded { message: String, live: Option<LiveStep> },
+    /// The run went past a limit of the whole run (history, payloads, run
+    /// CPU, wall time, branches): the run fails, whatever step was running.
+    RunLimitExceeded(String),
 }
 
 impl InstanceOutcome {
@@ -46,10 +51,11 @@ impl InstanceOutcome {
             Some(Ending::BranchRecorded(entry)) => InstanceOutcome::BranchRecorded(entry),
             Some(Ending::Fatal(Fatal::NonDeterminism(nd))) => InstanceOutcome::Diverged(nd),
             Some(Ending::Fatal(fatal)) => InstanceOutcome::Fatal(fatal),
+            Some(Ending::RunLimit(message)) => InstanceOutcome::RunLimitExceeded(message),
             Some(Ending::CpuExceeded) => {
                 let ms = st.cpu_limit_ticks() * EPOCH_TICK.as_millis() as u64;
                 let message = format!(
-                    "CPU limit: the workflow ran {ms} ms without reaching a host call (raise it with --max-cpu)"
+                    "CPU limit: the workflow ran {ms} ms without reaching a durable point (raise it with --max-cpu)"
                 );
                 InstanceOutcome::LimitExceeded { message, live }
             }

@@ -7,7 +7,7 @@
 //! the database.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
@@ -16,14 +16,23 @@ use crate::model::RunKey;
 use crate::store::feed::FeedError;
 use crate::store::{ChangeKind, RunStore, Subscription};
 
-/// Per-run flags shared between the watcher and the run's instances.
+/// Per-run state shared between the watcher and the run's instances in
+/// this process (the parent, its retries and replays, its branches).
 #[derive(Debug, Default)]
 pub struct RunWatch {
     cancel: AtomicBool,
     notify: Notify,
+    /// Epoch ticks of guest CPU all the run's instances used here
+    /// (`--max-run-cpu`).
+    cpu_ticks: AtomicU64,
 }
 
 impl RunWatch {
+    /// Count one more tick of the run's guest CPU; the total so far.
+    pub fn add_cpu_tick(&self) -> u64 {
+        self.cpu_ticks.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     pub fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }

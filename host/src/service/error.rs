@@ -42,6 +42,8 @@ pub enum ServiceError {
         "run {0} is being executed by another cairn process right now; wait for it, or stop that process and resume again"
     )]
     RunBusy(String),
+    #[error("run {id}: {source}")]
+    SignalsFull { id: String, source: StoreError },
     #[error(transparent)]
     Exec(ExecError),
     #[error(transparent)]
@@ -75,6 +77,7 @@ impl ServiceError {
             E::RunExists(_) => class(exit::USAGE, 409, "conflict"),
             E::RunFinished { .. } => class(exit::FAILED, 409, "finished"),
             E::RunBusy(_) => class(exit::BUSY, 409, "busy"),
+            E::SignalsFull { .. } => class(exit::FAILED, 429, "too_many_signals"),
             E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => class(exit::NON_DETERMINISM, 409, "non_determinism"),
             E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { source: e, .. })) | E::Store(e) => {
                 store_class(e)

@@ -21,6 +21,9 @@ use crate::runtime::random;
 use crate::runtime::{Executor, RunOutcome};
 use crate::store::{ChangeKind, Lease, RunStore, Subscription, Write, commit};
 
+/// Undelivered signals kept per run; more are refused until it takes some.
+pub const MAX_PENDING_SIGNALS: u64 = 10_000;
+
 /// How long `cancel` waits for the executing process to stop the run.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -231,7 +234,13 @@ impl Service {
                 what: "it will not receive signals",
             });
         }
-        commit(&*self.store, vec![Write::SendSignal { run: run.key, name: name.to_string(), payload }]).await?;
+        request::payload_size(payload.len(), run.config.limits.max_payload_bytes(), "the signal payload")?;
+        let write =
+            Write::SendSignal { run: run.key, name: name.to_string(), payload, max_pending: MAX_PENDING_SIGNALS };
+        commit(&*self.store, vec![write]).await.map_err(|e| match e {
+            e @ crate::store::StoreError::SignalsFull(_) => ServiceError::SignalsFull { id: id.to_string(), source: e },
+            e => e.into(),
+        })?;
         Ok(())
     }
 

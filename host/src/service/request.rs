@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::ServiceError;
-use crate::model::RunConfig;
+use crate::model::{Limits, RunConfig};
 
 /// A workflow module's bytes, and how to name it to people (its path).
 #[derive(Debug, Clone)]
@@ -16,14 +16,59 @@ pub struct ModuleSource {
     pub shown: String,
 }
 
+/// `--max-module-mib` when not given.
+pub const DEFAULT_MAX_MODULE_MIB: u64 = 64;
+
 impl ModuleSource {
-    /// Read a module file.
-    pub fn read(path: &Path) -> Result<Self, ServiceError> {
+    /// Read a module file of at most `max_mib` MiB.
+    pub fn read(path: &Path, max_mib: u64) -> Result<Self, ServiceError> {
         let shown = path.display().to_string();
-        let bytes =
-            std::fs::read(path).map_err(|e| ServiceError::BadModule(format!("cannot read module {shown}: {e}")))?;
+        let max = usize::try_from(max_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let bytes = read_capped_bytes(path, max).map_err(|e| match e {
+            Capped::TooLarge => ServiceError::BadModule(format!(
+                "module {shown} is larger than {max_mib} MiB (--max-module-mib); it was not compiled"
+            )),
+            Capped::Io(e) => ServiceError::BadModule(format!("cannot read module {shown}: {e}")),
+        })?;
         Ok(ModuleSource { bytes, shown })
     }
+}
+
+enum Capped {
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// A file's bytes, refusing more than `max` without reading them all.
+fn read_capped_bytes(path: &Path, max: usize) -> Result<Vec<u8>, Capped> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(Capped::Io)?;
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut bytes).map_err(Capped::Io)?;
+    if bytes.len() > max {
+        return Err(Capped::TooLarge);
+    }
+    Ok(bytes)
+}
+
+/// A text file of at most `max` bytes (`what` names it in the error).
+pub fn read_capped(path: &Path, max: usize, what: &str) -> Result<String, String> {
+    match read_capped_bytes(path, max) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| format!("the {what} is not UTF-8")),
+        Err(Capped::TooLarge) => Err(format!("the {what} is larger than {max} bytes (--max-payload-mib)")),
+        Err(Capped::Io(e)) => Err(e.to_string()),
+    }
+}
+
+/// A payload of `len` bytes within `max` (`--max-payload-mib`).
+pub fn payload_size(len: usize, max: usize, what: &str) -> Result<(), ServiceError> {
+    if len > max {
+        return Err(ServiceError::BadInput(format!(
+            "{what} is {len} bytes, more than the run's limit of {} MiB (--max-payload-mib)",
+            max >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// A run to start.
@@ -61,17 +106,17 @@ pub fn run_id(id: &str) -> Result<String, ServiceError> {
 }
 
 /// A directory grant, `HOST` or `HOST::GUEST`: an existing host directory
-/// (canonical) and the path the guest sees it at.
-pub fn dir_grant(spec: &str) -> Result<(PathBuf, String), ServiceError> {
+/// (canonical) and the path the guest sees it at; `flag` names it in errors.
+pub fn dir_grant(spec: &str, flag: &str) -> Result<(PathBuf, String), ServiceError> {
     let (host, guest) = match spec.split_once("::") {
         Some((h, g)) => (h, g.to_string()),
         None => (spec, spec.to_string()),
     };
     let host = Path::new(host)
         .canonicalize()
-        .map_err(|e| ServiceError::BadInput(format!("--dir {spec}: cannot use {host}: {e}")))?;
+        .map_err(|e| ServiceError::BadInput(format!("{flag} {spec}: cannot use {host}: {e}")))?;
     if !host.is_dir() {
-        return Err(ServiceError::BadInput(format!("--dir {spec}: {} is not a directory", host.display())));
+        return Err(ServiceError::BadInput(format!("{flag} {spec}: {} is not a directory", host.display())));
     }
     Ok((host, guest))
 }
@@ -84,10 +129,46 @@ pub fn env_var(spec: &str) -> Result<(String, String), ServiceError> {
     }
 }
 
-/// The limits of a run: memory in MiB, CPU between host calls in seconds.
-pub fn limits(max_memory_mib: u64, max_cpu_s: f64) -> Result<(u64, u64), ServiceError> {
-    if !(max_cpu_s > 0.0 && max_cpu_s.is_finite()) || max_memory_mib == 0 {
+/// A run's limits as people give them (seconds as decimals).
+#[derive(Debug, Clone)]
+pub struct LimitArgs {
+    pub max_memory: u64,
+    pub max_cpu: f64,
+    pub max_history: u64,
+    pub max_history_mib: u64,
+    pub max_payload_mib: u64,
+    pub max_run_cpu: f64,
+    pub max_wall: Option<f64>,
+    pub max_branches: u64,
+}
+
+/// The limits of a run, checked: every one positive.
+pub fn limits(a: &LimitArgs) -> Result<Limits, ServiceError> {
+    let seconds = |s: f64| s > 0.0 && s.is_finite() && s < 1e12;
+    if !seconds(a.max_cpu) || a.max_memory == 0 {
         return Err(ServiceError::BadInput("--max-cpu and --max-memory must be positive".into()));
     }
-    Ok((max_memory_mib, (max_cpu_s * 1000.0) as u64))
+    for (flag, ok) in [
+        ("--max-history", a.max_history > 0),
+        ("--max-history-mib", a.max_history_mib > 0),
+        ("--max-payload-mib", a.max_payload_mib > 0),
+        ("--max-run-cpu", seconds(a.max_run_cpu)),
+        ("--max-wall", a.max_wall.is_none_or(seconds)),
+        ("--max-branches", a.max_branches > 0),
+    ] {
+        if !ok {
+            return Err(ServiceError::BadInput(format!("{flag} must be a positive number")));
+        }
+    }
+    let ms = |s: f64| (s * 1000.0).ceil() as u64;
+    Ok(Limits {
+        max_memory_mib: a.max_memory,
+        max_cpu_ms: ms(a.max_cpu),
+        max_history: a.max_history,
+        max_history_mib: a.max_history_mib,
+        max_payload_mib: a.max_payload_mib,
+        max_run_cpu_ms: ms(a.max_run_cpu),
+        max_wall_ms: a.max_wall.map(ms),
+        max_branches: a.max_branches,
+    })
 }

@@ -64,9 +64,14 @@ impl RunView {
     }
 }
 
-/// RFC 3339 with milliseconds, for Unix ms.
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const LAST_MS: i64 = 253_402_300_799_999;
+
+/// RFC 3339 with milliseconds, for Unix ms; any value (a guest's timer far
+/// in the future, a row edited by hand) is written, clamped to the years
+/// 1970 to 9999.
 pub fn time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, LAST_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -117,7 +122,7 @@ fn entry_json(position: Option<usize>, e: &Entry, output: Value) -> Value {
         "error": e.error,
         "started_at": time(e.started_at),
         "finished_at": time(e.finished_at),
-        "duration_ms": e.finished_at - e.started_at,
+        "duration_ms": e.finished_at.saturating_sub(e.started_at),
     });
     if let Some(p) = position {
         v["position"] = json!(p);

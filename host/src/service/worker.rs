@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use super::{Service, ServiceError};
 use crate::model::RunKey;
 use crate::runtime::{ExecError, Executor, RunOutcome};
+use crate::terminal::escape;
 
 /// How often an idle worker looks for new runs.
 const CLAIM_INTERVAL: Duration = Duration::from_millis(100);
@@ -108,11 +109,11 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
     };
     match result {
         Ok(RunOutcome::Completed(_)) => eprintln!("cairn worker: run {id} completed"),
-        Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {error}"),
+        Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {}", escape(&error)),
         Ok(RunOutcome::Cancelled) => eprintln!("cairn worker: run {id} cancelled"),
         Err(ExecError::ShuttingDown) => {}
         Err(e) => {
-            eprintln!("cairn worker: run {id} cannot execute: {e}; this worker leaves it alone");
+            eprintln!("cairn worker: run {id} cannot execute: {}; this worker leaves it alone", escape(&e.to_string()));
             return Some(run);
         }
     }

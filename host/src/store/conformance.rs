@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{Entry, EntryKind, EntryStatus, NewRun, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::model::{Entry, EntryKind, EntryStatus, Limits, NewRun, RunConfig, RunKey, RunRecord, RunStatus};
 use crate::store::{ChangeEvent, ChangeKind, RunStore, StoreError, Subscription, Write, commit};
 
 /// A generous bound for "soon": a test fails only if something never happens.
@@ -16,14 +16,17 @@ const SOON: Duration = Duration::from_secs(5);
 pub(crate) type Open = fn(&str) -> Arc<dyn RunStore>;
 pub(crate) type Reopen = fn(&Arc<dyn RunStore>) -> Arc<dyn RunStore>;
 
-/// A run of module "m" to create (stores' own tests use it too).
+/// The module of the suite's runs: a hash, as every module is named.
+pub(crate) const MODULE: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// A run of [`MODULE`] to create (stores' own tests use it too).
 pub(crate) fn new_run(id: &str) -> NewRun {
     NewRun {
         id: id.into(),
-        module: "m".into(),
+        module: MODULE.into(),
         module_path: "m.wasm".into(),
         input: b"null".to_vec(),
-        config: RunConfig { dirs: vec![], env: vec![], max_memory_mib: 1, max_cpu_ms: 1 },
+        config: RunConfig::new(Limits { max_memory_mib: 1, max_cpu_ms: 1, ..Limits::default() }),
         status: RunStatus::Pending,
         random_key: [7; 32],
     }
@@ -43,9 +46,9 @@ fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
     }
 }
 
-/// Create runs of module "m" (stored with them).
+/// Create runs of [`MODULE`] (stored with them).
 async fn create(store: &dyn RunStore, ids: &[&str]) -> Vec<RunRecord> {
-    let mut writes = vec![Write::PutModule { hash: "m".into(), bytes: b"\0asm".to_vec() }];
+    let mut writes = vec![Write::PutModule { hash: MODULE.into(), bytes: b"\0asm".to_vec() }];
     writes.extend(ids.iter().map(|id| Write::CreateRun { run: new_run(id), lease: false }));
     commit(store, writes).await.expect("create runs").created.into_iter().map(|(r, _)| r).collect()
 }
@@ -156,7 +159,9 @@ pub(crate) async fn change_feed_in_order_and_replayable(open: Open) {
     commit(&*store, vec![Write::Append { run: k, position: 0, entries }, Write::status(k, RunStatus::Running)])
         .await
         .unwrap();
-    commit(&*store, vec![Write::SendSignal { run: k, name: "go".into(), payload: b"1".to_vec() }]).await.unwrap();
+    commit(&*store, vec![Write::SendSignal { run: k, name: "go".into(), payload: b"1".to_vec(), max_pending: 100 }])
+        .await
+        .unwrap();
     commit(&*store, vec![Write::BranchAttempt { run: k, entry: step("br", 1, EntryStatus::Completed) }]).await.unwrap();
     commit(&*store, vec![Write::RequestCancel { run: k }]).await.unwrap();
     commit(&*store, vec![Write::cancelled(k)]).await.unwrap();
@@ -197,7 +202,12 @@ pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: R
     let mut all = here.subscribe();
     let mut control = here.subscribe_control();
     // Committed by the other handle, after the subscription.
-    commit(&*there, vec![Write::SendSignal { run: run.key, name: "go".into(), payload: b"2".to_vec() }]).await.unwrap();
+    commit(
+        &*there,
+        vec![Write::SendSignal { run: run.key, name: "go".into(), payload: b"2".to_vec(), max_pending: 100 }],
+    )
+    .await
+    .unwrap();
     let event = next(&mut all).await;
     assert_eq!((event.run, event.kind), (run.key, ChangeKind::Signal));
     assert_eq!(next(&mut control).await, event, "control listeners get it too");
@@ -217,11 +227,16 @@ pub(crate) async fn signals_are_consumed_once(open: Open) {
     let [run] = &create(&*store, &["s"]).await[..] else { panic!() };
     let k = run.key;
     for payload in [&b"1"[..], b"2"] {
-        commit(&*store, vec![Write::SendSignal { run: k, name: "go".into(), payload: payload.to_vec() }])
-            .await
-            .unwrap();
+        commit(
+            &*store,
+            vec![Write::SendSignal { run: k, name: "go".into(), payload: payload.to_vec(), max_pending: 100 }],
+        )
+        .await
+        .unwrap();
     }
-    commit(&*store, vec![Write::SendSignal { run: k, name: "other".into(), payload: b"9".to_vec() }]).await.unwrap();
+    commit(&*store, vec![Write::SendSignal { run: k, name: "other".into(), payload: b"9".to_vec(), max_pending: 100 }])
+        .await
+        .unwrap();
     let consume = |position: usize| Write::ConsumeSignal {
         run: k,
         name: "go".into(),
@@ -233,6 +248,11 @@ pub(crate) async fn signals_are_consumed_once(open: Open) {
     let second = second.await.unwrap().unwrap().signal;
     assert_eq!((first.as_deref(), second.as_deref()), (Some(&b"1"[..]), Some(&b"2"[..])));
     let none = commit(&*store, vec![consume(2)]).await.unwrap().signal;
+    // Undelivered signals are capped: the one past the cap is refused.
+    let send = |n: u64| Write::SendSignal { run: k, name: "x".into(), payload: b"0".to_vec(), max_pending: n };
+    commit(&*store, vec![send(2)]).await.expect("one undelivered (\"other\") is below the cap");
+    let full = commit(&*store, vec![send(2)]).await;
+    assert!(matches!(full, Err(StoreError::SignalsFull(2))), "{full:?}");
     assert_eq!(none, None, "no third \"go\": the other signal is not taken");
     let history = store.history(k).await.unwrap();
     let payloads: Vec<&[u8]> = history.iter().map(|e| e.output.as_slice()).collect();
@@ -258,7 +278,7 @@ pub(crate) async fn cancel_is_recorded(open: Open) {
 pub(crate) async fn modules_and_branches_read_back(open: Open) {
     let store = open("reads");
     let [run] = &create(&*store, &["m"]).await[..] else { panic!() };
-    assert_eq!(store.module("m").await.unwrap().as_deref(), Some(&b"\0asm"[..]));
+    assert_eq!(store.module(MODULE).await.unwrap().as_deref(), Some(&b"\0asm"[..]));
     assert_eq!(store.module("nope").await.unwrap(), None);
     let mut late = step("b", 1, EntryStatus::Completed);
     late.finished_at = 10;

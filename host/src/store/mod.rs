@@ -40,8 +40,9 @@ pub enum Write {
     Append { run: RunKey, position: usize, entries: Vec<Entry> },
     /// Set a run's status (and, when it finishes, its output or error).
     SetStatus { run: RunKey, status: RunStatus, output: Option<Vec<u8>>, error: Option<String> },
-    /// Deliver a signal (kept until the run waits for it).
-    SendSignal { run: RunKey, name: String, payload: Vec<u8> },
+    /// Deliver a signal (kept until the run waits for it), unless the run
+    /// already has `max_pending` undelivered ones.
+    SendSignal { run: RunKey, name: String, payload: Vec<u8>, max_pending: u64 },
     /// Ask the run's executor to stop it.
     RequestCancel { run: RunKey },
     /// An ended attempt of a parallel branch (a `Step` entry).
@@ -154,6 +155,8 @@ pub enum StoreError {
     RunExists(String),
     #[error("the run being written ({0}) no longer exists")]
     NoSuchRun(RunKey),
+    #[error("the run has {0} signals it has not received yet; no more are kept until it takes some")]
+    SignalsFull(u64),
     #[error("commit failed: {0}")]
     Commit(String),
     #[error("the database writer has stopped")]

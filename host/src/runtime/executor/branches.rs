@@ -91,6 +91,7 @@ impl Executor {
             InstanceOutcome::Diverged(nd) => Err(crate::runtime::imports::Fatal::NonDeterminism(nd).into()),
             InstanceOutcome::Fatal(fatal) => Err(fatal.into()),
             InstanceOutcome::Cancelled => Err(ExecError::Module("cancelled".into())),
+            InstanceOutcome::RunLimitExceeded(message) => Err(ExecError::Module(message)),
             InstanceOutcome::Trapped { message, live: Some(live) }
             | InstanceOutcome::LimitExceeded { message, live: Some(live) } => {
                 Ok(record_failed_attempt(st, "branch", live, message).await?)

@@ -206,9 +206,15 @@ impl Executor {
         let (engine, store, hash) = (self.engine.clone(), self.store.clone(), run.module.clone());
         tokio::task::spawn_blocking(move || {
             engine.load(&hash, || {
-                tokio::runtime::Handle::current()
+                let bytes = tokio::runtime::Handle::current()
                     .block_on(store.module(&hash))?
-                    .ok_or_else(|| anyhow::anyhow!("module {hash} is not in the database"))
+                    .ok_or_else(|| anyhow::anyhow!("module {hash} is not in the database"))?;
+                // The bytes become native code: they must be the module the
+                // run names, not whatever the row holds.
+                if super::engine::module_hash(&bytes) != hash {
+                    anyhow::bail!("the bytes stored for module {hash} do not have that hash");
+                }
+                Ok(bytes)
             })
         })
         .await
@@ -261,6 +267,10 @@ impl Executor {
             }
             InstanceOutcome::BranchRecorded(_) => {
                 return Err(ExecError::Module("a parent instance stopped as a branch".into()));
+            }
+            InstanceOutcome::RunLimitExceeded(message) => {
+                st.commit_final(vec![Write::failed(run, message.clone())]).await?;
+                Next::Done(RunOutcome::Failed(message))
             }
             InstanceOutcome::Diverged(nd) => return Err(Fatal::NonDeterminism(nd).into()),
             InstanceOutcome::Fatal(fatal) => return Err(fatal.into()),

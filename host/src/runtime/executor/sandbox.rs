@@ -10,9 +10,9 @@ use wasmtime::{ExternType, Module, Store as WasmStore, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::{ExecError, Executor};
-use crate::model::{Entry, EntryKind, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::model::{Entry, EntryKind, Limits, RunConfig, RunKey, RunRecord, RunStatus};
 use crate::runtime::branch::{BranchMode, Branches};
-use crate::runtime::engine::{EPOCH_TICK, module_hash};
+use crate::runtime::engine::module_hash;
 use crate::runtime::imports::{self, GuestOutput, HostState, InstanceSetup, RunContext};
 use crate::runtime::journal::Journal;
 use crate::runtime::random::RandomStream;
@@ -35,6 +35,7 @@ impl Executor {
                  `cargo build --release --target wasm32-wasip1`"
             )));
         }
+        check_code_size(&bytes, shown)?;
         let hash = module_hash(&bytes);
         let module = self
             .engine
@@ -48,7 +49,7 @@ impl Executor {
             module: hash.clone(),
             module_path: shown.to_string(),
             input: Vec::new(),
-            config: RunConfig { dirs: Vec::new(), env: Vec::new(), max_memory_mib: 64, max_cpu_ms: 1000 },
+            config: RunConfig::new(Limits { max_memory_mib: 64, max_cpu_ms: 1000, ..Limits::default() }),
             status: RunStatus::Pending,
             output: None,
             error: None,
@@ -81,8 +82,9 @@ impl Executor {
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(GuestOutput::new(replaying.clone()));
         wasi.stderr(GuestOutput::new(replaying.clone()));
-        for (host, guest) in &run.config.dirs {
-            wasi.preopened_dir(host, guest, FsPerms::ReadWrite).map_err(|e| {
+        let grants = run.config.dirs.iter().map(|d| (d, FsPerms::ReadWrite));
+        for ((host, guest), perms) in grants.chain(run.config.dirs_ro.iter().map(|d| (d, FsPerms::ReadOnly))) {
+            wasi.preopened_dir(host, guest, perms).map_err(|e| {
                 ExecError::Sandbox(format!(
                     "run {}: cannot grant directory {} (as {guest}): {e:#}",
                     run.id,
@@ -104,8 +106,8 @@ impl Executor {
             },
             journal,
             replaying,
-            max_memory_bytes: (run.config.max_memory_mib as usize) << 20,
-            cpu_limit_ticks: (run.config.max_cpu_ms / EPOCH_TICK.as_millis() as u64).max(1),
+            limits: run.config.limits.clone(),
+            created_at: run.created_at,
             watch,
             park_threshold: self.park_threshold,
             branches,
@@ -188,6 +190,35 @@ impl Executor {
             .map_err(|e| ExecError::Module(format!("{}: `_start` has the wrong type: {e:#}", run.module_path)))?;
         Ok(start.call_async(&mut *wstore, ()).await)
     }
+}
+
+/// Functions a module may define, and bytes in one function's body: what
+/// the compiler is given is bounded before it starts (its time grows with
+/// the code, and faster than linearly with one huge function).
+pub const MAX_FUNCTIONS: u32 = 100_000;
+pub const MAX_FUNCTION_BYTES: usize = 1 << 20;
+
+/// Count the functions and measure their bodies before compiling anything.
+fn check_code_size(bytes: &[u8], shown: &str) -> Result<(), ExecError> {
+    let invalid =
+        |e: wasmparser::BinaryReaderError| ExecError::Module(format!("{shown} is not a valid WebAssembly module: {e}"));
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(invalid)? {
+            wasmparser::Payload::CodeSectionStart { count, .. } if count > MAX_FUNCTIONS => {
+                return Err(ExecError::Module(format!(
+                    "{shown} defines {count} functions, more than {MAX_FUNCTIONS}; it was not compiled"
+                )));
+            }
+            wasmparser::Payload::CodeSectionEntry(body) if body.range().len() > MAX_FUNCTION_BYTES => {
+                return Err(ExecError::Module(format!(
+                    "{shown} has a function of {} bytes, more than {MAX_FUNCTION_BYTES}; it was not compiled",
+                    body.range().len()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A workflow module must export its memory, `_start` and

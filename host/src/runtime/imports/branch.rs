@@ -24,7 +24,7 @@ pub(super) async fn spawn(
     policy_ptr: i32,
     policy_len: i32,
 ) -> wasmtime::Result<i64> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
     let name = guest_str(caller, ptr, len)?;
     let policy_bytes = guest_bytes(caller, policy_ptr, policy_len)?;
     let st = caller.data_mut();
@@ -39,6 +39,12 @@ pub(super) async fn spawn(
         Ok(r) => r,
         Err(nd) => return Err(st.diverged(nd)),
     };
+    st.spawns += 1;
+    if st.spawns > st.limits.max_branches {
+        let message =
+            format!("limit `--max-branches` exceeded: the run spawns more than {} branches", st.limits.max_branches);
+        return Err(st.run_limit(message));
+    }
     let key: BranchKey = (name, occurrence);
     if let Some(mode) = st.branch_mode.clone() {
         if mode.key != key {
@@ -50,7 +56,7 @@ pub(super) async fn spawn(
         }
         st.sync_replaying();
         st.staged = idempotency_key(st.run.store.db_id(), &st.run.run_id, &key.0, key.1).into_bytes();
-        let deadline = policy.timeout.map(|t| Instant::now() + t);
+        let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
         st.live_step = Some(LiveStep {
             name: key.0,
             occurrence: key.1,
@@ -62,7 +68,7 @@ pub(super) async fn spawn(
         return Ok(((mode.attempt as i64) << 40) | (SPAWN_RUN_HERE << 32) | st.staged.len() as i64);
     }
     if !replayed {
-        st.journal.record(Entry::event(EntryKind::Spawn, key.0.clone(), key.1, Vec::new()));
+        st.record(Entry::event(EntryKind::Spawn, key.0.clone(), key.1, Vec::new()))?;
         st.commit(Vec::new()).await?;
     }
     let st = caller.data_mut();
@@ -81,7 +87,7 @@ pub(super) async fn spawn(
 /// outcomes in handle order, each as status u8 (0 value, 1 error), length
 /// u32 little-endian, bytes.
 pub(super) async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i32) -> wasmtime::Result<i64> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
     let raw = guest_bytes(caller, ptr, count.saturating_mul(4))?;
     let st = caller.data_mut();
     if st.live_step.is_some() {
@@ -91,6 +97,8 @@ pub(super) async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i3
     for h in raw.chunks_exact(4) {
         let h = u32::from_le_bytes(h.try_into().expect("4 bytes")) as usize;
         match st.handles.get(h) {
+            // Each branch once: a handle repeated would copy its output again.
+            Some(k) if keys.contains(k) => return Err(st.abi_error(format!("join: branch handle {h} given twice"))),
             Some(k) => keys.push(k.clone()),
             None => return Err(st.abi_error(format!("join: no branch handle {h}"))),
         }
@@ -109,7 +117,15 @@ pub(super) async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i3
             _ = watch.changed() => caller.data_mut().enter()?,
         }
     };
-    let mut staged = Vec::new();
+    // The guest must take all of it into its memory: more than its memory
+    // can hold is refused before anything is copied.
+    let total: usize = outcomes.iter().map(|o| 5 + o.as_ref().map_or_else(String::len, Vec::len)).sum();
+    let room = caller.data().memory.map_or(0, |m| m.data_size(&*caller));
+    if total > room {
+        let what = format!("join: the outcomes take {total} bytes, more than the guest's memory ({room} bytes)");
+        return Err(caller.data_mut().abi_error(what));
+    }
+    let mut staged = Vec::with_capacity(total);
     for outcome in outcomes {
         let (status, bytes) = match outcome {
             Ok(v) => (0u8, v),

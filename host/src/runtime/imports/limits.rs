@@ -34,27 +34,62 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
-/// CPU the guest may use between two host calls, in epoch ticks. Time
-/// spent waiting inside host calls never counts, so a replay or a wake-up
-/// never inherits a spent budget.
+/// Tables an instance may have, and elements in each (a Rust guest has one
+/// table of a few hundred functions).
+pub const MAX_TABLES: usize = 4;
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// CPU the guest may use between two durable points (steps, timers,
+/// signals, branches, the end), in epoch ticks. Cheap calls (clock and
+/// random reads, `input`, `take`) do not start it afresh: a loop of them is
+/// a loop. Time spent waiting inside host calls never counts, so a replay
+/// or a wake-up never inherits a spent budget.
 pub struct CpuBudget {
     used: u64,
     limit: u64,
+    /// The run's ticks in all its instances (`--max-run-cpu`).
+    run_limit: u64,
+}
+
+/// Which CPU limit a tick went past.
+pub enum CpuExceeded {
+    /// `--max-cpu`: since the last durable point.
+    SinceDurablePoint,
+    /// `--max-run-cpu`: the whole run.
+    Run,
 }
 
 impl CpuBudget {
-    pub fn new(limit_ticks: u64) -> Self {
-        CpuBudget { used: 0, limit: limit_ticks }
+    pub fn new(limit_ticks: u64, run_limit_ticks: u64) -> Self {
+        CpuBudget { used: 0, limit: limit_ticks, run_limit: run_limit_ticks }
     }
 
-    /// One more tick of guest CPU; false once over the budget.
-    pub fn tick(&mut self) -> bool {
+    /// One more tick of guest CPU, `run_total` ticks in the run so far.
+    pub fn tick(&mut self, run_total: u64) -> Result<(), CpuExceeded> {
         self.used += 1;
-        self.used <= self.limit
+        if run_total > self.run_limit {
+            return Err(CpuExceeded::Run);
+        }
+        if self.used > self.limit {
+            return Err(CpuExceeded::SinceDurablePoint);
+        }
+        Ok(())
     }
 
     pub fn reset(&mut self) {

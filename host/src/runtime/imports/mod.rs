@@ -87,8 +87,20 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     )?;
 
     // WASI taken over (wasi/).
-    linker.func_wrap(wasi::MODULE, "clock_time_get", wasi::clock::clock_time_get)?;
-    linker.func_wrap(wasi::MODULE, "random_get", wasi::random::random_get)?;
+    linker.func_wrap_async(
+        wasi::MODULE,
+        "clock_time_get",
+        |mut caller: Caller<'_, HostState>, (id, precision, out): (i32, i64, i32)| {
+            Box::new(async move { wasi::clock::clock_time_get(&mut caller, id, precision, out).await })
+        },
+    )?;
+    linker.func_wrap_async(
+        wasi::MODULE,
+        "random_get",
+        |mut caller: Caller<'_, HostState>, (ptr, len): (i32, i32)| {
+            Box::new(async move { wasi::random::random_get(&mut caller, ptr, len).await })
+        },
+    )?;
     linker.func_wrap_async(
         wasi::MODULE,
         "poll_oneoff",

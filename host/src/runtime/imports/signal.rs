@@ -23,7 +23,7 @@ pub(super) async fn signal_wait(
     len: i32,
     timeout_ms: i64,
 ) -> wasmtime::Result<i64> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
     let name = guest_str(caller, ptr, len)?;
     if caller.data().live_step.is_some() {
         return Err(caller.data_mut().abi_error("waiting for a signal inside a step"));
@@ -52,6 +52,8 @@ pub(super) async fn signal_wait(
         // Flush pending reads first, so the signal lands at the next position.
         st.commit(Vec::new()).await?;
         let st = caller.data_mut();
+        // The payload that comes must fit (its size is checked when sent).
+        st.check_history_room(crate::runtime::journal::entry_bytes(&entry) + st.limits.max_payload_bytes())?;
         let position = st.journal.len();
         let consume = Write::ConsumeSignal { run: st.run.run, name: name.clone(), entry: (position, entry.clone()) };
         let taken = st.commit_writes(vec![consume]).await?.signal;
@@ -63,7 +65,7 @@ pub(super) async fn signal_wait(
         if let Some(d) = deadline
             && now_ms() >= d
         {
-            st.journal.record(entry);
+            st.record(entry)?;
             st.commit(Vec::new()).await?;
             let st = caller.data_mut();
             st.staged = Vec::new();

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use wasmtime::Memory;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::limits::{CpuBudget, MemoryLimiter};
+use super::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use super::wasi::clock::MonotonicClock;
-use crate::model::{Entry, RunKey, RunStatus, now_ms};
+use crate::model::{Entry, Limits, RunKey, RunStatus, now_ms};
 use crate::runtime::branch::{BranchKey, BranchMode, Branches};
-use crate::runtime::journal::{Journal, NonDeterminism};
+use crate::runtime::journal::{Journal, NonDeterminism, entry_bytes};
 use crate::runtime::random::RandomStream;
 use crate::runtime::watch::RunWatch;
 use crate::store::{Committed, RunStore, StoreError, Write};
@@ -55,8 +55,11 @@ pub enum Ending {
     BranchRecorded(Entry),
     /// A store failure, a divergence from the history, or ABI misuse.
     Fatal(Fatal),
-    /// The guest ran longer than its CPU budget without a host call.
+    /// The guest ran longer than its CPU budget without a durable point.
     CpuExceeded,
+    /// The run went past one of its limits (the message names the flag):
+    /// the run fails, whatever step was running.
+    RunLimit(String),
     /// The live step's attempt ran past its timeout.
     TimedOut,
 }
@@ -90,8 +93,9 @@ pub struct InstanceSetup {
     pub run: RunContext,
     pub journal: Journal,
     pub replaying: Arc<AtomicBool>,
-    pub max_memory_bytes: usize,
-    pub cpu_limit_ticks: u64,
+    pub limits: Limits,
+    /// When the run was created (Unix ms): `--max-wall` counts from there.
+    pub created_at: i64,
     pub watch: Arc<RunWatch>,
     pub park_threshold: Duration,
     pub branches: Arc<Branches>,
@@ -102,6 +106,11 @@ pub struct HostState {
     pub(super) wasi: WasiP1Ctx,
     pub(super) limiter: MemoryLimiter,
     pub(super) cpu: CpuBudget,
+    pub(super) limits: Limits,
+    /// When `--max-wall` ends the run (Unix ms).
+    wall_deadline: Option<i64>,
+    /// Spawns seen by this instance, replayed or new (`--max-branches`).
+    pub(super) spawns: u64,
     pub(super) run: RunContext,
     pub(super) journal: Journal,
     pub(super) memory: Option<Memory>,
@@ -131,8 +140,11 @@ impl HostState {
     pub fn new(setup: InstanceSetup) -> Self {
         HostState {
             wasi: setup.wasi,
-            limiter: MemoryLimiter::new(setup.max_memory_bytes),
-            cpu: CpuBudget::new(setup.cpu_limit_ticks),
+            limiter: MemoryLimiter::new(mib_bytes(setup.limits.max_memory_mib)),
+            cpu: CpuBudget::new(ticks(setup.limits.max_cpu_ms), ticks(setup.limits.max_run_cpu_ms)),
+            wall_deadline: setup.limits.max_wall_ms.map(|ms| setup.created_at.saturating_add(ms as i64)),
+            limits: setup.limits,
+            spawns: 0,
             monotonic: MonotonicClock::after(setup.journal.last_monotonic()),
             run: setup.run,
             journal: setup.journal,
@@ -190,11 +202,21 @@ impl HostState {
     }
 
     /// Called at every epoch tick while the guest runs: count CPU, stop a
-    /// step past its timeout or a cancelled run, else yield.
+    /// step past its timeout, a run past its limits or a cancelled run,
+    /// else yield.
     pub fn on_epoch_tick(&mut self) -> wasmtime::Result<()> {
-        if !self.cpu.tick() {
-            return Err(self.stop(Ending::CpuExceeded));
+        match self.cpu.tick(self.watch.add_cpu_tick()) {
+            Ok(()) => {}
+            Err(CpuExceeded::SinceDurablePoint) => return Err(self.stop(Ending::CpuExceeded)),
+            Err(CpuExceeded::Run) => {
+                let message = format!(
+                    "limit `--max-run-cpu` exceeded: the workflow used more than {} s of CPU in this run",
+                    self.limits.max_run_cpu_ms as f64 / 1000.0
+                );
+                return Err(self.stop(Ending::RunLimit(message)));
+            }
         }
+        self.check_wall()?;
         if self.live_step.as_ref().and_then(|l| l.deadline).is_some_and(|d| Instant::now() >= d) {
             return Err(self.stop(Ending::TimedOut));
         }
@@ -204,12 +226,86 @@ impl HostState {
         Ok(())
     }
 
-    /// Every host call is a durable point: the CPU budget starts afresh,
-    /// and a cancelled run stops here.
+    /// Every host call: a cancelled run, or one past its wall time, stops here.
     pub(super) fn enter(&mut self) -> wasmtime::Result<()> {
-        self.cpu.reset();
         if self.watch.cancel_requested() {
             return Err(self.stop(Ending::Cancelled));
+        }
+        self.check_wall()
+    }
+
+    /// A durable point (a step, a timer, a signal wait, a branch, the end):
+    /// as [`HostState::enter`], and the CPU budget starts afresh.
+    pub(super) fn durable(&mut self) -> wasmtime::Result<()> {
+        self.cpu.reset();
+        self.enter()
+    }
+
+    fn check_wall(&mut self) -> wasmtime::Result<()> {
+        if let Some(deadline) = self.wall_deadline
+            && now_ms() >= deadline
+        {
+            let message = format!(
+                "limit `--max-wall` exceeded: the run is older than {} s",
+                self.limits.max_wall_ms.unwrap_or_default() as f64 / 1000.0
+            );
+            return Err(self.stop(Ending::RunLimit(message)));
+        }
+        Ok(())
+    }
+
+    /// Stop the run for going past a limit (`what` names the flag).
+    pub(super) fn run_limit(&mut self, message: String) -> wasmtime::Error {
+        self.stop(Ending::RunLimit(message))
+    }
+
+    /// The largest payload a run may hand over (`--max-payload-mib`); an
+    /// error naming the flag for `len` bytes of `what` past it.
+    pub(super) fn check_payload(&mut self, len: usize, what: &str) -> wasmtime::Result<()> {
+        if len > self.limits.max_payload_bytes() {
+            let message = format!(
+                "limit `--max-payload-mib` exceeded: {what} is {} bytes, more than {} MiB",
+                len, self.limits.max_payload_mib
+            );
+            return Err(self.run_limit(message));
+        }
+        Ok(())
+    }
+
+    /// Room in the history for one more entry (`--max-history`,
+    /// `--max-history-mib`).
+    pub(super) fn check_history_room(&mut self, entry_size: usize) -> wasmtime::Result<()> {
+        if self.journal.len() as u64 >= self.limits.max_history {
+            let message =
+                format!("limit `--max-history` exceeded: the run's history has {} entries", self.journal.len());
+            return Err(self.run_limit(message));
+        }
+        if self.journal.bytes().saturating_add(entry_size) as u64 > self.limits.max_history_mib.saturating_mul(1 << 20)
+        {
+            let message = format!(
+                "limit `--max-history-mib` exceeded: the run's history would take more than {} MiB",
+                self.limits.max_history_mib
+            );
+            return Err(self.run_limit(message));
+        }
+        Ok(())
+    }
+
+    /// Append a new entry to the history, within the run's limits.
+    pub(super) fn record(&mut self, entry: Entry) -> wasmtime::Result<()> {
+        self.check_history_room(entry_bytes(&entry))?;
+        self.journal.record(entry);
+        Ok(())
+    }
+
+    /// Entries recorded but not committed are committed once there are this
+    /// many (reads between steps would otherwise pile up in memory).
+    pub(super) const MAX_UNSUBMITTED: usize = 1024;
+
+    /// Commit pending reads once too many have piled up.
+    pub(super) async fn bound_unsubmitted(&mut self) -> wasmtime::Result<()> {
+        if self.journal.unsubmitted() >= Self::MAX_UNSUBMITTED {
+            self.commit(Vec::new()).await?;
         }
         Ok(())
     }
@@ -255,12 +351,15 @@ impl HostState {
             if remaining <= 0 {
                 return Ok(());
             }
+            self.check_wall()?;
             if Duration::from_millis(remaining as u64) > self.park_threshold {
                 return Err(self.stop(Ending::Park { wake_at: Some(wake_at), status: RunStatus::Sleeping }));
             }
+            // Wake at the wall limit if it comes first.
+            let wall_left = self.wall_deadline.map_or(i64::MAX, |d| d.saturating_sub(now_ms()).max(1));
             let watch = self.watch.clone();
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(remaining as u64)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(remaining.min(wall_left) as u64)) => {}
                 _ = watch.changed() => {}
             }
             if self.watch.cancel_requested() {
@@ -323,6 +422,8 @@ impl HostState {
 
     /// Where an ended attempt goes: the branch table for a branch instance,
     /// else the history (then it rides with the instance's next commit).
+    /// An attempt's entry is recorded even past the history limits: the
+    /// limit fails the run at its next entry, and what the step did is kept.
     fn attempt_write(&mut self, entry: Entry) -> Vec<Write> {
         if self.branch_mode.is_some() {
             return vec![Write::BranchAttempt { run: self.run.run, entry }];
@@ -330,4 +431,12 @@ impl HostState {
         self.journal.record(entry);
         Vec::new()
     }
+}
+
+fn ticks(ms: u64) -> u64 {
+    (ms / super::super::engine::EPOCH_TICK.as_millis() as u64).max(1)
+}
+
+fn mib_bytes(mib: u64) -> usize {
+    usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
 }

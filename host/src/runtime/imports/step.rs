@@ -20,7 +20,7 @@ pub(super) async fn step_begin(
     policy_ptr: i32,
     policy_len: i32,
 ) -> wasmtime::Result<i64> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
     let name = guest_str(caller, ptr, len)?;
     let st = caller.data_mut();
     if let Some(live) = &st.live_step {
@@ -61,7 +61,7 @@ pub(super) async fn step_begin(
     }
     let st = caller.data_mut();
     st.staged = idempotency_key(st.run.store.db_id(), &st.run.run_id, &name, occurrence).into_bytes();
-    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
     st.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms(), policy, deadline });
     Ok(((attempt as i64) << 40) | (STEP_RUN << 32) | st.staged.len() as i64)
 }
@@ -72,7 +72,8 @@ pub(super) async fn step_end(
     ptr: i32,
     len: i32,
 ) -> wasmtime::Result<i32> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
+    caller.data_mut().check_payload(len as u32 as usize, "a step's output")?;
     let bytes = guest_bytes(caller, ptr, len)?;
     let st = caller.data_mut();
     let Some(live) = st.live_step.take() else {
@@ -123,7 +124,8 @@ pub fn failed_attempt(live: LiveStep, message: String, retryable: bool) -> (Entr
         let _ = getrandom::fill(&mut unit);
         let unit = (u64::from_le_bytes(unit) >> 11) as f64 / (1u64 << 53) as f64;
         let delay = live.policy.delay(live.attempt, unit);
-        (EntryStatus::Failed, now.saturating_add(delay.as_millis() as i64).to_le_bytes().to_vec())
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        (EntryStatus::Failed, now.saturating_add(delay_ms).to_le_bytes().to_vec())
     } else {
         (EntryStatus::Error, Vec::new())
     };

@@ -10,7 +10,7 @@ use crate::runtime::journal::Request;
 
 /// `sleep(millis)`.
 pub(super) async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wasmtime::Result<i32> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
     if caller.data().live_step.is_some() {
         return Err(caller.data_mut().abi_error("ctx.sleep inside a step"));
     }
@@ -42,7 +42,7 @@ pub(super) async fn record_timer(
         },
         Ok(None) => {
             let wake_at = wake_at_if_live();
-            st.journal.record(Entry::event(EntryKind::Timer, "", 0, wake_at.to_le_bytes().to_vec()));
+            st.record(Entry::event(EntryKind::Timer, "", 0, wake_at.to_le_bytes().to_vec()))?;
             st.commit(Vec::new()).await?;
             wake_at
         }

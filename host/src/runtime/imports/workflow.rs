@@ -45,7 +45,8 @@ pub(super) async fn finish(
     ptr: i32,
     len: i32,
 ) -> wasmtime::Result<i32> {
-    caller.data_mut().enter()?;
+    caller.data_mut().durable()?;
+    caller.data_mut().check_payload(len as u32 as usize, "the workflow's result")?;
     let bytes = guest_bytes(caller, ptr, len)?;
     let st = caller.data_mut();
     if st.live_step.is_some() {
@@ -67,7 +68,12 @@ pub(super) async fn finish(
     }
     let st = caller.data_mut();
     let finished = match status {
-        0 => Finished::Completed(bytes),
+        // Whatever reads the output later (a terminal, an API client)
+        // expects JSON: a module that says otherwise fails.
+        0 => match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => Finished::Completed(bytes),
+            Err(e) => Finished::Failed(format!("the workflow's result is not valid JSON: {e}")),
+        },
         1 => Finished::Failed(String::from_utf8_lossy(&bytes).into_owned()),
         other => return Err(st.abi_error(format!("finish status {other} is not 0 or 1"))),
     };

@@ -54,6 +54,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        private_file(path)?;
         let mut reader = connect(path, durability)?;
         // Switching a new file to WAL, or racing another process that
         // creates it, can answer "busy" without waiting: try again for as
@@ -123,6 +124,30 @@ impl SqliteStore {
     }
 }
 
+/// The database holds inputs, outputs, `--env` values and each run's random
+/// key: a new one is created readable by its owner alone (SQLite gives its
+/// `-wal` and `-shm` files the same mode), and an existing one that others
+/// can read is pointed out.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::CannotOpen { location: path.display().to_string(), why: e.to_string() }),
+    }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "cairn: warning: {} can be read or written by other users (mode {:o}); it holds inputs, outputs, \
+             --env values and run keys: `chmod 600` it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Relaxed);
@@ -149,31 +174,46 @@ static UNFINISHED: LazyLock<String> = LazyLock::new(|| {
     format!("status NOT IN ({})", finished.join(", "))
 });
 
-fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<RunRecord> {
-    let config: String = row.get(5)?;
-    let status: String = row.get(6)?;
-    let corrupt = |col: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, what.into())
-    };
-    Ok(RunRecord {
-        key: RunKey(row.get(0)?),
-        id: row.get(1)?,
-        module: row.get(2)?,
-        module_path: row.get(3)?,
-        input: row.get(4)?,
-        config: serde_json::from_str::<RunConfig>(&config).map_err(|e| corrupt(5, e.to_string()))?,
-        status: RunStatus::parse(&status).ok_or_else(|| corrupt(6, format!("unknown status {status:?}")))?,
-        output: row.get(7)?,
-        error: row.get(8)?,
-        created_at: row.get(9)?,
-        finished_at: row.get(10)?,
-        steps: row.get::<_, i64>(11)? as u64,
-        cancel_requested: row.get::<_, i64>(12)? != 0,
-        // A key that is not 32 bytes (edited by hand) is no key: that run
-        // journals its reads, and a replay of reads made with the key stops
-        // with a non-determinism error; every other run stays listable.
-        random_key: row.get::<_, Option<Vec<u8>>>(13)?.and_then(|key| key.try_into().ok()),
-    })
+/// A run's row, or why it cannot be one. The database is trusted like
+/// code, but a row edited by hand (or written by a bug) must not take the
+/// others down with it: it is reported and passed over.
+fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<Result<RunRecord, String>> {
+    let seq: i64 = row.get(0)?;
+    let record = (|| -> Result<RunRecord, String> {
+        let get_err = |e: rusqlite::Error| e.to_string();
+        let config: String = row.get(5).map_err(get_err)?;
+        let status: String = row.get(6).map_err(get_err)?;
+        let module: String = row.get(2).map_err(get_err)?;
+        // Used as a file name and a cache key: 64 lowercase hex, nothing else.
+        if module.len() != 64 || !module.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(format!("its module hash {module:?} is not 64 lowercase hex characters"));
+        }
+        Ok(RunRecord {
+            key: RunKey(seq),
+            id: row.get(1).map_err(get_err)?,
+            module,
+            module_path: row.get(3).map_err(get_err)?,
+            input: row.get(4).map_err(get_err)?,
+            config: serde_json::from_str::<RunConfig>(&config).map_err(|e| format!("its config: {e}"))?,
+            status: RunStatus::parse(&status).ok_or_else(|| format!("unknown status {status:?}"))?,
+            output: row.get(7).map_err(get_err)?,
+            error: row.get(8).map_err(get_err)?,
+            created_at: row.get(9).map_err(get_err)?,
+            finished_at: row.get(10).map_err(get_err)?,
+            steps: row.get::<_, i64>(11).map_err(get_err)? as u64,
+            cancel_requested: row.get::<_, i64>(12).map_err(get_err)? != 0,
+            // A key that is not 32 bytes (edited by hand) is no key: that run
+            // journals its reads, and a replay of reads made with the key
+            // stops with a non-determinism error.
+            random_key: row.get::<_, Option<Vec<u8>>>(13).map_err(get_err)?.and_then(|key| key.try_into().ok()),
+        })
+    })();
+    Ok(record.map_err(|why| format!("run #{seq} in the database is malformed: {why}")))
+}
+
+/// Rows that are runs; malformed ones are reported on stderr and passed over.
+fn good_runs(rows: Vec<Result<RunRecord, String>>) -> Vec<RunRecord> {
+    rows.into_iter().filter_map(|r| r.map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect()
 }
 
 fn entry_from_row(row: &rusqlite::Row) -> rusqlite::Result<Entry> {
@@ -222,26 +262,29 @@ impl RunStore for SqliteStore {
     }
 
     async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
-        self.read(|c| {
+        let row = self.read(|c| {
             c.prepare_cached(&format!("SELECT {} FROM runs WHERE id = ?1", *RUN_COLUMNS))?
                 .query_row([id], run_from_row)
                 .optional()
-        })
+        })?;
+        row.transpose().map_err(StoreError::Corrupt)
     }
 
     async fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        self.read(|c| {
+        let rows = self.read(|c| {
             let mut stmt = c.prepare(&format!("SELECT {} FROM runs ORDER BY seq", *RUN_COLUMNS))?;
             stmt.query_map([], run_from_row)?.collect()
-        })
+        })?;
+        Ok(good_runs(rows))
     }
 
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        self.read(|c| {
+        let rows = self.read(|c| {
             let mut stmt =
                 c.prepare_cached(&format!("SELECT {} FROM runs WHERE {} ORDER BY seq", *RUN_COLUMNS, *UNFINISHED))?;
             stmt.query_map([], run_from_row)?.collect()
-        })
+        })?;
+        Ok(good_runs(rows))
     }
 
     async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {

@@ -178,6 +178,12 @@ fn check_header(h: &Header, path: &Path) -> Result<bool, StoreError> {
         }
         return Ok(false);
     }
+    if h.version < 0 {
+        return Err(StoreError::NotCairn {
+            location: path.display().to_string(),
+            why: format!("its schema version {} is not one Cairn writes", h.version),
+        });
+    }
     if h.version > known {
         return Err(StoreError::TooNew { location: path.display().to_string(), found: h.version, known });
     }

@@ -32,7 +32,7 @@ fn reopen(store: &Arc<dyn RunStore>) -> Arc<dyn RunStore> {
 
 crate::store::conformance::suite!(open, reopen);
 
-/// Create run `id` of module "m".
+/// Create run `id` of the conformance suite's module.
 fn new_run(id: &str) -> Write {
     Write::CreateRun { run: crate::store::conformance::new_run(id), lease: false }
 }
@@ -42,7 +42,7 @@ async fn one_bad_item_does_not_abort_its_batch() {
     let path = temp_db("batch");
     let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
     let w = store.write_side();
-    let module = Write::PutModule { hash: "m".into(), bytes: vec![0] };
+    let module = Write::PutModule { hash: crate::store::conformance::MODULE.into(), bytes: vec![0] };
     let mut conn = w.lock();
     let good_a = [module, new_run("a")];
     let bad = [Write::status(RunKey(999_999), RunStatus::Completed)];
@@ -64,7 +64,7 @@ async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
     let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
     let w = store.write_side();
     let mut conn = w.lock();
-    let mut setup = vec![Write::PutModule { hash: "m".into(), bytes: vec![0] }];
+    let mut setup = vec![Write::PutModule { hash: crate::store::conformance::MODULE.into(), bytes: vec![0] }];
     setup.extend(["a", "b", "c"].map(new_run));
     let created = w.write_batch(&mut conn, &[&setup]).pop().unwrap().unwrap().created;
     let keys: Vec<RunKey> = created.iter().map(|(r, _)| r.key).collect();

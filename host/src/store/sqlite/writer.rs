@@ -426,7 +426,13 @@ fn apply<'a>(
                 }
                 batch.change(*run, ChangeKind::Status, Some(*status));
             }
-            Write::SendSignal { run, name, payload } => {
+            Write::SendSignal { run, name, payload, max_pending } => {
+                let pending: i64 = tx
+                    .prepare_cached("SELECT count(*) FROM signals WHERE run = ?1 AND consumed_at IS NULL")?
+                    .query_row([run.0], |r| r.get(0))?;
+                if pending as u64 >= *max_pending {
+                    return Err(StoreError::SignalsFull(pending as u64));
+                }
                 tx.prepare_cached("INSERT INTO signals (run, name, payload, sent_at) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![run.0, name, payload, now_ms()])?;
                 batch.change(*run, ChangeKind::Signal, None);

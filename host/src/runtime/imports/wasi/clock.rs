@@ -37,13 +37,14 @@ pub(in crate::runtime::imports) fn live_clock(st: &HostState, id: i32) -> u64 {
     }
 }
 
-pub(in crate::runtime::imports) fn clock_time_get(
-    mut caller: Caller<'_, HostState>,
+pub(in crate::runtime::imports) async fn clock_time_get(
+    caller: &mut Caller<'_, HostState>,
     id: i32,
     _precision: i64,
     out: i32,
 ) -> wasmtime::Result<i32> {
     let st = caller.data_mut();
+    // A cheap call: the CPU budget goes on (a loop of clock reads is a loop).
     st.enter()?;
     let name = match id {
         0 => "realtime",
@@ -61,11 +62,13 @@ pub(in crate::runtime::imports) fn clock_time_get(
             },
             Ok(None) => {
                 let v = live_clock(st, id);
-                st.journal.record(Entry::event(EntryKind::Clock, name, 0, v.to_le_bytes().to_vec()));
+                st.record(Entry::event(EntryKind::Clock, name, 0, v.to_le_bytes().to_vec()))?;
+                st.bound_unsubmitted().await?;
                 v
             }
         }
     };
+    let st = caller.data_mut();
     st.sync_replaying();
-    Ok(if write_guest(&mut caller, out, &value.to_le_bytes()) { ERRNO_SUCCESS } else { ERRNO_FAULT })
+    Ok(if write_guest(caller, out, &value.to_le_bytes()) { ERRNO_SUCCESS } else { ERRNO_FAULT })
 }

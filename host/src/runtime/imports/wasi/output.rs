@@ -23,7 +23,7 @@ impl GuestOutput {
 
     fn emit(&self, bytes: &[u8]) -> std::io::Result<()> {
         if !self.replaying.load(Ordering::Relaxed) {
-            std::io::stderr().write_all(bytes)?;
+            std::io::stderr().write_all(crate::terminal::escape_bytes(bytes).as_bytes())?;
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ pub(in crate::runtime::imports) async fn poll_oneoff(
     n: i32,
     nevents: i32,
 ) -> wasmtime::Result<i32> {
+    // A durable point only where it becomes a durable timer (below); inside
+    // a step a sleep is cheap, and a loop of zero sleeps is a loop.
     caller.data_mut().enter()?;
     if n <= 0 {
         return Ok(ERRNO_INVAL);
@@ -52,7 +54,7 @@ pub(in crate::runtime::imports) async fn poll_oneoff(
     }
     let (wait_ns, userdata) = earliest.expect("n > 0");
     if let Some(live) = caller.data().live_step.clone() {
-        let mut until = Instant::now() + Duration::from_nanos(wait_ns);
+        let mut until = Instant::now().checked_add(Duration::from_nanos(wait_ns)).unwrap_or_else(far_future);
         let timed_out = live.deadline.is_some_and(|d| d < until);
         if let Some(d) = live.deadline {
             until = until.min(d);
@@ -68,6 +70,7 @@ pub(in crate::runtime::imports) async fn poll_oneoff(
             return Err(caller.data_mut().stop(Ending::TimedOut));
         }
     } else {
+        caller.data_mut().durable()?;
         let wake_at = now_ms().saturating_add((wait_ns / 1_000_000) as i64);
         durable_timer(caller, || wake_at).await?;
     }
@@ -77,6 +80,10 @@ pub(in crate::runtime::imports) async fn poll_oneoff(
     if !write_guest(caller, events, &event) || !write_guest(caller, nevents, &1u32.to_le_bytes()) {
         return Ok(ERRNO_FAULT);
     }
-    caller.data_mut().enter()?;
     Ok(ERRNO_SUCCESS)
+}
+
+/// A time no sleep reaches (about 30 years from now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 86_400)
 }
