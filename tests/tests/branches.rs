@@ -110,3 +110,41 @@ fn join_returns_the_first_failure_in_spawn_order() {
         2
     );
 }
+
+/// One run with 10,000 branches next to 50 ordinary runs in one worker:
+/// the ordinary runs, started once the big one has taken its branch slots,
+/// finish while most of its branches are still to come. (Before, its
+/// branches held every instance slot of the worker, and the other runs
+/// competed for each freed slot with thousands of branch tasks: 19 s here,
+/// by which time the big run had finished about two thirds of its branches.)
+#[test]
+fn a_run_with_ten_thousand_branches_does_not_starve_the_others() {
+    let w = World::new("branch-fairness");
+    let branches = guest("branches");
+    let input = r#"{"n":10000,"sleep_ms":3000,"flat":true}"#;
+    let args = ["start", branches.to_str().unwrap(), "--run-id", "big", "--max-branches", "10000", "--input", input];
+    let out = w.run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut worker = w.spawn(&["--durability", "process", "worker", "--concurrency", "64"], "worker");
+    let spawned = |show: &Value| show["history"].as_array().unwrap().iter().filter(|e| e["kind"] == "spawn").count();
+    wait_until("the big run to spawn 1,500 branches", Duration::from_secs(60), || spawned(&w.show("big")) >= 1500);
+
+    let crashtest = guest("crashtest");
+    let data = w.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    for n in 0..50 {
+        let input = format!(r#"{{"steps":3,"log":"/data/{n}.txt","observe_every":100}}"#);
+        let id = format!("small{n}");
+        let out = w.run(&["start", crashtest.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", &input]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // A watchdog, not a speed check.
+    wait_until("the 50 ordinary runs to complete", Duration::from_secs(120), || {
+        w.runs().iter().filter(|r| r["id"] != "big" && r["status"] == "completed").count() == 50
+    });
+    let big = w.show("big");
+    worker.kill().ok();
+    worker.wait().ok();
+    let done = completed_branches(&big);
+    assert!(done < 5000, "the ordinary runs waited for {done} of the big run's branches to finish");
+}

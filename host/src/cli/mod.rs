@@ -248,7 +248,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let store = open_store(&cli)?;
             // Slots for the live runs and their branches; address space only.
             let slots = (*concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
-            let executor = executor(&cli, store.clone(), Some(slots))?;
+            // Branch instances get the pool's slots that runs cannot use.
+            let branch_slots = (slots as usize).saturating_sub(*concurrency).max(1);
+            let executor = executor(&cli, store.clone(), Some(slots))?.with_branch_instance_limit(branch_slots);
             crate::service::worker::run_worker(Arc::new(executor), &Service::new(store), *concurrency).await?;
             Ok(exit::OK)
         }

@@ -18,16 +18,40 @@ use crate::store::{ChangeKind, RunStore, Subscription};
 
 /// Per-run state shared between the watcher and the run's instances in
 /// this process (the parent, its retries and replays, its branches).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunWatch {
     cancel: AtomicBool,
     notify: Notify,
     /// Epoch ticks of guest CPU all the run's instances used here
     /// (`--max-run-cpu`).
     cpu_ticks: AtomicU64,
+    /// Branch instances of this run live at once: its share, so that one
+    /// run's thousands of branches do not crowd out other runs.
+    branch_slots: tokio::sync::Semaphore,
+}
+
+impl Default for RunWatch {
+    fn default() -> Self {
+        RunWatch::new(1)
+    }
 }
 
 impl RunWatch {
+    /// A run that may have `branch_share` branch instances live at once.
+    pub fn new(branch_share: usize) -> Self {
+        RunWatch {
+            cancel: AtomicBool::default(),
+            notify: Notify::default(),
+            cpu_ticks: AtomicU64::default(),
+            branch_slots: tokio::sync::Semaphore::new(branch_share.max(1)),
+        }
+    }
+
+    /// A slot of the run's share of branch instances (waits for one).
+    pub async fn branch_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.branch_slots.acquire().await.ok()
+    }
+
     /// Count one more tick of the run's guest CPU; the total so far.
     pub fn add_cpu_tick(&self) -> u64 {
         self.cpu_ticks.fetch_add(1, Ordering::Relaxed) + 1
@@ -112,8 +136,8 @@ impl Watcher {
 
     /// Watch a run while the registration lives. Starts the listening task
     /// on first use (inside a tokio runtime).
-    pub fn register(self: &Arc<Self>, run: RunKey) -> Registration {
-        let watch = Arc::new(RunWatch::default());
+    pub fn register(self: &Arc<Self>, run: RunKey, branch_share: usize) -> Registration {
+        let watch = Arc::new(RunWatch::new(branch_share));
         {
             let mut runs = self.lock();
             runs.watched.insert(run, Arc::downgrade(&watch));

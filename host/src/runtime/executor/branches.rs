@@ -56,7 +56,12 @@ impl Executor {
                 board.give_up(key, "cancelled".into());
                 return;
             }
-            match self.branch_instance(run, module, watch.clone(), launch, attempt).await {
+            // The run's share first, then a slot of all runs' branches.
+            let Some(_share) = watch.branch_slot().await else { return };
+            let Ok(_slot) = self.branch_instances.acquire().await else { return };
+            let result = self.branch_instance(run, module, watch.clone(), launch, attempt).await;
+            drop((_slot, _share));
+            match result {
                 Ok(entry) => {
                     let again = entry.status == EntryStatus::Failed;
                     board.record(entry);

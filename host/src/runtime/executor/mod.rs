@@ -85,7 +85,16 @@ pub struct Executor {
     park_threshold: Duration,
     /// Bounds live instances (parked runs hold none); `None`: unbounded.
     instances: Option<Arc<tokio::sync::Semaphore>>,
+    /// Bounds live branch instances of all runs, apart from `instances`
+    /// (a parent joining holds its slot: sharing would deadlock). Each run
+    /// also waits for its own share (`RunWatch::branch_slot`), and the
+    /// queue is first come, first served: no run starves the others.
+    branch_instances: Arc<tokio::sync::Semaphore>,
+    branch_instances_total: usize,
 }
+
+/// Branch instances live at once when nothing else is said.
+pub const DEFAULT_BRANCH_INSTANCES: usize = 256;
 
 impl Executor {
     pub fn new(engine: Arc<WasmEngine>, store: Arc<dyn RunStore>) -> anyhow::Result<Self> {
@@ -102,12 +111,21 @@ impl Executor {
             watcher,
             park_threshold: DEFAULT_PARK_THRESHOLD,
             instances: None,
+            branch_instances: Arc::new(tokio::sync::Semaphore::new(DEFAULT_BRANCH_INSTANCES)),
+            branch_instances_total: DEFAULT_BRANCH_INSTANCES,
         })
     }
 
     /// At most `n` instances live at once across this executor's runs.
     pub fn with_instance_limit(mut self, n: usize) -> Self {
         self.instances = Some(Arc::new(tokio::sync::Semaphore::new(n)));
+        self
+    }
+
+    /// At most `n` branch instances live at once across this executor's runs.
+    pub fn with_branch_instance_limit(mut self, n: usize) -> Self {
+        self.branch_instances = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self.branch_instances_total = n.max(1);
         self
     }
 
@@ -128,7 +146,9 @@ impl Executor {
     /// Execute (or continue) a run the caller holds the lease of, until it
     /// completes, fails or is cancelled.
     pub async fn execute(self: &Arc<Self>, run: &RunRecord) -> Result<RunOutcome, ExecError> {
-        let registration = self.watcher.register(run.key);
+        // A run's share of branch instances: half of them, so that one run
+        // with thousands of branches leaves room for the others.
+        let registration = self.watcher.register(run.key, self.branch_instances_total / 2);
         let watch = registration.watch.clone();
         if run.cancel_requested {
             watch.request_cancel();

@@ -59,7 +59,7 @@ impl Executor {
             cancel_requested: false,
             random_key: None,
         };
-        let mut store = self.new_store(&probe, Vec::new(), Arc::default(), Branches::inert(), None)?;
+        let mut store = self.new_store(&probe, Vec::new(), Arc::new(RunWatch::new(1)), Branches::inert(), None)?;
         self.instantiate(&mut store, &module, &hash, shown).await?;
         Ok(PreparedModule { hash, bytes, module })
     }
