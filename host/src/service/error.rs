@@ -42,8 +42,8 @@ pub enum ServiceError {
         "run {0} is being executed by another cairn process right now; wait for it, or stop that process and resume again"
     )]
     RunBusy(String),
-    #[error("run {id}: {source}")]
-    SignalsFull { id: String, source: StoreError },
+    #[error("run {id}: {error}")]
+    SignalsFull { id: String, error: StoreError },
     #[error(transparent)]
     Exec(ExecError),
     #[error(transparent)]
@@ -79,7 +79,7 @@ impl ServiceError {
             E::RunBusy(_) => class(exit::BUSY, 409, "busy"),
             E::SignalsFull { .. } => class(exit::FAILED, 429, "too_many_signals"),
             E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => class(exit::NON_DETERMINISM, 409, "non_determinism"),
-            E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { source: e, .. })) | E::Store(e) => {
+            E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { error: e, .. })) | E::Store(e) => {
                 store_class(e)
             }
             E::Exec(_) => class(exit::FAILED, 500, "internal"),

@@ -238,7 +238,7 @@ impl Service {
         let write =
             Write::SendSignal { run: run.key, name: name.to_string(), payload, max_pending: MAX_PENDING_SIGNALS };
         commit(&*self.store, vec![write]).await.map_err(|e| match e {
-            e @ crate::store::StoreError::SignalsFull(_) => ServiceError::SignalsFull { id: id.to_string(), source: e },
+            e @ crate::store::StoreError::SignalsFull(_) => ServiceError::SignalsFull { id: id.to_string(), error: e },
             e => e.into(),
         })?;
         Ok(())

@@ -16,7 +16,9 @@ use tokio::task::JoinSet;
 
 use super::{Service, ServiceError};
 use crate::model::RunKey;
+use crate::runtime::imports::Fatal;
 use crate::runtime::{ExecError, Executor, RunOutcome};
+use crate::store::StoreError;
 use crate::terminal::escape;
 
 /// How often an idle worker looks for new runs.
@@ -41,6 +43,8 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     let mut stop = Box::pin(shutdown_signal());
     eprintln!("cairn worker: started (concurrency {concurrency})");
 
+    // Set when the store can take no more commits (a failed fsync).
+    let mut fatal: Option<ServiceError> = None;
     'claiming: loop {
         // Claim while there are free slots.
         let free = slots.available_permits();
@@ -66,11 +70,23 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
             _ = &mut stop => break 'claiming,
             _ = pause => {}
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Some(run) = report(done) {
-                    skipped.insert(run);
+                match report(done) {
+                    Reported::Fine => {}
+                    Reported::LeaveAlone(run) => {
+                        skipped.insert(run);
+                    }
+                    Reported::Stop(e) => {
+                        fatal = Some(ServiceError::Store(e));
+                        break 'claiming;
+                    }
                 }
             }
         }
+    }
+    if let Some(e) = fatal {
+        // Nothing more can be committed: stop at once, leases go with the
+        // process, and a restart recovers from what is durable.
+        return Err(e);
     }
 
     eprintln!("cairn worker: stopping; waiting for live instances to finish or park");
@@ -97,14 +113,24 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     Ok(())
 }
 
-/// Log how a run ended; returns its key if it must not be claimed again.
-fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::task::JoinError>) -> Option<RunKey> {
+/// What the worker does after a run's task ended.
+enum Reported {
+    Fine,
+    /// The run cannot execute (non-determinism, a bad module): not claimed
+    /// again by this worker.
+    LeaveAlone(RunKey),
+    /// The store can take no more commits.
+    Stop(StoreError),
+}
+
+/// Log how a run ended, and say what follows.
+fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::task::JoinError>) -> Reported {
     let (run, id, result) = match done {
         Ok(d) => d,
-        Err(e) if e.is_cancelled() => return None,
+        Err(e) if e.is_cancelled() => return Reported::Fine,
         Err(e) => {
             eprintln!("cairn worker: a run task failed: {e}");
-            return None;
+            return Reported::Fine;
         }
     };
     match result {
@@ -112,12 +138,14 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
         Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {}", escape(&error)),
         Ok(RunOutcome::Cancelled) => eprintln!("cairn worker: run {id} cancelled"),
         Err(ExecError::ShuttingDown) => {}
+        Err(ExecError::Fatal(Fatal::Store { error: e @ StoreError::Unsynced { .. }, .. }))
+        | Err(ExecError::Store(e @ StoreError::Unsynced { .. })) => return Reported::Stop(e),
         Err(e) => {
             eprintln!("cairn worker: run {id} cannot execute: {}; this worker leaves it alone", escape(&e.to_string()));
-            return Some(run);
+            return Reported::LeaveAlone(run);
         }
     }
-    None
+    Reported::Fine
 }
 
 async fn shutdown_signal() {

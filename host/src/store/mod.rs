@@ -159,6 +159,15 @@ pub enum StoreError {
     SignalsFull(u64),
     #[error("commit failed: {0}")]
     Commit(String),
+    /// Flushing to stable storage failed. What the OS was given may be lost
+    /// without a trace, and a retried flush can report success for data
+    /// that is gone (PostgreSQL's "fsyncgate"): the store accepts no more
+    /// commits, and the process should stop and recover from what is durable.
+    #[error(
+        "the database {location} could not be flushed to disk (fsync failed); Cairn stops rather than retry: \
+         check the disk, then `cairn resume` continues from what is durable"
+    )]
+    Unsynced { location: String },
     #[error("the database writer has stopped")]
     WriterGone,
     /// A failure of the database itself (I/O, a constraint, a bug), with

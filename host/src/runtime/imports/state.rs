@@ -25,8 +25,10 @@ use cairn_abi::RetryPolicy;
 pub enum Fatal {
     #[error(transparent)]
     NonDeterminism(#[from] NonDeterminism),
-    #[error("could not commit run {run_id}: {source}")]
-    Store { run_id: String, source: StoreError },
+    // Not `source`: the message carries the store's error once, not again
+    // as a cause.
+    #[error("could not commit run {run_id}: {error}")]
+    Store { run_id: String, error: StoreError },
     #[error("ABI misuse in run {run_id}: {what}")]
     Abi { run_id: String, what: String },
 }
@@ -374,7 +376,7 @@ impl HostState {
         match self.commit_inner(extra).await {
             Ok(()) => Ok(()),
             Err(source) => {
-                let fatal = Fatal::Store { run_id: self.run.run_id.clone(), source };
+                let fatal = Fatal::Store { run_id: self.run.run_id.clone(), error: source };
                 Err(self.fail(fatal))
             }
         }
@@ -396,7 +398,7 @@ impl HostState {
 
     pub(super) async fn commit_writes(&mut self, writes: Vec<Write>) -> wasmtime::Result<Committed> {
         crate::store::commit(&*self.run.store, writes).await.map_err(|source| {
-            let fatal = Fatal::Store { run_id: self.run.run_id.clone(), source };
+            let fatal = Fatal::Store { run_id: self.run.run_id.clone(), error: source };
             self.fail(fatal)
         })
     }
@@ -404,7 +406,9 @@ impl HostState {
     /// Commit what ends an instance (its outcome, the run's status), after
     /// the guest stopped; a failure to commit is the instance's fatal error.
     pub async fn commit_final(&mut self, writes: Vec<Write>) -> Result<(), Fatal> {
-        self.commit_inner(writes).await.map_err(|source| Fatal::Store { run_id: self.run.run_id.clone(), source })
+        self.commit_inner(writes)
+            .await
+            .map_err(|source| Fatal::Store { run_id: self.run.run_id.clone(), error: source })
     }
 
     /// Record an ended attempt and make it durable: in the history for a

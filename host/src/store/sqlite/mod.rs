@@ -3,6 +3,7 @@
 //! connection for reads, leases as OS locks (`lock`), and a watcher of other
 //! processes' commits for the change feed (`watch`).
 
+mod faults;
 mod lock;
 mod schema;
 mod watch;

@@ -128,10 +128,11 @@ pub(super) fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
 }
 
 pub(super) fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match super::faults::vfs() {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    }
     .map_err(|e| map_open_error(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Every statement either connection runs stays prepared.

@@ -7,7 +7,7 @@
 //! transaction is durable, the item's change events are published.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ pub(super) struct WriteSide {
     locks: LockFile,
     path: PathBuf,
     pub(super) feed: Arc<ChangeFeed>,
+    /// An fsync failed: no commit is attempted again (see `StoreError::Unsynced`).
+    poisoned: AtomicBool,
 }
 
 impl WriteSide {
@@ -77,6 +79,7 @@ impl WriteSide {
             locks,
             path: path.to_path_buf(),
             feed,
+            poisoned: AtomicBool::new(false),
         }
     }
 
@@ -96,6 +99,10 @@ impl WriteSide {
     /// Only when nothing is queued, so one run's items stay in order.
     pub(super) fn submit(&self, writer: &mpsc::Sender<Job>, writes: Vec<Write>) -> CommitTicket {
         let (done, ticket) = oneshot::channel();
+        if self.poisoned.load(Ordering::Acquire) {
+            let _ = done.send(Err(StoreError::Unsynced { location: self.path.display().to_string() }));
+            return ticket;
+        }
         let now = self.opened.elapsed().as_nanos() as u64;
         if let Some(run) = writes.iter().find_map(Write::run) {
             let before = self.last_run.swap(run.0, Ordering::Relaxed);
@@ -213,7 +220,10 @@ impl WriteSide {
         };
         // Nothing of the batch lands: every item gets the error.
         let fail_all = |wc: &mut WriteConn, batch: &mut Batch, e: rusqlite::Error| {
-            if !wc.conn.is_autocommit() {
+            if unsynced(&e) {
+                // Not even a rollback: nothing more is written.
+                self.poisoned.store(true, Ordering::Release);
+            } else if !wc.conn.is_autocommit() {
                 let _ = wc.conn.execute_batch("ROLLBACK");
             }
             wc.next_seq = None;
@@ -375,12 +385,22 @@ impl Batch {
 
 /// The error every item of a failed batch gets (`rusqlite::Error` is not `Clone`).
 fn commit_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    if unsynced(e) {
+        return StoreError::Unsynced { location: path.display().to_string() };
+    }
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
             StoreError::Locked { location: path.display().to_string(), waited_ms: BUSY_TIMEOUT.as_millis() as u64 }
         }
         _ => StoreError::Commit(e.to_string()),
     }
+}
+
+/// A failed fsync (of the WAL, the database or its directory).
+fn unsynced(e: &rusqlite::Error) -> bool {
+    e.sqlite_error().is_some_and(|f| {
+        f.extended_code == rusqlite::ffi::SQLITE_IOERR_FSYNC || f.extended_code == rusqlite::ffi::SQLITE_IOERR_DIR_FSYNC
+    })
 }
 
 /// A history row: run, position, entry, change sequence number.
