@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow
 
-.PHONY: all build host guests setup test demo bench clean
+.PHONY: all build host guests setup test demo bench torture clean
 
 all: build
 
@@ -31,6 +31,11 @@ test: build
 # Every workload of BENCHMARKS.md; writes target/bench/results.json.
 bench: build
 	$(CARGO) run --release --locked -p cairn-bench
+
+# The kill -9 campaign, long form (make test runs 50 kills of it).
+KILLS ?= 1000
+torture: build
+	$(CARGO) run --release --locked -p cairn-e2e --bin torture -- --kills $(KILLS)
 
 demo: build
 	./scripts/demo.sh

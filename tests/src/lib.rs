@@ -2,6 +2,8 @@
 //! (`target/release/cairn`, built by `make test`) on the real example
 //! guests (`target/wasm32-wasip1/release/*.wasm`).
 
+pub mod torture;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

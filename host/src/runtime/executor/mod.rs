@@ -168,6 +168,13 @@ impl Executor {
                 self.commit(vec![Write::cancelled(run.key)]).await?;
                 return Ok(RunOutcome::Cancelled);
             }
+            if let Some(ms) = run.config.limits.max_wall_ms
+                && now_ms() >= run.created_at.saturating_add(ms as i64)
+            {
+                let message = format!("limit `--max-wall` exceeded: the run is older than {} s", ms as f64 / 1000.0);
+                self.commit(vec![Write::failed(run.key, message.clone())]).await?;
+                return Ok(RunOutcome::Failed(message));
+            }
             // `running` rides with the instance's first commit (one item
             // fewer per run); an instance that commits nothing changes nothing.
             let mark_running = status != RunStatus::Running;
@@ -196,6 +203,12 @@ impl Executor {
                     // a parked run holds.
                     self.commit(vec![Write::status(run.key, parked)]).await?;
                     status = parked;
+                    // A parked run past its wall time fails then, not when it wakes.
+                    let wall = run.config.limits.max_wall_ms.map(|ms| run.created_at.saturating_add(ms as i64));
+                    let wake_at = match (wake_at, wall) {
+                        (Some(at), Some(w)) => Some(at.min(w)),
+                        (at, w) => at.or(w),
+                    };
                     let sleep = async {
                         match wake_at {
                             Some(at) => {
