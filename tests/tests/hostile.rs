@@ -207,3 +207,28 @@ fn guest_text_is_escaped_and_results_are_json() {
     let err = assert_fails(&out, 1, &["not valid JSON", "\\u{1b}]0;owned\\u{7}ok"]);
     assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "raw control characters: {err:?}");
 }
+
+/// `--max-wall` ends a run that waits (here parked in a long sleep) at its
+/// time, and `--max-payload-mib` a step whose output is too large.
+#[test]
+fn wall_time_and_payload_limits_end_the_run() {
+    let w = World::new("wall-payload");
+    let imports = r#"(import "cairn" "sleep" (func $sleep (param i64) (result i32)))"#;
+    let body = r#"(drop (call $sleep (i64.const 60000)))
+      (drop (call $finish (i32.const 0) (i32.const 0) (i32.const 1)))"#;
+    let wasm = wasm_file(&w, "sleep.wasm", &module(imports, body, r#"(data (i32.const 0) "1")"#));
+    let out = run(&w, &["run", &wasm, "--max-wall", "1", "--park-after", "0.1"]);
+    assert_fails(&out, 1, &["limit `--max-wall` exceeded"]);
+
+    let imports = r#"
+      (import "cairn" "step_begin" (func $step_begin (param i32 i32 i32 i32) (result i64)))
+      (import "cairn" "step_end" (func $step_end (param i32 i32 i32) (result i32)))"#;
+    // A step whose output is 2 MiB (memory grown to 3 MiB first).
+    let body = r#"(drop (memory.grow (i32.const 48)))
+      (drop (call $step_begin (i32.const 0) (i32.const 4) (i32.const 0) (i32.const 0)))
+      (drop (call $step_end (i32.const 0) (i32.const 0) (i32.const 2097152)))
+      (drop (call $finish (i32.const 0) (i32.const 0) (i32.const 1)))"#;
+    let wasm = wasm_file(&w, "big.wasm", &module(imports, body, r#"(data (i32.const 0) "big1")"#));
+    let out = run(&w, &["run", &wasm, "--max-payload-mib", "1"]);
+    assert_fails(&out, 1, &["limit `--max-payload-mib` exceeded", "a step's output"]);
+}

@@ -43,7 +43,10 @@ enum Capped {
 fn read_capped_bytes(path: &Path, max: usize) -> Result<Vec<u8>, Capped> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(Capped::Io)?;
-    let mut bytes = Vec::new();
+    // Sized from the file once (a regular file); `take` still stops a file
+    // that grows, or one that has no size (`/dev/zero`).
+    let size = file.metadata().map_or(0, |m| m.len() as usize);
+    let mut bytes = Vec::with_capacity(size.min(max) + 1);
     file.take(max as u64 + 1).read_to_end(&mut bytes).map_err(Capped::Io)?;
     if bytes.len() > max {
         return Err(Capped::TooLarge);
@@ -129,8 +132,11 @@ pub fn env_var(spec: &str) -> Result<(String, String), ServiceError> {
     }
 }
 
-/// A run's limits as people give them (seconds as decimals).
-#[derive(Debug, Clone)]
+/// A run's limits as people give them: the flags of `cairn run` and
+/// `cairn start`, and in JSON (the HTTP API) the same names in snake case,
+/// seconds as decimals. Missing ones take their defaults.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitArgs {
     pub max_memory: u64,
     pub max_cpu: f64,
@@ -140,6 +146,22 @@ pub struct LimitArgs {
     pub max_run_cpu: f64,
     pub max_wall: Option<f64>,
     pub max_branches: u64,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        let d = Limits::default();
+        LimitArgs {
+            max_memory: d.max_memory_mib,
+            max_cpu: d.max_cpu_ms as f64 / 1000.0,
+            max_history: d.max_history,
+            max_history_mib: d.max_history_mib,
+            max_payload_mib: d.max_payload_mib,
+            max_run_cpu: d.max_run_cpu_ms as f64 / 1000.0,
+            max_wall: None,
+            max_branches: d.max_branches,
+        }
+    }
 }
 
 /// The limits of a run, checked: every one positive.
@@ -171,4 +193,21 @@ pub fn limits(a: &LimitArgs) -> Result<Limits, ServiceError> {
         max_wall_ms: a.max_wall.map(ms),
         max_branches: a.max_branches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_in_json_use_the_flags_names_and_defaults() {
+        let args: LimitArgs =
+            serde_json::from_str(r#"{"max_memory": 32, "max_wall": 1.5, "max_history": 10}"#).unwrap();
+        let got = limits(&args).unwrap();
+        assert_eq!((got.max_memory_mib, got.max_wall_ms, got.max_history), (32, Some(1500), 10));
+        assert_eq!(got.max_branches, Limits::default().max_branches);
+        assert!(serde_json::from_str::<LimitArgs>(r#"{"max_memroy": 1}"#).is_err(), "a misspelt limit is refused");
+        let zero = LimitArgs { max_branches: 0, ..LimitArgs::default() };
+        assert!(limits(&zero).unwrap_err().to_string().contains("--max-branches"));
+    }
 }
