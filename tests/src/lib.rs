@@ -154,3 +154,21 @@ pub fn kill9(child: &mut Child) {
     let status = child.wait().expect("reap");
     assert!(!status.success(), "the child was expected to die from SIGKILL, it exited: {status:?}");
 }
+
+/// Exit code `code`, no panic, and every needle in stderr; the stderr.
+pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}; stderr: {err}");
+    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
+    for n in needles {
+        assert!(err.contains(n), "missing {n:?} in: {err}");
+    }
+    err
+}
+
+/// A module written in WAT, compiled into the world's directory; its path.
+pub fn wasm_file(w: &World, name: &str, wat: &str) -> String {
+    let path = w.dir.join(name);
+    std::fs::write(&path, wat::parse_str(wat).expect("valid WAT")).unwrap();
+    path.display().to_string()
+}

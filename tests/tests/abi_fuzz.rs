@@ -8,23 +8,9 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use cairn_e2e::torture::Rng;
 use cairn_e2e::{World, text};
 use rusqlite::Connection;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[(self.next() % xs.len() as u64) as usize]
-    }
-}
 
 /// Pointers and lengths: inside memory, at its edges, past it, negative.
 const PTRS: &[i64] = &[0, 4, 16, 64, 1000, 4096, 65_000, 65_535, 65_536, 70_000, 1 << 20, 0x7fff_ffff, -1, -4096];

@@ -4,7 +4,7 @@
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{World, kill9, text, wait_until};
+use cairn_e2e::{World, assert_fails, kill9, text, wait_until, wasm_file};
 
 /// A workflow module: the exports the host asks for, `body` as `_start`,
 /// with `imports` declared first. Memory offset 1024 onwards is free.
@@ -20,12 +20,6 @@ fn module(imports: &str, body: &str, data: &str) -> String {
     )
 }
 
-fn wasm_file(w: &World, name: &str, wat: &str) -> String {
-    let path = w.dir.join(name);
-    std::fs::write(&path, wat::parse_str(wat).expect("valid WAT")).unwrap();
-    path.display().to_string()
-}
-
 /// Run to its end, or fail the test after a generous watchdog.
 fn run(w: &World, args: &[&str]) -> Output {
     let mut child = w.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -38,16 +32,6 @@ fn run(w: &World, args: &[&str]) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
-}
-
-fn assert_fails(out: &Output, code: i32, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "expected exit {code}; stderr: {err}");
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
-    for n in needles {
-        assert!(err.contains(n), "missing {n:?} in: {err}");
-    }
-    err
 }
 
 const CLOCK: &str =

@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
-use cairn_e2e::{World, guest, json_stdout, text};
+use cairn_e2e::{World, assert_fails, guest, json_stdout, text, wasm_file};
 use rusqlite::Connection;
 
 /// A workflow that finishes with `1`.
@@ -16,22 +16,6 @@ const ONE: &str = r#"(module
   (data (i32.const 0) "1")
   (func (export "cairn_abi_version") (result i32) i32.const 1)
   (func (export "_start") (drop (call $finish (i32.const 0) (i32.const 0) (i32.const 1)))))"#;
-
-fn wasm_file(w: &World, name: &str, wat: &str) -> String {
-    let path = w.dir.join(name);
-    std::fs::write(&path, wat::parse_str(wat).expect("valid WAT")).unwrap();
-    path.display().to_string()
-}
-
-fn assert_fails(out: &Output, code: i32, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "expected exit {code}; stderr: {err}");
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
-    for n in needles {
-        assert!(err.contains(n), "missing {n:?} in: {err}");
-    }
-    err
-}
 
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
