@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::model::{Limits, RunConfig, RunRecord, RunStatus};
+use crate::model::{Limits, Role, RunConfig, RunRecord, RunStatus};
 use crate::runtime::engine::{WORKER_POOL, default_cache_dir};
 use crate::runtime::{Executor, RunOutcome, WasmEngine};
 use crate::service::request::{self, ModuleSource};
@@ -73,6 +73,11 @@ pub enum Command {
     },
     /// Stop a run at its next host call or wake-up; its history is kept.
     Cancel { run_id: String },
+    /// API tokens for the HTTP API: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
     /// Show a run's history.
     Show {
         run_id: String,
@@ -80,6 +85,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cairn token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make an API token and print it, once: one line (or JSON with --json).
+    Create {
+        /// What the token may do: viewer reads; operator also starts,
+        /// signals, cancels and resumes; admin also uploads modules and grants directories.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// A unique name [default: token-<id>].
+        #[arg(long)]
+        name: Option<String>,
+        /// Print {"id","name","role","token"} instead of the token alone.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token, by id or name.
+    Revoke { id: String },
+}
+
+/// `--role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Viewer => Role::Viewer,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +319,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             eprintln!("cairn: signal {name:?} sent to run {run_id}");
             Ok(exit::OK)
         }
+        Command::Token { action } => token(&cli, action).await,
         Command::Cancel { run_id } => {
             match Service::new(open_existing_store(&cli)?).cancel(run_id).await? {
                 Cancelled::Already => eprintln!("cairn: run {run_id} is already cancelled"),
@@ -282,6 +331,28 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
     }
+}
+
+async fn token(cli: &Cli, action: &TokenCommand) -> Result<u8, Failure> {
+    match action {
+        TokenCommand::Create { role, name, json } => {
+            let made = Service::new(open_store(cli)?).create_token((*role).into(), name.as_deref()).await?;
+            if *json {
+                let r = &made.record;
+                println!("{}", serde_json::json!({"id": r.id, "name": r.name, "role": r.role, "token": made.token}));
+            } else {
+                println!("{}", made.token);
+            }
+        }
+        TokenCommand::List { json } => {
+            print::tokens(&Service::new(open_existing_store(cli)?).list_tokens().await?, *json)
+        }
+        TokenCommand::Revoke { id } => {
+            Service::new(open_existing_store(cli)?).revoke_token(id).await?;
+            eprintln!("cairn: token {} revoked", escape(id));
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// What `run` and `start` say of the run, checked: input, id, grants and limits.

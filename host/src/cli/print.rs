@@ -5,7 +5,7 @@ use std::io::Write as _;
 
 use serde_json::Value;
 
-use crate::model::{EntryKind, RunRecord};
+use crate::model::{EntryKind, RunRecord, TokenRecord};
 use crate::service::views::{self, RunView, entry_output, output_json, time};
 use crate::terminal::escape;
 
@@ -53,6 +53,34 @@ pub fn runs(runs: &[RunRecord], json: bool) {
             r.module.chars().take(12).collect(),
             time(r.created_at),
             r.finished_at.map(time).unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// `cairn token list`.
+pub fn tokens(tokens: &[TokenRecord], json: bool) {
+    if json {
+        let list: Vec<Value> = tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id, "name": t.name, "role": t.role,
+                    "created_at": time(t.created_at), "revoked_at": t.revoked_at.map(time),
+                })
+            })
+            .collect();
+        json_pretty(&Value::Array(list));
+        return;
+    }
+    let mut t = table(&["ID", "NAME", "ROLE", "CREATED", "REVOKED"]);
+    for k in tokens {
+        t.add_row([
+            k.id.clone(),
+            text(&k.name),
+            k.role.as_str().to_string(),
+            time(k.created_at),
+            k.revoked_at.map(time).unwrap_or_default(),
         ]);
     }
     println!("{t}");

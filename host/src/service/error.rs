@@ -44,6 +44,10 @@ pub enum ServiceError {
     RunBusy(String),
     #[error("run {id}: {error}")]
     SignalsFull { id: String, error: StoreError },
+    #[error("a token named {0:?} exists already; pick another name, or `cairn token revoke` it")]
+    TokenExists(String),
+    #[error("there is no token with id or name {0:?} (`cairn token list` lists them)")]
+    TokenNotFound(String),
     #[error(transparent)]
     Exec(ExecError),
     #[error(transparent)]
@@ -78,6 +82,8 @@ impl ServiceError {
             E::RunFinished { .. } => class(exit::FAILED, 409, "finished"),
             E::RunBusy(_) => class(exit::BUSY, 409, "busy"),
             E::SignalsFull { .. } => class(exit::FAILED, 429, "too_many_signals"),
+            E::TokenExists(_) => class(exit::USAGE, 409, "conflict"),
+            E::TokenNotFound(_) => class(exit::FAILED, 404, "not_found"),
             E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => class(exit::NON_DETERMINISM, 409, "non_determinism"),
             E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { error: e, .. })) | E::Store(e) => {
                 store_class(e)
@@ -99,6 +105,8 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::RunExists(id) => ServiceError::RunExists(id),
+            StoreError::TokenExists(name) => ServiceError::TokenExists(name),
+            StoreError::NoSuchToken(name) => ServiceError::TokenNotFound(name),
             e => ServiceError::Store(e),
         }
     }

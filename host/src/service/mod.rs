@@ -6,6 +6,7 @@
 
 mod error;
 pub mod request;
+pub mod tokens;
 pub mod views;
 pub mod worker;
 

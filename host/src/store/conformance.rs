@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{Entry, EntryKind, EntryStatus, Limits, NewRun, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::model::{
+    Entry, EntryKind, EntryStatus, Limits, NewRun, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord,
+};
 use crate::store::{ChangeEvent, ChangeKind, RunStore, StoreError, Subscription, Write, commit};
 
 /// A generous bound for "soon": a test fails only if something never happens.
@@ -291,6 +293,31 @@ pub(crate) async fn modules_and_branches_read_back(open: Open) {
     assert!(store.run("missing").await.unwrap().is_none());
 }
 
+pub(crate) async fn tokens_are_kept_by_hash_and_revoked(open: Open) {
+    let store = open("tokens");
+    let token = |id: &str, name: &str| TokenRecord {
+        id: id.into(),
+        name: name.into(),
+        role: Role::Operator,
+        hash: [id.as_bytes()[0]; 32],
+        created_at: 1,
+        revoked_at: None,
+    };
+    commit(&*store, vec![Write::CreateToken { token: token("a1", "ci") }]).await.unwrap();
+    let dup = commit(&*store, vec![Write::CreateToken { token: token("b2", "ci") }]).await;
+    assert!(matches!(dup, Err(StoreError::TokenExists(n)) if n == "ci"), "names are unique");
+    commit(&*store, vec![Write::CreateToken { token: token("c3", "deploy") }]).await.unwrap();
+    assert_eq!(store.token("a1").await.unwrap(), Some(token("a1", "ci")));
+    assert_eq!(store.token("zz").await.unwrap(), None);
+    commit(&*store, vec![Write::RevokeToken { id_or_name: "deploy".into() }]).await.unwrap();
+    commit(&*store, vec![Write::RevokeToken { id_or_name: "a1".into() }]).await.unwrap();
+    let missing = commit(&*store, vec![Write::RevokeToken { id_or_name: "nope".into() }]).await;
+    assert!(matches!(missing, Err(StoreError::NoSuchToken(_))));
+    let all = store.tokens().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|t| t.revoked_at.is_some()), "{all:?}");
+}
+
 /// Instantiate every test of the suite for one store.
 macro_rules! suite {
     ($open:ident, $reopen:ident) => {
@@ -324,6 +351,10 @@ macro_rules! suite {
             #[tokio::test]
             async fn cancel_is_recorded() {
                 c::cancel_is_recorded(super::$open).await
+            }
+            #[tokio::test]
+            async fn tokens_are_kept_by_hash_and_revoked() {
+                c::tokens_are_kept_by_hash_and_revoked(super::$open).await
             }
             #[tokio::test]
             async fn modules_and_branches_read_back() {

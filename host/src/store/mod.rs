@@ -25,7 +25,7 @@ use std::fmt;
 
 use tokio::sync::oneshot;
 
-pub use crate::model::{Entry, NewRun, RunKey, RunRecord, RunStatus};
+pub use crate::model::{Entry, NewRun, RunKey, RunRecord, RunStatus, TokenRecord};
 pub use feed::{ChangeEvent, ChangeFeed, ChangeKind, Subscription};
 
 /// One write; a commit item is a list of them, applied together.
@@ -50,13 +50,20 @@ pub enum Write {
     /// Take the oldest undelivered signal `name` of the run, if any, and
     /// append `entry` (its output replaced by the payload) at the position.
     ConsumeSignal { run: RunKey, name: String, entry: (usize, Entry) },
+    /// Record an API token (its hash); its id and name must be new.
+    CreateToken { token: TokenRecord },
+    /// Revoke the token with this id or name (once; later revokes are no-ops).
+    RevokeToken { id_or_name: String },
 }
 
 impl Write {
     /// The existing run this write changes, if any.
     pub fn run(&self) -> Option<RunKey> {
         match self {
-            Write::PutModule { .. } | Write::CreateRun { .. } => None,
+            Write::PutModule { .. }
+            | Write::CreateRun { .. }
+            | Write::CreateToken { .. }
+            | Write::RevokeToken { .. } => None,
             Write::Append { run, .. }
             | Write::SetStatus { run, .. }
             | Write::SendSignal { run, .. }
@@ -153,6 +160,10 @@ pub enum StoreError {
     CannotOpen { location: String, why: String },
     #[error("a run with id {0:?} already exists; continue it with `cairn resume {0}`")]
     RunExists(String),
+    #[error("a token named {0:?} exists already")]
+    TokenExists(String),
+    #[error("there is no token with id or name {0:?}")]
+    NoSuchToken(String),
     #[error("the run being written ({0}) no longer exists")]
     NoSuchRun(RunKey),
     #[error("the run has {0} signals it has not received yet; no more are kept until it takes some")]
@@ -213,6 +224,11 @@ pub trait RunStore: Send + Sync {
     async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError>;
     /// Every ended attempt of the run's parallel branches, in the order they ended.
     async fn branch_attempts(&self, run: RunKey) -> Result<Vec<Entry>, StoreError>;
+
+    /// Every API token, oldest first (revoked ones too).
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// The API token with this id.
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
 
     /// Take the run's lease; `None` if another holder has it.
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError>;

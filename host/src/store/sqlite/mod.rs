@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub use schema::APPLICATION_ID;
 pub use watch::WATCH_INTERVAL;
 
-use crate::model::{Entry, EntryKind, EntryStatus, RunConfig, RunKey, RunRecord, RunStatus};
+use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord};
 use crate::store::{
     ChangeEvent, ChangeFeed, CommitTicket, Durability, Lease, RunStore, StoreError, Subscription, Write,
 };
@@ -212,6 +212,18 @@ fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<Result<RunRecord, Strin
     Ok(record.map_err(|why| format!("run #{seq} in the database is malformed: {why}")))
 }
 
+const TOKEN_COLUMNS: &str = "id, name, role, hash, created_at, revoked_at";
+
+fn token_from_row(row: &rusqlite::Row) -> rusqlite::Result<Result<TokenRecord, String>> {
+    let id: String = row.get(0)?;
+    let role: String = row.get(2)?;
+    let hash: Vec<u8> = row.get(3)?;
+    let (Some(role), Ok(hash)) = (Role::parse(&role), <[u8; 32]>::try_from(hash)) else {
+        return Ok(Err(format!("token {id} in the database is malformed")));
+    };
+    Ok(Ok(TokenRecord { id, name: row.get(1)?, role, hash, created_at: row.get(4)?, revoked_at: row.get(5)? }))
+}
+
 /// Rows that are runs; malformed ones are reported on stderr and passed over.
 fn good_runs(rows: Vec<Result<RunRecord, String>>) -> Vec<RunRecord> {
     rows.into_iter().filter_map(|r| r.map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect()
@@ -306,6 +318,23 @@ impl RunStore for SqliteStore {
             )?;
             stmt.query_map([run.0], entry_from_row)?.collect()
         })
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
+            stmt.query_map([], token_from_row)?.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter().collect::<Result<_, _>>().map_err(StoreError::Corrupt)
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = self.read(|c| {
+            c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"))?
+                .query_row([id], token_from_row)
+                .optional()
+        })?;
+        row.transpose().map_err(StoreError::Corrupt)
     }
 
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError> {

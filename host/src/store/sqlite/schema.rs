@@ -110,6 +110,17 @@ const MIGRATIONS: &[&str] = &[
         committed_us INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 6: API tokens: a hash of each, never the token.
+    r#"
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    ) STRICT;
+    "#,
 ];
 
 pub(super) fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {

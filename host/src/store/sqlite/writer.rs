@@ -469,6 +469,26 @@ fn apply<'a>(
                 tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run.0])?;
                 batch.change(*run, ChangeKind::Cancel, None);
             }
+            Write::CreateToken { token } => {
+                let taken: bool = tx
+                    .prepare_cached("SELECT count(*) > 0 FROM tokens WHERE name = ?1")?
+                    .query_row([&token.name], |r| r.get(0))?;
+                if taken {
+                    return Err(StoreError::TokenExists(token.name.clone()));
+                }
+                tx.prepare_cached("INSERT INTO tokens (id, name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![token.id, token.name, token.role.as_str(), &token.hash[..], token.created_at])?;
+            }
+            Write::RevokeToken { id_or_name } => {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1 OR name = ?1",
+                    )?
+                    .execute(params![id_or_name, now_ms()])?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchToken(id_or_name.clone()));
+                }
+            }
             Write::ConsumeSignal { run, name, entry } => {
                 // Taking the signal and journaling it are one atomic step:
                 // each signal is received exactly once.
