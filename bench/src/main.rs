@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use cairn::model::{EntryKind, Limits, NewRun, RunConfig, RunRecord, RunStatus};
+use cairn::runtime::engine::ModuleCache;
 use cairn::runtime::{Executor, PreparedModule, RunOutcome, WasmEngine};
 use cairn::store::sqlite::SqliteStore;
 use cairn::store::{Durability, RunStore, Write};
@@ -132,7 +133,8 @@ impl Bench {
         let store: Arc<dyn RunStore> = Arc::new(SqliteStore::open(&db, durability)?);
         // Many-run workloads use the engine `cairn worker` uses (pooled);
         // single-run ones the one `cairn run` uses.
-        let pooled = || WasmEngine::pooled(Some(self.cache.clone()), cairn::runtime::engine::WORKER_POOL);
+        let cache = Some(ModuleCache { dir: self.cache.clone(), key: store.cache_key() });
+        let pooled = || WasmEngine::pooled(cache.clone(), cairn::runtime::engine::WORKER_POOL);
         let engine = if tag == "W2" {
             match &self.w2_engine {
                 Some(engine) => engine.clone(),
@@ -142,7 +144,7 @@ impl Bench {
             // Fresh: what parked runs leave resident in the pool counts.
             Arc::new(pooled()?)
         } else {
-            Arc::new(WasmEngine::new(Some(self.cache.clone()))?)
+            Arc::new(WasmEngine::new(cache.clone())?)
         };
         let mut executor = Executor::new(engine.clone(), store.clone())?;
         if let Some(p) = park {

@@ -6,8 +6,11 @@
 
 use std::borrow::Cow;
 
+/// Control characters, line and paragraph separators, and the bidi
+/// overrides and isolates that can make text read other than it is.
 fn is_control(c: char) -> bool {
-    (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}')
+    (c.is_control() && c != '\n' && c != '\t')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `text` with its control characters escaped.

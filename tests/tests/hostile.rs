@@ -216,3 +216,37 @@ fn wall_time_and_payload_limits_end_the_run() {
     let out = run(&w, &["run", &wasm, "--max-payload-mib", "1"]);
     assert_fails(&out, 1, &["limit `--max-payload-mib` exceeded", "a step's output"]);
 }
+
+const STEP_IMPORTS: &str = r#"
+  (import "cairn" "step_begin" (func $step_begin (param i32 i32 i32 i32) (result i64)))
+  (import "cairn" "step_end" (func $step_end (param i32 i32 i32) (result i32)))
+  (import "cairn" "join" (func $join (param i32 i32) (result i64)))"#;
+
+/// Steps in a loop meet the history limit; `join` of nothing in a loop
+/// meets the CPU limit (it commits nothing, so it is no durable point);
+/// and nothing after `finish` changes the finished run.
+#[test]
+fn loops_of_steps_and_joins_and_calls_after_finish() {
+    let w = World::new("step-loops");
+    let data = r#"(data (i32.const 0) "loop1")"#;
+    let steps = r#"(loop
+        (drop (call $step_begin (i32.const 0) (i32.const 4) (i32.const 0) (i32.const 0)))
+        (drop (call $step_end (i32.const 0) (i32.const 4) (i32.const 1)))
+        (br 0))"#;
+    let wasm = wasm_file(&w, "steps.wasm", &module(STEP_IMPORTS, steps, data));
+    let out = run(&w, &["run", &wasm, "--max-history", "200", "--durability", "process"]);
+    assert_fails(&out, 1, &["limit `--max-history` exceeded"]);
+
+    let joins = "(loop (drop (call $join (i32.const 0) (i32.const 0))) (br 0))";
+    let wasm = wasm_file(&w, "joins.wasm", &module(STEP_IMPORTS, joins, data));
+    assert_fails(&run(&w, &["run", &wasm, "--max-cpu", "0.5"]), 1, &["CPU limit"]);
+
+    let twice = r#"(drop (call $finish (i32.const 0) (i32.const 4) (i32.const 1)))
+      (drop (call $finish (i32.const 1) (i32.const 0) (i32.const 4)))"#;
+    let wasm = wasm_file(&w, "twice.wasm", &module(STEP_IMPORTS, twice, data));
+    let out = run(&w, &["run", &wasm, "--run-id", "twice"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "1");
+    let show = w.show("twice");
+    assert_eq!((show["status"].as_str(), show["output"].as_i64()), (Some("completed"), Some(1)));
+}

@@ -92,6 +92,17 @@ fn the_module_cache_is_private_and_checked() {
     assert_eq!(mode(&private[0]), 0o700);
     let entries: Vec<_> = std::fs::read_dir(&private[0]).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(entries.iter().all(|e| mode(e) == 0o600), "{entries:?}");
+    // An entry planted by someone who can write the cache (a workflow granted
+    // it, say), with a valid plain checksum: refused, compiled again.
+    let entry = entries[0].clone();
+    let mut forged = b"CAIRNCW2".to_vec();
+    let payload = b"not native code".to_vec();
+    forged.extend_from_slice(&sha256(&payload));
+    forged.extend_from_slice(&payload);
+    std::fs::write(&entry, forged).unwrap();
+    let out = run("forged");
+    assert_eq!(json_stdout(&out), 1);
+    assert!(text(&out.stderr).contains("authentication code does not match"), "{}", text(&out.stderr));
     // Opened to others: not used (compiled again, not cached), with a warning.
     std::fs::set_permissions(&private[0], std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = run("b");
@@ -136,4 +147,19 @@ fn read_only_grants_refuse_writes() {
     let last = show["history"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["status"], "error", "the step's last attempt: {show}");
     assert!(last["error"].as_str().unwrap().contains("not permitted"), "{last}");
+}
+
+/// SHA-256, by the `sha256sum` every machine here has (the tests need no
+/// hashing crate of their own for one forged entry).
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let hex = String::from_utf8(out.stdout).unwrap();
+    (0..64).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }

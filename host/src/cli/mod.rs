@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::model::{Limits, Role, RunConfig, RunRecord, RunStatus};
-use crate::runtime::engine::{WORKER_POOL, default_cache_dir};
+use crate::runtime::engine::{ModuleCache, WORKER_POOL, default_cache_dir};
 use crate::runtime::{Executor, RunOutcome, WasmEngine};
 use crate::service::request::{self, ModuleSource};
 use crate::service::{Cancelled, ClaimedRun, Resumed, Service, ServiceError, StartMode, StartRequest, exit};
@@ -274,7 +274,7 @@ fn open_existing_store(cli: &Cli) -> Result<Arc<dyn RunStore>, Failure> {
 /// An executor on `store`; `pool`: instance slots of a pooled engine (for
 /// many runs at once).
 fn executor(cli: &Cli, store: Arc<dyn RunStore>, pool: Option<u32>) -> Result<Executor, Failure> {
-    let cache = cli.cache_dir.clone().or_else(default_cache_dir);
+    let cache = cli.cache_dir.clone().or_else(default_cache_dir).map(|dir| ModuleCache { dir, key: store.cache_key() });
     let engine = Arc::new(match pool {
         Some(n) => WasmEngine::pooled(cache, n)?,
         None => WasmEngine::new(cache)?,

@@ -20,7 +20,28 @@ use wasmtime::{Config, Engine, Module};
 /// a running guest yields to other tasks at least this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW1";
+const CACHE_MAGIC: &[u8; 8] = b"CAIRNCW2";
+
+/// Where compiled modules are cached, and the secret that authenticates
+/// them: a `.cwasm` runs as native code, and anyone who can write the
+/// directory (a workflow granted it, say) could otherwise plant one with a
+/// matching plain checksum. The key lives in the database, not in the cache.
+#[derive(Clone)]
+pub struct ModuleCache {
+    pub dir: PathBuf,
+    pub key: [u8; 32],
+}
+
+/// HMAC-SHA-256 (RFC 2104) of `data` under `key`.
+fn hmac(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
+    let (mut inner, mut outer) = ([0x36u8; 64], [0x5cu8; 64]);
+    for (i, k) in key.iter().enumerate() {
+        inner[i] ^= k;
+        outer[i] ^= k;
+    }
+    let inner_hash = Sha256::new().chain_update(inner).chain_update(data).finalize();
+    Sha256::new().chain_update(outer).chain_update(inner_hash).finalize().into()
+}
 
 /// Pool slots of `cairn worker`'s engine: live instances at once (runs
 /// executing, their branches, retries). Address space only: each slot
@@ -33,7 +54,7 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// The engine and everything built once per process.
 pub struct WasmEngine {
     engine: Engine,
-    cache_dir: Option<PathBuf>,
+    cache: Option<ModuleCache>,
     ticker_stop: Arc<AtomicBool>,
     /// Modules loaded by this process, by hash: every run of a module
     /// shares one copy of its code.
@@ -41,8 +62,8 @@ pub struct WasmEngine {
 }
 
 impl WasmEngine {
-    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
-        Self::build(cache_dir, None)
+    pub fn new(cache: Option<ModuleCache>) -> Result<Self> {
+        Self::build(cache, None)
     }
 
     /// An engine whose instances come from a pool of `instances`
@@ -50,11 +71,11 @@ impl WasmEngine {
     /// (`cairn worker`), where one mmap/munmap per instance, and the TLB
     /// shootdowns they cause, dominate. A foreground `cairn run` is faster
     /// without (no pool to set up).
-    pub fn pooled(cache_dir: Option<PathBuf>, instances: u32) -> Result<Self> {
-        Self::build(cache_dir, Some(instances))
+    pub fn pooled(cache: Option<ModuleCache>, instances: u32) -> Result<Self> {
+        Self::build(cache, Some(instances))
     }
 
-    fn build(cache_dir: Option<PathBuf>, pool: Option<u32>) -> Result<Self> {
+    fn build(cache: Option<ModuleCache>, pool: Option<u32>) -> Result<Self> {
         let mut config = Config::new();
         // A history must replay the same on any CPU.
         config.cranelift_nan_canonicalization(true);
@@ -117,7 +138,7 @@ impl WasmEngine {
                 }
             }
         })?;
-        Ok(WasmEngine { engine, cache_dir, ticker_stop, loaded: Mutex::default() })
+        Ok(WasmEngine { engine, cache, ticker_stop, loaded: Mutex::default() })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -160,7 +181,8 @@ impl WasmEngine {
     pub fn compile(&self, hash: &str, bytes: &[u8]) -> Result<Module> {
         let compiled = self.engine.precompile_module(bytes).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         if let Some(path) = self.cache_path(hash)
-            && let Err(e) = write_cache_entry(&path, &compiled)
+            && let Some(cache) = &self.cache
+            && let Err(e) = write_cache_entry(&path, &compiled, &cache.key)
         {
             eprintln!("cairn: could not cache the compiled module at {}: {e:#}", path.display());
         }
@@ -169,12 +191,15 @@ impl WasmEngine {
     }
 
     fn cache_path(&self, hash: &str) -> Option<PathBuf> {
-        let dir = self.cache_dir.as_ref()?;
+        let cache = self.cache.as_ref()?;
         // Keyed by everything that decides whether native code fits: engine
-        // settings, CPU features, wasmtime and cairn versions.
+        // settings, CPU features, wasmtime and cairn versions; and by the
+        // key, so that each database's entries have a directory of their own.
         let mut h = DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
         env!("CARGO_PKG_VERSION").hash(&mut h);
+        hmac(&cache.key, b"cairn cache directory").hash(&mut h);
+        let dir = &cache.dir;
         Some(dir.join(format!("{:016x}", h.finish())).join(format!("{hash}.cwasm")))
     }
 
@@ -196,11 +221,12 @@ impl WasmEngine {
             bail!("not a cache entry");
         }
         let (sum, payload) = data[8..].split_at(32);
-        if Sha256::digest(payload).as_slice() != sum {
-            bail!("checksum mismatch");
+        let key = &self.cache.as_ref().context("no cache")?.key;
+        if hmac(key, payload).as_slice() != sum {
+            bail!("its authentication code does not match (written with another key, or changed)");
         }
         // SAFETY: the file lives in our private (0700) cache directory and
-        // its checksum matches what we wrote.
+        // its authentication code, under the database's key, is ours.
         let module = unsafe { Module::deserialize(&self.engine, payload) }.map_err(|e| anyhow::anyhow!("{e:#}"))?;
         Ok(Some(module))
     }
@@ -212,7 +238,7 @@ impl Drop for WasmEngine {
     }
 }
 
-fn write_cache_entry(path: &Path, compiled: &[u8]) -> Result<()> {
+fn write_cache_entry(path: &Path, compiled: &[u8], key: &[u8; 32]) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
     private_dir(dir)?;
     let tmp =
@@ -222,7 +248,7 @@ fn write_cache_entry(path: &Path, compiled: &[u8]) -> Result<()> {
     let mut f =
         fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
     f.write_all(CACHE_MAGIC)?;
-    f.write_all(&Sha256::digest(compiled))?;
+    f.write_all(&hmac(key, compiled))?;
     f.write_all(compiled)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
@@ -274,4 +300,16 @@ pub fn default_cache_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .map(|d| d.join("cairn").join("modules"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 1: a 20-byte key (padded with zeros like any short key).
+        let mut key = [0u8; 32];
+        key[..20].fill(0x0b);
+        let mac = super::hmac(&key, b"Hi There");
+        assert_eq!(hex::encode(mac), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+    }
 }

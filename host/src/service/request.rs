@@ -173,13 +173,15 @@ pub fn limits(a: &LimitArgs) -> Result<Limits, ServiceError> {
     for (flag, ok) in [
         ("--max-history", a.max_history > 0),
         ("--max-history-mib", a.max_history_mib > 0),
-        ("--max-payload-mib", a.max_payload_mib > 0),
+        // Payload lengths travel in 32 bits between guest and host.
+        ("--max-payload-mib", a.max_payload_mib > 0 && a.max_payload_mib <= 1024),
         ("--max-run-cpu", seconds(a.max_run_cpu)),
         ("--max-wall", a.max_wall.is_none_or(seconds)),
         ("--max-branches", a.max_branches > 0),
     ] {
         if !ok {
-            return Err(ServiceError::BadInput(format!("{flag} must be a positive number")));
+            let also = if flag == "--max-payload-mib" { " (at most 1024)" } else { "" };
+            return Err(ServiceError::BadInput(format!("{flag} must be a positive number{also}")));
         }
     }
     let ms = |s: f64| (s * 1000.0).ceil() as u64;

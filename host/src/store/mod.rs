@@ -198,6 +198,10 @@ pub trait RunStore: Send + Sync {
     /// idempotency key so two databases never hand out the same key.
     fn db_id(&self) -> &str;
 
+    /// A secret of the database: it authenticates the compiled-module cache
+    /// entries of its modules (see `runtime::engine::ModuleCache`).
+    fn cache_key(&self) -> [u8; 32];
+
     /// Where the database is, for messages (a path, a URL without secrets).
     fn location(&self) -> &str;
 

@@ -87,7 +87,9 @@ pub(super) async fn spawn(
 /// outcomes in handle order, each as status u8 (0 value, 1 error), length
 /// u32 little-endian, bytes.
 pub(super) async fn join(caller: &mut Caller<'_, HostState>, ptr: i32, count: i32) -> wasmtime::Result<i64> {
-    caller.data_mut().durable()?;
+    // Not a durable point: a join commits nothing (`join(0, 0)` in a loop
+    // must not restart the CPU budget).
+    caller.data_mut().enter()?;
     let raw = guest_bytes(caller, ptr, count.saturating_mul(4))?;
     let st = caller.data_mut();
     if st.live_step.is_some() {

@@ -18,7 +18,16 @@ pub(super) fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32
 }
 
 /// The guest's UTF-8 string at `ptr..ptr+len`.
+/// The longest name (of a step, a branch, a signal) a guest may use.
+pub(super) const MAX_NAME_BYTES: usize = 4096;
+
+/// The guest's UTF-8 name at `ptr..ptr+len`, at most [`MAX_NAME_BYTES`].
 pub(super) fn guest_str(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<String> {
+    if len as u32 as usize > MAX_NAME_BYTES {
+        return Err(caller
+            .data_mut()
+            .abi_error(format!("a name of {} bytes is longer than {MAX_NAME_BYTES}", len as u32)));
+    }
     let bytes = guest_bytes(caller, ptr, len)?;
     String::from_utf8(bytes).map_err(|_| caller.data_mut().abi_error("a name is not valid UTF-8"))
 }

@@ -53,7 +53,9 @@ pub(super) async fn signal_wait(
         st.commit(Vec::new()).await?;
         let st = caller.data_mut();
         // The payload that comes must fit (its size is checked when sent).
-        st.check_history_room(crate::runtime::journal::entry_bytes(&entry) + st.limits.max_payload_bytes())?;
+        st.check_history_room(
+            crate::runtime::journal::entry_bytes(&entry).saturating_add(st.limits.max_payload_bytes()),
+        )?;
         let position = st.journal.len();
         let consume = Write::ConsumeSignal { run: st.run.run, name: name.clone(), entry: (position, entry.clone()) };
         let taken = st.commit_writes(vec![consume]).await?.signal;

@@ -144,7 +144,10 @@ impl HostState {
             wasi: setup.wasi,
             limiter: MemoryLimiter::new(mib_bytes(setup.limits.max_memory_mib)),
             cpu: CpuBudget::new(ticks(setup.limits.max_cpu_ms), ticks(setup.limits.max_run_cpu_ms)),
-            wall_deadline: setup.limits.max_wall_ms.map(|ms| setup.created_at.saturating_add(ms as i64)),
+            wall_deadline: setup
+                .limits
+                .max_wall_ms
+                .map(|ms| setup.created_at.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))),
             limits: setup.limits,
             spawns: 0,
             monotonic: MonotonicClock::after(setup.journal.last_monotonic()),
@@ -230,6 +233,10 @@ impl HostState {
 
     /// Every host call: a cancelled run, or one past its wall time, stops here.
     pub(super) fn enter(&mut self) -> wasmtime::Result<()> {
+        if let Some(ending) = &self.ending {
+            // The instance is over (a host call after `finish`, say).
+            return Err(wasmtime::Error::msg(format!("instance stopped by the host: {ending:?}")));
+        }
         if self.watch.cancel_requested() {
             return Err(self.stop(Ending::Cancelled));
         }
@@ -241,6 +248,11 @@ impl HostState {
     pub(super) fn durable(&mut self) -> wasmtime::Result<()> {
         self.cpu.reset();
         self.enter()
+    }
+
+    /// Time left before `--max-wall` ends the run, if it is set.
+    pub(super) fn wall_left(&self) -> Option<Duration> {
+        self.wall_deadline.map(|d| Duration::from_millis(d.saturating_sub(now_ms()).max(0) as u64))
     }
 
     fn check_wall(&mut self) -> wasmtime::Result<()> {
@@ -320,12 +332,6 @@ impl HostState {
             self.ending = Some(why);
         }
         err
-    }
-
-    pub(super) fn finished(&mut self, finished: Finished) {
-        if self.ending.is_none() {
-            self.ending = Some(Ending::Finished(finished));
-        }
     }
 
     pub(super) fn fail(&mut self, fatal: Fatal) -> wasmtime::Error {

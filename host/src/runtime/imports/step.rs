@@ -48,6 +48,10 @@ pub(super) async fn step_begin(
         Err(e) => return Err(caller.data_mut().abi_error(format!("step \"{name}\": {e}"))),
     };
     let st = caller.data_mut();
+    // Room for the attempt's entry (its output may be as large as a payload):
+    // a step loop, or a step retried without end, meets the history limits.
+    let room = 64usize.saturating_add(name.len()).saturating_add(st.limits.max_payload_bytes());
+    st.check_history_room(room)?;
     // A failed attempt's backoff (journaled as an absolute time).
     if let Some(at) = not_before {
         st.wait_until(at).await?;

@@ -31,6 +31,9 @@ pub(super) fn take(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> was
 
 /// `panic(ptr, len)`: the message of a panic about to abort the guest.
 pub(super) fn panic(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) {
+    // The message becomes an error in the history: its start is enough.
+    const MAX_PANIC_BYTES: u32 = 64 << 10;
+    let len = (len as u32).min(MAX_PANIC_BYTES) as i32;
     let message = guest_bytes(&mut caller, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned());
     if let Ok(message) = message {
         caller.data_mut().panic_message = Some(message);
@@ -85,6 +88,7 @@ pub(super) async fn finish(
         Finished::Failed(msg) => Write::failed(run, msg.clone()),
     };
     st.commit(vec![write]).await?;
-    caller.data_mut().finished(finished);
-    Ok(0)
+    // The run is over: the instance stops here, so nothing the guest does
+    // after can change the finished run.
+    Err(caller.data_mut().stop(super::state::Ending::Finished(finished)))
 }

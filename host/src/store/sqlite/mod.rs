@@ -44,6 +44,7 @@ pub struct SqliteStore {
     path: PathBuf,
     location: String,
     db_id: String,
+    cache_key: [u8; 32],
     reader: Mutex<Connection>,
     writer: mpsc::Sender<Job>,
     write: Arc<WriteSide>,
@@ -73,6 +74,14 @@ impl SqliteStore {
             reader.query_row("SELECT value FROM meta WHERE key = 'db_id'", [], |r| r.get(0)).map_err(|e| {
                 StoreError::NotCairn { location: path.display().to_string(), why: format!("no database id: {e}") }
             })?;
+        let cache_key: String =
+            reader.query_row("SELECT value FROM meta WHERE key = 'cache_key'", [], |r| r.get(0)).map_err(|e| {
+                StoreError::NotCairn { location: path.display().to_string(), why: format!("no cache key: {e}") }
+            })?;
+        let cache_key: [u8; 32] = hex::decode(&cache_key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("{}: the cache key is not 32 bytes of hex", path.display())))?;
         let writer_conn = connect(path, durability)?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
@@ -89,6 +98,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             location: path.display().to_string(),
             db_id,
+            cache_key,
             reader: Mutex::new(reader),
             writer: tx,
             write,
@@ -258,6 +268,10 @@ impl RunStore for SqliteStore {
         &self.location
     }
 
+    fn cache_key(&self) -> [u8; 32] {
+        self.cache_key
+    }
+
     fn submit(&self, writes: Vec<Write>) -> CommitTicket {
         self.write.submit(&self.writer, writes)
     }
@@ -325,7 +339,7 @@ impl RunStore for SqliteStore {
             let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
             stmt.query_map([], token_from_row)?.collect::<rusqlite::Result<Vec<_>>>()
         })?;
-        rows.into_iter().collect::<Result<_, _>>().map_err(StoreError::Corrupt)
+        Ok(rows.into_iter().filter_map(|r| r.map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect())
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {

@@ -121,6 +121,11 @@ const MIGRATIONS: &[&str] = &[
         revoked_at INTEGER
     ) STRICT;
     "#,
+    // 7: the key that authenticates this database's compiled-module cache
+    // entries (kept here, where a workflow granted the cache cannot reach).
+    r#"
+    INSERT INTO meta (key, value) VALUES ('cache_key', lower(hex(randomblob(32))));
+    "#,
 ];
 
 pub(super) fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {

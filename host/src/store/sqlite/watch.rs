@@ -161,9 +161,10 @@ fn read_control_changes(conn: &Connection, after: u64) -> Result<Vec<ChangeEvent
     let rows = stmt.query_map([after as i64], change_row)?.collect::<Result<Vec<_>, _>>()?;
     let mut events = Vec::new();
     for row in rows {
-        let event = change_event(row)?;
-        if event.is_control() {
-            events.push(event);
+        match change_event(row) {
+            Ok(event) if event.is_control() => events.push(event),
+            Ok(_) => {}
+            Err(e) => eprintln!("cairn: skipping a change: {e}"),
         }
     }
     Ok(events)
@@ -224,7 +225,14 @@ pub(in crate::store::sqlite) fn read_changes(
     let mut merged = Vec::with_capacity(limit.min(history.len() + changes.len()));
     let mut history = history.into_iter().peekable();
     for row in changes {
-        let event = change_event(row)?;
+        // One malformed row (edited by hand) must not stop the feed at it.
+        let event = match change_event(row) {
+            Ok(event) => event,
+            Err(e) => {
+                eprintln!("cairn: skipping a change: {e}");
+                continue;
+            }
+        };
         while let Some(h) = history.next_if(|h| h.seq < event.seq) {
             merged.push(h);
         }

@@ -176,6 +176,12 @@ impl WriteSide {
     /// does, roll back and write it again with a savepoint per item, so the
     /// bad item does not abort its batch-mates.
     pub(super) fn write_batch(&self, conn: &mut WriteConn, jobs: &[&[Write]]) -> Vec<Result<Committed, StoreError>> {
+        // Checked under the connection's lock: an item queued, or committing
+        // inline, when an fsync failed is refused like every later one.
+        if self.poisoned.load(Ordering::Acquire) {
+            let location = self.path.display().to_string();
+            return jobs.iter().map(|_| Err(StoreError::Unsynced { location: location.clone() })).collect();
+        }
         let events = if self.feed.wants_all() {
             Events::All
         } else if self.feed.listening() {

@@ -20,11 +20,11 @@ pub struct MonotonicClock {
 
 impl MonotonicClock {
     pub fn after(last_recorded: Option<u64>) -> Self {
-        MonotonicClock { anchor: Instant::now(), base: last_recorded.map_or(0, |v| v + 1) }
+        MonotonicClock { anchor: Instant::now(), base: last_recorded.map_or(0, |v| v.saturating_add(1)) }
     }
 
     pub fn now(&self) -> u64 {
-        self.base + self.anchor.elapsed().as_nanos() as u64
+        self.base.saturating_add(self.anchor.elapsed().as_nanos() as u64)
     }
 }
 

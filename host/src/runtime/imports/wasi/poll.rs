@@ -59,6 +59,10 @@ pub(in crate::runtime::imports) async fn poll_oneoff(
         if let Some(d) = live.deadline {
             until = until.min(d);
         }
+        // Wake at the wall limit if it comes first (the next call stops the run).
+        if let Some(left) = caller.data().wall_left() {
+            until = until.min(Instant::now() + left);
+        }
         let watch = caller.data().watch.clone();
         loop {
             tokio::select! {
