@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod model;
 pub mod runtime;
+pub mod server;
 pub mod service;
 pub mod store;
 pub mod terminal;

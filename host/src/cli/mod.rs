@@ -73,6 +73,10 @@ pub enum Command {
     },
     /// Stop a run at its next host call or wake-up; its history is kept.
     Cancel { run_id: String },
+    /// Serve the HTTP API on the database and, unless --no-worker, execute
+    /// its runs (SIGTERM or Ctrl-C: requests in flight finish, live
+    /// instances finish or park).
+    Serve(ServeArgs),
     /// API tokens for the HTTP API: create, list, revoke.
     Token {
         #[command(subcommand)]
@@ -85,6 +89,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cairn serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: std::net::SocketAddr,
+    /// Runs executing at once (parked runs do not count).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Serve only: runs are executed by `cairn worker` processes.
+    #[arg(long)]
+    pub no_worker: bool,
+    /// A directory that directory grants of runs started over HTTP must lie inside (repeatable).
+    #[arg(long = "allow-dir", value_name = "PATH")]
+    pub allow_dirs: Vec<PathBuf>,
+    /// MiB of an uploaded module.
+    #[arg(long, value_name = "MIB", default_value_t = request::DEFAULT_MAX_MODULE_MIB)]
+    pub max_module_mib: u64,
 }
 
 /// `cairn token ...`.
@@ -298,10 +322,13 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let slots = (*concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
             // Branch instances get the pool's slots that runs cannot use.
             let branch_slots = (slots as usize).saturating_sub(*concurrency).max(1);
-            let executor = executor(&cli, store.clone(), Some(slots))?.with_branch_instance_limit(branch_slots);
+            let executor = executor(&cli, store.clone(), Some(slots))?
+                .with_branch_instance_limit(branch_slots)
+                .with_instance_limit(*concurrency);
             crate::service::worker::run_worker(Arc::new(executor), &Service::new(store), *concurrency).await?;
             Ok(exit::OK)
         }
+        Command::Serve(args) => serve(&cli, args).await,
         Command::Resume(args) => resume(&cli, args).await,
         Command::Runs { json } => {
             let runs = Service::new(open_existing_store(&cli)?).list_runs().await?;
@@ -331,6 +358,59 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
     }
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
+    if args.concurrency == 0 {
+        return Err(Failure::usage("--concurrency must be at least 1"));
+    }
+    let store = open_store(cli)?;
+    let service = Service::new(store.clone());
+    if !service.has_live_tokens().await? {
+        if !args.listen.ip().is_loopback() {
+            return Err(Failure::usage(format!(
+                "refusing to serve on {} with no API token: make one with `cairn --db {} token create --role admin`",
+                args.listen,
+                cli.db.display()
+            )));
+        }
+        eprintln!(
+            "cairn serve: no API token yet, so every /api request gets 401; make one with `cairn --db {} token create --role admin`",
+            cli.db.display()
+        );
+    }
+    let allow_dirs = args
+        .allow_dirs
+        .iter()
+        .map(|d| d.canonicalize().map_err(|e| Failure::usage(format!("--allow-dir {}: {e}", d.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let slots = (args.concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
+    let branch_slots = (slots as usize).saturating_sub(args.concurrency).max(1);
+    let executor = Arc::new(
+        executor(cli, store.clone(), Some(slots))?
+            .with_branch_instance_limit(branch_slots)
+            .with_instance_limit(args.concurrency),
+    );
+    let state = Arc::new(crate::server::AppState {
+        service,
+        executor: executor.clone(),
+        allow_dirs,
+        max_module: usize::try_from(args.max_module_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let server = crate::server::serve(state, listener, crate::service::worker::shutdown_signal());
+    if args.no_worker {
+        server.await.map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
+        return Ok(exit::OK);
+    }
+    let worker_service = Service::new(store);
+    let worker = crate::service::worker::run_worker(executor, &worker_service, args.concurrency);
+    let (served, worked) = tokio::join!(server, worker);
+    served.map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
+    worked?;
+    Ok(exit::OK)
 }
 
 async fn token(cli: &Cli, action: &TokenCommand) -> Result<u8, Failure> {

@@ -26,13 +26,13 @@ const CLAIM_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a stopping worker waits for live instances.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// `executor` must have an instance limit of `concurrency`
+/// (`Executor::with_instance_limit`).
 pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency: usize) -> Result<(), ServiceError> {
-    let executor = Arc::new(
-        Arc::try_unwrap(executor)
-            .map_err(|_| ServiceError::Exec(ExecError::Module("the executor is shared".into())))?
-            .with_instance_limit(concurrency),
-    );
-    let slots = executor.instance_limit().expect("set above").clone();
+    let slots = executor
+        .instance_limit()
+        .ok_or_else(|| ServiceError::Exec(ExecError::Module("the worker's executor has no instance limit".into())))?
+        .clone();
     // Runs this process holds (an OS lock taken twice by the same process
     // would not refuse).
     let held: Arc<Mutex<HashSet<RunKey>>> = Arc::default();
@@ -148,7 +148,8 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
     Reported::Fine
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,

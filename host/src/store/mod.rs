@@ -220,6 +220,8 @@ pub trait RunStore: Send + Sync {
 
     async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
+    /// The id of the run with this key.
+    async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError>;
     /// All runs, oldest first.
     async fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// Runs that are not finished, oldest first.

@@ -297,6 +297,12 @@ impl RunStore for SqliteStore {
         row.transpose().map_err(StoreError::Corrupt)
     }
 
+    async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT id FROM runs WHERE seq = ?1")?.query_row([run.0], |r| r.get(0)).optional()
+        })
+    }
+
     async fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         let rows = self.read(|c| {
             let mut stmt = c.prepare(&format!("SELECT {} FROM runs ORDER BY seq", *RUN_COLUMNS))?;

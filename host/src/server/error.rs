@@ -1,0 +1,49 @@
+//! Errors of the HTTP API: a status and `{"error": CODE, "detail": TEXT}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::service::ServiceError;
+use crate::service::tokens::AuthError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let class = e.class();
+        ApiError::new(class.http, class.code, e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthorized => {
+                ApiError::new(401, "unauthorized", "a valid `Authorization: Bearer TOKEN` is needed")
+            }
+            AuthError::Forbidden => ApiError::new(403, "forbidden", "this token's role may not do that"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({"error": self.code, "detail": self.detail}))).into_response()
+    }
+}

@@ -1,0 +1,123 @@
+//! Server-Sent Events from the change feed: `id:` is the store's `seq`,
+//! `event:` its kind. A client that reconnects with `Last-Event-ID` first
+//! gets what it missed (`changes_since`), then live events, each once. A
+//! client that falls behind gets a `reset` event and is dropped: it
+//! reconnects with its `Last-Event-ID`; commits never wait for it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::stream::{self, StreamExt};
+use serde_json::json;
+
+use super::api::authorize;
+use super::{ApiError, AppState};
+use crate::model::{Role, RunKey};
+use crate::store::feed::FeedError;
+use crate::store::{ChangeEvent, Subscription};
+
+/// At most this many missed events are replayed; further back, `reset`.
+const REPLAY_LIMIT: usize = 10_000;
+
+type Events = axum::response::Response;
+
+pub(super) async fn all_events(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Events, ApiError> {
+    stream_events(state, headers, None).await
+}
+
+pub(super) async fn run_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Events, ApiError> {
+    let run = {
+        authorize(&state, &headers, Role::Viewer).await?;
+        state.service.find_run(&id).await?.key
+    };
+    stream_events(state, headers, Some(run)).await
+}
+
+struct Feed {
+    state: Arc<AppState>,
+    only: Option<RunKey>,
+    backlog: VecDeque<ChangeEvent>,
+    /// Sequence numbers replayed from the backlog: a live copy is skipped.
+    replayed: HashSet<u64>,
+    live: Subscription,
+    ids: HashMap<RunKey, String>,
+    done: bool,
+}
+
+async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<RunKey>) -> Result<Events, ApiError> {
+    authorize(&state, &headers, Role::Viewer).await?;
+    // Subscribed before the backlog is read: nothing falls between.
+    let live = state.service.subscribe();
+    let last: Option<u64> =
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let mut backlog = VecDeque::new();
+    let mut reset = false;
+    if let Some(last) = last {
+        let missed = state
+            .service
+            .store()
+            .changes_since(last, REPLAY_LIMIT + 1)
+            .await
+            .map_err(crate::service::ServiceError::from)?;
+        reset = missed.len() > REPLAY_LIMIT;
+        if !reset {
+            backlog.extend(missed);
+        }
+    }
+    let replayed = backlog.iter().map(|e| e.seq).collect();
+    let feed = Feed { state, only, backlog, replayed, live, ids: HashMap::new(), done: false };
+    let reset_event: Option<Result<Event, Infallible>> = reset.then(|| Ok(Event::default().event("reset").data("{}")));
+    let events = stream::iter(reset_event).chain(stream::unfold(feed, next_event));
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn next_event(mut feed: Feed) -> Option<(Result<Event, Infallible>, Feed)> {
+    loop {
+        if feed.done {
+            return None;
+        }
+        let event = match feed.backlog.pop_front() {
+            Some(e) => e,
+            None => match feed.live.recv().await {
+                Ok(e) if feed.replayed.remove(&e.seq) => continue,
+                Ok(e) => e,
+                // Too far behind: say so and end; the client comes back
+                // with its Last-Event-ID.
+                Err(FeedError::Lagged(_)) => {
+                    feed.done = true;
+                    return Some((Ok(Event::default().event("reset").data("{}")), feed));
+                }
+                Err(FeedError::Closed) => return None,
+            },
+        };
+        if feed.only.is_some_and(|r| r != event.run) {
+            continue;
+        }
+        let run_id = match feed.ids.get(&event.run) {
+            Some(id) => id.clone(),
+            None => {
+                let id = feed.state.service.store().run_id(event.run).await.ok().flatten().unwrap_or_default();
+                feed.ids.insert(event.run, id.clone());
+                id
+            }
+        };
+        let mut data = json!({"seq": event.seq, "run_id": run_id, "kind": event.kind.as_str(), "ts_us": event.ts_us});
+        if let Some(p) = event.position {
+            data["position"] = json!(p);
+        }
+        if let Some(s) = event.status {
+            data["status"] = json!(s.as_str());
+        }
+        let sse = Event::default().id(event.seq.to_string()).event(event.kind.as_str()).data(data.to_string());
+        return Some((Ok(sse), feed));
+    }
+}

@@ -1,0 +1,205 @@
+//! `cairn serve` on a free loopback port, driven by a real HTTP client:
+//! tokens and roles, modules, runs, paging, signals, cancels, and
+//! Server-Sent Events that resume with `Last-Event-ID` without loss or
+//! duplicates, including commits made by another process.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use cairn_e2e::{World, guest, text, wait_until};
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(w: &World, extra: &[&str]) -> Server {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend(extra);
+    let child = w.spawn(&args, "serve");
+    let mut base = String::new();
+    wait_until("the server to listen", Duration::from_secs(30), || {
+        let err = w.read("serve.stderr");
+        match err.lines().find_map(|l| l.split("listening on ").nth(1)) {
+            Some(addr) => {
+                base = addr.trim().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    Server { child, base }
+}
+
+fn token(w: &World, role: &str) -> String {
+    let out = w.run(&["token", "create", "--role", role]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// (status, JSON body) of a request; `token` None sends no Authorization.
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(30));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let result = match body {
+        Some(b) => req.set("Content-Type", "application/x-www-form-urlencoded").send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Read SSE events (id, event, data) until `n` arrived.
+fn read_events(base: &str, path: &str, token: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
+    let mut req = ureq::get(&format!("{base}{path}"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(Duration::from_secs(60));
+    if let Some(id) = last_id {
+        req = req.set("Last-Event-ID", &id.to_string());
+    }
+    let resp = req.call().expect("the event stream opens");
+    let mut lines = BufReader::new(resp.into_reader()).lines();
+    let (mut out, mut id, mut kind, mut data) = (Vec::new(), 0u64, String::new(), Value::Null);
+    while out.len() < n {
+        let line = lines.next().expect("the stream goes on").expect("a line");
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().unwrap();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            kind = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data = serde_json::from_str(v.trim()).unwrap();
+        } else if line.is_empty() && !kind.is_empty() {
+            out.push((id, std::mem::take(&mut kind), std::mem::take(&mut data)));
+        }
+    }
+    out
+}
+
+fn upload(base: &str, admin: &str, name: &str) -> String {
+    let bytes = std::fs::read(guest(name)).unwrap();
+    let (status, body) = call("POST", &format!("{base}/api/modules"), Some(admin), Some(&bytes));
+    assert!(status == 201 || status == 200, "{status} {body}");
+    body["hash"].as_str().unwrap().to_string()
+}
+
+fn wait_status(base: &str, token: &str, id: &str, want: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, run) = call("GET", &format!("{base}/api/runs/{id}"), Some(token), None);
+        assert_eq!(status, 200, "{run}");
+        if run["status"] == want {
+            return run;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "run {id} stayed {}", run["status"]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_http_api_with_tokens_runs_and_events() {
+    let w = World::new("serve");
+    let (admin, operator, viewer) = (token(&w, "admin"), token(&w, "operator"), token(&w, "viewer"));
+    let server = serve(&w, &[]);
+    let base = server.base.clone();
+
+    // Auth: open health, 401 without or with a wrong token, 403 for a low role.
+    assert_eq!(call("GET", &format!("{base}/healthz"), None, None).0, 200);
+    assert_eq!(call("GET", &format!("{base}/api/runs"), None, None).0, 401);
+    assert_eq!(call("GET", &format!("{base}/api/runs"), Some("cairn_0_0"), None).0, 401);
+    let wasm = std::fs::read(guest("benchflow")).unwrap();
+    let (status, body) = call("POST", &format!("{base}/api/modules"), Some(&viewer), Some(&wasm));
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+
+    // Modules: created, then the same again, invalid wasm refused.
+    let (status, first) = call("POST", &format!("{base}/api/modules"), Some(&admin), Some(&wasm));
+    assert_eq!(status, 201, "{first}");
+    assert!(first["imports"].as_array().unwrap().iter().any(|i| i == "cairn.step_begin"), "{first}");
+    let (status, again) = call("POST", &format!("{base}/api/modules"), Some(&admin), Some(&wasm));
+    assert_eq!((status, &again), (200, &first));
+    let (status, bad) = call("POST", &format!("{base}/api/modules"), Some(&admin), Some(b"not wasm"));
+    assert_eq!((status, bad["error"].as_str()), (400, Some("invalid_module")), "{bad}");
+    let hash = first["hash"].as_str().unwrap().to_string();
+    assert_eq!(call("GET", &format!("{base}/api/modules/{hash}"), Some(&viewer), None).1, first);
+
+    // Runs: started and executed by the server's worker; bad requests.
+    let start =
+        |body: Value| call("POST", &format!("{base}/api/runs"), Some(&operator), Some(body.to_string().as_bytes()));
+    let input = json!({"mode": "steps", "n": 3});
+    for n in 0..3 {
+        let (status, body) = start(json!({"module": hash, "input": input, "run_id": format!("r{n}")}));
+        assert_eq!((status, body["run_id"].as_str()), (201, Some(format!("r{n}").as_str())), "{body}");
+    }
+    assert_eq!(start(json!({"module": hash, "input": input, "run_id": "r0"})).1["error"], "conflict");
+    assert_eq!(start(json!({"module": "ab".repeat(32)})).1["error"], "unknown_module");
+    let (status, body) = call("POST", &format!("{base}/api/runs"), Some(&operator), Some(b"{not json"));
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_json")));
+    let (status, body) = start(json!({"modul": hash}));
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_request")));
+    assert_eq!(call("GET", &format!("{base}/api/runs/nope"), Some(&viewer), None).0, 404);
+
+    let done = wait_status(&base, &viewer, "r2", "completed");
+    assert!(done["seq"].as_u64().unwrap() > 0);
+
+    // Paging: newest first, with a cursor.
+    let (_, page1) = call("GET", &format!("{base}/api/runs?limit=2"), Some(&viewer), None);
+    let ids: Vec<&str> = page1["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["r2", "r1"]);
+    let next = page1["next"].as_i64().expect("a cursor");
+    let (_, page2) = call("GET", &format!("{base}/api/runs?limit=2&after={next}"), Some(&viewer), None);
+    assert_eq!(page2["runs"][0]["id"], "r0");
+    assert!(page2["next"].is_null());
+    let (_, hist) = call("GET", &format!("{base}/api/runs/r2/history?limit=1"), Some(&viewer), None);
+    assert_eq!(hist["entries"].as_array().unwrap().len(), 1);
+    let (_, rest) = call("GET", &format!("{base}/api/runs/r2/history?after=0&limit=1000"), Some(&viewer), None);
+    assert_eq!(rest["entries"][0]["position"], 1);
+
+    // Signals and cancels, from the API and from another process; events.
+    let signals = upload(&base, &admin, "signals");
+    let waits = json!({"waits": [{"name": "a"}, {"name": "b"}]});
+    assert_eq!(start(json!({"module": signals, "input": waits, "run_id": "sig"})).0, 201);
+    assert_eq!(start(json!({"module": signals, "input": {"waits": [{"name": "never"}]}, "run_id": "stop"})).0, 201);
+    wait_status(&base, &viewer, "stop", "running");
+    let mark = call("GET", &format!("{base}/api/runs/sig"), Some(&viewer), None).1["seq"].as_u64().unwrap();
+    let (status, _) = call("POST", &format!("{base}/api/runs/sig/signals/a"), Some(&viewer), Some(b"1"));
+    assert_eq!(status, 403, "a viewer may not signal");
+    assert_eq!(call("POST", &format!("{base}/api/runs/sig/signals/a"), Some(&operator), Some(b"1")).0, 202);
+    // From another process: the server's feed notices it too.
+    assert!(w.run(&["signal", "sig", "b", "2"]).status.success());
+    let out = wait_status(&base, &viewer, "sig", "completed");
+    assert_eq!(out["output"], json!([1, 2]));
+    let (status, body) = call("POST", &format!("{base}/api/runs/stop/cancel"), Some(&operator), Some(b""));
+    assert_eq!((status, body["status"].as_str()), (202, Some("cancelled")), "{body}");
+    wait_status(&base, &viewer, "stop", "cancelled");
+    assert_eq!(call("POST", &format!("{base}/api/runs/stop/cancel"), Some(&operator), Some(b"")).0, 202);
+    assert_eq!(call("POST", &format!("{base}/api/runs/sig/signals/a"), Some(&operator), None).0, 409);
+
+    // Events since the mark: the two signals, the run's steps, its end.
+    let events = read_events(&base, "/api/runs/sig/events", &viewer, Some(mark), 4);
+    assert!(events.windows(2).all(|p| p[0].0 < p[1].0), "in order: {events:?}");
+    assert!(events.iter().all(|(_, _, d)| d["run_id"] == "sig" && d["ts_us"].as_i64().unwrap() > 0));
+    let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert!(kinds.contains(&"signal"), "{kinds:?}");
+    // Resumed from the second: exactly the ones after it, once each.
+    let resumed = read_events(&base, "/api/runs/sig/events", &viewer, Some(events[1].0), 2);
+    assert_eq!(resumed.iter().map(|e| e.0).collect::<Vec<_>>(), events[2..4].iter().map(|e| e.0).collect::<Vec<_>>());
+    let all = read_events(&base, "/api/events", &viewer, Some(mark), 6);
+    assert!(all.windows(2).all(|p| p[0].0 != p[1].0), "no duplicates: {all:?}");
+    drop(server);
+}
