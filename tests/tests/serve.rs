@@ -116,7 +116,7 @@ fn wait_status(base: &str, token: &str, id: &str, want: &str) -> Value {
 fn the_http_api_with_tokens_runs_and_events() {
     let w = World::new("serve");
     let (admin, operator, viewer) = (token(&w, "admin"), token(&w, "operator"), token(&w, "viewer"));
-    let server = serve(&w, &[]);
+    let server = serve(&w, &["--max-module-mib", "1"]);
     let base = server.base.clone();
 
     // Auth: open health, 401 without or with a wrong token, 403 for a low role.
@@ -135,7 +135,12 @@ fn the_http_api_with_tokens_runs_and_events() {
     assert_eq!((status, &again), (200, &first));
     let (status, bad) = call("POST", &format!("{base}/api/modules"), Some(&admin), Some(b"not wasm"));
     assert_eq!((status, bad["error"].as_str()), (400, Some("invalid_module")), "{bad}");
+    let big = vec![0u8; 2 << 20];
+    let (status, body) = call("POST", &format!("{base}/api/modules"), Some(&admin), Some(&big));
+    assert_eq!((status, body["error"].as_str()), (413, Some("too_large")), "{body}");
     let hash = first["hash"].as_str().unwrap().to_string();
+    let (_, modules) = call("GET", &format!("{base}/api/modules"), Some(&viewer), None);
+    assert_eq!(modules["modules"][0]["hash"], hash.as_str());
     assert_eq!(call("GET", &format!("{base}/api/modules/{hash}"), Some(&viewer), None).1, first);
 
     // Runs: started and executed by the server's worker; bad requests.
@@ -155,6 +160,7 @@ fn the_http_api_with_tokens_runs_and_events() {
     assert_eq!(call("GET", &format!("{base}/api/runs/nope"), Some(&viewer), None).0, 404);
 
     let done = wait_status(&base, &viewer, "r2", "completed");
+    assert_eq!(call("POST", &format!("{base}/api/runs/r2/resume"), Some(&operator), None).0, 409);
     assert!(done["seq"].as_u64().unwrap() > 0);
 
     // Paging: newest first, with a cursor.

@@ -394,6 +394,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
     let state = Arc::new(crate::server::AppState {
         service,
         executor: executor.clone(),
+        worker: !args.no_worker,
         allow_dirs,
         max_module: usize::try_from(args.max_module_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
     });

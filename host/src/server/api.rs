@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
@@ -27,6 +28,14 @@ pub(super) async fn authorize(state: &AppState, headers: &HeaderMap, need: Role)
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(AuthError::Unauthorized)?;
     Ok(state.service.authenticate(token.trim(), need).await?)
+}
+
+/// A request body within the server's limit (`413 too_large` past it).
+pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(413, "too_large", e.body_text()),
+        status => ApiError::new(status.as_u16(), "invalid_request", e.body_text()),
+    })
 }
 
 /// A JSON body, whatever its Content-Type says (`curl -d` sends a form type).
@@ -98,9 +107,10 @@ pub(super) async fn signal(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((id, name)): Path<(String, String)>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     authorize(&state, &headers, Role::Operator).await?;
+    let body = self::body(body)?;
     let payload: Value = if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { json_body(&body)? };
     let payload = serde_json::to_vec(&payload).expect("a JSON value serializes");
     state.service.signal(&id, &name, payload).await?;
@@ -117,6 +127,32 @@ pub(super) async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMa
     Ok((StatusCode::ACCEPTED, Json(json!({"status": done}))))
 }
 
+/// `POST /api/runs/{id}/resume`: the server's worker takes it up (an
+/// unfinished run no live process holds); 409 with `--no-worker` or for a
+/// finished run.
+pub(super) async fn resume(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
+    authorize(&state, &headers, Role::Operator).await?;
+    let run = state.service.find_run(&id).await?;
+    if !state.worker {
+        return Err(ApiError::new(409, "conflict", "this server executes no runs (--no-worker): `cairn resume` it"));
+    }
+    if run.status.is_finished() {
+        return Err(ApiError::new(409, "finished", format!("run {id} is {}", run.status.as_str())));
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"status": run.status.as_str()}))))
+}
+
+/// `GET /api/modules`: every stored module.
+pub(super) async fn list_modules(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Reply {
+    authorize(&state, &headers, Role::Viewer).await?;
+    let modules = state.service.store().modules().await.map_err(crate::service::ServiceError::from)?;
+    let list: Vec<Value> = modules
+        .into_iter()
+        .map(|(hash, size, at)| json!({"hash": hash, "size": size, "created_at": views::time(at)}))
+        .collect();
+    Ok((StatusCode::OK, Json(json!({"modules": list}))))
+}
+
 /// A module's metadata: hash, size, imports and exports.
 fn module_json(hash: &str, size: usize, module: &wasmtime::Module) -> Value {
     let imports: Vec<String> = module.imports().map(|i| format!("{}.{}", i.module(), i.name())).collect();
@@ -125,8 +161,13 @@ fn module_json(hash: &str, size: usize, module: &wasmtime::Module) -> Value {
 }
 
 /// `POST /api/modules`: raw wasm bytes, checked and stored by hash.
-pub(super) async fn upload_module(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Reply {
+pub(super) async fn upload_module(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
     authorize(&state, &headers, Role::Admin).await?;
+    let body = self::body(body)?;
     if body.len() > state.max_module {
         return Err(ApiError::new(413, "too_large", format!("the module is larger than {} bytes", state.max_module)));
     }
@@ -176,9 +217,13 @@ struct StartBody {
 }
 
 /// `POST /api/runs`: a run of a stored module, pending for the worker.
-pub(super) async fn start_run(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Reply {
+pub(super) async fn start_run(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
     let caller = authorize(&state, &headers, Role::Operator).await?;
-    let body: StartBody = json_body(&body)?;
+    let body: StartBody = json_body(&self::body(body)?)?;
     let limits = request::limits(&body.limits)?;
     let input = serde_json::to_vec(&body.input).expect("a JSON value serializes");
     request::payload_size(input.len(), limits.max_payload_bytes(), "the input")?;

@@ -24,6 +24,8 @@ pub struct AppState {
     pub service: Service,
     /// Checks modules and starts runs (and executes them, unless `--no-worker`).
     pub executor: Arc<Executor>,
+    /// False with `--no-worker`: runs are executed by other processes.
+    pub worker: bool,
     /// Directories that `dirs` of a new run must lie inside (`--allow-dir`).
     pub allow_dirs: Vec<PathBuf>,
     /// Largest module, bytes (`--max-module-mib`).
@@ -41,9 +43,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/runs/{id}/history", get(api::history))
         .route("/api/runs/{id}/signals/{name}", post(api::signal))
         .route("/api/runs/{id}/cancel", post(api::cancel))
+        .route("/api/runs/{id}/resume", post(api::resume))
         .route("/api/runs/{id}/events", get(events::run_events))
         .route("/api/events", get(events::all_events))
-        .route("/api/modules", post(api::upload_module))
+        .route("/api/modules", get(api::list_modules).post(api::upload_module))
         .route("/api/modules/{hash}", get(api::get_module))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)

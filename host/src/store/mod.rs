@@ -219,6 +219,8 @@ pub trait RunStore: Send + Sync {
     fn subscribe_control(&self) -> Subscription;
 
     async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every stored module: (hash, size in bytes, stored at Unix ms), oldest first.
+    async fn modules(&self) -> Result<Vec<(String, u64, i64)>, StoreError>;
     async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
     /// The id of the run with this key.
     async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError>;

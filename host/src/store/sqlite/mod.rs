@@ -297,6 +297,14 @@ impl RunStore for SqliteStore {
         row.transpose().map_err(StoreError::Corrupt)
     }
 
+    async fn modules(&self) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare("SELECT hash, length(bytes), created_at FROM modules ORDER BY created_at, hash")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?.collect()
+        })
+    }
+
     async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError> {
         self.read(|c| {
             c.prepare_cached("SELECT id FROM runs WHERE seq = ?1")?.query_row([run.0], |r| r.get(0)).optional()
