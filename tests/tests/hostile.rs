@@ -250,3 +250,26 @@ fn loops_of_steps_and_joins_and_calls_after_finish() {
     let show = w.show("twice");
     assert_eq!((show["status"].as_str(), show["output"].as_i64()), (Some("completed"), Some(1)));
 }
+
+/// A branch whose every attempt traps, under a policy of endless attempts
+/// with no backoff: its attempts meet `--max-history`, and the run goes on.
+#[test]
+fn endless_branch_attempts_meet_the_history_limit() {
+    let w = World::new("branch-attempts");
+    // Policy: u32::MAX attempts, no backoff, multiplier 1.0 (48 bytes at 64).
+    let data = r#"(data (i32.const 0) "b1")
+      (data (i32.const 64) "\ff\ff\ff\ff\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\f0\3f\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00")"#;
+    let body = r#"
+      (local $r i64)
+      (local.set $r (call $spawn (i32.const 0) (i32.const 1) (i32.const 64) (i32.const 48)))
+      (if (i64.eq (i64.and (i64.shr_u (local.get $r) (i64.const 32)) (i64.const 255)) (i64.const 1))
+        (then (unreachable)))
+      (i32.store (i32.const 2048) (i32.wrap_i64 (local.get $r)))
+      (drop (call $join (i32.const 2048) (i32.const 1)))
+      (drop (call $finish (i32.const 0) (i32.const 1) (i32.const 1)))"#;
+    let wasm = wasm_file(&w, "endless.wasm", &module(SPAWN_JOIN, body, data));
+    let out = run(&w, &["run", &wasm, "--run-id", "endless", "--max-history", "20", "--durability", "process"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let attempts = w.show("endless")["branches"].as_array().unwrap().len();
+    assert_eq!(attempts, 20, "the attempts up to the limit are recorded, and no more");
+}

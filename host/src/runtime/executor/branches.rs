@@ -45,6 +45,18 @@ impl Executor {
         let key = &launch.key;
         loop {
             let (attempt, not_before) = board.next_attempt(key);
+            // A branch's attempts are history too (in their own table): a
+            // policy of endless attempts meets the run's history limit.
+            if u64::from(attempt) > run.config.limits.max_history {
+                let message = format!(
+                    "limit `--max-history` exceeded: branch \"{}\" #{} made {} attempts",
+                    key.0,
+                    key.1,
+                    attempt - 1
+                );
+                board.give_up(key, message);
+                return;
+            }
             if let Some(at) = not_before {
                 let wait = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
                 tokio::select! {
