@@ -209,3 +209,39 @@ fn the_http_api_with_tokens_runs_and_events() {
     assert!(all.windows(2).all(|p| p[0].0 != p[1].0), "no duplicates: {all:?}");
     drop(server);
 }
+
+/// A kill -9 of `cairn serve` mid-run, then a restart: the run completes,
+/// and no step committed before the kill runs again.
+#[test]
+fn a_killed_server_restarts_and_completes_the_run() {
+    let w = World::new("serve-kill");
+    let admin = token(&w, "admin");
+    let data = w.subdir("data");
+    let allow = data.display().to_string();
+    let mut server = serve(&w, &["--allow-dir", &allow]);
+    let hash = upload(&server.base, &admin, "crashtest");
+    let input = json!({"steps": 40, "work_ms": 5, "log": "/data/log.txt", "observe_every": 100});
+    let body = json!({"module": hash, "input": input, "run_id": "k", "dirs": [format!("{allow}::/data")]});
+    let (status, reply) =
+        call("POST", &format!("{}/api/runs", server.base), Some(&admin), Some(body.to_string().as_bytes()));
+    assert_eq!(status, 201, "{reply}");
+    let steps = |w: &World| w.read("data/log.txt").lines().filter(|l| l.starts_with("step ")).count();
+    wait_until("some steps to run", Duration::from_secs(60), || steps(&w) >= 10);
+    cairn_e2e::kill9(&mut server.child);
+    let show = w.show("k");
+    let committed = show["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "work" && e["status"] == "completed")
+        .count();
+    assert!(committed < 40, "killed mid-run");
+    let server = serve(&w, &["--allow-dir", &allow]);
+    let done = wait_status(&server.base, &admin, "k", "completed");
+    assert_eq!(done["output"]["sum"], (0..40u64).map(|i| i * i).sum::<u64>());
+    let log = w.read("data/log.txt");
+    for i in 0..committed {
+        let n = log.lines().filter(|l| l.starts_with(&format!("step {i} "))).count();
+        assert_eq!(n, 1, "committed step {i} ran {n} times");
+    }
+}
