@@ -309,6 +309,16 @@ fn executor(cli: &Cli, store: Arc<dyn RunStore>, pool: Option<u32>) -> Result<Ex
     Ok(Executor::new(engine, store)?.with_park_threshold(Duration::from_secs_f64(cli.park_after)))
 }
 
+/// The executor of `cairn worker` and `cairn serve`: a pooled engine,
+/// `concurrency` live runs, and the pool's other slots for branches.
+fn pooled_executor(cli: &Cli, store: Arc<dyn RunStore>, concurrency: usize) -> Result<Arc<Executor>, Failure> {
+    // Slots for the live runs and their branches; address space only.
+    let slots = (concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
+    let branch_slots = (slots as usize).saturating_sub(concurrency).max(1);
+    let executor = executor(cli, store, Some(slots))?;
+    Ok(Arc::new(executor.with_branch_instance_limit(branch_slots).with_instance_limit(concurrency)))
+}
+
 async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Run(args) => run(&cli, args).await,
@@ -318,14 +328,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 return Err(Failure::usage("--concurrency must be at least 1"));
             }
             let store = open_store(&cli)?;
-            // Slots for the live runs and their branches; address space only.
-            let slots = (*concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
-            // Branch instances get the pool's slots that runs cannot use.
-            let branch_slots = (slots as usize).saturating_sub(*concurrency).max(1);
-            let executor = executor(&cli, store.clone(), Some(slots))?
-                .with_branch_instance_limit(branch_slots)
-                .with_instance_limit(*concurrency);
-            crate::service::worker::run_worker(Arc::new(executor), &Service::new(store), *concurrency).await?;
+            let executor = pooled_executor(&cli, store.clone(), *concurrency)?;
+            crate::service::worker::run_worker(executor, &Service::new(store), *concurrency).await?;
             Ok(exit::OK)
         }
         Command::Serve(args) => serve(&cli, args).await,
@@ -384,13 +388,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
         .iter()
         .map(|d| d.canonicalize().map_err(|e| Failure::usage(format!("--allow-dir {}: {e}", d.display()))))
         .collect::<Result<Vec<_>, _>>()?;
-    let slots = (args.concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
-    let branch_slots = (slots as usize).saturating_sub(args.concurrency).max(1);
-    let executor = Arc::new(
-        executor(cli, store.clone(), Some(slots))?
-            .with_branch_instance_limit(branch_slots)
-            .with_instance_limit(args.concurrency),
-    );
+    let executor = pooled_executor(cli, store.clone(), args.concurrency)?;
     let state = Arc::new(crate::server::AppState {
         service,
         executor: executor.clone(),

@@ -79,7 +79,7 @@ pub(super) async fn list_runs(
 /// subscribe from.
 pub(super) async fn get_run(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
-    let seq = state.service.store().last_seq().await.map_err(crate::service::ServiceError::from)?;
+    let seq = state.service.store().last_seq().await?;
     let mut view = state.service.run_view(&id).await?.to_json();
     view["seq"] = json!(seq);
     Ok((StatusCode::OK, Json(view)))
@@ -145,7 +145,7 @@ pub(super) async fn resume(State(state): State<Arc<AppState>>, headers: HeaderMa
 /// `GET /api/modules`: every stored module.
 pub(super) async fn list_modules(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
-    let modules = state.service.store().modules().await.map_err(crate::service::ServiceError::from)?;
+    let modules = state.service.store().modules().await?;
     let list: Vec<Value> = modules
         .into_iter()
         .map(|(hash, size, at)| json!({"hash": hash, "size": size, "created_at": views::time(at)}))
@@ -177,11 +177,11 @@ pub(super) async fn upload_module(
         .await
         .map_err(|e| ApiError::new(400, "invalid_module", e.to_string()))?;
     let store = state.service.store();
-    let known = store.module(&prepared.hash).await.map_err(crate::service::ServiceError::from)?.is_some();
+    let known = store.module(&prepared.hash).await?.is_some();
     let reply = module_json(&prepared.hash, prepared.bytes.len(), &prepared.module);
     if !known {
         let put = crate::store::Write::PutModule { hash: prepared.hash.clone(), bytes: prepared.bytes };
-        crate::store::commit(&**store, vec![put]).await.map_err(crate::service::ServiceError::from)?;
+        crate::store::commit(&**store, vec![put]).await?;
     }
     Ok((if known { StatusCode::OK } else { StatusCode::CREATED }, Json(reply)))
 }
@@ -193,7 +193,7 @@ pub(super) async fn get_module(
     Path(hash): Path<String>,
 ) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
-    let bytes = state.service.store().module(&hash).await.map_err(crate::service::ServiceError::from)?;
+    let bytes = state.service.store().module(&hash).await?;
     let Some(bytes) = bytes else { return Err(ApiError::new(404, "not_found", format!("no module {hash}"))) };
     let size = bytes.len();
     let prepared =
@@ -240,7 +240,7 @@ pub(super) async fn start_run(
         }
         dirs.push((host, guest));
     }
-    let bytes = state.service.store().module(&body.module).await.map_err(crate::service::ServiceError::from)?;
+    let bytes = state.service.store().module(&body.module).await?;
     let Some(bytes) = bytes else {
         return Err(ApiError::new(
             422,

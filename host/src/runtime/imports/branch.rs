@@ -2,15 +2,12 @@
 //! replay, see `runtime::branch`), or, in the branch's own instance, lets
 //! its closure run; `join` waits for outcomes.
 
-use std::time::Instant;
-
 use wasmtime::Caller;
 
 use super::memory::{guest_bytes, guest_str};
-use super::state::{HostState, LiveStep};
-use crate::model::{Entry, EntryKind, now_ms};
+use super::state::HostState;
+use crate::model::{Entry, EntryKind};
 use crate::runtime::branch::{BranchKey, BranchLaunch};
-use crate::runtime::idempotency::idempotency_key;
 use cairn_abi::{RetryPolicy, SPAWN_HANDLE, SPAWN_RUN_HERE};
 
 /// Start a parallel branch. In the parent: record the `spawn` (durable,
@@ -55,17 +52,8 @@ pub(super) async fn spawn(
             return Ok((SPAWN_HANDLE << 32) | (st.handles.len() - 1) as i64);
         }
         st.sync_replaying();
-        st.staged = idempotency_key(st.run.store.db_id(), &st.run.run_id, &key.0, key.1).into_bytes();
-        let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
-        st.live_step = Some(LiveStep {
-            name: key.0,
-            occurrence: key.1,
-            attempt: mode.attempt,
-            started_at: now_ms(),
-            policy,
-            deadline,
-        });
-        return Ok(((mode.attempt as i64) << 40) | (SPAWN_RUN_HERE << 32) | st.staged.len() as i64);
+        let staged = st.start_live(key.0, key.1, mode.attempt, policy);
+        return Ok(((mode.attempt as i64) << 40) | (SPAWN_RUN_HERE << 32) | staged);
     }
     if !replayed {
         st.record(Entry::event(EntryKind::Spawn, key.0.clone(), key.1, Vec::new()))?;

@@ -21,6 +21,18 @@ pub(super) fn guest_bytes(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32
 /// The longest name (of a step, a branch, a signal) a guest may use.
 pub(super) const MAX_NAME_BYTES: usize = 4096;
 
+/// A payload of the guest's (`what`: a step's output, the result), within
+/// `--max-payload-mib` before anything is copied.
+pub(super) fn guest_payload(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    what: &str,
+) -> wasmtime::Result<Vec<u8>> {
+    caller.data_mut().check_payload(len as u32 as usize, what)?;
+    guest_bytes(caller, ptr, len)
+}
+
 /// The guest's UTF-8 name at `ptr..ptr+len`, at most [`MAX_NAME_BYTES`].
 pub(super) fn guest_str(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<String> {
     if len as u32 as usize > MAX_NAME_BYTES {

@@ -14,6 +14,7 @@ use super::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use super::wasi::clock::MonotonicClock;
 use crate::model::{Entry, Limits, RunKey, RunStatus, now_ms};
 use crate::runtime::branch::{BranchKey, BranchMode, Branches};
+use crate::runtime::idempotency::idempotency_key;
 use crate::runtime::journal::{Journal, NonDeterminism, entry_bytes};
 use crate::runtime::random::RandomStream;
 use crate::runtime::watch::RunWatch;
@@ -266,6 +267,15 @@ impl HostState {
             return Err(self.stop(Ending::RunLimit(message)));
         }
         Ok(())
+    }
+
+    /// A step's (or branch's) closure starts running live: stage its
+    /// idempotency key and note the attempt; the length staged.
+    pub(super) fn start_live(&mut self, name: String, occurrence: u32, attempt: u32, policy: RetryPolicy) -> i64 {
+        self.staged = idempotency_key(self.run.store.db_id(), &self.run.run_id, &name, occurrence).into_bytes();
+        let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
+        self.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms(), policy, deadline });
+        self.staged.len() as i64
     }
 
     /// Stop the run for going past a limit (`what` names the flag).

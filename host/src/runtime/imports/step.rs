@@ -2,14 +2,11 @@
 //! closure run live; `step_end` records and commits the attempt's outcome
 //! before the workflow moves on.
 
-use std::time::Instant;
-
 use wasmtime::Caller;
 
-use super::memory::{guest_bytes, guest_str};
+use super::memory::{guest_bytes, guest_payload, guest_str};
 use super::state::{Ending, HostState, LiveStep};
 use crate::model::{Entry, EntryKind, EntryStatus, now_ms};
-use crate::runtime::idempotency::idempotency_key;
 use crate::runtime::journal::StepStart;
 use cairn_abi::{RetryPolicy, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN};
 
@@ -63,11 +60,8 @@ pub(super) async fn step_begin(
     if st.journal.has_unsubmitted() {
         st.commit(Vec::new()).await?;
     }
-    let st = caller.data_mut();
-    st.staged = idempotency_key(st.run.store.db_id(), &st.run.run_id, &name, occurrence).into_bytes();
-    let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
-    st.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms(), policy, deadline });
-    Ok(((attempt as i64) << 40) | (STEP_RUN << 32) | st.staged.len() as i64)
+    let staged = caller.data_mut().start_live(name, occurrence, attempt, policy);
+    Ok(((attempt as i64) << 40) | (STEP_RUN << 32) | staged)
 }
 
 pub(super) async fn step_end(
@@ -77,8 +71,7 @@ pub(super) async fn step_end(
     len: i32,
 ) -> wasmtime::Result<i32> {
     caller.data_mut().durable()?;
-    caller.data_mut().check_payload(len as u32 as usize, "a step's output")?;
-    let bytes = guest_bytes(caller, ptr, len)?;
+    let bytes = guest_payload(caller, ptr, len, "a step's output")?;
     let st = caller.data_mut();
     let Some(live) = st.live_step.take() else {
         return Err(st.abi_error("step_end without a live step_begin"));

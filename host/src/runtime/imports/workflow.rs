@@ -3,7 +3,7 @@
 
 use wasmtime::Caller;
 
-use super::memory::{guest_bytes, write_guest};
+use super::memory::{guest_bytes, guest_payload, write_guest};
 use super::state::{Finished, HostState};
 use crate::model::RunStatus;
 use crate::store::Write;
@@ -49,8 +49,7 @@ pub(super) async fn finish(
     len: i32,
 ) -> wasmtime::Result<i32> {
     caller.data_mut().durable()?;
-    caller.data_mut().check_payload(len as u32 as usize, "the workflow's result")?;
-    let bytes = guest_bytes(caller, ptr, len)?;
+    let bytes = guest_payload(caller, ptr, len, "the workflow's result")?;
     let st = caller.data_mut();
     if st.live_step.is_some() {
         return Err(st.abi_error("finish inside a step"));

@@ -51,6 +51,9 @@ pub struct SqliteStore {
     locks: LockFile,
     feed: Arc<ChangeFeed>,
     closed: Arc<AtomicBool>,
+    /// The watcher thread starts with the first subscriber: commands that
+    /// only read or write (`cairn runs`, `cairn signal`) never need it.
+    watcher: std::sync::Once,
 }
 
 impl SqliteStore {
@@ -93,7 +96,6 @@ impl SqliteStore {
         let writer_side = write.clone();
         thread::Builder::new().name("cairn-writer".into()).spawn(move || writer_side.writer_loop(rx))?;
         let closed = Arc::new(AtomicBool::new(false));
-        watch::spawn(Arc::downgrade(&write), feed.clone(), closed.clone())?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             location: path.display().to_string(),
@@ -105,6 +107,7 @@ impl SqliteStore {
             locks,
             feed,
             closed,
+            watcher: std::sync::Once::new(),
         })
     }
 
@@ -122,6 +125,11 @@ impl SqliteStore {
     /// Make sure other processes' commits are noticed from now on, then
     /// hand out a receiver (under the write lock, so no commit falls between).
     fn subscribe_with(&self, subscribe: impl FnOnce(&ChangeFeed) -> Subscription) -> Subscription {
+        self.watcher.call_once(|| {
+            if let Err(e) = watch::spawn(Arc::downgrade(&self.write), self.feed.clone(), self.closed.clone()) {
+                eprintln!("cairn: cannot start watching for other processes' changes: {e}");
+            }
+        });
         let mut wc = self.write.lock();
         let subscription = subscribe(&self.feed);
         // Already watching: go on from where the watcher is, or the
