@@ -364,10 +364,32 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
+/// Logs of `cairn serve` to stderr, filtered by `CAIRN_LOG` (tracing's
+/// env-filter syntax; by default warnings, and the server's own notices).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cairn=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
 async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
     if args.concurrency == 0 {
         return Err(Failure::usage("--concurrency must be at least 1"));
     }
+    // Before anything records a metric (see `telemetry`).
+    let metrics = match crate::telemetry::install_prometheus() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            eprintln!("cairn serve: no metrics: {e:#}");
+            None
+        }
+    };
+    init_logs();
     let store = open_store(cli)?;
     let service = Service::new(store.clone());
     if !service.has_live_tokens().await? {
@@ -389,17 +411,17 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
         .map(|d| d.canonicalize().map_err(|e| Failure::usage(format!("--allow-dir {}: {e}", d.display()))))
         .collect::<Result<Vec<_>, _>>()?;
     let executor = pooled_executor(cli, store.clone(), args.concurrency)?;
-    let state = Arc::new(crate::server::AppState {
-        service,
-        executor: executor.clone(),
-        worker: !args.no_worker,
-        allow_dirs,
-        max_module: usize::try_from(args.max_module_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-    });
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut state = crate::server::AppState::new(service, executor.clone(), stopping);
+    state.worker = !args.no_worker;
+    state.allow_dirs = allow_dirs;
+    state.max_module = usize::try_from(args.max_module_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    state.metrics = metrics;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let server = crate::server::serve(state, listener, crate::service::worker::shutdown_signal());
+    let server =
+        crate::server::serve(Arc::new(state), listener, crate::service::worker::shutdown_signal(), stopping_tx);
     if args.no_worker {
         server.await.map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
         return Ok(exit::OK);

@@ -8,15 +8,17 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState};
-use crate::model::{Role, RunConfig, TokenRecord};
-use crate::service::request::{self, LimitArgs, ModuleSource};
+use super::schema::{Accepted, HistoryPage, ModuleInfo, ModuleList, RunDetail, RunPage, StartRun, Started};
+use super::{ApiError, AppState, ErrorBody};
+use crate::model::{Role, RunConfig, RunKey, RunStatus, TokenRecord};
+use crate::service::ErrorCode;
+use crate::service::request::{self, ModuleSource};
 use crate::service::tokens::AuthError;
 use crate::service::{Cancelled, StartMode, StartRequest, views};
+use crate::store::RunFilter;
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -33,26 +35,34 @@ pub(super) async fn authorize(state: &AppState, headers: &HeaderMap, need: Role)
 /// A request body within the server's limit (`413 too_large` past it).
 pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(413, "too_large", e.body_text()),
-        status => ApiError::new(status.as_u16(), "invalid_request", e.body_text()),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(413, ErrorCode::TooLarge, e.body_text()),
+        status => ApiError::new(status.as_u16(), ErrorCode::InvalidRequest, e.body_text()),
     })
 }
 
 /// A JSON body, whatever its Content-Type says (`curl -d` sends a form type).
 fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::new(422, "invalid_request", e.to_string()),
-        _ => ApiError::new(400, "bad_json", e.to_string()),
+        serde_json::error::Category::Data => ApiError::new(422, ErrorCode::InvalidRequest, e.to_string()),
+        _ => ApiError::new(400, ErrorCode::BadJson, e.to_string()),
     })
 }
 
 fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
     q.get(name)
-        .map(|v| v.parse().map_err(|_| ApiError::new(422, "invalid_request", format!("`{name}` must be a number"))))
+        .map(|v| {
+            v.parse().map_err(|_| ApiError::new(422, ErrorCode::InvalidRequest, format!("`{name}` must be a number")))
+        })
         .transpose()
 }
 
 /// `GET /api/runs?status=&module=&limit=&after=`: newest first.
+#[utoipa::path(get, path = "/api/runs", params(
+    ("status" = Option<String>, Query, description = "only runs of this status"),
+    ("module" = Option<String>, Query, description = "only runs of modules whose hash starts so"),
+    ("limit" = Option<usize>, Query, description = "at most this many (50 by default, 1000 at most)"),
+    ("after" = Option<i64>, Query, description = "the `next` of the previous page"),
+), responses((status = 200, body = RunPage), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn list_runs(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -60,16 +70,23 @@ pub(super) async fn list_runs(
 ) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let limit = number::<usize>(&q, "limit")?.unwrap_or(50).clamp(1, 1000);
-    let after = number::<i64>(&q, "after")?;
-    let mut runs = state.service.list_runs().await?;
-    runs.reverse();
-    let page: Vec<_> = runs
-        .into_iter()
-        .filter(|r| q.get("status").is_none_or(|s| r.status.as_str() == s))
-        .filter(|r| q.get("module").is_none_or(|m| r.module.starts_with(m.as_str())))
-        .filter(|r| after.is_none_or(|a| r.key.0 < a))
-        .take(limit + 1)
-        .collect();
+    let status = match q.get("status").filter(|s| !s.is_empty()) {
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            ApiError::new(
+                422,
+                ErrorCode::InvalidRequest,
+                format!("`status` must be one of {}", RunStatus::ALL.map(|s| s.as_str()).join(", ")),
+            )
+        })?),
+        None => None,
+    };
+    let filter = RunFilter {
+        status,
+        module_prefix: q.get("module").filter(|m| !m.is_empty()).cloned(),
+        before: number::<i64>(&q, "after")?.map(RunKey),
+        limit: limit + 1,
+    };
+    let page = state.service.runs_page(&filter).await?;
     let next = (page.len() > limit).then(|| page[limit - 1].key.0);
     let runs: Vec<Value> = page.iter().take(limit).map(views::run_summary).collect();
     Ok((StatusCode::OK, Json(json!({"runs": runs, "next": next}))))
@@ -77,6 +94,8 @@ pub(super) async fn list_runs(
 
 /// `GET /api/runs/{id}`: `cairn show --json`, and the feed position to
 /// subscribe from.
+#[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path)), responses(
+    (status = 200, body = RunDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_run(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let seq = state.service.store().last_seq().await?;
@@ -86,6 +105,11 @@ pub(super) async fn get_run(State(state): State<Arc<AppState>>, headers: HeaderM
 }
 
 /// `GET /api/runs/{id}/history?after=POSITION&limit=N`: a page of entries.
+#[utoipa::path(get, path = "/api/runs/{id}/history", params(
+    ("id" = String, Path),
+    ("after" = Option<i64>, Query, description = "entries after this position"),
+    ("limit" = Option<usize>, Query, description = "at most this many (100 by default, 1000 at most)"),
+), responses((status = 200, body = HistoryPage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn history(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -103,6 +127,10 @@ pub(super) async fn history(
 }
 
 /// `POST /api/runs/{id}/signals/{name}`: the body is the payload (empty: null).
+#[utoipa::path(post, path = "/api/runs/{id}/signals/{name}", params(("id" = String, Path), ("name" = String, Path)),
+    request_body(content = Object, description = "the payload, JSON (empty: null)"),
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub(super) async fn signal(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -118,6 +146,9 @@ pub(super) async fn signal(
 }
 
 /// `POST /api/runs/{id}/cancel`.
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", params(("id" = String, Path)), responses(
+    (status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
     authorize(&state, &headers, Role::Operator).await?;
     let done = match state.service.cancel(&id).await? {
@@ -130,19 +161,27 @@ pub(super) async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMa
 /// `POST /api/runs/{id}/resume`: the server's worker takes it up (an
 /// unfinished run no live process holds); 409 with `--no-worker` or for a
 /// finished run.
+#[utoipa::path(post, path = "/api/runs/{id}/resume", params(("id" = String, Path)), responses(
+    (status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn resume(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
     authorize(&state, &headers, Role::Operator).await?;
     let run = state.service.find_run(&id).await?;
     if !state.worker {
-        return Err(ApiError::new(409, "conflict", "this server executes no runs (--no-worker): `cairn resume` it"));
+        return Err(ApiError::new(
+            409,
+            ErrorCode::Conflict,
+            "this server executes no runs (--no-worker): `cairn resume` it",
+        ));
     }
     if run.status.is_finished() {
-        return Err(ApiError::new(409, "finished", format!("run {id} is {}", run.status.as_str())));
+        return Err(ApiError::new(409, ErrorCode::Finished, format!("run {id} is {}", run.status.as_str())));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({"status": run.status.as_str()}))))
 }
 
 /// `GET /api/modules`: every stored module.
+#[utoipa::path(get, path = "/api/modules", responses((status = 200, body = ModuleList), (status = 401, body = ErrorBody)))]
 pub(super) async fn list_modules(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let modules = state.service.store().modules().await?;
@@ -155,12 +194,19 @@ pub(super) async fn list_modules(State(state): State<Arc<AppState>>, headers: He
 
 /// A module's metadata: hash, size, imports and exports.
 fn module_json(hash: &str, size: usize, module: &wasmtime::Module) -> Value {
-    let imports: Vec<String> = module.imports().map(|i| format!("{}.{}", i.module(), i.name())).collect();
-    let exports: Vec<String> = module.exports().map(|e| e.name().to_string()).collect();
-    json!({"hash": hash, "size": size, "imports": imports, "exports": exports})
+    let info = ModuleInfo {
+        hash: hash.to_string(),
+        size,
+        imports: module.imports().map(|i| format!("{}.{}", i.module(), i.name())).collect(),
+        exports: module.exports().map(|e| e.name().to_string()).collect(),
+    };
+    serde_json::to_value(info).expect("module metadata serializes")
 }
 
 /// `POST /api/modules`: raw wasm bytes, checked and stored by hash.
+#[utoipa::path(post, path = "/api/modules", request_body(content = Vec<u8>, content_type = "application/wasm", description = "the module's bytes"),
+    responses((status = 201, description = "stored", body = ModuleInfo), (status = 200, description = "stored before", body = ModuleInfo),
+    (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub(super) async fn upload_module(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -169,13 +215,17 @@ pub(super) async fn upload_module(
     authorize(&state, &headers, Role::Admin).await?;
     let body = self::body(body)?;
     if body.len() > state.max_module {
-        return Err(ApiError::new(413, "too_large", format!("the module is larger than {} bytes", state.max_module)));
+        return Err(ApiError::new(
+            413,
+            ErrorCode::TooLarge,
+            format!("the module is larger than {} bytes", state.max_module),
+        ));
     }
     let prepared = state
         .executor
         .prepare(body.to_vec(), "the uploaded module")
         .await
-        .map_err(|e| ApiError::new(400, "invalid_module", e.to_string()))?;
+        .map_err(|e| ApiError::new(400, ErrorCode::InvalidModule, e.to_string()))?;
     let store = state.service.store();
     let known = store.module(&prepared.hash).await?.is_some();
     let reply = module_json(&prepared.hash, prepared.bytes.len(), &prepared.module);
@@ -187,6 +237,8 @@ pub(super) async fn upload_module(
 }
 
 /// `GET /api/modules/{hash}`.
+#[utoipa::path(get, path = "/api/modules/{hash}", params(("hash" = String, Path)), responses(
+    (status = 200, body = ModuleInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_module(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -194,36 +246,27 @@ pub(super) async fn get_module(
 ) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let bytes = state.service.store().module(&hash).await?;
-    let Some(bytes) = bytes else { return Err(ApiError::new(404, "not_found", format!("no module {hash}"))) };
+    let Some(bytes) = bytes else { return Err(ApiError::new(404, ErrorCode::NotFound, format!("no module {hash}"))) };
     let size = bytes.len();
-    let prepared =
-        state.executor.prepare(bytes, &hash).await.map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    let prepared = state
+        .executor
+        .prepare(bytes, &hash)
+        .await
+        .map_err(|e| ApiError::new(500, ErrorCode::Internal, e.to_string()))?;
     Ok((StatusCode::OK, Json(module_json(&hash, size, &prepared.module))))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartBody {
-    module: String,
-    #[serde(default)]
-    input: Value,
-    run_id: Option<String>,
-    #[serde(default)]
-    dirs: Vec<String>,
-    #[serde(default)]
-    env: HashMap<String, String>,
-    #[serde(default)]
-    limits: LimitArgs,
-}
-
 /// `POST /api/runs`: a run of a stored module, pending for the worker.
+#[utoipa::path(post, path = "/api/runs", request_body = StartRun, responses(
+    (status = 201, body = Started), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn start_run(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     let caller = authorize(&state, &headers, Role::Operator).await?;
-    let body: StartBody = json_body(&self::body(body)?)?;
+    let body: StartRun = json_body(&self::body(body)?)?;
     let limits = request::limits(&body.limits)?;
     let input = serde_json::to_vec(&body.input).expect("a JSON value serializes");
     request::payload_size(input.len(), limits.max_payload_bytes(), "the input")?;
@@ -236,7 +279,7 @@ pub(super) async fn start_run(
         let (host, guest) = request::dir_grant(spec, "dirs")?;
         if !state.allow_dirs.iter().any(|allowed| host.starts_with(allowed)) {
             let detail = format!("{} is not inside a directory given to --allow-dir", host.display());
-            return Err(ApiError::new(422, "invalid_request", detail));
+            return Err(ApiError::new(422, ErrorCode::InvalidRequest, detail));
         }
         dirs.push((host, guest));
     }
@@ -244,7 +287,7 @@ pub(super) async fn start_run(
     let Some(bytes) = bytes else {
         return Err(ApiError::new(
             422,
-            "unknown_module",
+            ErrorCode::UnknownModule,
             format!("no module {} (POST /api/modules first)", body.module),
         ));
     };

@@ -16,7 +16,7 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use super::api::authorize;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ErrorBody};
 use crate::model::{Role, RunKey};
 use crate::store::feed::FeedError;
 use crate::store::{ChangeEvent, Subscription};
@@ -26,10 +26,18 @@ const REPLAY_LIMIT: usize = 10_000;
 
 type Events = axum::response::Response;
 
+/// Every run's committed changes, as Server-Sent Events: `id:` the store's
+/// `seq`, `event:` the kind, `data:` `{"seq","run_id","kind","position"?,"status"?,"ts_us"}`.
+/// With `Last-Event-ID`, what was missed first; too far back, a `reset` event.
+#[utoipa::path(get, path = "/api/events", params(("Last-Event-ID" = Option<u64>, Header, description = "the last `id` received")),
+    responses((status = 200, description = "an event stream", body = String, content_type = "text/event-stream"), (status = 401, body = ErrorBody)))]
 pub(super) async fn all_events(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Events, ApiError> {
     stream_events(state, headers, None).await
 }
 
+/// One run's committed changes, as `/api/events` has them.
+#[utoipa::path(get, path = "/api/runs/{id}/events", params(("id" = String, Path), ("Last-Event-ID" = Option<u64>, Header, description = "the last `id` received")),
+    responses((status = 200, description = "an event stream", body = String, content_type = "text/event-stream"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn run_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -51,6 +59,8 @@ struct Feed {
     live: Subscription,
     ids: HashMap<RunKey, String>,
     done: bool,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    _client: crate::telemetry::GaugeGuard,
 }
 
 async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<RunKey>) -> Result<Events, ApiError> {
@@ -69,7 +79,9 @@ async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<Ru
         }
     }
     let replayed = backlog.iter().map(|e| e.seq).collect();
-    let feed = Feed { state, only, backlog, replayed, live, ids: HashMap::new(), done: false };
+    let stopping = state.stopping.clone();
+    let _client = crate::telemetry::GaugeGuard::new(&crate::telemetry::get().sse_clients);
+    let feed = Feed { state, only, backlog, replayed, live, ids: HashMap::new(), done: false, stopping, _client };
     let reset_event: Option<Result<Event, Infallible>> = reset.then(|| Ok(Event::default().event("reset").data("{}")));
     let events = stream::iter(reset_event).chain(stream::unfold(feed, next_event));
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
@@ -82,7 +94,12 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, Infallible>, Feed)>
         }
         let event = match feed.backlog.pop_front() {
             Some(e) => e,
-            None => match feed.live.recv().await {
+            None => match tokio::select! {
+                event = feed.live.recv() => event,
+                // The server stops: the stream ends (the client reconnects
+                // with its Last-Event-ID to the next server).
+                _ = feed.stopping.wait_for(|stop| *stop) => return None,
+            } {
                 Ok(e) if feed.replayed.remove(&e.seq) => continue,
                 Ok(e) => e,
                 // Too far behind: say so and end; the client comes back

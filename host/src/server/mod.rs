@@ -4,20 +4,34 @@
 //! `{"error": CODE, "detail": TEXT}` with the status of
 //! `ServiceError::class`; events are Server-Sent Events fed by the store's
 //! change feed, with no polling loop here.
+//!
+//! The routes are registered through `utoipa-axum`, so the OpenAPI document
+//! at `/api/openapi.json` is made from the same list the router is: a route
+//! cannot be served and missing from it, or the other way round.
 
 mod api;
 mod error;
 mod events;
+mod meta;
+mod schema;
+mod web;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::http::{HeaderValue, header};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::runtime::Executor;
 use crate::service::Service;
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody};
 
 /// What the handlers share.
 pub struct AppState {
@@ -30,34 +44,109 @@ pub struct AppState {
     pub allow_dirs: Vec<PathBuf>,
     /// Largest module, bytes (`--max-module-mib`).
     pub max_module: usize,
+    /// Renders `/metrics` (`None`: another recorder owns the process's metrics).
+    pub metrics: Option<PrometheusHandle>,
+    /// Becomes true when the server stops: event streams end, so that the
+    /// graceful shutdown does not wait for them forever.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The OpenAPI document, rendered once.
+    openapi: OnceLock<String>,
 }
 
-/// The routes.
+impl AppState {
+    pub fn new(service: Service, executor: Arc<Executor>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        AppState {
+            service,
+            executor,
+            worker: true,
+            allow_dirs: Vec::new(),
+            max_module: 64 << 20,
+            metrics: None,
+            stopping,
+            openapi: OnceLock::new(),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Cairn",
+        description = "The HTTP API of `cairn serve`: runs, their histories and live events, signals, cancels, modules. \
+                       Every `/api` route and `/metrics` needs `Authorization: Bearer TOKEN` (`cairn token create`). \
+                       Errors are `{\"error\": CODE, \"detail\": TEXT}`, with CODE from `ErrorCode`."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, crate::service::ErrorCode))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme =
+            HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("a token of `cairn token create`"));
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme.build()));
+    }
+}
+
+/// The routes, and the OpenAPI document made from them.
 pub fn router(state: Arc<AppState>) -> Router {
     // Bodies are payloads (capped per run) or modules (capped here).
     let max_body = state.max_module.max(crate::model::Limits::default().max_payload_bytes()) + 1;
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/api/runs", get(api::list_runs).post(api::start_run))
-        .route("/api/runs/{id}", get(api::get_run))
-        .route("/api/runs/{id}/history", get(api::history))
-        .route("/api/runs/{id}/signals/{name}", post(api::signal))
-        .route("/api/runs/{id}/cancel", post(api::cancel))
-        .route("/api/runs/{id}/resume", post(api::resume))
-        .route("/api/runs/{id}/events", get(events::run_events))
-        .route("/api/events", get(events::all_events))
-        .route("/api/modules", get(api::list_modules).post(api::upload_module))
-        .route("/api/modules/{hash}", get(api::get_module))
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(api::list_runs, api::start_run))
+        .routes(routes!(api::get_run))
+        .routes(routes!(api::history))
+        .routes(routes!(api::signal))
+        .routes(routes!(api::cancel))
+        .routes(routes!(api::resume))
+        .routes(routes!(events::run_events))
+        .routes(routes!(events::all_events))
+        .routes(routes!(api::list_modules, api::upload_module))
+        .routes(routes!(api::get_module))
+        .routes(routes!(meta::openapi))
+        .routes(routes!(meta::metrics))
+        .routes(routes!(meta::healthz))
+        .routes(routes!(web::index))
+        .routes(routes!(web::asset))
+        .split_for_parts();
+    let rendered = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"internal\", \"detail\": \"{e}\"}}"));
+    let _ = state.openapi.set(rendered);
+    router
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        // Event streams are left uncompressed by the default predicate.
+        .layer(CompressionLayer::new())
+        .layer(tower_http::set_header::SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(TraceLayer::new_for_http())
+        // A bug in a handler is a 500 with the documented body, not a dropped connection.
+        .layer(CatchPanicLayer::custom(|_| {
+            use axum::response::IntoResponse;
+            ApiError::new(500, crate::service::ErrorCode::Internal, "the handler failed").into_response()
+        }))
         .with_state(state)
 }
 
-/// Serve on `listener` until `stop` resolves; requests in flight finish first.
+/// Serve on `listener` until `stop` resolves; requests in flight finish
+/// first, and event streams end.
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
+    stopping: tokio::sync::watch::Sender<bool>,
 ) -> std::io::Result<()> {
     eprintln!("cairn serve: listening on http://{}", listener.local_addr()?);
+    let stop = async move {
+        stop.await;
+        tracing::info!("stopping: finishing requests in flight");
+        let _ = stopping.send(true);
+    };
     axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
 }

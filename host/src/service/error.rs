@@ -54,6 +54,59 @@ pub enum ServiceError {
     Store(StoreError),
 }
 
+/// The API's `error` codes: a fixed list (the OpenAPI document lists it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not JSON.
+    BadJson,
+    /// The request is JSON of the wrong shape, or a value in it is wrong.
+    InvalidRequest,
+    /// The module is not a Cairn workflow this host accepts.
+    InvalidModule,
+    /// `POST /api/runs` named a module that was never uploaded.
+    UnknownModule,
+    /// A body over the payload limit, or a module over `--max-module-mib`.
+    TooLarge,
+    /// No token, or not a live one.
+    Unauthorized,
+    /// The token's role is too low.
+    Forbidden,
+    NotFound,
+    /// The id is taken, or the server cannot do that (`--no-worker`).
+    Conflict,
+    /// The run is finished.
+    Finished,
+    /// Another process holds the run or the database.
+    Busy,
+    TooManySignals,
+    NonDeterminism,
+    NoDatabase,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidModule => "invalid_module",
+            ErrorCode::UnknownModule => "unknown_module",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Finished => "finished",
+            ErrorCode::Busy => "busy",
+            ErrorCode::TooManySignals => "too_many_signals",
+            ErrorCode::NonDeterminism => "non_determinism",
+            ErrorCode::NoDatabase => "no_database",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 /// What an error becomes at each edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorClass {
@@ -62,10 +115,10 @@ pub struct ErrorClass {
     /// The HTTP status of the API.
     pub http: u16,
     /// The API's `error` code.
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
-const fn class(exit: u8, http: u16, code: &'static str) -> ErrorClass {
+const fn class(exit: u8, http: u16, code: ErrorCode) -> ErrorClass {
     ErrorClass { exit, http, code }
 }
 
@@ -74,30 +127,32 @@ impl ServiceError {
     pub fn class(&self) -> ErrorClass {
         use ServiceError as E;
         match self {
-            E::BadInput(_) => class(exit::USAGE, 422, "invalid_request"),
-            E::BadModule(_) => class(exit::USAGE, 400, "invalid_module"),
-            E::NoDatabase(_) => class(exit::FAILED, 503, "no_database"),
-            E::RunNotFound { .. } => class(exit::FAILED, 404, "not_found"),
-            E::RunExists(_) => class(exit::USAGE, 409, "conflict"),
-            E::RunFinished { .. } => class(exit::FAILED, 409, "finished"),
-            E::RunBusy(_) => class(exit::BUSY, 409, "busy"),
-            E::SignalsFull { .. } => class(exit::FAILED, 429, "too_many_signals"),
-            E::TokenExists(_) => class(exit::USAGE, 409, "conflict"),
-            E::TokenNotFound(_) => class(exit::FAILED, 404, "not_found"),
-            E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => class(exit::NON_DETERMINISM, 409, "non_determinism"),
+            E::BadInput(_) => class(exit::USAGE, 422, ErrorCode::InvalidRequest),
+            E::BadModule(_) => class(exit::USAGE, 400, ErrorCode::InvalidModule),
+            E::NoDatabase(_) => class(exit::FAILED, 503, ErrorCode::NoDatabase),
+            E::RunNotFound { .. } => class(exit::FAILED, 404, ErrorCode::NotFound),
+            E::RunExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
+            E::RunFinished { .. } => class(exit::FAILED, 409, ErrorCode::Finished),
+            E::RunBusy(_) => class(exit::BUSY, 409, ErrorCode::Busy),
+            E::SignalsFull { .. } => class(exit::FAILED, 429, ErrorCode::TooManySignals),
+            E::TokenExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
+            E::TokenNotFound(_) => class(exit::FAILED, 404, ErrorCode::NotFound),
+            E::Exec(ExecError::Fatal(Fatal::NonDeterminism(_))) => {
+                class(exit::NON_DETERMINISM, 409, ErrorCode::NonDeterminism)
+            }
             E::Exec(ExecError::Store(e)) | E::Exec(ExecError::Fatal(Fatal::Store { error: e, .. })) | E::Store(e) => {
                 store_class(e)
             }
-            E::Exec(_) => class(exit::FAILED, 500, "internal"),
+            E::Exec(_) => class(exit::FAILED, 500, ErrorCode::Internal),
         }
     }
 }
 
 fn store_class(e: &StoreError) -> ErrorClass {
     match e {
-        StoreError::Locked { .. } => class(exit::BUSY, 503, "busy"),
-        StoreError::RunExists(_) => class(exit::USAGE, 409, "conflict"),
-        _ => class(exit::FAILED, 500, "internal"),
+        StoreError::Locked { .. } => class(exit::BUSY, 503, ErrorCode::Busy),
+        StoreError::RunExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
+        _ => class(exit::FAILED, 500, ErrorCode::Internal),
     }
 }
 

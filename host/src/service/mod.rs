@@ -13,7 +13,7 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::{ErrorClass, ServiceError, exit};
+pub use error::{ErrorClass, ErrorCode, ServiceError, exit};
 pub use request::StartRequest;
 pub use views::RunView;
 
@@ -293,6 +293,11 @@ impl Service {
     /// All runs, oldest first.
     pub async fn list_runs(&self) -> Result<Vec<RunRecord>, ServiceError> {
         Ok(self.store.runs().await?)
+    }
+
+    /// A page of runs, newest first.
+    pub async fn runs_page(&self, filter: &crate::store::RunFilter) -> Result<Vec<RunRecord>, ServiceError> {
+        Ok(self.store.runs_page(filter).await?)
     }
 
     /// A run with its history and its branches' attempts.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::model::{
     Entry, EntryKind, EntryStatus, Limits, NewRun, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord,
 };
-use crate::store::{ChangeEvent, ChangeKind, RunStore, StoreError, Subscription, Write, commit};
+use crate::store::{ChangeEvent, ChangeKind, RunFilter, RunStore, StoreError, Subscription, Write, commit};
 
 /// A generous bound for "soon": a test fails only if something never happens.
 const SOON: Duration = Duration::from_secs(5);
@@ -318,6 +318,28 @@ pub(crate) async fn tokens_are_kept_by_hash_and_revoked(open: Open) {
     assert!(all.iter().all(|t| t.revoked_at.is_some()), "{all:?}");
 }
 
+pub(crate) async fn runs_are_paged_newest_first(open: Open) {
+    let store = open("pages");
+    let runs = create(&*store, &["p1", "p2", "p3", "p4", "p5"]).await;
+    commit(&*store, vec![Write::cancelled(runs[1].key), Write::cancelled(runs[3].key)]).await.unwrap();
+    let page = |filter: RunFilter| {
+        let store = store.clone();
+        async move { store.runs_page(&filter).await.unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>() }
+    };
+    assert_eq!(page(RunFilter { limit: 2, ..RunFilter::default() }).await, ["p5", "p4"]);
+    let after = RunFilter { limit: 2, before: Some(runs[3].key), ..RunFilter::default() };
+    assert_eq!(page(after).await, ["p3", "p2"], "the next page starts below the cursor");
+    let cancelled = RunFilter { limit: 10, status: Some(RunStatus::Cancelled), ..RunFilter::default() };
+    assert_eq!(page(cancelled).await, ["p4", "p2"]);
+    let by_module = RunFilter { limit: 10, module_prefix: Some(MODULE[..6].into()), ..RunFilter::default() };
+    assert_eq!(page(by_module).await.len(), 5);
+    let other = RunFilter { limit: 10, module_prefix: Some("ff".into()), ..RunFilter::default() };
+    assert!(page(other).await.is_empty());
+    let mut counts = store.run_counts().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counts, [(RunStatus::Cancelled, 2), (RunStatus::Pending, 3)]);
+}
+
 /// Instantiate every test of the suite for one store.
 macro_rules! suite {
     ($open:ident, $reopen:ident) => {
@@ -355,6 +377,10 @@ macro_rules! suite {
             #[tokio::test]
             async fn tokens_are_kept_by_hash_and_revoked() {
                 c::tokens_are_kept_by_hash_and_revoked(super::$open).await
+            }
+            #[tokio::test]
+            async fn runs_are_paged_newest_first() {
+                c::runs_are_paged_newest_first(super::$open).await
             }
             #[tokio::test]
             async fn modules_and_branches_read_back() {

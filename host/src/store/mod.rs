@@ -226,6 +226,10 @@ pub trait RunStore: Send + Sync {
     async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError>;
     /// All runs, oldest first.
     async fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// A page of runs, newest first.
+    async fn runs_page(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
+    /// How many runs there are of each status (statuses with none left out).
+    async fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>, StoreError>;
     /// Runs that are not finished, oldest first.
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// A run's whole history, in one query.
@@ -245,6 +249,17 @@ pub trait RunStore: Send + Sync {
     async fn last_seq(&self) -> Result<u64, StoreError>;
     /// Up to `limit` changes with a sequence number above `after`, in order.
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError>;
+}
+
+/// Which runs [`RunStore::runs_page`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    /// The module's hash starts with this.
+    pub module_prefix: Option<String>,
+    /// Only runs older than this one (the previous page's last).
+    pub before: Option<RunKey>,
+    pub limit: usize,
 }
 
 /// Submit a commit item and wait until it is durable.

@@ -218,6 +218,7 @@ impl Executor {
                             None => std::future::pending().await,
                         }
                     };
+                    let _parked = crate::telemetry::GaugeGuard::new(&crate::telemetry::get().parked_runs);
                     tokio::select! {
                         _ = sleep => {}
                         _ = watch.changed() => {}

@@ -12,13 +12,14 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use super::wasi::clock::MonotonicClock;
-use crate::model::{Entry, Limits, RunKey, RunStatus, now_ms};
+use crate::model::{Entry, EntryKind, EntryStatus, Limits, RunKey, RunStatus, now_ms};
 use crate::runtime::branch::{BranchKey, BranchMode, Branches};
 use crate::runtime::idempotency::idempotency_key;
 use crate::runtime::journal::{Journal, NonDeterminism, entry_bytes};
 use crate::runtime::random::RandomStream;
 use crate::runtime::watch::RunWatch;
 use crate::store::{Committed, RunStore, StoreError, Write};
+use crate::telemetry::{self, GaugeGuard};
 use cairn_abi::RetryPolicy;
 
 /// Why a run's execution stopped abnormally from inside a host call.
@@ -137,10 +138,18 @@ pub struct HostState {
     pub(super) handles: Vec<BranchKey>,
     /// Writes that go with the instance's next commit (the run's status).
     pending_writes: Vec<Write>,
+    /// Start times of the completed steps in the commit under way (reused).
+    step_starts: Vec<i64>,
+    /// Counts this instance in `cairn_live_instances` while it lives.
+    _live: GaugeGuard,
 }
 
 impl HostState {
     pub fn new(setup: InstanceSetup) -> Self {
+        let metrics = telemetry::get();
+        if setup.journal.replaying() {
+            metrics.replays.increment(1);
+        }
         HostState {
             wasi: setup.wasi,
             limiter: MemoryLimiter::new(mib_bytes(setup.limits.max_memory_mib)),
@@ -166,6 +175,8 @@ impl HostState {
             branches: setup.branches,
             handles: Vec::new(),
             pending_writes: Vec::new(),
+            step_starts: Vec::new(),
+            _live: GaugeGuard::new(&metrics.live_instances),
         }
     }
 
@@ -409,7 +420,26 @@ impl HostState {
         if writes.is_empty() {
             return Ok(());
         }
-        crate::store::commit(&*self.run.store, writes).await.map(|_| ())
+        self.step_starts.clear();
+        for write in &writes {
+            let entries = match write {
+                Write::Append { entries, .. } => entries.as_slice(),
+                Write::BranchAttempt { entry, .. } => std::slice::from_ref(entry),
+                _ => continue,
+            };
+            let done = entries.iter().filter(|e| e.kind == EntryKind::Step && e.status == EntryStatus::Completed);
+            self.step_starts.extend(done.map(|e| e.started_at));
+        }
+        crate::store::commit(&*self.run.store, writes).await?;
+        if !self.step_starts.is_empty() {
+            let metrics = telemetry::get();
+            metrics.steps_committed.increment(self.step_starts.len() as u64);
+            let now = now_ms();
+            for started in &self.step_starts {
+                metrics.step_seconds.record(now.saturating_sub(*started).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn commit_writes(&mut self, writes: Vec<Write>) -> wasmtime::Result<Committed> {

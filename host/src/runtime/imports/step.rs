@@ -117,6 +117,7 @@ pub fn failed_attempt(live: LiveStep, message: String, retryable: bool) -> (Entr
     let now = now_ms();
     let retry = retryable && live.attempt < live.policy.max_attempts;
     let (status, output) = if retry {
+        crate::telemetry::get().retries.increment(1);
         let mut unit = [0u8; 8];
         let _ = getrandom::fill(&mut unit);
         let unit = (u64::from_le_bytes(unit) >> 11) as f64 / (1u64 << 53) as f64;

@@ -15,14 +15,14 @@ use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 
 pub use schema::APPLICATION_ID;
 pub use watch::WATCH_INTERVAL;
 
 use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord};
 use crate::store::{
-    ChangeEvent, ChangeFeed, CommitTicket, Durability, Lease, RunStore, StoreError, Subscription, Write,
+    ChangeEvent, ChangeFeed, CommitTicket, Durability, Lease, RunFilter, RunStore, StoreError, Subscription, Write,
 };
 use lock::LockFile;
 use schema::{BUSY_TIMEOUT, connect, map_open_error, migrate};
@@ -325,6 +325,30 @@ impl RunStore for SqliteStore {
             stmt.query_map([], run_from_row)?.collect()
         })?;
         Ok(good_runs(rows))
+    }
+
+    async fn runs_page(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+        let status = filter.status.map(|s| s.as_str());
+        let module = filter.module_prefix.as_deref();
+        let before = filter.before.map_or(i64::MAX, |k| k.0);
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let rows = self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {} FROM runs WHERE seq < ?1 AND (?2 IS NULL OR status = ?2) \
+                 AND (?3 IS NULL OR substr(module, 1, length(?3)) = ?3) ORDER BY seq DESC LIMIT ?4",
+                *RUN_COLUMNS
+            ))?;
+            stmt.query_map(params![before, status, module, limit], run_from_row)?.collect()
+        })?;
+        Ok(good_runs(rows))
+    }
+
+    async fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT status, count(*) FROM runs GROUP BY status")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })?;
+        Ok(rows.into_iter().filter_map(|(s, n)| Some((RunStatus::parse(&s)?, n.max(0) as u64))).collect())
     }
 
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {

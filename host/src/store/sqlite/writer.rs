@@ -305,10 +305,14 @@ impl WriteSide {
             }
             return None;
         }
+        let syncing = Instant::now();
         if let Err(e) = run(conn, "COMMIT") {
             // Nothing of this batch is durable: leases taken for new runs go too.
             return fail_all(wc, batch, e);
         }
+        let metrics = crate::telemetry::get();
+        metrics.fsync_seconds.record(syncing.elapsed());
+        metrics.commit_batch.record(jobs.len() as f64);
         wc.next_seq = Some(batch.next_seq);
         wc.watch.own_commit(first_seq as u64, batch.next_seq as u64);
         Some(results)
