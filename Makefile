@@ -23,7 +23,9 @@ build: host guests
 
 # Unit tests of the shared ABI crate and the host, then end-to-end tests
 # that drive the built binary on the built guests.
+# The browser test needs Chromium and chromedriver: installed when missing.
 test: build
+	./scripts/ensure-chromium.sh
 	$(CARGO) test --release --locked -p cairn-abi -p cairn -p cairn-e2e
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
 	$(CARGO) run --release --locked -p cairn-bench -- --quick

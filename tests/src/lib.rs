@@ -2,6 +2,7 @@
 //! (`target/release/cairn`, built by `make test`) on the real example
 //! guests (`target/wasm32-wasip1/release/*.wasm`).
 
+pub mod http;
 pub mod torture;
 
 use std::path::{Path, PathBuf};

@@ -3,114 +3,11 @@
 //! Server-Sent Events that resume with `Last-Event-ID` without loss or
 //! duplicates, including commits made by another process.
 
-use std::io::{BufRead, BufReader};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cairn_e2e::{World, guest, text, wait_until};
+use cairn_e2e::http::{call, read_events, serve, token, upload, wait_status};
+use cairn_e2e::{World, guest, wait_until};
 use serde_json::{Value, json};
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(w: &World, extra: &[&str]) -> Server {
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
-    args.extend(extra);
-    let child = w.spawn(&args, "serve");
-    let mut base = String::new();
-    wait_until("the server to listen", Duration::from_secs(30), || {
-        let err = w.read("serve.stderr");
-        match err.lines().find_map(|l| l.split("listening on ").nth(1)) {
-            Some(addr) => {
-                base = addr.trim().to_string();
-                true
-            }
-            None => false,
-        }
-    });
-    Server { child, base }
-}
-
-fn token(w: &World, role: &str) -> String {
-    let out = w.run(&["token", "create", "--role", role]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
-}
-
-/// (status, JSON body) of a request; `token` None sends no Authorization.
-fn call(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
-    let mut req = ureq::request(method, url).timeout(Duration::from_secs(30));
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let result = match body {
-        Some(b) => req.set("Content-Type", "application/x-www-form-urlencoded").send_bytes(b),
-        None => req.call(),
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// Read SSE events (id, event, data) until `n` arrived.
-fn read_events(base: &str, path: &str, token: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
-    let mut req = ureq::get(&format!("{base}{path}"))
-        .set("Authorization", &format!("Bearer {token}"))
-        .timeout(Duration::from_secs(60));
-    if let Some(id) = last_id {
-        req = req.set("Last-Event-ID", &id.to_string());
-    }
-    let resp = req.call().expect("the event stream opens");
-    let mut lines = BufReader::new(resp.into_reader()).lines();
-    let (mut out, mut id, mut kind, mut data) = (Vec::new(), 0u64, String::new(), Value::Null);
-    while out.len() < n {
-        let line = lines.next().expect("the stream goes on").expect("a line");
-        if let Some(v) = line.strip_prefix("id:") {
-            id = v.trim().parse().unwrap();
-        } else if let Some(v) = line.strip_prefix("event:") {
-            kind = v.trim().to_string();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data = serde_json::from_str(v.trim()).unwrap();
-        } else if line.is_empty() && !kind.is_empty() {
-            out.push((id, std::mem::take(&mut kind), std::mem::take(&mut data)));
-        }
-    }
-    out
-}
-
-fn upload(base: &str, admin: &str, name: &str) -> String {
-    let bytes = std::fs::read(guest(name)).unwrap();
-    let (status, body) = call("POST", &format!("{base}/api/modules"), Some(admin), Some(&bytes));
-    assert!(status == 201 || status == 200, "{status} {body}");
-    body["hash"].as_str().unwrap().to_string()
-}
-
-fn wait_status(base: &str, token: &str, id: &str, want: &str) -> Value {
-    let start = Instant::now();
-    loop {
-        let (status, run) = call("GET", &format!("{base}/api/runs/{id}"), Some(token), None);
-        assert_eq!(status, 200, "{run}");
-        if run["status"] == want {
-            return run;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "run {id} stayed {}", run["status"]);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn the_http_api_with_tokens_runs_and_events() {

@@ -4,7 +4,6 @@
 //! refused with a message, never followed or panicked on.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 
 use cairn_e2e::{World, assert_fails, guest, json_stdout, text, wasm_file};
 use rusqlite::Connection;

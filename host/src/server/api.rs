@@ -94,12 +94,27 @@ pub(super) async fn list_runs(
 
 /// `GET /api/runs/{id}`: `cairn show --json`, and the feed position to
 /// subscribe from.
-#[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path)), responses(
+#[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path),
+    ("history" = Option<bool>, Query, description = "`false` leaves the history out (page it with `/history`)")), responses(
     (status = 200, body = RunDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub(super) async fn get_run(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
+pub(super) async fn get_run(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let seq = state.service.store().last_seq().await?;
-    let mut view = state.service.run_view(&id).await?.to_json();
+    let mut view = if q.get("history").is_some_and(|h| h == "false") {
+        // The run page pages the history itself (`/history`).
+        let run = state.service.find_run(&id).await?;
+        let branches = state.service.store().branch_attempts(run.key).await?;
+        let mut view = views::RunView { run, history: Vec::new(), branches }.to_json();
+        view.as_object_mut().map(|o| o.remove("history"));
+        view
+    } else {
+        state.service.run_view(&id).await?.to_json()
+    };
     view["seq"] = json!(seq);
     Ok((StatusCode::OK, Json(view)))
 }
