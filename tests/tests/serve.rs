@@ -142,3 +142,175 @@ fn a_killed_server_restarts_and_completes_the_run() {
         assert_eq!(n, 1, "committed step {i} ran {n} times");
     }
 }
+
+/// Every (method, path) the server answers, by the issue's contract.
+const ROUTES: [(&str, &str); 17] = [
+    ("GET", "/"),
+    ("GET", "/assets/{file}"),
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/events"),
+    ("GET", "/api/modules"),
+    ("POST", "/api/modules"),
+    ("GET", "/api/modules/{hash}"),
+    ("GET", "/api/runs"),
+    ("POST", "/api/runs"),
+    ("GET", "/api/runs/{id}"),
+    ("GET", "/api/runs/{id}/history"),
+    ("GET", "/api/runs/{id}/events"),
+    ("POST", "/api/runs/{id}/signals/{name}"),
+    ("POST", "/api/runs/{id}/cancel"),
+    ("POST", "/api/runs/{id}/resume"),
+];
+
+/// Every `$ref` in `v` names a schema of `doc`.
+fn refs_resolve(doc: &Value, v: &Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(r)) = map.get("$ref") {
+                let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("a local ref: {r}"));
+                assert!(doc["components"]["schemas"][name].is_object(), "{r} is defined");
+            }
+            map.values().for_each(|x| refs_resolve(doc, x));
+        }
+        Value::Array(items) => items.iter().for_each(|x| refs_resolve(doc, x)),
+        _ => {}
+    }
+}
+
+/// The OpenAPI document is made from the router: it lists exactly the
+/// routes the server answers, each with responses, and the error codes.
+#[test]
+fn the_openapi_document_lists_exactly_the_served_routes() {
+    let w = World::new("serve-openapi");
+    let viewer = token(&w, "viewer");
+    let server = serve(&w, &["--no-worker"]);
+    let base = server.base.clone();
+    assert_eq!(call("GET", &format!("{base}/api/openapi.json"), None, None).0, 401);
+    let (status, doc) = call("GET", &format!("{base}/api/openapi.json"), Some(&viewer), None);
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let mut listed = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(!op["responses"].as_object().unwrap().is_empty(), "{method} {path} has responses");
+            listed.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    listed.sort();
+    let mut expected: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    refs_resolve(&doc, &doc);
+    let codes: Vec<&str> =
+        doc["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    for code in ["bad_json", "invalid_request", "not_found", "too_large", "unauthorized", "forbidden", "conflict"] {
+        assert!(codes.contains(&code), "{code} in {codes:?}");
+    }
+    assert!(codes.iter().all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_')), "snake_case: {codes:?}");
+
+    // Each listed route is answered (by its handler: a router's 404/405 has
+    // no JSON body); other methods on the same paths are not.
+    let concrete = |p: &str| {
+        p.replace("{id}", "nope").replace("{hash}", "nope").replace("{name}", "go").replace("{file}", "app.js")
+    };
+    for (method, path) in ROUTES {
+        let url = format!("{base}{}", concrete(path));
+        let mut req = ureq::request(method, &url).set("Authorization", &format!("Bearer {viewer}"));
+        if path.ends_with("events") {
+            req = req.timeout(Duration::from_secs(5));
+        }
+        let resp = match if method == "POST" { req.send_bytes(b"{}") } else { req.call() } {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {url}: {e}"),
+        };
+        let status = resp.status();
+        if status == 200 {
+            continue;
+        }
+        let body: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap_or(Value::Null);
+        assert!(body["error"].is_string(), "{method} {path} is answered by its handler: {status} {body}");
+        for other in ["PUT", "DELETE", "PATCH"] {
+            let r = ureq::request(other, &url).call();
+            assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{other} {path} is not a route: {r:?}");
+        }
+    }
+    drop(server);
+}
+
+/// `/metrics`: Prometheus text with what the issue names, counting what happened.
+#[test]
+fn metrics_count_steps_commits_and_runs() {
+    let w = World::new("serve-metrics");
+    let admin = token(&w, "admin");
+    let server = serve(&w, &[]);
+    let base = server.base.clone();
+    assert_eq!(call("GET", &format!("{base}/metrics"), None, None).0, 401);
+    let hash = upload(&base, &admin, "benchflow");
+    let body = json!({"module": hash, "input": {"mode": "steps", "n": 25}, "run_id": "m"});
+    assert_eq!(call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes())).0, 201);
+    wait_status(&base, &admin, "m", "completed");
+    let text = ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("cairn_steps_committed_total"), 25.0);
+    assert_eq!(value("cairn_step_seconds_count"), 25.0);
+    assert_eq!(value("cairn_runs{status=\"completed\"}"), 1.0);
+    assert_eq!(value("cairn_runs{status=\"pending\"}"), 0.0);
+    assert!(value("cairn_fsync_seconds_count") >= 1.0);
+    assert!(value("cairn_commit_batch_items_count") >= 1.0);
+    assert!(text.contains("cairn_step_seconds_bucket{le=\"0.001\"}"), "histogram buckets:\n{text}");
+    for series in ["cairn_replays_total", "cairn_retries_total", "cairn_live_instances", "cairn_parked_runs", "cairn_sse_clients"] {
+        value(series);
+    }
+    drop(server);
+}
+
+/// SIGTERM: event streams end cleanly, the server exits 0, a waiting run
+/// is left waiting (not failed), and the next server carries it on.
+#[test]
+fn sigterm_stops_the_server_gracefully() {
+    let w = World::new("serve-sigterm");
+    let admin = token(&w, "admin");
+    let mut server = serve(&w, &[]);
+    let base = server.base.clone();
+    let hash = upload(&base, &admin, "signals");
+    let body = json!({"module": hash, "input": {"waits": [{"name": "go"}]}, "run_id": "w"});
+    assert_eq!(call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes())).0, 201);
+    wait_status(&base, &admin, "w", "waiting");
+    let stream = ureq::get(&format!("{base}/api/events"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .timeout(Duration::from_secs(60))
+        .call()
+        .expect("the event stream opens");
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stream.into_reader(), &mut rest).map(|_| rest)
+    });
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let mut status = None;
+    wait_until("the server to stop", Duration::from_secs(30), || {
+        status = server.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let status = status.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", w.read("serve.stderr"));
+    assert!(reader.join().unwrap().is_ok(), "the event stream ended cleanly");
+    assert_eq!(w.show("w")["status"], "waiting", "a waiting run is left waiting");
+
+    let server = serve(&w, &[]);
+    let base = server.base.clone();
+    assert_eq!(call("POST", &format!("{base}/api/runs/w/signals/go"), Some(&admin), Some(b"7")).0, 202);
+    assert_eq!(wait_status(&base, &admin, "w", "completed")["output"], json!([7]));
+    drop(server);
+}
