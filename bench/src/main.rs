@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod serve;
+
 use anyhow::{Context as _, Result, bail};
 use cairn::model::{EntryKind, Limits, NewRun, RunConfig, RunRecord, RunStatus};
 use cairn::runtime::engine::ModuleCache;
@@ -580,6 +582,13 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
         });
     }
 
+    // W9 and W10: the HTTP API and its event streams.
+    if b.wants("W9") {
+        rows.push(serve::w9(b).await?);
+    }
+    if b.wants("W10") {
+        rows.push(serve::w10(b).await?);
+    }
     Ok(rows)
 }
 

@@ -204,8 +204,12 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
     expected.sort();
     assert_eq!(listed, expected);
     refs_resolve(&doc, &doc);
-    let codes: Vec<&str> =
-        doc["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let codes: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
     for code in ["bad_json", "invalid_request", "not_found", "too_large", "unauthorized", "forbidden", "conflict"] {
         assert!(codes.contains(&code), "{code} in {codes:?}");
     }
@@ -270,7 +274,9 @@ fn metrics_count_steps_commits_and_runs() {
     assert!(value("cairn_fsync_seconds_count") >= 1.0);
     assert!(value("cairn_commit_batch_items_count") >= 1.0);
     assert!(text.contains("cairn_step_seconds_bucket{le=\"0.001\"}"), "histogram buckets:\n{text}");
-    for series in ["cairn_replays_total", "cairn_retries_total", "cairn_live_instances", "cairn_parked_runs", "cairn_sse_clients"] {
+    for series in
+        ["cairn_replays_total", "cairn_retries_total", "cairn_live_instances", "cairn_parked_runs", "cairn_sse_clients"]
+    {
         value(series);
     }
     drop(server);

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::model::{Limits, Role, RunConfig, RunRecord, RunStatus};
 use crate::runtime::engine::{ModuleCache, WORKER_POOL, default_cache_dir};
 use crate::runtime::{Executor, RunOutcome, WasmEngine};
-use crate::service::request::{self, ModuleSource};
+use crate::service::request::{self, ModuleSource, StartModule};
 use crate::service::{Cancelled, ClaimedRun, Resumed, Service, ServiceError, StartMode, StartRequest, exit};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Durability, RunStore};
@@ -499,7 +499,9 @@ async fn create_run(
     let service = Service::new(store.clone());
     let executor = Arc::new(executor(cli, store, None)?);
     let module = ModuleSource::read(&args.module, args.max_module_mib)?;
-    let started = service.start_run(&executor, StartRequest { module, input, run_id, config }, mode).await?;
+    let started = service
+        .start_run(&executor, StartRequest { module: StartModule::Bytes(module), input, run_id, config }, mode)
+        .await?;
     Ok((executor, service, started))
 }
 

@@ -15,9 +15,9 @@ use super::schema::{Accepted, HistoryPage, ModuleInfo, ModuleList, RunDetail, Ru
 use super::{ApiError, AppState, ErrorBody};
 use crate::model::{Role, RunConfig, RunKey, RunStatus, TokenRecord};
 use crate::service::ErrorCode;
-use crate::service::request::{self, ModuleSource};
+use crate::service::request;
 use crate::service::tokens::AuthError;
-use crate::service::{Cancelled, StartMode, StartRequest, views};
+use crate::service::{Cancelled, StartMode, StartModule, StartRequest, views};
 use crate::store::RunFilter;
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
@@ -248,6 +248,7 @@ pub(super) async fn upload_module(
         let put = crate::store::Write::PutModule { hash: prepared.hash.clone(), bytes: prepared.bytes };
         crate::store::commit(&**store, vec![put]).await?;
     }
+    state.known_modules.write().unwrap_or_else(|e| e.into_inner()).insert(prepared.hash.clone());
     Ok((if known { StatusCode::OK } else { StatusCode::CREATED }, Json(reply)))
 }
 
@@ -298,18 +299,17 @@ pub(super) async fn start_run(
         }
         dirs.push((host, guest));
     }
-    let bytes = state.service.store().module(&body.module).await?;
-    let Some(bytes) = bytes else {
+    if !state.module_known(&body.module).await? {
         return Err(ApiError::new(
             422,
             ErrorCode::UnknownModule,
             format!("no module {} (POST /api/modules first)", body.module),
         ));
-    };
+    }
     let env = body.env.into_iter().collect();
     let config = RunConfig { dirs, dirs_ro: Vec::new(), env, limits };
     let shown = format!("module {}", body.module.chars().take(12).collect::<String>());
-    let request = StartRequest { module: ModuleSource { bytes, shown }, input, run_id, config };
+    let request = StartRequest { module: StartModule::Stored { hash: body.module, shown }, input, run_id, config };
     let started = state.service.start_run(&state.executor, request, StartMode::Queue).await?;
     Ok((StatusCode::CREATED, Json(json!({"run_id": started.run.id}))))
 }

@@ -51,6 +51,9 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The OpenAPI document, rendered once.
     openapi: OnceLock<String>,
+    /// Hashes of modules known to be stored (modules are never deleted):
+    /// starting a run of one reads nothing.
+    known_modules: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl AppState {
@@ -64,7 +67,20 @@ impl AppState {
             metrics: None,
             stopping,
             openapi: OnceLock::new(),
+            known_modules: Default::default(),
         }
+    }
+
+    /// Whether the store holds a module with this hash.
+    async fn module_known(&self, hash: &str) -> Result<bool, ApiError> {
+        if self.known_modules.read().unwrap_or_else(|e| e.into_inner()).contains(hash) {
+            return Ok(true);
+        }
+        let stored = self.service.store().module(hash).await?.is_some();
+        if stored {
+            self.known_modules.write().unwrap_or_else(|e| e.into_inner()).insert(hash.to_string());
+        }
+        Ok(stored)
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ErrorClass, ErrorCode, ServiceError, exit};
-pub use request::StartRequest;
+pub use request::{StartModule, StartRequest};
 pub use views::RunView;
 
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus};
@@ -117,17 +117,29 @@ impl Service {
         request: StartRequest,
         mode: StartMode,
     ) -> Result<StartedRun, ServiceError> {
+        let given = request.run_id.is_some();
         let id = match request.run_id {
             Some(id) => id,
             None => uuid::Uuid::now_v7().to_string(),
         };
-        if self.store.run(&id).await?.is_some() {
+        // A new UUID is not taken; a given id is checked before any work
+        // (the insert would refuse it too).
+        if given && self.store.run(&id).await?.is_some() {
             return Err(ServiceError::RunExists(id));
         }
-        let prepared = executor
-            .prepare(request.module.bytes, &request.module.shown)
-            .await
-            .map_err(|e| ServiceError::BadModule(e.to_string()))?;
+        let mut writes = Vec::with_capacity(2);
+        let (hash, shown) = match request.module {
+            StartModule::Bytes(source) => {
+                let prepared = executor
+                    .prepare(source.bytes, &source.shown)
+                    .await
+                    .map_err(|e| ServiceError::BadModule(e.to_string()))?;
+                let hash = prepared.hash.clone();
+                writes.push(Write::PutModule { hash: prepared.hash, bytes: prepared.bytes });
+                (hash, source.shown)
+            }
+            StartModule::Stored { hash, shown } => (hash, shown),
+        };
         let random_key = random::new_key()
             .map_err(|e| ServiceError::Store(crate::store::StoreError::Backend(format!("no randomness: {e}"))))?;
         let status = match mode {
@@ -136,17 +148,14 @@ impl Service {
         };
         let new = NewRun {
             id,
-            module: prepared.hash.clone(),
-            module_path: request.module.shown,
+            module: hash,
+            module_path: shown,
             input: request.input,
             config: request.config,
             status,
             random_key,
         };
-        let writes = vec![
-            Write::PutModule { hash: prepared.hash, bytes: prepared.bytes },
-            Write::CreateRun { run: new, lease: mode == StartMode::Execute },
-        ];
+        writes.push(Write::CreateRun { run: new, lease: mode == StartMode::Execute });
         let committed = commit(&*self.store, writes).await?;
         let (run, lease) =
             committed.created.into_iter().next().ok_or_else(|| {

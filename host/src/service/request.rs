@@ -16,6 +16,16 @@ pub struct ModuleSource {
     pub shown: String,
 }
 
+/// The module a new run executes.
+#[derive(Debug, Clone)]
+pub enum StartModule {
+    /// Bytes to check, compile and store (a file of `cairn run` or `start`).
+    Bytes(ModuleSource),
+    /// A module in the store already, by hash: it was checked when it was
+    /// stored (`POST /api/modules`), so starting a run reads no bytes.
+    Stored { hash: String, shown: String },
+}
+
 /// `--max-module-mib` when not given.
 pub const DEFAULT_MAX_MODULE_MIB: u64 = 64;
 
@@ -77,7 +87,7 @@ pub fn payload_size(len: usize, max: usize, what: &str) -> Result<(), ServiceErr
 /// A run to start.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
-    pub module: ModuleSource,
+    pub module: StartModule,
     /// The input, as JSON bytes (see [`json_payload`]).
     pub input: Vec<u8>,
     /// `None`: a new UUIDv7.

@@ -112,6 +112,11 @@ impl WriteSide {
             if branch || (before != run.0 && before != NO_RUN) {
                 self.last_switch_ns.store(now, Ordering::Relaxed);
             }
+        } else if writes.iter().any(|x| matches!(x, Write::CreateRun { .. })) {
+            // New runs come in crowds (`POST /api/runs`, a script of
+            // `cairn start`): to the writer, whose group commit shares one
+            // fsync among them. A lone `cairn run` pays one hand-off.
+            self.last_switch_ns.store(now, Ordering::Relaxed);
         }
         let alone = now.saturating_sub(self.last_switch_ns.load(Ordering::Relaxed)) >= ALONE.as_nanos() as u64;
         if alone

@@ -8,6 +8,8 @@
 //! - `{"mode":"branches","n":100,"sleep_ms":1000}`: n branches that wait, joined.
 //! - `{"mode":"park","sleep_ms":3600000}`: a step, a long durable sleep, a step.
 //! - `{"mode":"tiny"}`: one step.
+//! - `{"mode":"paced","n":500,"sleep_ms":10}`: n steps, each sleeping
+//!   first (a run committing about 1000/sleep_ms steps per second).
 
 use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -81,6 +83,17 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<u64, Error> {
             Ok(a + b)
         }
         "tiny" => ctx.step("only", |_s| Ok(42)),
+        "paced" => {
+            let pause = Duration::from_millis(input.sleep_ms);
+            let mut total = 0;
+            for i in 0..input.n {
+                total += ctx.step("paced", |_s| {
+                    std::thread::sleep(pause);
+                    Ok(i as u64)
+                })?;
+            }
+            Ok(total)
+        }
         other => Err(Error::permanent(format!("unknown mode {other}"))),
     }
 }
