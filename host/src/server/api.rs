@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::schema::{Accepted, HistoryPage, ModuleInfo, ModuleList, RunDetail, RunPage, StartRun, Started};
-use super::{ApiError, AppState, ErrorBody};
+use super::{ApiError, AppState, ErrorBody, long_read};
 use crate::model::{Role, RunConfig, RunKey, RunStatus, TokenRecord};
 use crate::service::ErrorCode;
 use crate::service::request;
@@ -86,7 +86,7 @@ pub(super) async fn list_runs(
         before: number::<i64>(&q, "after")?.map(RunKey),
         limit: limit + 1,
     };
-    let page = state.service.runs_page(&filter).await?;
+    let page = long_read(state.service.runs_page(&filter)).await?;
     let next = (page.len() > limit).then(|| page[limit - 1].key.0);
     let runs: Vec<Value> = page.iter().take(limit).map(views::run_summary).collect();
     Ok((StatusCode::OK, Json(json!({"runs": runs, "next": next}))))
@@ -108,12 +108,12 @@ pub(super) async fn get_run(
     let mut view = if q.get("history").is_some_and(|h| h == "false") {
         // The run page pages the history itself (`/history`).
         let run = state.service.find_run(&id).await?;
-        let branches = state.service.store().branch_attempts(run.key).await?;
+        let branches = long_read(state.service.store().branch_attempts(run.key)).await?;
         let mut view = views::RunView { run, history: Vec::new(), branches }.to_json();
         view.as_object_mut().map(|o| o.remove("history"));
         view
     } else {
-        state.service.run_view(&id).await?.to_json()
+        long_read(state.service.run_view(&id)).await?.to_json()
     };
     view["seq"] = json!(seq);
     Ok((StatusCode::OK, Json(view)))
@@ -133,12 +133,18 @@ pub(super) async fn history(
 ) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
     let limit = number::<usize>(&q, "limit")?.unwrap_or(100).clamp(1, 1000);
-    let from = number::<i64>(&q, "after")?.map_or(0, |a| (a + 1).max(0) as usize);
-    let view = state.service.run_view(&id).await?.to_json();
-    let all = view["history"].as_array().cloned().unwrap_or_default();
-    let page: Vec<Value> = all.iter().skip(from).take(limit).cloned().collect();
-    let next = (from + page.len() < all.len()).then(|| page.last().map(|e| e["position"].clone()));
-    Ok((StatusCode::OK, Json(json!({"entries": page, "next": next.flatten()}))))
+    let from = number::<i64>(&q, "after")?.map_or(0, |a| a.saturating_add(1).max(0) as u64);
+    let run = state.service.find_run(&id).await?;
+    let store = state.service.store();
+    let mut history = long_read(store.history_page(run.key, from, limit + 1)).await?;
+    let more = history.len() > limit;
+    history.truncate(limit);
+    // A spawn's entry shows its branch's state, from the branch attempts.
+    let spawned = history.iter().any(|e| e.kind == crate::model::EntryKind::Spawn);
+    let branches = if spawned { long_read(store.branch_attempts(run.key)).await? } else { Vec::new() };
+    let page = views::RunView { run, history, branches }.history_json(from as usize);
+    let next = if more { page.last().map(|e| e["position"].clone()) } else { None };
+    Ok((StatusCode::OK, Json(json!({"entries": page, "next": next}))))
 }
 
 /// `POST /api/runs/{id}/signals/{name}`: the body is the payload (empty: null).
@@ -199,7 +205,7 @@ pub(super) async fn resume(State(state): State<Arc<AppState>>, headers: HeaderMa
 #[utoipa::path(get, path = "/api/modules", responses((status = 200, body = ModuleList), (status = 401, body = ErrorBody)))]
 pub(super) async fn list_modules(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
-    let modules = state.service.store().modules().await?;
+    let modules = long_read(state.service.store().modules()).await?;
     let list: Vec<Value> = modules
         .into_iter()
         .map(|(hash, size, at)| json!({"hash": hash, "size": size, "created_at": views::time(at)}))
@@ -261,7 +267,7 @@ pub(super) async fn get_module(
     Path(hash): Path<String>,
 ) -> Reply {
     authorize(&state, &headers, Role::Viewer).await?;
-    let bytes = state.service.store().module(&hash).await?;
+    let bytes = long_read(state.service.store().module(&hash)).await?;
     let Some(bytes) = bytes else { return Err(ApiError::new(404, ErrorCode::NotFound, format!("no module {hash}"))) };
     let size = bytes.len();
     let prepared = state

@@ -72,7 +72,7 @@ async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<Ru
     let mut backlog = VecDeque::new();
     let mut reset = false;
     if let Some(last) = last {
-        let missed = state.service.store().changes_since(last, REPLAY_LIMIT + 1).await?;
+        let missed = super::long_read(state.service.store().changes_since(last, REPLAY_LIMIT + 1)).await?;
         reset = missed.len() > REPLAY_LIMIT;
         if !reset {
             backlog.extend(missed);

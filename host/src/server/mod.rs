@@ -110,6 +110,19 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Await a store read that can be long (a page of a long history, a page
+/// of runs, a replay of missed events) with this worker thread handed over
+/// first, so that the requests and event streams sharing it go on. Short
+/// point reads (a token, a run by id) are awaited directly.
+pub(crate) async fn long_read<T>(read: impl std::future::Future<Output = T>) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(read))
+        }
+        _ => read.await,
+    }
+}
+
 /// The routes, and the OpenAPI document made from them.
 pub fn router(state: Arc<AppState>) -> Router {
     // Bodies are payloads (capped per run) or modules (capped here).

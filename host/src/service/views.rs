@@ -37,24 +37,28 @@ impl RunView {
         }
     }
 
-    /// `cairn show --json`.
-    pub fn to_json(&self) -> Value {
-        let entries: Vec<Value> = self
-            .history
+    /// The history's entries as JSON, the first at position `first`.
+    pub fn history_json(&self, first: usize) -> Vec<Value> {
+        self.history
             .iter()
             .enumerate()
             .map(|(i, e)| {
                 if e.kind == EntryKind::Spawn {
                     let state = self.spawn_state(e);
-                    let mut v = entry_json(Some(i), e, state.output);
+                    let mut v = entry_json(Some(first + i), e, state.output);
                     v["branch_status"] = json!(state.status);
                     v["error"] = json!(state.error);
                     v
                 } else {
-                    entry_json(Some(i), e, entry_output(e))
+                    entry_json(Some(first + i), e, entry_output(e))
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// `cairn show --json`.
+    pub fn to_json(&self) -> Value {
+        let entries = self.history_json(0);
         let mut obj = run_summary(&self.run);
         obj["input"] = output_json(Some(&self.run.input));
         obj["output"] = output_json(self.run.output.as_deref());

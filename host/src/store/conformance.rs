@@ -340,6 +340,16 @@ pub(crate) async fn runs_are_paged_newest_first(open: Open) {
     assert_eq!(counts, [(RunStatus::Cancelled, 2), (RunStatus::Pending, 3)]);
 }
 
+pub(crate) async fn history_is_paged(open: Open) {
+    let store = open("history-pages");
+    let [run] = &create(&*store, &["h"]).await[..] else { panic!() };
+    let entries: Vec<Entry> = (1..=5).map(|i| step("s", i, EntryStatus::Completed)).collect();
+    commit(&*store, vec![Write::Append { run: run.key, position: 0, entries: entries.clone() }]).await.unwrap();
+    assert_eq!(store.history_page(run.key, 0, 2).await.unwrap(), entries[..2]);
+    assert_eq!(store.history_page(run.key, 3, 10).await.unwrap(), entries[3..]);
+    assert!(store.history_page(run.key, 5, 10).await.unwrap().is_empty());
+}
+
 /// Instantiate every test of the suite for one store.
 macro_rules! suite {
     ($open:ident, $reopen:ident) => {
@@ -377,6 +387,10 @@ macro_rules! suite {
             #[tokio::test]
             async fn tokens_are_kept_by_hash_and_revoked() {
                 c::tokens_are_kept_by_hash_and_revoked(super::$open).await
+            }
+            #[tokio::test]
+            async fn history_is_paged() {
+                c::history_is_paged(super::$open).await
             }
             #[tokio::test]
             async fn runs_are_paged_newest_first() {

@@ -234,6 +234,8 @@ pub trait RunStore: Send + Sync {
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// A run's whole history, in one query.
     async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError>;
+    /// Up to `limit` entries of a run's history from position `from` on.
+    async fn history_page(&self, run: RunKey, from: u64, limit: usize) -> Result<Vec<Entry>, StoreError>;
     /// Every ended attempt of the run's parallel branches, in the order they ended.
     async fn branch_attempts(&self, run: RunKey) -> Result<Vec<Entry>, StoreError>;
 
