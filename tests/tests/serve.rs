@@ -164,6 +164,20 @@ const ROUTES: [(&str, &str); 17] = [
     ("POST", "/api/runs/{id}/resume"),
 ];
 
+/// The status of a request (an event stream is not read, only opened).
+fn call_quick(method: &str, url: &str, token: Option<&str>) -> u16 {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let result = if method == "POST" { req.send_bytes(b"{}") } else { req.call() };
+    match result {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
 /// Every `$ref` in `v` names a schema of `doc`.
 fn refs_resolve(doc: &Value, v: &Value) {
     match v {
@@ -214,12 +228,37 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
         assert!(codes.contains(&code), "{code} in {codes:?}");
     }
     assert!(codes.iter().all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_')), "snake_case: {codes:?}");
-
-    // Each listed route is answered (by its handler: a router's 404/405 has
-    // no JSON body); other methods on the same paths are not.
     let concrete = |p: &str| {
         p.replace("{id}", "nope").replace("{hash}", "nope").replace("{name}", "go").replace("{file}", "app.js")
     };
+
+    // Auth on every route: none for the page and health; a viewer at
+    // least for the rest (401 without a token); operator and admin routes
+    // refuse a viewer (403).
+    let open = ["/", "/assets/{file}", "/healthz"];
+    let operator = ["/api/runs", "/api/runs/{id}/signals/{name}", "/api/runs/{id}/cancel", "/api/runs/{id}/resume"];
+    for (method, path) in ROUTES {
+        let url = format!("{base}{}", concrete(path));
+        let anonymous = call_quick(method, &url, None);
+        if open.contains(&path) {
+            assert_eq!(anonymous, 200, "{method} {path} is open");
+            continue;
+        }
+        assert_eq!(anonymous, 401, "{method} {path} without a token");
+        let higher = method == "POST" && (operator.contains(&path) || path == "/api/modules");
+        if higher {
+            assert_eq!(call_quick(method, &url, Some(&viewer)), 403, "{method} {path} refuses a viewer");
+        }
+    }
+    // A revoked token is refused from the next request on.
+    let other = token(&w, "viewer");
+    assert_eq!(call_quick("GET", &format!("{base}/api/runs"), Some(&other)), 200);
+    let id = other.split('_').nth(1).unwrap();
+    assert!(w.run(&["token", "revoke", id]).status.success());
+    assert_eq!(call_quick("GET", &format!("{base}/api/runs"), Some(&other)), 401);
+
+    // Each listed route is answered (by its handler: a router's 404/405 has
+    // no JSON body); other methods on the same paths are not.
     for (method, path) in ROUTES {
         let url = format!("{base}{}", concrete(path));
         let mut req = ureq::request(method, &url).set("Authorization", &format!("Bearer {viewer}"));
