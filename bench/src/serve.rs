@@ -220,7 +220,7 @@ pub(super) async fn w10(b: &mut Bench) -> Result<Row> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut send = connect(server.addr).await?;
-    let body = json!({"module": hash, "input": {"mode": "paced", "n": steps, "sleep_ms": 10}, "run_id": "paced"});
+    let body = json!({"module": hash, "input": {"mode": "paced", "n": steps, "sleep_ms": 8}, "run_id": "paced"});
     let (status, reply) =
         call(&mut send, request("POST", server.addr, "/api/runs", &server.token, body.to_string().into())?).await?;
     if status != 201 {
