@@ -12,8 +12,11 @@ setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required: install Rust from https://rustup.rs"; exit 1; }
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+# The workspace's default members (host, the tests' helpers, the bench) in
+# one build: one feature set, so `make test` and `make bench` reuse it.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 host: setup
-	$(CARGO) build --release --locked -p cairn
+	$(CARGO) build --release --locked
 
 guests: setup
 	$(CARGO) build --release --locked --target $(WASM_TARGET) $(addprefix -p ,$(GUESTS))
@@ -26,18 +29,18 @@ build: host guests
 # The browser test needs Chromium and chromedriver: installed when missing.
 test: build
 	./scripts/ensure-chromium.sh
-	$(CARGO) test --release --locked -p cairn-abi -p cairn -p cairn-e2e
+	$(CARGO) test --release --locked
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
-	$(CARGO) run --release --locked -p cairn-bench -- --quick
+	$(TARGET_DIR)/release/cairn-bench --quick
 
 # Every workload of BENCHMARKS.md; writes target/bench/results.json.
 bench: build
-	$(CARGO) run --release --locked -p cairn-bench
+	$(TARGET_DIR)/release/cairn-bench
 
 # The kill -9 campaign, long form (make test runs 50 kills of it).
 KILLS ?= 1000
 torture: build
-	$(CARGO) run --release --locked -p cairn-e2e --bin torture -- --kills $(KILLS)
+	$(TARGET_DIR)/release/torture --kills $(KILLS)
 
 demo: build
 	./scripts/demo.sh

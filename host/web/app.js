@@ -84,8 +84,10 @@ async function api(path, options = {}) {
 }
 
 // ---- Server-Sent Events over fetch: Authorization and Last-Event-ID are
-// sent by us. On a drop it reconnects with the last id and misses nothing;
-// a `reset` (we fell too far behind) makes the page reload its data.
+// sent by us. On a drop it reconnects with the last id and misses nothing.
+// A `reset` (we fell too far behind) makes the page reload its data; the
+// stream then goes on from the position of that reload (`onReset` returns
+// it), so nothing falls between the reload and the stream.
 function subscribe(path, lastId, onEvent, onReset) {
   const ctl = new AbortController();
   let last = lastId;
@@ -105,7 +107,8 @@ function subscribe(path, lastId, onEvent, onReset) {
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
         let buf = "";
         let ev = { id: null, event: "message", data: [] };
-        for (;;) {
+        let reset = false;
+        while (!reset) {
           const { value, done } = await reader.read();
           if (done) break;
           buf += value;
@@ -115,8 +118,12 @@ function subscribe(path, lastId, onEvent, onReset) {
             buf = buf.slice(nl + 1);
             if (line === "") {
               if (ev.data.length) {
-                if (ev.event === "reset") { last = null; onReset(); }
-                else {
+                if (ev.event === "reset") {
+                  reset = true;
+                  reader.cancel().catch(() => {});
+                  last = await onReset();
+                  break;
+                } else {
                   if (ev.id !== null) last = Number(ev.id);
                   try { onEvent(ev.event, JSON.parse(ev.data.join("\n"))); } catch (err) { console.error(err); }
                 }
@@ -235,7 +242,9 @@ function runsPage(main) {
       h("td", { class: "error" }, r.error ? r.error.slice(0, 120) : ""));
   }
 
+  let loads = 0;
   async function load() {
+    const mine = ++loads;
     const q = new URLSearchParams({ limit: "50" });
     if (state.status) q.set("status", state.status);
     if (state.module) q.set("module", state.module);
@@ -243,6 +252,7 @@ function runsPage(main) {
     if (after !== null) q.set("after", after);
     try {
       const page = await api("/api/runs?" + q);
+      if (mine !== loads) return page.seq;
       error.textContent = "";
       rows.clear();
       body.replaceChildren(...page.runs.map((r) => { const tr = row(r); rows.set(r.id, tr); return tr; }));
@@ -251,9 +261,13 @@ function runsPage(main) {
       older.disabled = page.next === null;
       newer.disabled = state.cursors.length === 1;
       count.textContent = `page ${state.cursors.length}`;
-    } catch (e) { error.textContent = e.message; }
+      return page.seq;
+    } catch (e) { error.textContent = e.message; return null; }
   }
   const reloadSoon = throttle(load, 400);
+  // Runs touched by events, fetched a few times a second at most.
+  const touched = new Set();
+  const refreshTouched = throttle(() => { const ids = [...touched]; touched.clear(); ids.forEach(refresh); }, 500);
   const refresh = async (id) => {
     try {
       const r = await api("/api/runs/" + encodeURIComponent(id) + "?history=false");
@@ -272,12 +286,17 @@ function runsPage(main) {
   module.addEventListener("change", setFilter);
   older.addEventListener("click", () => { state.cursors.push(state.next); load(); });
   newer.addEventListener("click", () => { state.cursors.pop(); load(); });
-  load();
-  // New runs appear on the first page; others update in place.
-  return subscribe("/api/events", null, (kind, ev) => {
-    if (kind === "created") { if (state.cursors.length === 1) reloadSoon(); }
-    else if ((kind === "status" || kind === "history") && rows.has(ev.run_id)) refresh(ev.run_id);
-  }, reloadSoon);
+  // New runs appear on the first page; others update in place. The stream
+  // starts at the first page's position: nothing between is missed.
+  let stopped = false, unsubscribe = () => {};
+  load().then((seq) => {
+    if (stopped) return;
+    unsubscribe = subscribe("/api/events", seq, (kind, ev) => {
+      if (kind === "created") { if (state.cursors.length === 1) reloadSoon(); }
+      else if ((kind === "status" || kind === "history") && rows.has(ev.run_id)) { touched.add(ev.run_id); refreshTouched(); }
+    }, load);
+  });
+  return () => { stopped = true; unsubscribe(); };
 }
 
 // ---- The run page.
@@ -323,34 +342,39 @@ function runPage(main, id) {
     renderActions();
   }
 
+  // The action buttons are built once (a re-render would wipe what the
+  // user is typing); events only switch them on and off.
+  const signalName = h("input", { id: "signal-name", placeholder: "signal name", size: 18 });
+  const signalPayload = h("textarea", { id: "signal-payload", placeholder: "payload (JSON; empty: null)" });
+  const signalSend = h("button", { id: "signal-send", type: "submit", class: "primary" }, "Send signal");
+  const received = h("span", { class: "muted", id: "signals-received" });
+  const resumeButton = h("button", { id: "resume-run", type: "button", onclick: async () => {
+    try { await api(path + "/resume", { method: "POST" }); toast("Resume requested."); } catch (err) { toast(err.message, true); }
+  } }, "Resume");
+  const cancelButton = h("button", { id: "cancel-run", type: "button", class: "danger", onclick: async () => {
+    if (!confirm(`Cancel run ${id}?`)) return;
+    try { await api(path + "/cancel", { method: "POST" }); toast("Cancel requested."); } catch (err) { toast(err.message, true); }
+  } }, "Cancel run");
+  fill(actions, h("div", { class: "actions" },
+    h("form", { class: "signal", onsubmit: async (e) => {
+      e.preventDefault();
+      const n = signalName.value.trim();
+      if (!n) { toast("Name the signal.", true); return; }
+      try {
+        const text = signalPayload.value.trim();
+        if (text) JSON.parse(text);
+        await api(path + "/signals/" + encodeURIComponent(n), { method: "POST", body: text || "" });
+        toast(`Signal ${n} sent.`);
+        signalPayload.value = "";
+      } catch (err) { toast(err instanceof SyntaxError ? "The payload is not JSON." : err.message, true); }
+    } }, h("h2", {}, "Signal"), h("div", { class: "row-flex" }, signalName, signalSend), signalPayload, received),
+    h("div", { class: "row-flex", style: { alignItems: "flex-start" } }, resumeButton, cancelButton)));
+
   function renderActions() {
     const done = finished();
-    const name = h("input", { id: "signal-name", placeholder: "signal name", size: 18 });
-    const payload = h("textarea", { id: "signal-payload", placeholder: "payload (JSON; empty: null)" });
-    const waiting = st.entries.filter((e) => e.kind === "signal").length;
-    const send = h("button", { id: "signal-send", type: "submit", class: "primary", disabled: done }, "Send signal");
-    fill(actions, h("div", { class: "actions" },
-      h("form", { class: "signal", onsubmit: async (e) => {
-        e.preventDefault();
-        const n = name.value.trim();
-        if (!n) { toast("Name the signal.", true); return; }
-        try {
-          const text = payload.value.trim();
-          if (text) JSON.parse(text);
-          await api(path + "/signals/" + encodeURIComponent(n), { method: "POST", body: text || "" });
-          toast(`Signal ${n} sent.`);
-          payload.value = "";
-        } catch (err) { toast(err instanceof SyntaxError ? "The payload is not JSON." : err.message, true); }
-      } }, h("h2", {}, "Signal"), h("div", { class: "row-flex" }, name, send), payload,
-        waiting ? h("span", { class: "muted" }, `${waiting} signal(s) received so far`) : null),
-      h("div", { class: "row-flex", style: { alignItems: "flex-start" } },
-        h("button", { id: "resume-run", type: "button", disabled: done, onclick: async () => {
-          try { await api(path + "/resume", { method: "POST" }); toast("Resume requested."); } catch (err) { toast(err.message, true); }
-        } }, "Resume"),
-        h("button", { id: "cancel-run", type: "button", class: "danger", disabled: done, onclick: async () => {
-          if (!confirm(`Cancel run ${id}?`)) return;
-          try { await api(path + "/cancel", { method: "POST" }); toast("Cancel requested."); } catch (err) { toast(err.message, true); }
-        } }, "Cancel run"))));
+    for (const b of [signalSend, resumeButton, cancelButton]) b.disabled = done;
+    const taken = st.entries.filter((e) => e && e.kind === "signal").length;
+    received.textContent = taken ? `${taken} signal(s) received so far` : "";
   }
 
   // The timeline's rows: a step occurrence (its attempts), a branch (its
@@ -388,7 +412,7 @@ function runPage(main, id) {
     const r = st.run;
     const start = Date.parse(r.created_at);
     let end = r.finished_at ? Date.parse(r.finished_at) : Date.now();
-    for (const e of st.entries) end = Math.max(end, Date.parse(e.finished_at));
+    for (const e of st.entries) if (e) end = Math.max(end, Date.parse(e.finished_at));
     for (const b of st.branches) end = Math.max(end, Date.parse(b.finished_at));
     return { start, end: Math.max(end, start + 1) };
   }
@@ -409,7 +433,10 @@ function runPage(main, id) {
         const s = Date.parse(a.started_at), f = Date.parse(a.finished_at);
         out.push(bar("branch " + a.status, s, f, `attempt ${a.attempt}: ${a.status}, ${fmtDur(f - s)}`));
       }
-      const status = lane.entries[0].branch_status;
+      // The branch's state from its attempts (refreshed on every branch
+      // event; the spawn entry's own `branch_status` is as of its page).
+      const lastAttempt = lane.attempts.reduce((a, b) => (!a || b.attempt > a.attempt ? b : a), null);
+      const status = lastAttempt && lastAttempt.status !== "failed" ? lastAttempt.status : "running";
       if (status === "running" && !finished()) {
         const from = lane.attempts.length ? Date.parse(lane.attempts[lane.attempts.length - 1].finished_at) : spawned;
         out.push(bar("running", from, t.end, "running"));
@@ -487,10 +514,14 @@ function runPage(main, id) {
       last && last.output !== null && last.output !== undefined ? h("div", {}, h("h2", {}, lane.kind === "signal" ? "Payload" : "Output"), jsonView(last.output)) : null);
   }
 
-  // History comes in pages, appended as they arrive.
+  // History comes in pages, appended as they arrive. A reload (after a
+  // `reset`) starts a new generation: pages of the old one are dropped.
+  let generation = 0;
   async function loadHistory() {
+    const mine = generation;
     for (;;) {
       const page = await api(`${path}/history?after=${st.lastPos}&limit=1000`);
+      if (mine !== generation) return;
       for (const e of page.entries) { st.entries[e.position] = e; st.lastPos = Math.max(st.lastPos, e.position); }
       if (page.next === null || !page.entries.length) break;
     }
@@ -520,21 +551,21 @@ function runPage(main, id) {
     } catch { /* shown on the next full load */ }
   }, 250);
   const refreshHistory = throttle(async () => {
-    try { await loadHistory(); st.run.steps = st.entries.filter((e) => e.kind === "step" && e.status === "completed").length; renderTimeline(); } catch { /* idem */ }
+    try { await loadHistory(); st.run.steps = st.entries.filter((e) => e && e.kind === "step" && e.status === "completed").length; renderTimeline(); } catch { /* idem */ }
   }, 150);
 
   // Running bars grow with the clock.
   const tick = setInterval(() => { if (st.run && !finished()) renderTimeline(); }, 1000);
-  let unsubscribe = () => {};
+  let unsubscribe = () => {}, stopped = false;
   (async () => {
     const seq = await loadAll();
-    if (seq === null) return;
+    if (seq === null || stopped) return;
     unsubscribe = subscribe(path + "/events", seq, (kind) => {
       if (kind === "history") refreshHistory();
       else refreshRun();
-    }, () => { st.entries = []; st.lastPos = -1; loadAll(); });
+    }, () => { generation++; st.entries = []; st.lastPos = -1; return loadAll(); });
   })();
-  return () => { clearInterval(tick); unsubscribe(); };
+  return () => { stopped = true; clearInterval(tick); unsubscribe(); };
 }
 
 // ---- Upload a module, start a run.

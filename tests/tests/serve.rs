@@ -271,15 +271,15 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
             Err(e) => panic!("{method} {url}: {e}"),
         };
         let status = resp.status();
+        for other in ["PUT", "DELETE", "PATCH"] {
+            let r = ureq::request(other, &url).call();
+            assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{other} {path} is not a route: {r:?}");
+        }
         if status == 200 {
             continue;
         }
         let body: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap_or(Value::Null);
         assert!(body["error"].is_string(), "{method} {path} is answered by its handler: {status} {body}");
-        for other in ["PUT", "DELETE", "PATCH"] {
-            let r = ureq::request(other, &url).call();
-            assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{other} {path} is not a route: {r:?}");
-        }
     }
     drop(server);
 }

@@ -383,7 +383,18 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
     }
     // Before anything records a metric (see `telemetry`).
     let metrics = match crate::telemetry::install_prometheus() {
-        Ok(handle) => Some(handle),
+        Ok(handle) => {
+            // Histogram samples pile up until they are folded into their
+            // buckets: fold them even when nobody scrapes.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        }
         Err(e) => {
             eprintln!("cairn serve: no metrics: {e:#}");
             None

@@ -86,10 +86,12 @@ pub(super) async fn list_runs(
         before: number::<i64>(&q, "after")?.map(RunKey),
         limit: limit + 1,
     };
+    // Read first: events after it reach a client that subscribes from it.
+    let seq = state.service.store().last_seq().await?;
     let page = long_read(state.service.runs_page(&filter)).await?;
     let next = (page.len() > limit).then(|| page[limit - 1].key.0);
     let runs: Vec<Value> = page.iter().take(limit).map(views::run_summary).collect();
-    Ok((StatusCode::OK, Json(json!({"runs": runs, "next": next}))))
+    Ok((StatusCode::OK, Json(json!({"runs": runs, "next": next, "seq": seq}))))
 }
 
 /// `GET /api/runs/{id}`: `cairn show --json`, and the feed position to

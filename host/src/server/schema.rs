@@ -28,6 +28,9 @@ pub struct RunPage {
     pub runs: Vec<RunSummary>,
     /// The `after` of the next page; null on the last.
     pub next: Option<i64>,
+    /// The change-feed position this page is current to (`Last-Event-ID`
+    /// for `/api/events`).
+    pub seq: u64,
 }
 
 /// A history entry: a step attempt, a timer, a signal, a branch spawn, a
