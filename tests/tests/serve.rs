@@ -359,3 +359,29 @@ fn sigterm_stops_the_server_gracefully() {
     assert_eq!(wait_status(&base, &admin, "w", "completed")["output"], json!([7]));
     drop(server);
 }
+
+/// A run waiting in memory (not parked: `--park-after` is an hour) shows
+/// `waiting` or `sleeping` to viewers, and `running` again after.
+#[test]
+fn a_wait_in_memory_shows_in_the_status() {
+    let w = World::new("serve-wait-status");
+    let admin = token(&w, "admin");
+    let server = serve(&w, &["--park-after", "3600"]);
+    let base = server.base.clone();
+    let signals = upload(&base, &admin, "signals");
+    let timers = upload(&base, &admin, "timers");
+    let start = |module: &str, input: Value, id: &str| {
+        let body = json!({"module": module, "input": input, "run_id": id});
+        let (status, reply) =
+            call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes()));
+        assert_eq!(status, 201, "{reply}");
+    };
+    start(&signals, json!({"waits": [{"name": "go"}]}), "s");
+    start(&timers, json!({"mode": "ctx_sleep", "sleep_ms": 3000}), "t");
+    wait_status(&base, &admin, "s", "waiting");
+    wait_status(&base, &admin, "t", "sleeping");
+    assert_eq!(call("POST", &format!("{base}/api/runs/s/signals/go"), Some(&admin), Some(b"1")).0, 202);
+    assert_eq!(wait_status(&base, &admin, "s", "completed")["output"], json!([1]));
+    wait_status(&base, &admin, "t", "completed");
+    drop(server);
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use wasmtime::Caller;
 
 use super::memory::guest_str;
-use super::state::{Ending, HostState};
+use super::state::{Ending, HostState, SHOW_WAIT};
 use super::timer::record_timer;
 use crate::model::{Entry, EntryKind, RunStatus, now_ms};
 use crate::runtime::journal::Request;
@@ -46,6 +46,7 @@ pub(super) async fn signal_wait(
         Ok(None) => {}
     }
     let held_since = Instant::now();
+    let mut shown = false;
     loop {
         let st = caller.data_mut();
         let entry = Entry::event(EntryKind::Signal, name.clone(), 0, Vec::new());
@@ -60,6 +61,9 @@ pub(super) async fn signal_wait(
         let consume = Write::ConsumeSignal { run: st.run.run, name: name.clone(), entry: (position, entry.clone()) };
         let taken = st.commit_writes(vec![consume]).await?.signal;
         if let Some(payload) = taken {
+            if shown {
+                st.defer_write(Write::status(st.run.run, RunStatus::Running));
+            }
             st.journal.record_committed(Entry { output: payload.clone(), ..entry });
             st.staged = payload;
             return Ok((SIGNAL_RECEIVED << 32) | st.staged.len() as i64);
@@ -68,6 +72,9 @@ pub(super) async fn signal_wait(
             && now_ms() >= d
         {
             st.record(entry)?;
+            if shown {
+                st.defer_write(Write::status(st.run.run, RunStatus::Running));
+            }
             st.commit(Vec::new()).await?;
             let st = caller.data_mut();
             st.staged = Vec::new();
@@ -79,7 +86,15 @@ pub(super) async fn signal_wait(
         if held >= st.park_threshold {
             return Err(st.stop(Ending::Park { wake_at: deadline, status: RunStatus::Waiting }));
         }
+        if !shown && held >= SHOW_WAIT {
+            st.show_wait(RunStatus::Waiting).await?;
+            shown = true;
+        }
+        let st = caller.data_mut();
         let mut wait = st.park_threshold - held;
+        if !shown {
+            wait = wait.min(SHOW_WAIT - held);
+        }
         if let Some(d) = deadline {
             wait = wait.min(Duration::from_millis(d.saturating_sub(now_ms()).max(0) as u64));
         }

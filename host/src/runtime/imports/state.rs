@@ -375,14 +375,22 @@ impl HostState {
     /// Wait until `wake_at` (Unix ms) inside a host call, or park the run
     /// if that is further away than the park threshold.
     pub(super) async fn wait_until(&mut self, wake_at: i64) -> wasmtime::Result<()> {
+        let mut shown = false;
         loop {
             let remaining = wake_at.saturating_sub(now_ms());
             if remaining <= 0 {
+                if shown {
+                    self.defer_write(Write::status(self.run.run, RunStatus::Running));
+                }
                 return Ok(());
             }
             self.check_wall()?;
             if Duration::from_millis(remaining as u64) > self.park_threshold {
                 return Err(self.stop(Ending::Park { wake_at: Some(wake_at), status: RunStatus::Sleeping }));
+            }
+            if !shown && Duration::from_millis(remaining as u64) >= SHOW_WAIT {
+                self.show_wait(RunStatus::Sleeping).await?;
+                shown = true;
             }
             // Wake at the wall limit if it comes first.
             let wall_left = self.wall_deadline.map_or(i64::MAX, |d| d.saturating_sub(now_ms()).max(1));
@@ -395,6 +403,18 @@ impl HostState {
                 return Err(self.stop(Ending::Cancelled));
             }
         }
+    }
+
+    /// Show that the run waits, in its status, while its instance waits in
+    /// memory (it says so anyway once it parks): viewers see `sleeping` or
+    /// `waiting` rather than `running`. Only for waits of `SHOW_WAIT` or
+    /// more, so short backoffs cost no commit; the caller sets `running`
+    /// back (deferred) when the wait ends.
+    pub(super) async fn show_wait(&mut self, status: RunStatus) -> wasmtime::Result<()> {
+        if self.branch_mode.is_some() {
+            return Ok(());
+        }
+        self.commit(vec![Write::status(self.run.run, status)]).await
     }
 
     /// Hand every recorded-but-unsubmitted entry, plus `extra`, to the store
@@ -482,6 +502,9 @@ impl HostState {
         Vec::new()
     }
 }
+
+/// Waits at least this long show in the run's status ([`HostState::show_wait`]).
+pub(super) const SHOW_WAIT: Duration = Duration::from_millis(100);
 
 fn ticks(ms: u64) -> u64 {
     (ms / super::super::engine::EPOCH_TICK.as_millis() as u64).max(1)
