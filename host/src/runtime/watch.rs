@@ -202,6 +202,7 @@ async fn listen(watcher: Weak<Watcher>, mut subscription: Subscription) {
                         watch.request_cancel();
                     }
                 }
+                ChangeKind::Created => {}
                 // A cancelled run needs no more watching.
                 _ => {
                     w.lock().cancelled.remove(&event.run);

@@ -185,15 +185,19 @@ impl Service {
         if max == 0 {
             return Ok(claimed);
         }
-        for run in self.store.unfinished_runs().await? {
+        // Keys first (a worker holding 100,000 parked runs scans them at
+        // every look), then a lease and the whole run for each candidate.
+        for key in self.store.unfinished_keys().await? {
             if claimed.len() >= max {
                 break;
             }
-            if skip(run.key) {
+            if skip(key) {
                 continue;
             }
-            if let Claim::Claimed(c) = self.claim(&run).await? {
-                claimed.push(c);
+            let Some(lease) = self.store.lease(key).await? else { continue };
+            match self.store.run_by_key(key).await? {
+                Some(run) if !run.status.is_finished() => claimed.push(ClaimedRun { run, lease }),
+                _ => drop(lease),
             }
         }
         Ok(claimed)

@@ -21,8 +21,13 @@ use crate::runtime::{ExecError, Executor, RunOutcome};
 use crate::store::StoreError;
 use crate::terminal::escape;
 
-/// How often an idle worker looks for new runs.
-const CLAIM_INTERVAL: Duration = Duration::from_millis(100);
+/// How often an idle worker looks for runs that no event announces: runs
+/// left by a process that died, runs whose claim failed. New runs, signals
+/// and cancels wake it at once (the change feed).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// After a look that filled every free slot: soon again, once instances
+/// have parked or finished and freed theirs.
+const BUSY_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a stopping worker waits for live instances.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -45,6 +50,8 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
 
     // Set when the store can take no more commits (a failed fsync).
     let mut fatal: Option<ServiceError> = None;
+    // Subscribed before the first look: no run created after it is missed.
+    let mut wake = service.store().subscribe_control();
     'claiming: loop {
         // Claim while there are free slots.
         let free = slots.available_permits();
@@ -53,6 +60,8 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
             })
             .await?;
+        // Every free slot taken (or none free): more may be waiting for one.
+        let filled = claimed.len() == free;
         for claimed in claimed {
             let run = claimed.run.key;
             held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
@@ -64,11 +73,18 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 (run, claimed.run.id, result)
             });
         }
-        // Wait for a run to end, the next look, or the stop signal.
-        let pause = tokio::time::sleep(CLAIM_INTERVAL);
+        // Wait for a run to end, an event, the next look, or the stop signal.
+        let pause = tokio::time::sleep(if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL });
         tokio::select! {
             _ = &mut stop => break 'claiming,
             _ = pause => {}
+            event = wake.recv() => {
+                if matches!(event, Err(crate::store::feed::FeedError::Closed)) {
+                    break 'claiming;
+                }
+                // One look for a burst: what else is queued is taken now.
+                while wake.try_recv() {}
+            }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match report(done) {
                     Reported::Fine => {}

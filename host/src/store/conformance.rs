@@ -191,10 +191,13 @@ pub(crate) async fn change_feed_in_order_and_replayable(open: Open) {
     assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
     assert_eq!(store.changes_since(got[2].seq, 3).await.unwrap(), got[3..6]);
     // Control listeners get only what executing runs wait for.
-    let control_got = [next(&mut control).await, next(&mut control).await, next(&mut control).await];
+    let mut control_got = Vec::new();
+    for _ in 0..4 {
+        control_got.push(next(&mut control).await);
+    }
     let kinds: Vec<_> = control_got.iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, [ChangeKind::Signal, ChangeKind::Cancel, ChangeKind::Status]);
-    assert_eq!(control_got[2].status, Some(RunStatus::Cancelled));
+    assert_eq!(kinds, [ChangeKind::Created, ChangeKind::Signal, ChangeKind::Cancel, ChangeKind::Status]);
+    assert_eq!(control_got[3].status, Some(RunStatus::Cancelled));
 }
 
 pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: Reopen) {
@@ -271,6 +274,9 @@ pub(crate) async fn cancel_is_recorded(open: Open) {
     commit(&*store, vec![Write::cancelled(run.key)]).await.unwrap();
     let ids: Vec<String> = store.unfinished_runs().await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(ids, [other.id.clone()], "a cancelled run is finished");
+    assert_eq!(store.unfinished_keys().await.unwrap(), [other.key]);
+    assert_eq!(store.run_by_key(other.key).await.unwrap().map(|r| r.id), Some(other.id.clone()));
+    assert!(store.run_by_key(RunKey(i64::MAX)).await.unwrap().is_none());
     let c = store.run("c").await.unwrap().unwrap();
     assert_eq!((c.status, c.error.as_deref()), (RunStatus::Cancelled, Some("cancelled")));
     let all: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();

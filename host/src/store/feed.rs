@@ -93,7 +93,8 @@ impl ChangeEvent {
     /// listeners for nothing.)
     pub fn is_control(&self) -> bool {
         match self.kind {
-            ChangeKind::Signal | ChangeKind::Cancel => true,
+            // New runs wake idle workers; signals and cancels reach waiting runs.
+            ChangeKind::Created | ChangeKind::Signal | ChangeKind::Cancel => true,
             ChangeKind::Status => self.status == Some(RunStatus::Cancelled),
             _ => false,
         }
@@ -199,6 +200,14 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Take one queued event without waiting; false when none is queued.
+    pub fn try_recv(&mut self) -> bool {
+        !matches!(
+            self.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+        )
+    }
+
     /// The next event.
     pub async fn recv(&mut self) -> Result<ChangeEvent, FeedError> {
         self.rx.recv().await.map_err(|e| match e {

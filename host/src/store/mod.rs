@@ -230,6 +230,11 @@ pub trait RunStore: Send + Sync {
     async fn runs_page(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError>;
     /// How many runs there are of each status (statuses with none left out).
     async fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>, StoreError>;
+    /// The keys of runs that are not finished, oldest first: what a worker
+    /// scans for runs to claim (a cheap read, however many runs are parked).
+    async fn unfinished_keys(&self) -> Result<Vec<RunKey>, StoreError>;
+    /// The run with this key.
+    async fn run_by_key(&self, run: RunKey) -> Result<Option<RunRecord>, StoreError>;
     /// Runs that are not finished, oldest first.
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// A run's whole history, in one query.

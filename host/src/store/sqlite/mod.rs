@@ -354,6 +354,22 @@ impl RunStore for SqliteStore {
         Ok(rows.into_iter().filter_map(|(s, n)| Some((RunStatus::parse(&s)?, n.max(0) as u64))).collect())
     }
 
+    async fn unfinished_keys(&self) -> Result<Vec<RunKey>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT seq FROM runs WHERE {} ORDER BY seq", *UNFINISHED))?;
+            stmt.query_map([], |r| Ok(RunKey(r.get(0)?)))?.collect()
+        })
+    }
+
+    async fn run_by_key(&self, run: RunKey) -> Result<Option<RunRecord>, StoreError> {
+        let row = self.read(|c| {
+            c.prepare_cached(&format!("SELECT {} FROM runs WHERE seq = ?1", *RUN_COLUMNS))?
+                .query_row([run.0], run_from_row)
+                .optional()
+        })?;
+        row.transpose().map_err(StoreError::Corrupt)
+    }
+
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         let rows = self.read(|c| {
             let mut stmt =
