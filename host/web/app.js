@@ -338,7 +338,7 @@ function runPage(main, id) {
           fmtDur((r.finished_at ? Date.parse(r.finished_at) : Date.now()) - Date.parse(r.created_at)))));
     fill(io, 
       h("div", {}, h("h2", {}, "Input"), jsonView(r.input)),
-      h("div", {}, h("h2", {}, "Output"), r.status === "completed" ? jsonView(r.output) : h("p", { class: "muted" }, r.status === "failed" ? "failed" : "not yet")));
+      h("div", {}, h("h2", {}, "Output"), r.status === "completed" ? jsonView(r.output) : h("p", { class: "muted" }, { failed: "none: the run failed", cancelled: "none: the run was cancelled" }[r.status] || "not yet")));
     renderActions();
   }
 
@@ -470,7 +470,7 @@ function runPage(main, id) {
     const t = span();
     fill(axis, h("span", {}, fmtTime(new Date(t.start).toISOString())), h("span", {}, fmtDur(t.end - t.start)));
     const all = lanes();
-    $("#entry-count").textContent = `${st.entries.length.toLocaleString()} entries`;
+    $("#entry-count").textContent = `${st.entries.length.toLocaleString()} ${st.entries.length === 1 ? "entry" : "entries"}`;
     const mine = ++drawToken;
     const existing = rows.children;
     let i = 0;
