@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::model::RunStatus;
+
 /// The engine's instruments.
 pub struct Metrics {
     /// Completed steps and branch attempts made durable.
@@ -58,10 +60,12 @@ pub fn get() -> &'static Metrics {
     })
 }
 
-/// Set the `cairn_runs{status=...}` gauges (read from the store at scrape time).
-pub fn set_run_counts(counts: &[(&'static str, u64)]) {
-    for (status, n) in counts {
-        metrics::gauge!("cairn_runs", "status" => *status).set(*n as f64);
+/// Set the `cairn_runs{status=...}` gauges (read from the store at scrape
+/// time); a status with no runs shows 0.
+pub fn set_run_counts(counts: &[(RunStatus, u64)]) {
+    for status in RunStatus::ALL {
+        let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |c| c.1);
+        metrics::gauge!("cairn_runs", "status" => status.as_str()).set(n as f64);
     }
 }
 

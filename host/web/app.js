@@ -527,16 +527,22 @@ function runPage(main, id) {
     }
   }
 
+  // The run without its history (paged apart), and its branches' attempts.
+  async function loadRun() {
+    const run = await api(path + "?history=false");
+    st.run = run;
+    st.branches = run.branches || [];
+    return run.seq;
+  }
+
   async function loadAll() {
     try {
-      const run = await api(path + "?history=false");
-      st.run = run;
-      st.branches = run.branches || [];
+      const seq = await loadRun();
       await loadHistory();
       error.textContent = "";
       renderHead();
       renderTimeline();
-      return run.seq;
+      return seq;
     } catch (e) {
       error.textContent = e.status === 404 ? `There is no run ${id}.` : e.message;
       return null;
@@ -544,14 +550,10 @@ function runPage(main, id) {
   }
 
   const refreshRun = throttle(async () => {
-    try {
-      const run = await api(path + "?history=false");
-      st.run = run; st.branches = run.branches || [];
-      renderHead(); renderTimeline();
-    } catch { /* shown on the next full load */ }
+    try { await loadRun(); renderHead(); renderTimeline(); } catch { /* shown on the next full load */ }
   }, 250);
   const refreshHistory = throttle(async () => {
-    try { await loadHistory(); st.run.steps = st.entries.filter((e) => e && e.kind === "step" && e.status === "completed").length; renderTimeline(); } catch { /* idem */ }
+    try { await loadHistory(); renderTimeline(); } catch { /* idem */ }
   }, 150);
 
   // Running bars grow with the clock.

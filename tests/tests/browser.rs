@@ -9,6 +9,7 @@
 //! name other binaries.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,11 +22,14 @@ use serde_json::{Value, json};
 /// A generous bound: a test fails only if something never happens.
 const SOON: Duration = Duration::from_secs(60);
 
+/// chromedriver in a process group of its own, with the Chromium it
+/// starts: dropping it (a failed test too) kills the whole group, so no
+/// browser outlives the test.
 struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -49,6 +53,7 @@ async fn browser(w: &World) -> (Driver, Client) {
     let chromium = binary("CAIRN_CHROMIUM", "/usr/bin/chromium");
     let port = free_port();
     let driver = Command::new(driver_bin)
+        .process_group(0)
         .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

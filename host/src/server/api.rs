@@ -249,14 +249,13 @@ pub(super) async fn upload_module(
         .prepare(body.to_vec(), "the uploaded module")
         .await
         .map_err(|e| ApiError::new(400, ErrorCode::InvalidModule, e.to_string()))?;
-    let store = state.service.store();
-    let known = store.module(&prepared.hash).await?.is_some();
+    let known = state.module_known(&prepared.hash).await?;
     let reply = module_json(&prepared.hash, prepared.bytes.len(), &prepared.module);
     if !known {
         let put = crate::store::Write::PutModule { hash: prepared.hash.clone(), bytes: prepared.bytes };
-        crate::store::commit(&**store, vec![put]).await?;
+        crate::store::commit(&**state.service.store(), vec![put]).await?;
+        state.remember_module(prepared.hash);
     }
-    state.known_modules.write().unwrap_or_else(|e| e.into_inner()).insert(prepared.hash.clone());
     Ok((if known { StatusCode::OK } else { StatusCode::CREATED }, Json(reply)))
 }
 

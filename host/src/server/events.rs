@@ -32,6 +32,7 @@ type Events = axum::response::Response;
 #[utoipa::path(get, path = "/api/events", params(("Last-Event-ID" = Option<u64>, Header, description = "the last `id` received")),
     responses((status = 200, description = "an event stream", body = String, content_type = "text/event-stream"), (status = 401, body = ErrorBody)))]
 pub(super) async fn all_events(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Events, ApiError> {
+    authorize(&state, &headers, Role::Viewer).await?;
     stream_events(state, headers, None).await
 }
 
@@ -43,10 +44,8 @@ pub(super) async fn run_events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Events, ApiError> {
-    let run = {
-        authorize(&state, &headers, Role::Viewer).await?;
-        state.service.find_run(&id).await?.key
-    };
+    authorize(&state, &headers, Role::Viewer).await?;
+    let run = state.service.find_run(&id).await?.key;
     stream_events(state, headers, Some(run)).await
 }
 
@@ -63,8 +62,8 @@ struct Feed {
     _client: crate::telemetry::GaugeGuard,
 }
 
+/// The stream of an authorized caller (`only`: one run's events).
 async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<RunKey>) -> Result<Events, ApiError> {
-    authorize(&state, &headers, Role::Viewer).await?;
     // Subscribed before the backlog is read: nothing falls between.
     let live = state.service.subscribe();
     let last: Option<u64> =

@@ -41,14 +41,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
     let Some(handle) = &state.metrics else {
         return Err(ApiError::new(503, ErrorCode::Internal, "this process records no metrics"));
     };
-    let counts = state.service.store().run_counts().await?;
-    let mut all: Vec<(&'static str, u64)> = crate::model::RunStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    for (status, n) in counts {
-        if let Some(slot) = all.iter_mut().find(|(s, _)| *s == status.as_str()) {
-            slot.1 = n;
-        }
-    }
-    crate::telemetry::set_run_counts(&all);
+    crate::telemetry::set_run_counts(&state.service.store().run_counts().await?);
     let text = handle.render();
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

@@ -78,9 +78,14 @@ impl AppState {
         }
         let stored = self.service.store().module(hash).await?.is_some();
         if stored {
-            self.known_modules.write().unwrap_or_else(|e| e.into_inner()).insert(hash.to_string());
+            self.remember_module(hash.to_string());
         }
         Ok(stored)
+    }
+
+    /// A module now known to be stored.
+    fn remember_module(&self, hash: String) {
+        self.known_modules.write().unwrap_or_else(|e| e.into_inner()).insert(hash);
     }
 }
 
