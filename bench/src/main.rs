@@ -178,7 +178,7 @@ impl Host {
                 status,
                 random_key: cairn::runtime::random::new_key().map_err(|e| anyhow::anyhow!("{e}"))?,
             };
-            tickets.push(self.store.submit(vec![Write::CreateRun { run, lease: false }]));
+            tickets.push(self.store.submit(vec![Write::CreateRun { run: Box::new(run), lease: false }]));
         }
         let mut runs = Vec::with_capacity(n);
         for t in tickets {

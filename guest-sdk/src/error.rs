@@ -10,18 +10,27 @@ use std::fmt;
 pub struct Error {
     message: String,
     permanent: bool,
+    cancelled: bool,
 }
 
 impl Error {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> Self {
-        Error { message: message.into(), permanent: false }
+        Error { message: message.into(), permanent: false, cancelled: false }
     }
 
     /// An error that retrying cannot fix (bad input, a declined card):
     /// marked so that retry policies give up at once.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Error { message: message.into(), permanent: true }
+        Error { message: message.into(), permanent: true, cancelled: false }
+    }
+
+    /// The run was cancelled (`cairn cancel RUN --grace SECONDS`): the host
+    /// delivers this once, at the workflow's next step, sleep or signal
+    /// wait. The workflow may still run steps (compensations, say) until
+    /// the grace period ends; however it finishes, the run ends `cancelled`.
+    pub(crate) fn cancelled(message: String) -> Self {
+        Error { message, permanent: true, cancelled: true }
     }
 
     /// Convert any displayable error.
@@ -35,6 +44,11 @@ impl Error {
 
     pub fn is_permanent(&self) -> bool {
         self.permanent
+    }
+
+    /// True for the error that delivers a cancellation to the workflow.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
     }
 }
 

@@ -2,7 +2,12 @@
 
 /// The ABI version this SDK speaks; the host asks for it before running.
 pub use cairn_abi::ABI_VERSION;
-use cairn_abi::{SIGNAL_RECEIVED, SPAWN_HANDLE, SPAWN_RUN_HERE, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN};
+use cairn_abi::{
+    CANCELLED, EFFECT_FAILED, EFFECT_REFUSED, HTTP_RESPONSE, KV_ABSENT, KV_VALUE, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT,
+    SPAWN_HANDLE, SPAWN_RUN_HERE, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN,
+};
+
+use crate::Error;
 
 /// Exported so the host can check which ABI the module was built for.
 #[unsafe(no_mangle)]
@@ -34,6 +39,14 @@ mod imports {
         pub fn finish(status: i32, ptr: *const u8, len: i32) -> i32;
         #[link_name = "panic"]
         pub fn panic(ptr: *const u8, len: i32);
+        #[link_name = "http"]
+        pub fn http(ptr: *const u8, len: i32) -> i64;
+        #[link_name = "kv_get"]
+        pub fn kv_get(key_ptr: *const u8, key_len: i32) -> i64;
+        #[link_name = "kv_put"]
+        pub fn kv_put(key_ptr: *const u8, key_len: i32, value_ptr: *const u8, value_len: i32) -> i64;
+        #[link_name = "kv_delete"]
+        pub fn kv_delete(key_ptr: *const u8, key_len: i32) -> i64;
     }
 }
 
@@ -70,6 +83,18 @@ mod imports {
         panic!("{NO_HOST}")
     }
     pub unsafe fn panic(_: *const u8, _: i32) {}
+    pub unsafe fn http(_: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn kv_get(_: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn kv_put(_: *const u8, _: i32, _: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
+    pub unsafe fn kv_delete(_: *const u8, _: i32) -> i64 {
+        panic!("{NO_HOST}")
+    }
 }
 
 /// Copy the `len` bytes the host staged into a new buffer.
@@ -97,7 +122,12 @@ pub(crate) fn input() -> Vec<u8> {
 
 pub(crate) enum Begin {
     Memoized(Result<Vec<u8>, String>),
-    Run { key: String, attempt: u32 },
+    Run {
+        key: String,
+        attempt: u32,
+    },
+    /// The run was cancelled with a grace period (delivered once).
+    Cancelled(String),
 }
 
 pub(crate) fn step_begin(name: &str, policy: &[u8; cairn_abi::POLICY_BYTES]) -> Begin {
@@ -115,6 +145,7 @@ pub(crate) fn step_begin(name: &str, policy: &[u8; cairn_abi::POLICY_BYTES]) -> 
             key: String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
             attempt,
         },
+        CANCELLED => Begin::Cancelled(String::from_utf8_lossy(&bytes).into_owned()),
         other => panic!("cairn host answered step_begin with unknown status {other}"),
     }
 }
@@ -139,9 +170,10 @@ pub(crate) fn finish(outcome: Result<&[u8], &str>) {
     unsafe { imports::finish(status, bytes.as_ptr(), bytes.len() as i32) };
 }
 
-pub(crate) fn sleep(millis: i64) {
+/// False if the run was cancelled (with a grace period) instead.
+pub(crate) fn sleep(millis: i64) -> bool {
     // SAFETY: no pointers.
-    unsafe { imports::sleep(millis) };
+    unsafe { imports::sleep(millis) != CANCELLED as i32 }
 }
 
 pub(crate) enum Spawned {
@@ -182,13 +214,58 @@ pub(crate) fn join(handles: &[u32]) -> Vec<Result<Vec<u8>, String>> {
     out
 }
 
-/// The signal's payload, or `None` if the wait timed out.
-pub(crate) fn signal_wait(name: &str, timeout_ms: Option<i64>) -> Option<Vec<u8>> {
+/// The signal's payload, or `None` if the wait timed out; `Err` if the run
+/// was cancelled (with a grace period) instead.
+pub(crate) fn signal_wait(name: &str, timeout_ms: Option<i64>) -> Result<Option<Vec<u8>>, Error> {
     // SAFETY: the host reads `name` during the call only.
     let r = unsafe { imports::signal_wait(name.as_ptr(), name.len() as i32, timeout_ms.unwrap_or(-1)) };
     let len = (r & 0xffff_ffff) as usize;
     let payload = take(len);
-    ((r >> 32) & 0xff == SIGNAL_RECEIVED).then_some(payload)
+    match (r >> 32) & 0xff {
+        SIGNAL_RECEIVED => Ok(Some(payload)),
+        SIGNAL_TIMED_OUT => Ok(None),
+        CANCELLED => Err(Error::cancelled(String::from_utf8_lossy(&payload).into_owned())),
+        other => panic!("cairn host answered signal_wait with unknown status {other}"),
+    }
+}
+
+/// What an effect call (`http`, `kv_*`) answered: its status and payload,
+/// or the error it reported.
+fn effect(r: i64, call: &str) -> Result<(i64, Vec<u8>), Error> {
+    let payload = take((r & 0xffff_ffff) as usize);
+    match (r >> 32) & 0xff {
+        EFFECT_FAILED => Err(Error::new(String::from_utf8_lossy(&payload).into_owned())),
+        EFFECT_REFUSED => Err(Error::permanent(String::from_utf8_lossy(&payload).into_owned())),
+        status @ (HTTP_RESPONSE | KV_ABSENT) => Ok((status, payload)),
+        other => panic!("cairn host answered {call} with unknown status {other}"),
+    }
+}
+
+pub(crate) fn http(request: &cairn_abi::HttpRequest) -> Result<cairn_abi::HttpResponse, Error> {
+    let bytes = request.encode();
+    // SAFETY: the host reads the buffer during the call only.
+    let r = unsafe { imports::http(bytes.as_ptr(), bytes.len() as i32) };
+    let (_, payload) = effect(r, "http")?;
+    cairn_abi::HttpResponse::decode(&payload).map_err(Error::permanent)
+}
+
+pub(crate) fn kv_get(key: &str) -> Result<Option<Vec<u8>>, Error> {
+    // SAFETY: the host reads the buffer during the call only.
+    let r = unsafe { imports::kv_get(key.as_ptr(), key.len() as i32) };
+    let (status, payload) = effect(r, "kv_get")?;
+    Ok((status == KV_VALUE).then_some(payload))
+}
+
+pub(crate) fn kv_put(key: &str, value: &[u8]) -> Result<(), Error> {
+    // SAFETY: the host reads the buffers during the call only.
+    let r = unsafe { imports::kv_put(key.as_ptr(), key.len() as i32, value.as_ptr(), value.len() as i32) };
+    effect(r, "kv_put").map(drop)
+}
+
+pub(crate) fn kv_delete(key: &str) -> Result<(), Error> {
+    // SAFETY: the host reads the buffer during the call only.
+    let r = unsafe { imports::kv_delete(key.as_ptr(), key.len() as i32) };
+    effect(r, "kv_delete").map(drop)
 }
 
 pub(crate) fn report_panic(message: &str) {

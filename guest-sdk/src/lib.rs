@@ -77,6 +77,39 @@
 //! Output printed with `println!`/`eprintln!` goes to the host's stderr on
 //! the first execution and is suppressed while replaying.
 //!
+//! ## Effects: HTTP, key-value state, compensations
+//!
+//! Inside a step closure, [`Step::http`] calls other services and
+//! [`Step::kv`] reads and writes the key-value store. What each promises:
+//!
+//! - **HTTP is at-least-once, always with the same key.** The host sends
+//!   the request; a crash after the service answered and before the step
+//!   committed sends it again on resume, with the same `Idempotency-Key`
+//!   header (the step's key, unless you set your own). Services that honour
+//!   the key (most payment APIs) then act once. The run reaches only the
+//!   hosts it was started with (`--allow-http HOST[:PORT]`); anything else
+//!   fails with a permanent error and is never sent. A network error or a
+//!   timeout is an ordinary error, retried by the step's policy. Secrets go
+//!   in by the host (`--http-header HOST:NAME=@env:VAR`), never through the
+//!   workflow or the database.
+//! - **Key-value writes are exactly-once.** They are staged during the
+//!   attempt and committed in the same transaction as the step's outcome:
+//!   a step that completes applies them once, a failed or crashed attempt
+//!   applies nothing. Concurrent runs writing the same keys are isolated
+//!   optimistically: if a key the attempt read changed before it commits,
+//!   the attempt runs again at once, not counted as a retry. Values are
+//!   JSON; the namespace is the module's unless the run was started with
+//!   `--kv-namespace NS`.
+//! - **Neither works between steps**, because workflow code there is
+//!   replayed and a replay would repeat the call: outside a step closure
+//!   they fail with a permanent error.
+//! - **Compensations** ([`Ctx::step_with_compensation`],
+//!   [`Ctx::compensate`]) undo completed steps in reverse order, each undo a
+//!   durable step of its own. `cairn cancel RUN --grace SECONDS` hands the
+//!   workflow an error it can handle ([`Error::is_cancelled`]) at its next
+//!   step, sleep or signal wait, so it can compensate within the grace
+//!   period; the run then ends `cancelled`.
+//!
 //! ## Errors and panics
 //!
 //! [`Error`] converts from the common error types, so `?` works in workflows
@@ -88,6 +121,8 @@
 
 mod error;
 mod host_calls;
+mod http;
+mod kv;
 
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -100,6 +135,8 @@ pub use cairn_abi::RetryPolicy;
 pub use error::Error;
 pub use host_calls::ABI_VERSION;
 pub use host_calls::cairn_abi_version;
+pub use http::{Http, Request, Response};
+pub use kv::Kv;
 
 /// Run a workflow: read the run's input from the host, call `workflow`,
 /// and hand its output (or its error's text) back to the host.
@@ -127,7 +164,7 @@ where
             return;
         }
     };
-    let mut ctx = Ctx { _private: () };
+    let mut ctx = Ctx { undo: Vec::new() };
     match workflow(&mut ctx, input) {
         Ok(output) => match serde_json::to_vec(&output) {
             Ok(json) => host_calls::finish(Ok(&json)),
@@ -147,8 +184,13 @@ fn install_panic_hook() {
 
 /// The workflow's handle on the host: durable steps.
 pub struct Ctx {
-    _private: (),
+    /// Compensations registered by [`Ctx::step_with_compensation`], oldest
+    /// first. Rebuilt on every replay, because the steps that register
+    /// them replay: durable without a write of their own.
+    undo: Vec<(String, Undo)>,
 }
+
+type Undo = Box<dyn FnOnce(&Step) -> Result<(), Error>>;
 
 impl Ctx {
     /// A durable step, retried under [`RetryPolicy::default()`].
@@ -211,6 +253,7 @@ impl Ctx {
         match host_calls::step_begin(name, &policy.encode()) {
             host_calls::Begin::Memoized(Ok(bytes)) => decode(&bytes),
             host_calls::Begin::Memoized(Err(message)) => Err(Error::new(message)),
+            host_calls::Begin::Cancelled(message) => Err(Error::cancelled(message)),
             host_calls::Begin::Run { key, attempt } => {
                 // With attempts left after an error, the host starts a fresh
                 // instance and this call does not return.
@@ -303,9 +346,15 @@ impl Ctx {
     ///
     /// `std::thread::sleep` in workflow code is a durable timer too; inside
     /// a step closure it is an ordinary (live) sleep.
+    ///
+    /// Returns [`Error::is_cancelled`] if the run is cancelled with a grace
+    /// period before (or while) it sleeps.
     pub fn sleep(&mut self, duration: Duration) -> Result<(), Error> {
-        host_calls::sleep(duration.as_millis().min(i64::MAX as u128) as i64);
-        Ok(())
+        if host_calls::sleep(duration.as_millis().min(i64::MAX as u128) as i64) {
+            Ok(())
+        } else {
+            Err(Error::cancelled("the run was cancelled while it slept".into()))
+        }
     }
 
     /// Wait until the signal `name` is delivered (`cairn signal RUN_ID NAME
@@ -317,7 +366,7 @@ impl Ctx {
     /// wait holds no memory: the run is dropped and replayed when the
     /// signal comes.
     pub fn wait_signal<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, Error> {
-        let payload = host_calls::signal_wait(name, None).unwrap_or_default();
+        let payload = host_calls::signal_wait(name, None)?.unwrap_or_default();
         decode_signal(name, &payload)
     }
 
@@ -328,10 +377,70 @@ impl Ctx {
         name: &str,
         timeout: Duration,
     ) -> Result<Option<T>, Error> {
-        match host_calls::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64)) {
+        match host_calls::signal_wait(name, Some(timeout.as_millis().min(i64::MAX as u128) as i64))? {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// A step with a compensation: `f` runs as [`Ctx::step`] does; once it
+    /// succeeds, `undo` (given the step's output) is registered, and
+    /// [`Ctx::compensate`] runs it if the workflow later has to roll back.
+    ///
+    /// ```no_run
+    /// # use cairn_sdk::{Ctx, Error};
+    /// # fn flow(ctx: &mut Ctx) -> Result<(), Error> {
+    /// let reservation: String = ctx.step_with_compensation(
+    ///     "reserve",
+    ///     |s| Ok(format!("res-{}", &s.idempotency_key()[..8])),
+    ///     |_s, reservation: String| {
+    ///         // release `reservation`: runs at most once, as a durable step
+    ///         Ok(())
+    ///     },
+    /// )?;
+    /// if let Err(e) = ctx.step("ship", |_s| -> Result<(), Error> { Err(Error::permanent("no courier")) }) {
+    ///     ctx.compensate()?;
+    ///     return Err(e);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Registration is durable without a write of its own: it happens
+    /// whenever the step returns `Ok`, live or replayed, so a replay after a
+    /// crash registers the same undos in the same order. A step whose
+    /// closure returned `Err` registers nothing.
+    pub fn step_with_compensation<T, U>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&Step) -> Result<T, Error>,
+        undo: U,
+    ) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + 'static,
+        U: FnOnce(&Step, T) -> Result<(), Error> + 'static,
+    {
+        let value = self.step(name, f)?;
+        // The undo gets its own copy of the value, through the same JSON
+        // the step committed (no `Clone` asked of `T`).
+        let copy: T = serde_json::from_slice(&serde_json::to_vec(&value)?)?;
+        self.undo.push((name.to_string(), Box::new(move |s: &Step| undo(s, copy))));
+        Ok(value)
+    }
+
+    /// Run the registered compensations, newest first, each as a durable
+    /// step named `undo:NAME` under [`RetryPolicy::default()`], and forget
+    /// them. Each runs at most once to completion, across crashes, like any
+    /// step. If one fails for good the others still run; the first error is
+    /// returned.
+    pub fn compensate(&mut self) -> Result<(), Error> {
+        let mut first_error = None;
+        while let Some((name, undo)) = self.undo.pop() {
+            let result = self.step(&format!("undo:{name}"), |s| undo(s));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -398,5 +507,18 @@ impl Step {
     /// The step's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// HTTP requests sent by the host, to the hosts the run may reach
+    /// (`--allow-http`), with this step's idempotency key as the
+    /// `Idempotency-Key` header. See *Effects* in the crate docs.
+    pub fn http(&self) -> Http<'_> {
+        Http { key: &self.key }
+    }
+
+    /// Key-value state committed together with this step's outcome. See
+    /// *Effects* in the crate docs.
+    pub fn kv(&self) -> Kv {
+        Kv { _private: () }
     }
 }

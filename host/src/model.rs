@@ -80,6 +80,12 @@ pub struct RunConfig {
     /// Environment variables (stored in the database in clear).
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// The hosts steps may reach over HTTP, and headers the host adds.
+    #[serde(default, skip_serializing_if = "HttpGrants::is_empty")]
+    pub http: HttpGrants,
+    /// The key-value namespace of the run's steps; `None`: the module's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_namespace: Option<String>,
     #[serde(flatten)]
     pub limits: Limits,
 }
@@ -87,8 +93,52 @@ pub struct RunConfig {
 impl RunConfig {
     /// No grants, the default limits.
     pub fn new(limits: Limits) -> Self {
-        RunConfig { dirs: Vec::new(), dirs_ro: Vec::new(), env: Vec::new(), limits }
+        RunConfig {
+            dirs: Vec::new(),
+            dirs_ro: Vec::new(),
+            env: Vec::new(),
+            http: HttpGrants::default(),
+            kv_namespace: None,
+            limits,
+        }
     }
+
+    /// The key-value namespace of a run of `module` (its hash).
+    pub fn kv_namespace_of<'a>(&'a self, module: &'a str) -> &'a str {
+        self.kv_namespace.as_deref().unwrap_or(module)
+    }
+}
+
+/// What a run may reach over HTTP (`--allow-http`, `--allow-http-insecure`,
+/// `--http-header`): stored with the run, like its directories.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpGrants {
+    /// `HOST[:PORT]`, `*.DOMAIN[:PORT]`, or an IP address (`[v6]` with a port).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Plain `http://` to hosts other than loopback.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Headers the host adds to requests to a host, from its own
+    /// environment at request time: the values are never stored.
+    #[serde(default)]
+    pub headers: Vec<SecretHeader>,
+}
+
+impl HttpGrants {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && !self.insecure && self.headers.is_empty()
+    }
+}
+
+/// `--http-header HOST:NAME=@env:VAR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretHeader {
+    /// A pattern as in `HttpGrants::allow`.
+    pub host: String,
+    pub name: String,
+    /// The environment variable of the executing process that holds the value.
+    pub env: String,
 }
 
 /// What a run may cost the host, each with the flag of `cairn run` and
@@ -122,6 +172,17 @@ pub struct Limits {
     /// Branches the run may spawn (`--max-branches`).
     #[serde(default = "Limits::default_max_branches")]
     pub max_branches: u64,
+    /// One HTTP response body, MiB (`--max-http-response-mib`).
+    #[serde(default = "Limits::default_max_http_response_mib")]
+    pub max_http_response_mib: u64,
+    /// One HTTP request, from connecting to the last byte of the response,
+    /// milliseconds (`--http-timeout`, in seconds).
+    #[serde(default = "Limits::default_http_timeout_ms")]
+    pub http_timeout_ms: u64,
+    /// Keys in the run's key-value namespace (`--max-kv-keys`); a value is
+    /// a payload (`--max-payload-mib`).
+    #[serde(default = "Limits::default_max_kv_keys")]
+    pub max_kv_keys: u64,
 }
 
 impl Limits {
@@ -143,6 +204,15 @@ impl Limits {
     fn default_max_branches() -> u64 {
         1_000
     }
+    pub(crate) fn default_max_http_response_mib() -> u64 {
+        16
+    }
+    pub(crate) fn default_http_timeout_ms() -> u64 {
+        30_000
+    }
+    pub(crate) fn default_max_kv_keys() -> u64 {
+        100_000
+    }
 
     pub fn max_payload_bytes(&self) -> usize {
         usize::try_from(self.max_payload_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
@@ -160,6 +230,9 @@ impl Default for Limits {
             max_run_cpu_ms: Limits::default_max_run_cpu_ms(),
             max_wall_ms: None,
             max_branches: Limits::default_max_branches(),
+            max_http_response_mib: Limits::default_max_http_response_mib(),
+            http_timeout_ms: Limits::default_http_timeout_ms(),
+            max_kv_keys: Limits::default_max_kv_keys(),
         }
     }
 }
@@ -184,6 +257,9 @@ pub struct RunRecord {
     pub steps: u64,
     /// `cairn cancel` asked for this run to stop.
     pub cancel_requested: bool,
+    /// With `--grace`: when the grace period ends (Unix ms). Until then the
+    /// workflow is told and may compensate; then it is stopped.
+    pub cancel_grace_until: Option<i64>,
     /// The key of the random bytes workflow code reads outside step
     /// closures (see `runtime::random`), drawn when the run was created.
     /// `None` for runs created before there were keys: their reads are
@@ -220,11 +296,20 @@ pub enum EntryKind {
     Signal,
     /// A parallel branch started (its outcome is kept by branch, elsewhere).
     Spawn,
+    /// A cancellation with a grace period, delivered to the workflow here.
+    Cancel,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 6] =
-        [EntryKind::Step, EntryKind::Clock, EntryKind::Random, EntryKind::Timer, EntryKind::Signal, EntryKind::Spawn];
+    pub const ALL: [EntryKind; 7] = [
+        EntryKind::Step,
+        EntryKind::Clock,
+        EntryKind::Random,
+        EntryKind::Timer,
+        EntryKind::Signal,
+        EntryKind::Spawn,
+        EntryKind::Cancel,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -234,6 +319,7 @@ impl EntryKind {
             EntryKind::Timer => "timer",
             EntryKind::Signal => "signal",
             EntryKind::Spawn => "spawn",
+            EntryKind::Cancel => "cancel",
         }
     }
 
@@ -327,6 +413,7 @@ impl Entry {
             EntryKind::Timer => "a timer".to_string(),
             EntryKind::Signal => format!("signal \"{}\"", self.name),
             EntryKind::Spawn => format!("branch \"{}\" #{}", self.name, self.occurrence),
+            EntryKind::Cancel => "the delivery of a cancellation".to_string(),
         }
     }
 

@@ -72,7 +72,20 @@ pub enum Command {
         payload: Option<String>,
     },
     /// Stop a run at its next host call or wake-up; its history is kept.
-    Cancel { run_id: String },
+    Cancel {
+        run_id: String,
+        /// Tell the workflow instead (an error it can handle) and give it this
+        /// long to clean up (compensate) before it is stopped: seconds, or
+        /// a duration such as 30s or 2m. A run nobody executes is executed
+        /// here meanwhile.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_grace)]
+        grace: Option<std::time::Duration>,
+    },
+    /// The key-value store that steps read and write (`s.kv()`).
+    Kv {
+        #[command(subcommand)]
+        action: KvCommand,
+    },
     /// Serve the HTTP API on the database and, unless --no-worker, execute
     /// its runs (SIGTERM or Ctrl-C: requests in flight finish, live
     /// instances finish or park).
@@ -154,6 +167,51 @@ impl From<RoleArg> for Role {
     }
 }
 
+#[derive(Subcommand, Debug)]
+pub enum KvCommand {
+    /// Print a key's value (JSON); exit code 1 if it has none.
+    Get {
+        #[arg(long)]
+        namespace: String,
+        key: String,
+    },
+    /// Set a key to a JSON value.
+    Put {
+        #[arg(long)]
+        namespace: String,
+        key: String,
+        /// The value, JSON.
+        value: String,
+    },
+    /// Delete a key.
+    Delete {
+        #[arg(long)]
+        namespace: String,
+        key: String,
+    },
+    /// List the keys of a namespace, in key order.
+    List {
+        #[arg(long)]
+        namespace: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Print JSON (key, value, version, updated_at) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--grace`: seconds (a decimal number) or a duration with a unit (`30s`, `2m`).
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    let d = match text.parse::<f64>() {
+        Ok(s) if (0.0..1e9).contains(&s) => std::time::Duration::from_secs_f64(s),
+        Ok(_) => return Err("a number of seconds from 0 up".into()),
+        Err(_) => humantime::parse_duration(text).map_err(|e| format!("{e} (give seconds, or e.g. 30s)"))?,
+    };
+    Ok(d)
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The workflow: a wasm32-wasip1 module built with cairn-sdk.
@@ -198,6 +256,33 @@ pub struct RunArgs {
     /// Branches the run may spawn.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_branches)]
     pub max_branches: u64,
+    /// Let steps reach this host over HTTP: HOST (any port), HOST:PORT,
+    /// *.DOMAIN for its subdomains, or an IP address (repeatable). A name
+    /// that resolves to a loopback, private or link-local address needs that
+    /// address listed too.
+    #[arg(long = "allow-http", value_name = "HOST[:PORT]")]
+    pub allow_http: Vec<String>,
+    /// Allow plain http:// to hosts that are not loopback.
+    #[arg(long)]
+    pub allow_http_insecure: bool,
+    /// A header the host adds to requests to HOST, read from its own
+    /// environment when it sends them: HOST:NAME=@env:VAR (repeatable). The
+    /// value is never stored and never seen by the workflow.
+    #[arg(long = "http-header", value_name = "HOST:NAME=@env:VAR")]
+    pub http_headers: Vec<String>,
+    /// MiB of one HTTP response body.
+    #[arg(long, value_name = "MIB", default_value_t = Limits::default().max_http_response_mib)]
+    pub max_http_response_mib: u64,
+    /// Seconds one HTTP request may take, redirects included.
+    #[arg(long, value_name = "SECONDS", default_value_t = Limits::default().http_timeout_ms as f64 / 1000.0)]
+    pub http_timeout: f64,
+    /// The key-value namespace of the run's steps [default: the module's
+    /// hash]; runs of several modules share one by naming it.
+    #[arg(long, value_name = "NS")]
+    pub kv_namespace: Option<String>,
+    /// Keys the run's key-value namespace may hold.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_kv_keys)]
+    pub max_kv_keys: u64,
     /// MiB of the module file; larger modules are refused before they are compiled.
     #[arg(long, value_name = "MIB", default_value_t = request::DEFAULT_MAX_MODULE_MIB)]
     pub max_module_mib: u64,
@@ -351,14 +436,70 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Token { action } => token(&cli, action).await,
-        Command::Cancel { run_id } => {
-            match Service::new(open_existing_store(&cli)?).cancel(run_id).await? {
-                Cancelled::Already => eprintln!("cairn: run {run_id} is already cancelled"),
-                Cancelled::Done => eprintln!("cairn: run {run_id} cancelled"),
-                Cancelled::Requested => eprintln!(
-                    "cairn: cancel of run {run_id} requested; the process executing it stops it at its next host call"
-                ),
+        Command::Cancel { run_id, grace } => cancel(&cli, run_id, *grace).await,
+        Command::Kv { action } => kv(&cli, action).await,
+    }
+}
+
+async fn cancel(cli: &Cli, run_id: &str, grace: Option<std::time::Duration>) -> Result<u8, Failure> {
+    let store = open_existing_store(cli)?;
+    let service = Service::new(store.clone());
+    match service.cancel(run_id, grace).await? {
+        Cancelled::Already => eprintln!("cairn: run {run_id} is already cancelled"),
+        Cancelled::Done => eprintln!("cairn: run {run_id} cancelled"),
+        Cancelled::Requested if grace.is_some() => eprintln!(
+            "cairn: cancel of run {run_id} requested; the process executing it tells the workflow, which may clean \
+             up until the grace period ends"
+        ),
+        Cancelled::Requested => eprintln!(
+            "cairn: cancel of run {run_id} requested; the process executing it stops it at its next host call"
+        ),
+        Cancelled::Graced(claimed) => {
+            let ClaimedRun { run, lease } = *claimed;
+            // Nobody executes it: execute it here, so that the workflow
+            // can clean up within its grace period.
+            eprintln!("cairn: run {run_id} cancelled; executing it while it cleans up");
+            let executor = Arc::new(executor(cli, store, None)?);
+            let code = execute_foreground(&executor, &run).await;
+            drop(lease);
+            return code.map(|c| if c == exit::FAILED { exit::OK } else { c });
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn kv(cli: &Cli, action: &KvCommand) -> Result<u8, Failure> {
+    let service = Service::new(open_existing_store(cli)?);
+    match action {
+        KvCommand::Get { namespace, key } => match service.kv_get(namespace, key).await? {
+            Some(found) => {
+                println!("{}", String::from_utf8_lossy(&found.value.unwrap_or_default()));
+                Ok(exit::OK)
             }
+            None => {
+                eprintln!("cairn: namespace {namespace:?} has no key {key:?}");
+                Ok(exit::FAILED)
+            }
+        },
+        KvCommand::Put { namespace, key, value } => {
+            let value = request::json_payload(Some(value), "the value")?;
+            service.kv_set(namespace, key, Some(value)).await?;
+            Ok(exit::OK)
+        }
+        KvCommand::Delete { namespace, key } => {
+            service.kv_set(namespace, key, None).await?;
+            Ok(exit::OK)
+        }
+        KvCommand::List { namespace, prefix, json } => {
+            let mut after: Option<String> = None;
+            let mut rows = Vec::new();
+            loop {
+                let page = service.kv_list(namespace, prefix, after.as_deref(), 1000).await?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                rows.extend(page);
+            }
+            print::kv_list(&rows, *json);
             Ok(exit::OK)
         }
     }
@@ -478,6 +619,9 @@ fn run_arguments(args: &RunArgs) -> Result<(Vec<u8>, Option<String>, RunConfig),
         max_run_cpu: args.max_run_cpu,
         max_wall: args.max_wall,
         max_branches: args.max_branches,
+        max_http_response_mib: args.max_http_response_mib,
+        http_timeout: args.http_timeout,
+        max_kv_keys: args.max_kv_keys,
     })?;
     let max_input = limits.max_payload_bytes();
     let input = match args.input.as_deref() {
@@ -496,7 +640,9 @@ fn run_arguments(args: &RunArgs) -> Result<(Vec<u8>, Option<String>, RunConfig),
     let dirs = args.dirs.iter().map(|d| request::dir_grant(d, "--dir")).collect::<Result<Vec<_>, _>>()?;
     let dirs_ro = args.dirs_ro.iter().map(|d| request::dir_grant(d, "--dir-ro")).collect::<Result<Vec<_>, _>>()?;
     let env = args.env.iter().map(|e| request::env_var(e)).collect::<Result<Vec<_>, _>>()?;
-    Ok((input, run_id, RunConfig { dirs, dirs_ro, env, limits }))
+    let http = request::http_grants(&args.allow_http, args.allow_http_insecure, &args.http_headers)?;
+    let kv_namespace = args.kv_namespace.as_deref().map(request::kv_namespace).transpose()?;
+    Ok((input, run_id, RunConfig { dirs, dirs_ro, env, http, kv_namespace, limits }))
 }
 
 /// Check the module and record the run.

@@ -58,6 +58,25 @@ pub fn runs(runs: &[RunRecord], json: bool) {
     println!("{t}");
 }
 
+/// `cairn kv list`.
+pub fn kv_list(rows: &[(String, crate::store::KvValue)], json: bool) {
+    if json {
+        json_pretty(&Value::Array(rows.iter().map(|(k, v)| views::kv_entry(k, v)).collect()));
+        return;
+    }
+    let mut t = table(&["KEY", "VALUE", "VERSION", "UPDATED"]);
+    for (key, v) in rows {
+        let value = String::from_utf8_lossy(v.value.as_deref().unwrap_or_default()).into_owned();
+        let shown = if value.chars().count() > 60 {
+            format!("{}…", value.chars().take(60).collect::<String>())
+        } else {
+            value
+        };
+        t.add_row([text(key), text(&shown), v.version.to_string(), time(v.updated_at)]);
+    }
+    println!("{t}");
+}
+
 /// `cairn token list`.
 pub fn tokens(tokens: &[TokenRecord], json: bool) {
     if json {

@@ -71,6 +71,8 @@ pub struct Journal {
     /// `--max-history-mib`.
     bytes: usize,
     occurrences: HashMap<String, u32>,
+    /// The history holds a delivered cancellation.
+    cancel_delivered: bool,
 }
 
 /// What `Journal::begin_step` found.
@@ -92,7 +94,8 @@ impl Journal {
         }
         let submitted = entries.len();
         let bytes = entries.iter().map(entry_bytes).sum();
-        Journal { entries, cursor: 0, submitted, bytes, occurrences: HashMap::new() }
+        let cancel_delivered = entries.iter().any(|e| e.kind == EntryKind::Cancel);
+        Journal { entries, cursor: 0, submitted, bytes, occurrences: HashMap::new(), cancel_delivered }
     }
 
     /// Roughly the bytes the entries take in memory.
@@ -156,6 +159,11 @@ impl Journal {
         let mut attempt = 1;
         let mut not_before = None;
         while let Some(e) = self.entries.get(self.cursor) {
+            // A cancellation delivered while the step waited for its retry
+            // (the caller replays it next).
+            if e.kind == EntryKind::Cancel {
+                break;
+            }
             if e.kind != EntryKind::Step || e.name != name || e.occurrence != occurrence {
                 return Err(self.diverged(run_id, &Request::Step { name, occurrence }));
             }
@@ -204,6 +212,20 @@ impl Journal {
         Ok(Some(&self.entries[self.cursor - 1]))
     }
 
+    /// The delivered cancellation under the cursor, if that is what is there.
+    pub fn replay_cancel(&mut self) -> Option<&Entry> {
+        if self.entries.get(self.cursor).is_some_and(|e| e.kind == EntryKind::Cancel) {
+            self.cursor += 1;
+            return Some(&self.entries[self.cursor - 1]);
+        }
+        None
+    }
+
+    /// True once a cancellation was delivered to the workflow.
+    pub fn cancel_delivered(&self) -> bool {
+        self.cancel_delivered
+    }
+
     /// The workflow finished: the history must have been replayed to its end.
     pub fn check_finish(&self, run_id: &str) -> Result<(), NonDeterminism> {
         if self.replaying() {
@@ -216,6 +238,7 @@ impl Journal {
     pub fn record(&mut self, entry: Entry) {
         debug_assert!(!self.replaying());
         self.bytes += entry_bytes(&entry);
+        self.cancel_delivered |= entry.kind == EntryKind::Cancel;
         self.entries.push(entry);
         self.cursor = self.entries.len();
     }

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod idempotency;
 pub mod imports;
 pub mod journal;
+pub mod net_policy;
 pub mod outcome;
 pub mod random;
 pub mod watch;

@@ -33,6 +33,9 @@ pub enum InstanceOutcome {
     /// points, memory, a step's timeout). With `live`, inside that step's
     /// closure: a failed attempt.
     LimitExceeded { message: String, live: Option<LiveStep> },
+    /// A step's key-value writes conflicted with another run's; nothing of
+    /// the attempt was committed.
+    KvConflict,
     /// The run went past a limit of the whole run (history, payloads, run
     /// CPU, wall time, branches): the run fails, whatever step was running.
     RunLimitExceeded(String),
@@ -52,6 +55,7 @@ impl InstanceOutcome {
             Some(Ending::Fatal(Fatal::NonDeterminism(nd))) => InstanceOutcome::Diverged(nd),
             Some(Ending::Fatal(fatal)) => InstanceOutcome::Fatal(fatal),
             Some(Ending::RunLimit(message)) => InstanceOutcome::RunLimitExceeded(message),
+            Some(Ending::KvConflict) => InstanceOutcome::KvConflict,
             Some(Ending::CpuExceeded) => {
                 let ms = st.cpu_limit_ticks() * EPOCH_TICK.as_millis() as u64;
                 let message = format!(

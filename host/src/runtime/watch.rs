@@ -6,8 +6,8 @@
 //! only) and sets flags and wakes waiters; host calls read an atomic, never
 //! the database.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
@@ -21,6 +21,8 @@ use crate::store::{ChangeKind, RunStore, Subscription};
 #[derive(Debug)]
 pub struct RunWatch {
     cancel: AtomicBool,
+    /// A cancel with a grace period: when it ends (Unix ms; 0: none).
+    grace_until: AtomicI64,
     notify: Notify,
     /// Epoch ticks of guest CPU all the run's instances used here
     /// (`--max-run-cpu`).
@@ -41,6 +43,7 @@ impl RunWatch {
     pub fn new(branch_share: usize) -> Self {
         RunWatch {
             cancel: AtomicBool::default(),
+            grace_until: AtomicI64::default(),
             notify: Notify::default(),
             cpu_ticks: AtomicU64::default(),
             branch_slots: tokio::sync::Semaphore::new(branch_share.max(1)),
@@ -57,13 +60,39 @@ impl RunWatch {
         self.cpu_ticks.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The run must stop now: cancelled without a grace period, or its
+    /// grace period is over.
     pub fn cancel_requested(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        if self.cancel.load(Ordering::Relaxed) {
+            return true;
+        }
+        let grace = self.grace_until.load(Ordering::Relaxed);
+        grace != 0 && crate::model::now_ms() >= grace
+    }
+
+    /// When a cancel's grace period ends, if one was asked for.
+    pub fn grace_until(&self) -> Option<i64> {
+        Some(self.grace_until.load(Ordering::Relaxed)).filter(|g| *g != 0)
     }
 
     pub fn request_cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
         self.poke();
+    }
+
+    /// A cancel request as stored: at once, or at the end of a grace period.
+    pub fn request_cancel_at(&self, grace_until: Option<i64>) {
+        match grace_until {
+            None => self.request_cancel(),
+            Some(at) => {
+                // The earliest stop holds.
+                let at = at.max(1);
+                let _ = self
+                    .grace_until
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| (old == 0 || at < old).then_some(at));
+                self.poke();
+            }
+        }
     }
 
     /// Wake everything of the run that waits in [`RunWatch::changed`] (the
@@ -87,9 +116,9 @@ impl RunWatch {
 struct Runs {
     watched: HashMap<RunKey, Weak<RunWatch>>,
     /// Runs with a cancel request seen in the feed and not yet cancelled
-    /// or executed here: a run registered just after its cancel event still
-    /// sees it.
-    cancelled: HashSet<RunKey>,
+    /// or executed here, with its grace period's end: a run registered
+    /// just after its cancel event still sees it.
+    cancelled: HashMap<RunKey, Option<i64>>,
 }
 
 /// An executor's registry of executing runs, fed by the change feed.
@@ -141,8 +170,8 @@ impl Watcher {
         {
             let mut runs = self.lock();
             runs.watched.insert(run, Arc::downgrade(&watch));
-            if runs.cancelled.contains(&run) {
-                watch.request_cancel();
+            if let Some(grace) = runs.cancelled.get(&run) {
+                watch.request_cancel_at(*grace);
             }
         }
         if !self.started.swap(true, Ordering::Relaxed) {
@@ -162,16 +191,18 @@ impl Watcher {
     async fn resync(&self) {
         let watched: Vec<(RunKey, Arc<RunWatch>)> =
             self.lock().watched.iter().filter_map(|(k, w)| Some((*k, w.upgrade()?))).collect();
-        let cancelled: HashSet<RunKey> = match self.store.unfinished_runs().await {
-            Ok(runs) => runs.into_iter().filter(|r| r.cancel_requested).map(|r| r.key).collect(),
+        let cancelled: HashMap<RunKey, Option<i64>> = match self.store.unfinished_runs().await {
+            Ok(runs) => {
+                runs.into_iter().filter(|r| r.cancel_requested).map(|r| (r.key, r.cancel_grace_until)).collect()
+            }
             Err(e) => {
                 eprintln!("cairn: watcher: {e}");
-                HashSet::new()
+                HashMap::new()
             }
         };
         for (key, watch) in watched {
-            if cancelled.contains(&key) {
-                watch.request_cancel();
+            if let Some(grace) = cancelled.get(&key) {
+                watch.request_cancel_at(*grace);
             } else {
                 // A signal may have come: the run looks again.
                 watch.poke();
@@ -193,13 +224,23 @@ async fn listen(watcher: Weak<Watcher>, mut subscription: Subscription) {
                     }
                 }
                 ChangeKind::Cancel => {
+                    // The event does not say whether there is a grace
+                    // period: the run's row does (a rare read).
+                    let grace = match w.store.run_by_key(event.run).await {
+                        Ok(Some(run)) => run.cancel_grace_until,
+                        Ok(None) => None,
+                        Err(e) => {
+                            eprintln!("cairn: watcher: {e}");
+                            None
+                        }
+                    };
                     let watch = {
                         let mut runs = w.lock();
-                        runs.cancelled.insert(event.run);
+                        runs.cancelled.insert(event.run, grace);
                         runs.watched.get(&event.run).and_then(Weak::upgrade)
                     };
                     if let Some(watch) = watch {
-                        watch.request_cancel();
+                        watch.request_cancel_at(grace);
                     }
                 }
                 ChangeKind::Created => {}

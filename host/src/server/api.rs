@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::schema::{Accepted, HistoryPage, ModuleInfo, ModuleList, RunDetail, RunPage, StartRun, Started};
+use super::schema::{Accepted, CancelRun, HistoryPage, ModuleInfo, ModuleList, RunDetail, RunPage, StartRun, Started};
 use super::{ApiError, AppState, ErrorBody, long_read};
 use crate::model::{Role, RunConfig, RunKey, RunStatus, TokenRecord};
 use crate::service::ErrorCode;
@@ -169,14 +169,37 @@ pub(super) async fn signal(
 }
 
 /// `POST /api/runs/{id}/cancel`.
-#[utoipa::path(post, path = "/api/runs/{id}/cancel", params(("id" = String, Path)), responses(
-    (status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn cancel(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
+/// With `{"grace": 30}` the workflow is told and may clean up for that long.
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", params(("id" = String, Path)), request_body(content = Option<CancelRun>), responses(
+    (status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
     authorize(&state, &headers, Role::Operator).await?;
-    let done = match state.service.cancel(&id).await? {
+    let body = self::body(body)?;
+    let grace = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let body: CancelRun = json_body(&body)?;
+        match body.grace {
+            None => None,
+            Some(s) if s.is_finite() && (0.0..1e9).contains(&s) => Some(std::time::Duration::from_secs_f64(s)),
+            Some(_) => return Err(ApiError::new(422, ErrorCode::InvalidRequest, "grace must be seconds, 0 or more")),
+        }
+    };
+    let done = match state.service.cancel(&id, grace).await? {
         Cancelled::Already | Cancelled::Done => "cancelled",
         Cancelled::Requested => "requested",
+        // Nobody executes it: the server's worker (or `cairn resume`)
+        // takes it up once the lease is let go, and the workflow cleans up.
+        Cancelled::Graced(claimed) => {
+            drop(claimed);
+            "requested"
+        }
     };
     Ok((StatusCode::ACCEPTED, Json(json!({"status": done}))))
 }
@@ -314,7 +337,14 @@ pub(super) async fn start_run(
         ));
     }
     let env = body.env.into_iter().collect();
-    let config = RunConfig { dirs, dirs_ro: Vec::new(), env, limits };
+    // Reaching the network, and secrets from the server's environment, are
+    // grants like directories: an admin's.
+    let http = request::http_grants(&body.allow_http, body.allow_http_insecure, &body.http_headers)?;
+    if !http.is_empty() && caller.role < Role::Admin {
+        return Err(AuthError::Forbidden.into());
+    }
+    let kv_namespace = body.kv_namespace.as_deref().map(request::kv_namespace).transpose()?;
+    let config = RunConfig { dirs, dirs_ro: Vec::new(), env, http, kv_namespace, limits };
     let shown = format!("module {}", body.module.chars().take(12).collect::<String>());
     let request = StartRequest { module: StartModule::Stored { hash: body.module, shown }, input, run_id, config };
     let started = state.service.start_run(&state.executor, request, StartMode::Queue).await?;

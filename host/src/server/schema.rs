@@ -117,10 +117,30 @@ pub struct StartRun {
     pub dirs: Vec<String>,
     #[serde(default)]
     pub env: std::collections::HashMap<String, String>,
+    /// Hosts steps may reach over HTTP, as `--allow-http` (admin).
+    #[serde(default)]
+    pub allow_http: Vec<String>,
+    /// Plain `http://` beyond loopback, as `--allow-http-insecure` (admin).
+    #[serde(default)]
+    pub allow_http_insecure: bool,
+    /// `HOST:NAME=@env:VAR` headers from the server's environment, as `--http-header` (admin).
+    #[serde(default)]
+    pub http_headers: Vec<String>,
+    /// The key-value namespace of the run's steps, as `--kv-namespace`.
+    pub kv_namespace: Option<String>,
     /// The limits of `cairn run` by flag name without dashes, e.g. `{"max_memory": 64}`.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub limits: crate::service::request::LimitArgs,
+}
+
+/// `POST /api/runs/{id}/cancel` (the body is optional).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRun {
+    /// Seconds the workflow may clean up (compensate) before it is stopped;
+    /// without it, the run stops at its next host call and is not told.
+    pub grace: Option<f64>,
 }
 
 #[derive(Serialize, ToSchema)]

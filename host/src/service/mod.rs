@@ -72,7 +72,7 @@ pub enum Resumed {
 }
 
 /// What `cancel` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Cancelled {
     /// It was cancelled before.
     Already,
@@ -80,6 +80,9 @@ pub enum Cancelled {
     Done,
     /// The process executing it was asked to stop it (and has not yet).
     Requested,
+    /// Nobody executed it, and it has a grace period to clean up in: the
+    /// caller holds it now and should execute it (or drop it for a worker).
+    Graced(Box<ClaimedRun>),
 }
 
 pub struct Service {
@@ -155,7 +158,7 @@ impl Service {
             status,
             random_key,
         };
-        writes.push(Write::CreateRun { run: new, lease: mode == StartMode::Execute });
+        writes.push(Write::CreateRun { run: Box::new(new), lease: mode == StartMode::Execute });
         let committed = commit(&*self.store, writes).await?;
         let (run, lease) =
             committed.created.into_iter().next().ok_or_else(|| {
@@ -260,8 +263,9 @@ impl Service {
 
     /// Stop a run: at once if nobody executes it, else by asking its
     /// executor, which stops it at its next host call or wake-up (waited
-    /// for a few seconds).
-    pub async fn cancel(&self, id: &str) -> Result<Cancelled, ServiceError> {
+    /// for a few seconds). With `grace`, the workflow is told instead and
+    /// may clean up (compensate) for that long before it is stopped.
+    pub async fn cancel(&self, id: &str, grace: Option<Duration>) -> Result<Cancelled, ServiceError> {
         let run = self.find_run(id).await?;
         if run.status == RunStatus::Cancelled {
             return Ok(Cancelled::Already);
@@ -273,8 +277,16 @@ impl Service {
                 what: "there is nothing to cancel",
             });
         }
-        let request = Write::RequestCancel { run: run.key };
+        let grace_until =
+            grace.map(|g| crate::model::now_ms().saturating_add(i64::try_from(g.as_millis()).unwrap_or(i64::MAX)));
+        let request = Write::RequestCancel { run: run.key, grace_until };
         if let Some(lease) = self.store.lease(run.key).await? {
+            if grace.is_some() {
+                commit(&*self.store, vec![request]).await?;
+                // Read again under the lease: what the executor goes by.
+                let run = self.find_run(id).await?;
+                return Ok(Cancelled::Graced(Box::new(ClaimedRun { run, lease })));
+            }
             // Nobody executes it: cancel it here, under its lease.
             commit(&*self.store, vec![request, Write::cancelled(run.key)]).await?;
             drop(lease);
@@ -284,7 +296,7 @@ impl Service {
         commit(&*self.store, vec![request]).await?;
         // Its executor ends it cancelled (an event), or it ends otherwise
         // first (completed before it saw the request: looked up now and then).
-        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT + grace.unwrap_or_default();
         let mut look = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -301,6 +313,43 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// A key's value in a key-value namespace (`cairn kv get`).
+    pub async fn kv_get(&self, namespace: &str, key: &str) -> Result<Option<crate::store::KvValue>, ServiceError> {
+        let found = self.store.kv_get(&request::kv_namespace(namespace)?, key).await?;
+        Ok(found.value.is_some().then_some(found))
+    }
+
+    /// Set or delete a key (`cairn kv put|delete`): a write of its own,
+    /// ordered with the steps' writes (a step that read the key before
+    /// runs again, as with any other writer).
+    pub async fn kv_set(&self, namespace: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), ServiceError> {
+        if key.is_empty() || key.len() > crate::runtime::imports::MAX_KV_KEY_BYTES {
+            return Err(ServiceError::BadInput(format!(
+                "a key must be 1 to {} bytes",
+                crate::runtime::imports::MAX_KV_KEY_BYTES
+            )));
+        }
+        let kv = crate::store::KvCommit {
+            namespace: request::kv_namespace(namespace)?,
+            reads: Vec::new(),
+            writes: vec![(key.to_string(), value)],
+            max_keys: u64::MAX,
+        };
+        commit(&*self.store, vec![Write::Kv(Box::new(kv))]).await?;
+        Ok(())
+    }
+
+    /// Live keys of a namespace with a prefix, in key order, a page at a time.
+    pub async fn kv_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, crate::store::KvValue)>, ServiceError> {
+        Ok(self.store.kv_list(&request::kv_namespace(namespace)?, prefix, after, limit).await?)
     }
 
     /// All runs, oldest first.

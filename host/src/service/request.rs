@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::ServiceError;
-use crate::model::{Limits, RunConfig};
+use crate::model::{HttpGrants, Limits, RunConfig, SecretHeader};
+use crate::runtime::net_policy::HostPattern;
 
 /// A workflow module's bytes, and how to name it to people (its path).
 #[derive(Debug, Clone)]
@@ -156,6 +157,9 @@ pub struct LimitArgs {
     pub max_run_cpu: f64,
     pub max_wall: Option<f64>,
     pub max_branches: u64,
+    pub max_http_response_mib: u64,
+    pub http_timeout: f64,
+    pub max_kv_keys: u64,
 }
 
 impl Default for LimitArgs {
@@ -170,6 +174,9 @@ impl Default for LimitArgs {
             max_run_cpu: d.max_run_cpu_ms as f64 / 1000.0,
             max_wall: None,
             max_branches: d.max_branches,
+            max_http_response_mib: d.max_http_response_mib,
+            http_timeout: d.http_timeout_ms as f64 / 1000.0,
+            max_kv_keys: d.max_kv_keys,
         }
     }
 }
@@ -188,9 +195,12 @@ pub fn limits(a: &LimitArgs) -> Result<Limits, ServiceError> {
         ("--max-run-cpu", seconds(a.max_run_cpu)),
         ("--max-wall", a.max_wall.is_none_or(seconds)),
         ("--max-branches", a.max_branches > 0),
+        ("--max-http-response-mib", a.max_http_response_mib > 0 && a.max_http_response_mib <= 1024),
+        ("--http-timeout", seconds(a.http_timeout)),
+        ("--max-kv-keys", a.max_kv_keys > 0),
     ] {
         if !ok {
-            let also = if flag == "--max-payload-mib" { " (at most 1024)" } else { "" };
+            let also = if flag.ends_with("-mib") && flag != "--max-history-mib" { " (at most 1024)" } else { "" };
             return Err(ServiceError::BadInput(format!("{flag} must be a positive number{also}")));
         }
     }
@@ -204,7 +214,51 @@ pub fn limits(a: &LimitArgs) -> Result<Limits, ServiceError> {
         max_run_cpu_ms: ms(a.max_run_cpu),
         max_wall_ms: a.max_wall.map(ms),
         max_branches: a.max_branches,
+        max_http_response_mib: a.max_http_response_mib,
+        http_timeout_ms: ms(a.http_timeout),
+        max_kv_keys: a.max_kv_keys,
     })
+}
+
+/// What a run may reach over HTTP, checked: `--allow-http` patterns,
+/// `--allow-http-insecure`, `--http-header HOST:NAME=@env:VAR`.
+pub fn http_grants(allow: &[String], insecure: bool, headers: &[String]) -> Result<HttpGrants, ServiceError> {
+    for pattern in allow {
+        HostPattern::parse(pattern).map_err(ServiceError::BadInput)?;
+    }
+    let headers = headers.iter().map(|h| secret_header(h)).collect::<Result<Vec<_>, _>>()?;
+    Ok(HttpGrants { allow: allow.to_vec(), insecure, headers })
+}
+
+/// `HOST:NAME=@env:VAR` (HOST as in `--allow-http`, with a port if any:
+/// the header name follows the last colon before `=`).
+fn secret_header(spec: &str) -> Result<SecretHeader, ServiceError> {
+    let bad = |why: &str| ServiceError::BadInput(format!("--http-header {spec:?}: {why}; expected HOST:NAME=@env:VAR"));
+    let (target, var) = spec.split_once("=@env:").ok_or_else(|| bad("the value must be @env:VAR"))?;
+    let (host, name) = target.rsplit_once(':').ok_or_else(|| bad("no header name"))?;
+    HostPattern::parse(host).map_err(|e| bad(&e))?;
+    let token =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+    if !token(name) {
+        return Err(bad("not a header name"));
+    }
+    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(bad("not an environment variable name"));
+    }
+    Ok(SecretHeader { host: host.to_string(), name: name.to_ascii_lowercase(), env: var.to_string() })
+}
+
+/// A key-value namespace (`--kv-namespace`): 1 to 200 letters, digits,
+/// `-`, `_`, `.`, `/` or `:`.
+pub fn kv_namespace(ns: &str) -> Result<String, ServiceError> {
+    let ok =
+        !ns.is_empty() && ns.len() <= 200 && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b));
+    if !ok {
+        return Err(ServiceError::BadInput(format!(
+            "key-value namespace {ns:?}: use 1 to 200 letters, digits, '-', '_', '.', '/' or ':'"
+        )));
+    }
+    Ok(ns.to_string())
 }
 
 #[cfg(test)]
@@ -221,5 +275,27 @@ mod tests {
         assert!(serde_json::from_str::<LimitArgs>(r#"{"max_memroy": 1}"#).is_err(), "a misspelt limit is refused");
         let zero = LimitArgs { max_branches: 0, ..LimitArgs::default() };
         assert!(limits(&zero).unwrap_err().to_string().contains("--max-branches"));
+    }
+
+    #[test]
+    fn http_grants_and_secret_headers() {
+        let g =
+            http_grants(&["api.test:443".into()], false, &["api.test:443:Authorization=@env:PAY_KEY".into()]).unwrap();
+        assert_eq!(
+            g.headers,
+            vec![SecretHeader { host: "api.test:443".into(), name: "authorization".into(), env: "PAY_KEY".into() }]
+        );
+        for bad in [
+            "api.test:X-Key=secret",
+            "api.test=@env:V",
+            "api.test:X Key=@env:V",
+            "api.test:X=@env:A-B",
+            "http://a:X=@env:V",
+        ] {
+            assert!(http_grants(&[], false, &[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(http_grants(&["https://x".into()], false, &[]).is_err());
+        assert!(kv_namespace("shop/eu:1").is_ok());
+        assert!(kv_namespace("").is_err() && kv_namespace("a b").is_err());
     }
 }

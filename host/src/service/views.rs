@@ -100,6 +100,16 @@ pub fn run_summary(r: &RunRecord) -> Value {
     })
 }
 
+/// A key-value entry, for people and API clients.
+pub fn kv_entry(key: &str, v: &crate::store::KvValue) -> Value {
+    json!({
+        "key": key,
+        "value": output_json(v.value.as_deref()),
+        "version": v.version,
+        "updated_at": time(v.updated_at),
+    })
+}
+
 /// What an entry holds, for people.
 pub fn entry_output(e: &Entry) -> Value {
     match e.kind {
@@ -112,6 +122,7 @@ pub fn entry_output(e: &Entry) -> Value {
         EntryKind::Spawn => Value::Null,
         EntryKind::Clock => e.clock_value().map_or(Value::Null, |v| json!(v)),
         EntryKind::Random => Value::String(hex::encode(&e.output)),
+        EntryKind::Cancel => e.time_value().map_or(Value::Null, |t| json!({ "grace_until": time(t) })),
     }
 }
 

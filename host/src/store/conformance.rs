@@ -51,7 +51,7 @@ fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
 /// Create runs of [`MODULE`] (stored with them).
 async fn create(store: &dyn RunStore, ids: &[&str]) -> Vec<RunRecord> {
     let mut writes = vec![Write::PutModule { hash: MODULE.into(), bytes: b"\0asm".to_vec() }];
-    writes.extend(ids.iter().map(|id| Write::CreateRun { run: new_run(id), lease: false }));
+    writes.extend(ids.iter().map(|id| Write::CreateRun { run: Box::new(new_run(id)), lease: false }));
     commit(store, writes).await.expect("create runs").created.into_iter().map(|(r, _)| r).collect()
 }
 
@@ -64,7 +64,7 @@ pub(crate) async fn commit_is_atomic(open: Open) {
     let [a] = &create(&*store, &["a"]).await[..] else { panic!() };
     // A run created with a write that fails: neither lands.
     let bad = vec![
-        Write::CreateRun { run: new_run("b"), lease: false },
+        Write::CreateRun { run: Box::new(new_run("b")), lease: false },
         Write::Append { run: a.key, position: 0, entries: vec![step("x", 1, EntryStatus::Completed)] },
         Write::status(RunKey(i64::MAX), RunStatus::Completed),
     ];
@@ -83,7 +83,7 @@ pub(crate) async fn commit_is_atomic(open: Open) {
     let a = store.run("a").await.unwrap().expect("run a");
     assert_eq!((a.status, a.output.as_deref(), a.steps), (RunStatus::Completed, Some(&b"1"[..]), 1));
     assert!(a.finished_at.is_some());
-    let dup = commit(&*store, vec![Write::CreateRun { run: new_run("a"), lease: false }]).await;
+    let dup = commit(&*store, vec![Write::CreateRun { run: Box::new(new_run("a")), lease: false }]).await;
     assert!(matches!(dup, Err(StoreError::RunExists(id)) if id == "a"));
 }
 
@@ -142,7 +142,7 @@ pub(crate) async fn lease_is_exclusive_and_taken_over(open: Open, reopen: Reopen
     assert!(a.lease(run.key).await.unwrap().is_none(), "and is then refused to the first holder");
     drop(taken);
     // A run created with a lease is held before anyone can see it.
-    let created = commit(&*a, vec![Write::CreateRun { run: new_run("y"), lease: true }]).await.unwrap();
+    let created = commit(&*a, vec![Write::CreateRun { run: Box::new(new_run("y")), lease: true }]).await.unwrap();
     let (record, lease) = created.created.into_iter().next().expect("created");
     assert!(lease.is_some(), "created with its lease");
     assert!(b.lease(record.key).await.unwrap().is_none(), "a new run's lease is held from the start");
@@ -165,7 +165,7 @@ pub(crate) async fn change_feed_in_order_and_replayable(open: Open) {
         .await
         .unwrap();
     commit(&*store, vec![Write::BranchAttempt { run: k, entry: step("br", 1, EntryStatus::Completed) }]).await.unwrap();
-    commit(&*store, vec![Write::RequestCancel { run: k }]).await.unwrap();
+    commit(&*store, vec![Write::RequestCancel { run: k, grace_until: None }]).await.unwrap();
     commit(&*store, vec![Write::cancelled(k)]).await.unwrap();
     let want = [
         (ChangeKind::Created, None, Some(RunStatus::Pending)),
@@ -218,7 +218,7 @@ pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: R
     assert_eq!(next(&mut control).await, event, "control listeners get it too");
     // Mixed with this process's own commits: each event exactly once.
     commit(&*here, vec![Write::status(run.key, RunStatus::Running)]).await.unwrap();
-    commit(&*there, vec![Write::RequestCancel { run: run.key }]).await.unwrap();
+    commit(&*there, vec![Write::RequestCancel { run: run.key, grace_until: None }]).await.unwrap();
     let (a, b) = (next(&mut all).await, next(&mut all).await);
     let mut kinds = [a.kind, b.kind];
     kinds.sort_by_key(|k| k.as_str());
@@ -267,7 +267,7 @@ pub(crate) async fn signals_are_consumed_once(open: Open) {
 pub(crate) async fn cancel_is_recorded(open: Open) {
     let store = open("cancel");
     let [run, other] = &create(&*store, &["c", "d"]).await[..] else { panic!() };
-    commit(&*store, vec![Write::RequestCancel { run: run.key }]).await.unwrap();
+    commit(&*store, vec![Write::RequestCancel { run: run.key, grace_until: None }]).await.unwrap();
     let unfinished = store.unfinished_runs().await.unwrap();
     let flags: Vec<(String, bool)> = unfinished.iter().map(|r| (r.id.clone(), r.cancel_requested)).collect();
     assert_eq!(flags, [("c".to_string(), true), ("d".to_string(), false)]);
@@ -281,6 +281,92 @@ pub(crate) async fn cancel_is_recorded(open: Open) {
     assert_eq!((c.status, c.error.as_deref()), (RunStatus::Cancelled, Some("cancelled")));
     let all: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(all, ["c", "d"], "oldest first");
+}
+
+pub(crate) async fn cancel_grace_keeps_the_earliest_stop(open: Open) {
+    let store = open("grace");
+    let [run] = &create(&*store, &["g"]).await[..] else { panic!() };
+    let request = |g: Option<i64>| Write::RequestCancel { run: run.key, grace_until: g };
+    let grace = |s: &Arc<dyn RunStore>| {
+        let s = s.clone();
+        async move { s.run("g").await.unwrap().unwrap().cancel_grace_until }
+    };
+    commit(&*store, vec![request(Some(5_000))]).await.unwrap();
+    assert_eq!(grace(&store).await, Some(5_000));
+    commit(&*store, vec![request(Some(9_000))]).await.unwrap();
+    assert_eq!(grace(&store).await, Some(5_000), "a later stop does not extend the grace");
+    commit(&*store, vec![request(Some(1_000))]).await.unwrap();
+    assert_eq!(grace(&store).await, Some(1_000));
+    commit(&*store, vec![request(None)]).await.unwrap();
+    assert_eq!(grace(&store).await, None, "a cancel without grace stops it at once");
+    commit(&*store, vec![request(Some(1_000))]).await.unwrap();
+    assert_eq!(grace(&store).await, None);
+}
+
+fn kv(reads: &[(&str, u64)], writes: &[(&str, Option<&str>)], max_keys: u64) -> Write {
+    Write::Kv(Box::new(crate::store::KvCommit {
+        namespace: "ns".into(),
+        reads: reads.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        writes: writes.iter().map(|(k, v)| (k.to_string(), v.map(|v| v.as_bytes().to_vec()))).collect(),
+        max_keys,
+    }))
+}
+
+pub(crate) async fn kv_writes_are_checked_and_versioned(open: Open) {
+    let store = open("kv");
+    let [run] = &create(&*store, &["k"]).await[..] else { panic!() };
+    let get = |key: &'static str| {
+        let s = store.clone();
+        async move { s.kv_get("ns", key).await.unwrap() }
+    };
+    let absent = get("a").await;
+    assert_eq!((absent.value, absent.version), (None, 0));
+    // A step's entry and its writes land together.
+    let append = |p: usize| Write::Append {
+        run: run.key,
+        position: p,
+        entries: vec![step("s", p as u32 + 1, EntryStatus::Completed)],
+    };
+    commit(&*store, vec![append(0), kv(&[("a", 0)], &[("a", Some("1")), ("b", Some("2"))], 10)]).await.unwrap();
+    let a1 = get("a").await;
+    assert_eq!((a1.value.as_deref(), a1.version), (Some(&b"1"[..]), 1));
+    // A write whose read is stale fails whole: no history row, no value.
+    let stale = commit(&*store, vec![append(1), kv(&[("a", 0)], &[("a", Some("9"))], 10)]).await;
+    assert!(matches!(&stale, Err(StoreError::KvConflict { key }) if key == "a"), "{stale:?}");
+    assert_eq!(store.history(run.key).await.unwrap().len(), 1, "the conflicting item wrote nothing");
+    assert_eq!(get("a").await.value.as_deref(), Some(&b"1"[..]));
+    // Beside a conflicting item in the same batch, a good one lands.
+    let t1 = store.submit(vec![kv(&[("a", 1)], &[("a", Some("2"))], 10)]);
+    let t2 = store.submit(vec![kv(&[("a", 1)], &[("a", Some("3"))], 10)]);
+    let (r1, r2) = (t1.await.unwrap(), t2.await.unwrap());
+    assert!(r1.is_ok() != r2.is_ok(), "exactly one of two writers from the same version wins: {r1:?} {r2:?}");
+    let a2 = get("a").await;
+    assert_eq!(a2.version, 2);
+    // A deleted key keeps its version: a reader of the old state conflicts
+    // with a writer that deletes and writes it again.
+    commit(&*store, vec![kv(&[], &[("a", None)], 10)]).await.unwrap();
+    let gone = get("a").await;
+    assert_eq!((gone.value, gone.version), (None, 3));
+    commit(&*store, vec![kv(&[], &[("a", Some("5"))], 10)]).await.unwrap();
+    assert_eq!(get("a").await.version, 4);
+    let old = commit(&*store, vec![kv(&[("a", 2)], &[("c", Some("1"))], 10)]).await;
+    assert!(matches!(old, Err(StoreError::KvConflict { .. })), "{old:?}");
+    // Deleting a key that never was is a no-op; listing skips deleted keys.
+    commit(&*store, vec![kv(&[], &[("never", None), ("b", None)], 10)]).await.unwrap();
+    assert_eq!(get("never").await.version, 0);
+    commit(&*store, vec![kv(&[], &[("p/1", Some("1")), ("p/2", Some("2")), ("q", Some("3"))], 10)]).await.unwrap();
+    let keys = |rows: Vec<(String, crate::store::KvValue)>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(keys(store.kv_list("ns", "", None, 100).await.unwrap()), ["a", "p/1", "p/2", "q"]);
+    assert_eq!(keys(store.kv_list("ns", "p/", None, 100).await.unwrap()), ["p/1", "p/2"]);
+    assert_eq!(keys(store.kv_list("ns", "p/", Some("p/1"), 100).await.unwrap()), ["p/2"]);
+    assert_eq!(keys(store.kv_list("ns", "", None, 2).await.unwrap()), ["a", "p/1"]);
+    assert!(store.kv_list("other", "", None, 100).await.unwrap().is_empty(), "namespaces are apart");
+    // The namespace holds 4 live keys: a fifth is refused past a cap of 4,
+    // and overwriting one is not a new key.
+    let full = commit(&*store, vec![kv(&[], &[("r", Some("1"))], 4)]).await;
+    assert!(matches!(full, Err(StoreError::KvFull { max: 4, .. })), "{full:?}");
+    commit(&*store, vec![kv(&[], &[("q", Some("4"))], 4)]).await.unwrap();
+    commit(&*store, vec![kv(&[], &[("q", None), ("r", Some("1"))], 4)]).await.unwrap();
 }
 
 pub(crate) async fn modules_and_branches_read_back(open: Open) {
@@ -389,6 +475,14 @@ macro_rules! suite {
             #[tokio::test]
             async fn cancel_is_recorded() {
                 c::cancel_is_recorded(super::$open).await
+            }
+            #[tokio::test]
+            async fn cancel_grace_keeps_the_earliest_stop() {
+                c::cancel_grace_keeps_the_earliest_stop(super::$open).await
+            }
+            #[tokio::test]
+            async fn kv_writes_are_checked_and_versioned() {
+                c::kv_writes_are_checked_and_versioned(super::$open).await
             }
             #[tokio::test]
             async fn tokens_are_kept_by_hash_and_revoked() {

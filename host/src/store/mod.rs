@@ -35,7 +35,7 @@ pub enum Write {
     PutModule { hash: String, bytes: Vec<u8> },
     /// Create a run; with `lease`, this process holds the run's lease before
     /// the commit makes the run visible to anyone else.
-    CreateRun { run: NewRun, lease: bool },
+    CreateRun { run: Box<NewRun>, lease: bool },
     /// Append history entries starting at `position`.
     Append { run: RunKey, position: usize, entries: Vec<Entry> },
     /// Set a run's status (and, when it finishes, its output or error).
@@ -43,8 +43,13 @@ pub enum Write {
     /// Deliver a signal (kept until the run waits for it), unless the run
     /// already has `max_pending` undelivered ones.
     SendSignal { run: RunKey, name: String, payload: Vec<u8>, max_pending: u64 },
-    /// Ask the run's executor to stop it.
-    RequestCancel { run: RunKey },
+    /// Ask the run's executor to stop it: at once (`grace_until` `None`),
+    /// or by telling the workflow and stopping it at `grace_until` (Unix
+    /// ms). Of several requests, the earliest stop holds.
+    RequestCancel { run: RunKey, grace_until: Option<i64> },
+    /// Key-value writes, applied only if every key read still has the
+    /// version read; else the whole item fails with `KvConflict`.
+    Kv(Box<KvCommit>),
     /// An ended attempt of a parallel branch (a `Step` entry).
     BranchAttempt { run: RunKey, entry: Entry },
     /// Take the oldest undelivered signal `name` of the run, if any, and
@@ -63,11 +68,12 @@ impl Write {
             Write::PutModule { .. }
             | Write::CreateRun { .. }
             | Write::CreateToken { .. }
-            | Write::RevokeToken { .. } => None,
+            | Write::RevokeToken { .. }
+            | Write::Kv(_) => None,
             Write::Append { run, .. }
             | Write::SetStatus { run, .. }
             | Write::SendSignal { run, .. }
-            | Write::RequestCancel { run }
+            | Write::RequestCancel { run, .. }
             | Write::BranchAttempt { run, .. }
             | Write::ConsumeSignal { run, .. } => Some(*run),
         }
@@ -87,6 +93,29 @@ impl Write {
     pub fn status(run: RunKey, status: RunStatus) -> Self {
         Write::SetStatus { run, status, output: None, error: None }
     }
+}
+
+/// A step attempt's key-value reads and writes in one namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvCommit {
+    pub namespace: String,
+    /// Keys read, with the version seen ([`KvValue::version`]; 0: never written).
+    pub reads: Vec<(String, u64)>,
+    /// Keys written, in order: a value (JSON), or `None` to delete.
+    pub writes: Vec<(String, Option<Vec<u8>>)>,
+    /// Live keys the namespace may hold after the writes.
+    pub max_keys: u64,
+}
+
+/// A key's state: its value (`None` once deleted) and its version, which
+/// grows with every write and is never reused (a deleted key keeps its
+/// version), so a version read identifies one state of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvValue {
+    pub value: Option<Vec<u8>>,
+    pub version: u64,
+    /// When it was last written (Unix ms).
+    pub updated_at: i64,
 }
 
 /// What a commit produced, for the writes that produce something.
@@ -168,6 +197,12 @@ pub enum StoreError {
     NoSuchRun(RunKey),
     #[error("the run has {0} signals it has not received yet; no more are kept until it takes some")]
     SignalsFull(u64),
+    /// A key the item read changed before it committed: nothing of the
+    /// item was written, and the attempt can run again.
+    #[error("key-value conflict: key {key:?} changed since it was read")]
+    KvConflict { key: String },
+    #[error("limit `--max-kv-keys` exceeded: namespace {namespace:?} would hold more than {max} keys")]
+    KvFull { namespace: String, max: u64 },
     #[error("commit failed: {0}")]
     Commit(String),
     /// Flushing to stable storage failed. What the OS was given may be lost
@@ -248,6 +283,18 @@ pub trait RunStore: Send + Sync {
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// The API token with this id.
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// A key's value and version (version 0, no value: never written).
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<KvValue, StoreError>;
+    /// Up to `limit` live keys of a namespace starting with `prefix`, after
+    /// the key `after`, in key order.
+    async fn kv_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KvValue)>, StoreError>;
 
     /// Take the run's lease; `None` if another holder has it.
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError>;

@@ -74,7 +74,9 @@ impl Executor {
             let result = self.branch_instance(run, module, watch.clone(), launch, attempt).await;
             drop((_slot, _share));
             match result {
-                Ok(entry) => {
+                // Its key-value writes conflicted: the same attempt again.
+                Ok(None) => tokio::time::sleep(super::conflict_backoff()).await,
+                Ok(Some(entry)) => {
                     let again = entry.status == EntryStatus::Failed;
                     board.record(entry);
                     if !again {
@@ -98,20 +100,21 @@ impl Executor {
         watch: Arc<RunWatch>,
         launch: &BranchLaunch,
         attempt: u32,
-    ) -> Result<Entry, ExecError> {
+    ) -> Result<Option<Entry>, ExecError> {
         let mode = BranchMode { key: launch.key.clone(), attempt };
         let mut wstore = self.new_store(run, launch.history.clone(), watch, launch.branches.clone(), Some(mode))?;
         let result = self.call_start(&mut wstore, module, run).await?;
         let st = wstore.data_mut();
         match InstanceOutcome::of(st, result) {
-            InstanceOutcome::BranchRecorded(entry) => Ok(entry),
+            InstanceOutcome::BranchRecorded(entry) => Ok(Some(entry)),
+            InstanceOutcome::KvConflict => Ok(None),
             InstanceOutcome::Diverged(nd) => Err(crate::runtime::imports::Fatal::NonDeterminism(nd).into()),
             InstanceOutcome::Fatal(fatal) => Err(fatal.into()),
             InstanceOutcome::Cancelled => Err(ExecError::Module("cancelled".into())),
             InstanceOutcome::RunLimitExceeded(message) => Err(ExecError::Module(message)),
             InstanceOutcome::Trapped { message, live: Some(live) }
             | InstanceOutcome::LimitExceeded { message, live: Some(live) } => {
-                Ok(record_failed_attempt(st, "branch", live, message).await?)
+                Ok(Some(record_failed_attempt(st, "branch", live, message).await?))
             }
             _ => Err(ExecError::Module("the branch instance ended before reaching its spawn".into())),
         }

@@ -54,6 +54,9 @@ enum Next {
     Done(RunOutcome),
     /// Replay the run in a fresh instance now.
     Restart,
+    /// A step's key-value writes conflicted: nothing of the instance's last
+    /// item was committed; replay it in a fresh instance after a moment.
+    Conflict,
     /// Replay the run in a fresh instance at this time (Unix ms), or when
     /// a signal comes; meanwhile its status is this.
     Park(Option<i64>, RunStatus),
@@ -79,7 +82,8 @@ pub struct Executor {
     engine: Arc<WasmEngine>,
     linker: Linker<HostState>,
     /// Per module hash: imports resolved once, ABI version checked once.
-    prepared: std::sync::Mutex<std::collections::HashMap<String, wasmtime::InstancePre<HostState>>>,
+    /// and the ABI version it declared.
+    prepared: std::sync::Mutex<std::collections::HashMap<String, (wasmtime::InstancePre<HostState>, i32)>>,
     store: Arc<dyn RunStore>,
     watcher: Arc<Watcher>,
     park_threshold: Duration,
@@ -143,6 +147,12 @@ impl Executor {
         &self.store
     }
 
+    /// The ABI version a module declared, once an instance of it was made
+    /// here (the newest until then: its first host call finds out).
+    fn abi_version(&self, hash: &str) -> i32 {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map_or(imports::ABI_VERSION, |(_, v)| *v)
+    }
+
     /// Execute (or continue) a run the caller holds the lease of, until it
     /// completes, fails or is cancelled.
     pub async fn execute(self: &Arc<Self>, run: &RunRecord) -> Result<RunOutcome, ExecError> {
@@ -151,7 +161,7 @@ impl Executor {
         let registration = self.watcher.register(run.key, self.branch_instances_total / 2);
         let watch = registration.watch.clone();
         if run.cancel_requested {
-            watch.request_cancel();
+            watch.request_cancel_at(run.cancel_grace_until);
         }
         let module = self.load_module(run).await?;
         // Branches outlive the parent instance that spawned them (a retry
@@ -164,7 +174,10 @@ impl Executor {
         let branches = self.branches_of(run, &module, board, watch.clone());
         let mut status = run.status;
         loop {
-            if watch.cancel_requested() {
+            // A module told of cancellations (ABI version 2) runs on
+            // through a grace period; others stop at once.
+            let graced = watch.grace_until().is_some() && self.abi_version(&run.module) < 2;
+            if watch.cancel_requested() || graced {
                 self.commit(vec![Write::cancelled(run.key)]).await?;
                 return Ok(RunOutcome::Cancelled);
             }
@@ -198,6 +211,11 @@ impl Executor {
             match next? {
                 Next::Done(outcome) => return Ok(outcome),
                 Next::Restart => {}
+                Next::Conflict => {
+                    // The item that failed carried the run's status too.
+                    status = RunStatus::Pending;
+                    tokio::time::sleep(conflict_backoff()).await;
+                }
                 Next::Park(wake_at, parked) => {
                     // No instance, no thread: a timer and a wake-up are all
                     // a parked run holds.
@@ -205,10 +223,8 @@ impl Executor {
                     status = parked;
                     // A parked run past its wall time fails then, not when it wakes.
                     let wall = run.config.limits.max_wall_ms.map(|ms| run.created_at.saturating_add(ms as i64));
-                    let wake_at = match (wake_at, wall) {
-                        (Some(at), Some(w)) => Some(at.min(w)),
-                        (at, w) => at.or(w),
-                    };
+                    // So does one whose grace period ends first.
+                    let wake_at = [wake_at, wall, watch.grace_until()].into_iter().flatten().min();
                     let sleep = async {
                         match wake_at {
                             Some(at) => {
@@ -292,6 +308,8 @@ impl Executor {
         Ok(match outcome {
             InstanceOutcome::Finished(Finished::Completed(out)) => Next::Done(RunOutcome::Completed(out)),
             InstanceOutcome::Finished(Finished::Failed(msg)) => Next::Done(RunOutcome::Failed(msg)),
+            InstanceOutcome::Finished(Finished::Cancelled) => Next::Done(RunOutcome::Cancelled),
+            InstanceOutcome::KvConflict => Next::Conflict,
             InstanceOutcome::Restart => Next::Restart,
             InstanceOutcome::Parked { wake_at, status } => Next::Park(wake_at, status),
             InstanceOutcome::Cancelled => {
@@ -325,6 +343,14 @@ impl Executor {
             }
         })
     }
+}
+
+/// How long a step whose key-value writes conflicted waits before it runs
+/// again: up to 10 ms, at random, so that runs racing for one key spread out.
+pub(super) fn conflict_backoff() -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    Duration::from_micros(u64::from(u16::from_le_bytes(b)) % 10_000)
 }
 
 /// An attempt that stopped inside its closure (a trap, a panic, a limit):

@@ -58,6 +58,7 @@ impl Executor {
             steps: 0,
             cancel_requested: false,
             random_key: None,
+            cancel_grace_until: None,
         };
         let mut store = self.new_store(&probe, Vec::new(), Arc::new(RunWatch::new(1)), Branches::inert(), None)?;
         self.instantiate(&mut store, &module, &hash, shown).await?;
@@ -97,6 +98,8 @@ impl Executor {
         }
         let state = HostState::new(InstanceSetup {
             wasi: wasi.build_p1(),
+            http: run.config.http.clone(),
+            kv_namespace: run.config.kv_namespace_of(&run.module).to_string(),
             run: RunContext {
                 store: self.store.clone(),
                 run_id: run.id.clone(),
@@ -135,7 +138,7 @@ impl Executor {
     ) -> Result<wasmtime::Instance, ExecError> {
         let known = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned();
         let pre = match &known {
-            Some(pre) => pre.clone(),
+            Some((pre, _)) => pre.clone(),
             None => self
                 .linker
                 .instantiate_pre(module)
@@ -156,7 +159,8 @@ impl Executor {
         };
         let memory = instance.get_memory(&mut *store, "memory");
         store.data_mut().set_memory(memory);
-        if known.is_some() {
+        if let Some((_, version)) = known {
+            store.data_mut().set_abi_version(version);
             return Ok(instance);
         }
         // The guest declares its ABI version: ask it, once per module.
@@ -166,14 +170,16 @@ impl Executor {
             .call_async(&mut *store, ())
             .await
             .map_err(|e| ExecError::Module(format!("{shown}: `cairn_abi_version` failed: {e:#}")))?;
-        if version != imports::ABI_VERSION {
+        if !(imports::MIN_ABI_VERSION..=imports::ABI_VERSION).contains(&version) {
             return Err(ExecError::Module(format!(
-                "{shown} was built for Cairn ABI version {version}, but this cairn speaks version {}; \
+                "{shown} was built for Cairn ABI version {version}, but this cairn speaks versions {} to {}; \
                  rebuild it with a matching cairn-sdk or use a matching cairn",
+                imports::MIN_ABI_VERSION,
                 imports::ABI_VERSION
             )));
         }
-        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), pre);
+        store.data_mut().set_abi_version(version);
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), (pre, version));
         Ok(instance)
     }
 

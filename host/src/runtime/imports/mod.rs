@@ -4,6 +4,8 @@
 //! and its lines in [`add_to_linker`] (and in [`FUNCTIONS`]).
 
 mod branch;
+mod http;
+mod kv;
 mod limits;
 mod memory;
 mod signal;
@@ -15,19 +17,35 @@ mod workflow;
 
 use wasmtime::{Caller, Linker};
 
+pub use kv::MAX_KEY_BYTES as MAX_KV_KEY_BYTES;
 pub use limits::MemoryLimiter;
 pub use state::{Ending, Fatal, Finished, HostState, InstanceSetup, LiveStep, RunContext};
 pub use step::failed_attempt;
 pub use wasi::output::GuestOutput;
 
 // The version, status codes and policy form shared with cairn-sdk.
-pub use cairn_abi::{ABI_VERSION, RetryPolicy};
+pub use cairn_abi::{ABI_VERSION, MIN_ABI_VERSION, RetryPolicy};
 
 /// The import module of the Cairn interface.
 pub const MODULE: &str = "cairn";
 /// Every function of the `cairn` import module.
-pub const FUNCTIONS: &[&str] =
-    &["input", "take", "step_begin", "step_end", "finish", "panic", "sleep", "signal_wait", "spawn", "join"];
+pub const FUNCTIONS: &[&str] = &[
+    "input",
+    "take",
+    "step_begin",
+    "step_end",
+    "finish",
+    "panic",
+    "sleep",
+    "signal_wait",
+    "spawn",
+    "join",
+    // Version 2: effects.
+    "http",
+    "kv_get",
+    "kv_put",
+    "kv_delete",
+];
 
 /// Define the `cairn` module and the WASI overrides on `linker` (which must
 /// already hold WASI preview 1).
@@ -85,6 +103,16 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Box::new(async move { signal::signal_wait(&mut caller, ptr, len, timeout_ms).await })
         },
     )?;
+
+    // Effects inside steps (http.rs, kv.rs).
+    linker.func_wrap_async(MODULE, "http", |mut caller: Caller<'_, HostState>, (ptr, len): (i32, i32)| {
+        Box::new(async move { http::http(&mut caller, ptr, len).await })
+    })?;
+    linker.func_wrap_async(MODULE, "kv_get", |mut caller: Caller<'_, HostState>, (ptr, len): (i32, i32)| {
+        Box::new(async move { kv::kv_get(&mut caller, ptr, len).await })
+    })?;
+    linker.func_wrap(MODULE, "kv_put", kv::kv_put)?;
+    linker.func_wrap(MODULE, "kv_delete", kv::kv_delete)?;
 
     // WASI taken over (wasi/).
     linker.func_wrap_async(

@@ -13,7 +13,7 @@ use super::timer::record_timer;
 use crate::model::{Entry, EntryKind, RunStatus, now_ms};
 use crate::runtime::journal::Request;
 use crate::store::Write;
-use cairn_abi::{SIGNAL_RECEIVED, SIGNAL_TIMED_OUT};
+use cairn_abi::{CANCELLED, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT};
 
 /// `signal_wait(name, timeout_ms)`: a timeout's deadline is a durable timer
 /// recorded first; a negative timeout waits forever.
@@ -31,6 +31,10 @@ pub(super) async fn signal_wait(
     let deadline =
         if timeout_ms >= 0 { Some(record_timer(caller, || now_ms().saturating_add(timeout_ms)).await?) } else { None };
     let st = caller.data_mut();
+    if let Some(message) = st.deliver_cancel().await? {
+        st.staged = message.into_bytes();
+        return Ok((CANCELLED << 32) | st.staged.len() as i64);
+    }
     match st.journal.replay_read(&st.run.run_id, &Request::Signal { name: &name }) {
         Err(nd) => return Err(st.diverged(nd)),
         Ok(Some(entry)) => {
@@ -98,11 +102,20 @@ pub(super) async fn signal_wait(
         if let Some(d) = deadline {
             wait = wait.min(Duration::from_millis(d.saturating_sub(now_ms()).max(0) as u64));
         }
+        wait = wait.min(Duration::from_millis(st.grace_left() as u64));
         let watch = st.watch.clone();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = watch.changed() => {}
         }
-        caller.data_mut().enter()?;
+        let st = caller.data_mut();
+        st.enter()?;
+        if let Some(message) = st.deliver_cancel().await? {
+            if shown {
+                st.defer_write(Write::status(st.run.run, RunStatus::Running));
+            }
+            st.staged = message.into_bytes();
+            return Ok((CANCELLED << 32) | st.staged.len() as i64);
+        }
     }
 }

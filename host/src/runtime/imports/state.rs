@@ -40,6 +40,8 @@ pub enum Fatal {
 pub enum Finished {
     Completed(Vec<u8>),
     Failed(String),
+    /// Told of a cancellation, the workflow finished: the run is cancelled.
+    Cancelled,
 }
 
 /// Why the instance stopped, as the host saw it; the first one set stands
@@ -66,6 +68,9 @@ pub enum Ending {
     RunLimit(String),
     /// The live step's attempt ran past its timeout.
     TimedOut,
+    /// The attempt's key-value writes conflicted with another run's: run
+    /// the attempt again (nothing of it was committed, nothing is journaled).
+    KvConflict,
 }
 
 /// A step whose closure is running live.
@@ -94,6 +99,8 @@ pub struct RunContext {
 /// Everything [`HostState::new`] needs.
 pub struct InstanceSetup {
     pub wasi: WasiP1Ctx,
+    pub http: crate::model::HttpGrants,
+    pub kv_namespace: String,
     pub run: RunContext,
     pub journal: Journal,
     pub replaying: Arc<AtomicBool>,
@@ -140,6 +147,13 @@ pub struct HostState {
     pending_writes: Vec<Write>,
     /// Start times of the completed steps in the commit under way (reused).
     step_starts: Vec<i64>,
+    /// The ABI version the module declared (set once instantiated).
+    pub(super) abi_version: i32,
+    /// The live step's key-value reads and staged writes.
+    pub(super) kv: Option<super::kv::KvAttempt>,
+    /// What the run may reach over HTTP, and its key-value namespace.
+    pub(super) http: crate::model::HttpGrants,
+    pub(super) kv_namespace: String,
     /// Counts this instance in `cairn_live_instances` while it lives.
     _live: GaugeGuard,
 }
@@ -176,6 +190,10 @@ impl HostState {
             handles: Vec::new(),
             pending_writes: Vec::new(),
             step_starts: Vec::new(),
+            abi_version: cairn_abi::MIN_ABI_VERSION,
+            kv: None,
+            http: setup.http,
+            kv_namespace: setup.kv_namespace,
             _live: GaugeGuard::new(&metrics.live_instances),
         }
     }
@@ -190,6 +208,11 @@ impl HostState {
 
     pub fn set_memory(&mut self, memory: Option<Memory>) {
         self.memory = memory;
+    }
+
+    /// The ABI version the instantiated module declared.
+    pub fn set_abi_version(&mut self, version: i32) {
+        self.abi_version = version;
     }
 
     pub fn run(&self) -> &RunContext {
@@ -237,10 +260,40 @@ impl HostState {
         if self.live_step.as_ref().and_then(|l| l.deadline).is_some_and(|d| Instant::now() >= d) {
             return Err(self.stop(Ending::TimedOut));
         }
-        if self.watch.cancel_requested() {
+        if self.cancel_now() {
             return Err(self.stop(Ending::Cancelled));
         }
         Ok(())
+    }
+
+    /// The run must stop now: cancelled without a grace period, its grace
+    /// period over, or a module that cannot be told (ABI version 1).
+    /// Branch instances go on through the grace period: their parent may
+    /// be waiting for them to compensate.
+    pub(super) fn cancel_now(&self) -> bool {
+        self.watch.cancel_requested()
+            || (self.abi_version < 2 && self.branch_mode.is_none() && self.watch.grace_until().is_some())
+    }
+
+    /// Deliver a cancellation with a grace period to the workflow, once:
+    /// replayed where the history has it, else recorded now if one is
+    /// pending. The message for the guest, if delivered here.
+    pub(super) async fn deliver_cancel(&mut self) -> wasmtime::Result<Option<String>> {
+        if self.branch_mode.is_some() || self.abi_version < 2 {
+            return Ok(None);
+        }
+        if let Some(entry) = self.journal.replay_cancel() {
+            let message = cancel_message(entry.time_value());
+            self.sync_replaying();
+            return Ok(Some(message));
+        }
+        if self.journal.replaying() || self.journal.cancel_delivered() {
+            return Ok(None);
+        }
+        let Some(until) = self.watch.grace_until() else { return Ok(None) };
+        self.record(Entry::event(EntryKind::Cancel, "", 0, until.to_le_bytes().to_vec()))?;
+        self.commit(Vec::new()).await?;
+        Ok(Some(cancel_message(Some(until))))
     }
 
     /// Every host call: a cancelled run, or one past its wall time, stops here.
@@ -249,7 +302,7 @@ impl HostState {
             // The instance is over (a host call after `finish`, say).
             return Err(wasmtime::Error::msg(format!("instance stopped by the host: {ending:?}")));
         }
-        if self.watch.cancel_requested() {
+        if self.cancel_now() {
             return Err(self.stop(Ending::Cancelled));
         }
         self.check_wall()
@@ -285,6 +338,7 @@ impl HostState {
     pub(super) fn start_live(&mut self, name: String, occurrence: u32, attempt: u32, policy: RetryPolicy) -> i64 {
         self.staged = idempotency_key(self.run.store.db_id(), &self.run.run_id, &name, occurrence).into_bytes();
         let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
+        self.kv = None;
         self.live_step = Some(LiveStep { name, occurrence, attempt, started_at: now_ms(), policy, deadline });
         self.staged.len() as i64
     }
@@ -373,16 +427,18 @@ impl HostState {
     }
 
     /// Wait until `wake_at` (Unix ms) inside a host call, or park the run
-    /// if that is further away than the park threshold.
-    pub(super) async fn wait_until(&mut self, wake_at: i64) -> wasmtime::Result<()> {
+    /// if that is further away than the park threshold. With `deliver`, a
+    /// cancellation with a grace period ends the wait: its message.
+    pub(super) async fn wait_until(&mut self, wake_at: i64, deliver: bool) -> wasmtime::Result<Option<String>> {
         let mut shown = false;
         loop {
             let remaining = wake_at.saturating_sub(now_ms());
-            if remaining <= 0 {
+            let delivered = if deliver { self.deliver_cancel().await? } else { None };
+            if remaining <= 0 || delivered.is_some() {
                 if shown {
                     self.defer_write(Write::status(self.run.run, RunStatus::Running));
                 }
-                return Ok(());
+                return Ok(delivered);
             }
             self.check_wall()?;
             if Duration::from_millis(remaining as u64) > self.park_threshold {
@@ -392,14 +448,14 @@ impl HostState {
                 self.show_wait(RunStatus::Sleeping).await?;
                 shown = true;
             }
-            // Wake at the wall limit if it comes first.
+            // Wake at the wall limit, or a grace period's end, if it comes first.
             let wall_left = self.wall_deadline.map_or(i64::MAX, |d| d.saturating_sub(now_ms()).max(1));
             let watch = self.watch.clone();
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(remaining.min(wall_left) as u64)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(remaining.min(wall_left).min(self.grace_left()) as u64)) => {}
                 _ = watch.changed() => {}
             }
-            if self.watch.cancel_requested() {
+            if self.cancel_now() {
                 return Err(self.stop(Ending::Cancelled));
             }
         }
@@ -422,6 +478,8 @@ impl HostState {
     pub(super) async fn commit(&mut self, extra: Vec<Write>) -> wasmtime::Result<()> {
         match self.commit_inner(extra).await {
             Ok(()) => Ok(()),
+            Err(StoreError::KvConflict { .. }) => Err(self.stop(Ending::KvConflict)),
+            Err(e @ StoreError::KvFull { .. }) => Err(self.stop(Ending::RunLimit(e.to_string()))),
             Err(source) => {
                 let fatal = Fatal::Store { run_id: self.run.run_id.clone(), error: source };
                 Err(self.fail(fatal))
@@ -494,12 +552,63 @@ impl HostState {
     /// else the history (then it rides with the instance's next commit).
     /// An attempt's entry is recorded even past the history limits: the
     /// limit fails the run at its next entry, and what the step did is kept.
+    /// A completed attempt's key-value writes go in the same item: they
+    /// land with its outcome or not at all; any other attempt's are dropped.
     fn attempt_write(&mut self, entry: Entry) -> Vec<Write> {
+        let kv = self.kv.take().filter(|_| entry.status == EntryStatus::Completed);
+        let kv = kv
+            .and_then(|kv| kv.into_commit(&self.kv_namespace, self.limits.max_kv_keys))
+            .map(|kv| Write::Kv(Box::new(kv)));
         if self.branch_mode.is_some() {
-            return vec![Write::BranchAttempt { run: self.run.run, entry }];
+            return [Write::BranchAttempt { run: self.run.run, entry }].into_iter().chain(kv).collect();
         }
         self.journal.record(entry);
-        Vec::new()
+        kv.into_iter().collect()
+    }
+}
+
+impl HostState {
+    /// Resolves once the run must stop (cancelled, or past its wall time)
+    /// while a host call waits on something else (an HTTP exchange); the
+    /// call then stops at `enter`. Owns what it needs: it runs beside a
+    /// borrow of the state.
+    pub(super) fn until_stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let watch = self.watch.clone();
+        let told = self.abi_version >= 2 || self.branch_mode.is_some();
+        let wall = self.wall_deadline;
+        async move {
+            loop {
+                let now = now_ms();
+                if watch.cancel_requested()
+                    || (!told && watch.grace_until().is_some())
+                    || wall.is_some_and(|w| now >= w)
+                {
+                    return;
+                }
+                let next = [wall, watch.grace_until()].into_iter().flatten().min().map_or(i64::MAX, |t| t - now);
+                tokio::select! {
+                    _ = watch.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(next.clamp(1, 3_600_000) as u64)) => {}
+                }
+            }
+        }
+    }
+
+    /// Milliseconds until a cancel's grace period ends (`i64::MAX`: none).
+    pub(super) fn grace_left(&self) -> i64 {
+        self.watch.grace_until().map_or(i64::MAX, |g| g.saturating_sub(now_ms()).max(1))
+    }
+}
+
+/// What the workflow is told when a cancellation is delivered: made from
+/// the history only, so a replay tells it the same.
+fn cancel_message(grace_until: Option<i64>) -> String {
+    let until = grace_until
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
+    match until {
+        Some(until) => format!("the run was cancelled; it may clean up until {until}"),
+        None => "the run was cancelled".to_string(),
     }
 }
 

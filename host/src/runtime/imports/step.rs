@@ -8,7 +8,7 @@ use super::memory::{guest_bytes, guest_payload, guest_str};
 use super::state::{Ending, HostState, LiveStep};
 use crate::model::{Entry, EntryKind, EntryStatus, now_ms};
 use crate::runtime::journal::StepStart;
-use cairn_abi::{RetryPolicy, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN};
+use cairn_abi::{CANCELLED, RetryPolicy, STEP_MEMOIZED_ERR, STEP_MEMOIZED_OK, STEP_RUN};
 
 pub(super) async fn step_begin(
     caller: &mut Caller<'_, HostState>,
@@ -49,9 +49,16 @@ pub(super) async fn step_begin(
     // a step loop, or a step retried without end, meets the history limits.
     let room = 64usize.saturating_add(name.len()).saturating_add(st.limits.max_payload_bytes());
     st.check_history_room(room)?;
-    // A failed attempt's backoff (journaled as an absolute time).
-    if let Some(at) = not_before {
-        st.wait_until(at).await?;
+    // A failed attempt's backoff (journaled as an absolute time). A
+    // cancellation with a grace period is delivered here instead of
+    // running the step (during the backoff, or now).
+    let delivered = match not_before {
+        Some(at) => st.wait_until(at, true).await?,
+        None => st.deliver_cancel().await?,
+    };
+    if let Some(message) = delivered {
+        st.staged = message.into_bytes();
+        return Ok((CANCELLED << 32) | st.staged.len() as i64);
     }
     // Whatever the workflow read since the last commit may be used by the
     // closure for a live side effect: make it durable first. (Writes that

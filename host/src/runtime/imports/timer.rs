@@ -7,6 +7,7 @@ use wasmtime::Caller;
 use super::state::HostState;
 use crate::model::{Entry, EntryKind, now_ms};
 use crate::runtime::journal::Request;
+use cairn_abi::CANCELLED;
 
 /// `sleep(millis)`.
 pub(super) async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wasmtime::Result<i32> {
@@ -14,17 +15,22 @@ pub(super) async fn sleep(caller: &mut Caller<'_, HostState>, millis: i64) -> wa
     if caller.data().live_step.is_some() {
         return Err(caller.data_mut().abi_error("ctx.sleep inside a step"));
     }
-    durable_timer(caller, || now_ms().saturating_add(millis.max(0))).await?;
-    Ok(0)
+    let wake_at = record_timer(caller, || now_ms().saturating_add(millis.max(0))).await?;
+    // A cancellation with a grace period ends the sleep (ABI version 2).
+    match caller.data_mut().wait_until(wake_at, true).await? {
+        Some(_) => Ok(CANCELLED as i32),
+        None => Ok(0),
+    }
 }
 
-/// Record (or replay) a timer, then wait for it.
+/// Record (or replay) a timer, then wait for it (`std::thread::sleep`:
+/// nothing to tell the workflow through).
 pub(super) async fn durable_timer(
     caller: &mut Caller<'_, HostState>,
     wake_at_if_live: impl FnOnce() -> i64,
 ) -> wasmtime::Result<()> {
     let wake_at = record_timer(caller, wake_at_if_live).await?;
-    caller.data_mut().wait_until(wake_at).await
+    caller.data_mut().wait_until(wake_at, false).await.map(drop)
 }
 
 /// The wake-up time of the timer under the cursor (replay), or a new one

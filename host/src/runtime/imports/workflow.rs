@@ -80,12 +80,29 @@ pub(super) async fn finish(
         other => return Err(st.abi_error(format!("finish status {other} is not 0 or 1"))),
     };
     let run = st.run.run;
-    let write = match &finished {
-        Finished::Completed(out) => {
+    let cancelled = st.journal.cancel_delivered();
+    let write = match (&finished, cancelled) {
+        // Told of a cancellation, the workflow finished as it saw fit
+        // (compensated, say): the run was cancelled all the same.
+        (Finished::Completed(out), true) => Write::SetStatus {
+            run,
+            status: RunStatus::Cancelled,
+            output: Some(out.clone()),
+            error: Some("cancelled".into()),
+        },
+        (Finished::Failed(msg), true) => Write::SetStatus {
+            run,
+            status: RunStatus::Cancelled,
+            output: None,
+            error: Some(format!("cancelled: {msg}")),
+        },
+        (Finished::Completed(out), false) => {
             Write::SetStatus { run, status: RunStatus::Completed, output: Some(out.clone()), error: None }
         }
-        Finished::Failed(msg) => Write::failed(run, msg.clone()),
+        (Finished::Failed(msg), false) => Write::failed(run, msg.clone()),
+        (Finished::Cancelled, _) => unreachable!("made below"),
     };
+    let finished = if cancelled { Finished::Cancelled } else { finished };
     st.commit(vec![write]).await?;
     // The run is over: the instance stops here, so nothing the guest does
     // after can change the finished run.

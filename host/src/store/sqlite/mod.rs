@@ -22,7 +22,8 @@ pub use watch::WATCH_INTERVAL;
 
 use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord};
 use crate::store::{
-    ChangeEvent, ChangeFeed, CommitTicket, Durability, Lease, RunFilter, RunStore, StoreError, Subscription, Write,
+    ChangeEvent, ChangeFeed, CommitTicket, Durability, KvValue, Lease, RunFilter, RunStore, StoreError, Subscription,
+    Write,
 };
 use lock::LockFile;
 use schema::{BUSY_TIMEOUT, connect, map_open_error, migrate};
@@ -184,7 +185,7 @@ static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
          (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind IN ({}) AND h.status != '{}'), \
-         cancel_requested, random_key",
+         cancel_requested, random_key, cancel_grace_until",
         kinds.join(", "),
         Entry::UNCOUNTED_STATUS.as_str()
     )
@@ -228,6 +229,7 @@ fn run_from_row(row: &rusqlite::Row) -> rusqlite::Result<Result<RunRecord, Strin
             // journals its reads, and a replay of reads made with the key
             // stops with a non-determinism error.
             random_key: row.get::<_, Option<Vec<u8>>>(13).map_err(get_err)?.and_then(|key| key.try_into().ok()),
+            cancel_grace_until: row.get(14).map_err(get_err)?,
         })
     })();
     Ok(record.map_err(|why| format!("run #{seq} in the database is malformed: {why}")))
@@ -425,6 +427,41 @@ impl RunStore for SqliteStore {
                 .optional()
         })?;
         row.transpose().map_err(StoreError::Corrupt)
+    }
+
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<KvValue, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT value, version, updated_at FROM kv WHERE namespace = ?1 AND key = ?2")?
+                .query_row([namespace, key], |r| {
+                    Ok(KvValue { value: r.get(0)?, version: r.get::<_, i64>(1)? as u64, updated_at: r.get(2)? })
+                })
+                .optional()
+                .map(|found| found.unwrap_or(KvValue { value: None, version: 0, updated_at: 0 }))
+        })
+    }
+
+    async fn kv_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KvValue)>, StoreError> {
+        self.read(|c| {
+            // `key >= prefix` lets the primary key's index find the start.
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value, version, updated_at FROM kv WHERE namespace = ?1 AND value IS NOT NULL \
+                 AND key >= ?2 AND substr(key, 1, length(?2)) = ?2 AND (?3 IS NULL OR key > ?3) \
+                 ORDER BY key LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![namespace, prefix, after, limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    KvValue { value: r.get(1)?, version: r.get::<_, i64>(2)? as u64, updated_at: r.get(3)? },
+                ))
+            })?;
+            rows.collect()
+        })
     }
 
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError> {

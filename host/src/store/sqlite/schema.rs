@@ -126,6 +126,24 @@ const MIGRATIONS: &[&str] = &[
     r#"
     INSERT INTO meta (key, value) VALUES ('cache_key', lower(hex(randomblob(32))));
     "#,
+    // 8: effects. Cancel grace periods; key-value state committed with
+    // steps. A deleted key keeps its row (value NULL) and its version, so a
+    // version is never reused; `kv_namespaces` counts live keys.
+    r#"
+    ALTER TABLE runs ADD COLUMN cancel_grace_until INTEGER;
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB,
+        version INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID, STRICT;
+    CREATE TABLE kv_namespaces (
+        namespace TEXT PRIMARY KEY,
+        keys INTEGER NOT NULL
+    ) WITHOUT ROWID, STRICT;
+    "#,
 ];
 
 pub(super) fn map_open_error(path: &Path, e: rusqlite::Error) -> StoreError {

@@ -34,7 +34,7 @@ crate::store::conformance::suite!(open, reopen);
 
 /// Create run `id` of the conformance suite's module.
 fn new_run(id: &str) -> Write {
-    Write::CreateRun { run: crate::store::conformance::new_run(id), lease: false }
+    Write::CreateRun { run: Box::new(crate::store::conformance::new_run(id)), lease: false }
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::lock::LockFile;
 use super::schema::BUSY_TIMEOUT;
 use crate::model::{Entry, NewRun, RunKey, RunRecord, now_ms, now_us};
-use crate::store::{ChangeEvent, ChangeFeed, ChangeKind, CommitTicket, Committed, Lease, StoreError, Write};
+use crate::store::{ChangeEvent, ChangeFeed, ChangeKind, CommitTicket, Committed, KvCommit, Lease, StoreError, Write};
 
 /// Items commit inline only once this long has passed without items of
 /// two different runs in a row: one run alone, not a crowd between rounds.
@@ -480,8 +480,16 @@ fn apply<'a>(
                 .execute(params![run.0, e.name, e.occurrence, e.attempt, e.status.as_str(), e.output, e.error, e.started_at, e.finished_at])?;
                 batch.change(*run, ChangeKind::Branch, None);
             }
-            Write::RequestCancel { run } => {
-                tx.prepare_cached("UPDATE runs SET cancel_requested = 1 WHERE seq = ?1")?.execute([run.0])?;
+            Write::RequestCancel { run, grace_until } => {
+                // The earliest stop holds: a stop at once (NULL) over any grace.
+                tx.prepare_cached(
+                    "UPDATE runs SET cancel_grace_until = CASE \
+                       WHEN cancel_requested = 0 THEN ?2 \
+                       WHEN cancel_grace_until IS NULL OR ?2 IS NULL THEN NULL \
+                       ELSE min(cancel_grace_until, ?2) END, \
+                     cancel_requested = 1 WHERE seq = ?1",
+                )?
+                .execute(params![run.0, grace_until])?;
                 batch.change(*run, ChangeKind::Cancel, None);
             }
             Write::CreateToken { token } => {
@@ -504,6 +512,7 @@ fn apply<'a>(
                     return Err(StoreError::NoSuchToken(id_or_name.clone()));
                 }
             }
+            Write::Kv(kv) => apply_kv(tx, kv)?,
             Write::ConsumeSignal { run, name, entry } => {
                 // Taking the signal and journaling it are one atomic step:
                 // each signal is received exactly once.
@@ -528,6 +537,47 @@ fn apply<'a>(
         }
     }
     Ok(committed)
+}
+
+/// Check the versions an attempt read, then apply its writes.
+fn apply_kv(tx: &Connection, kv: &KvCommit) -> Result<(), StoreError> {
+    let version = |key: &str| -> rusqlite::Result<Option<(i64, bool)>> {
+        tx.prepare_cached("SELECT version, value IS NOT NULL FROM kv WHERE namespace = ?1 AND key = ?2")?
+            .query_row(params![kv.namespace, key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    for (key, read) in &kv.reads {
+        let now = version(key)?.map_or(0, |(v, _)| v as u64);
+        if now != *read {
+            return Err(StoreError::KvConflict { key: key.clone() });
+        }
+    }
+    let mut added: i64 = 0;
+    let now = now_ms();
+    for (key, value) in &kv.writes {
+        let (old_version, was_live) = version(key)?.unwrap_or((0, false));
+        if value.is_none() && old_version == 0 {
+            continue; // deleting a key that never was: nothing to remember
+        }
+        added += i64::from(value.is_some()) - i64::from(was_live);
+        tx.prepare_cached(
+            "INSERT INTO kv (namespace, key, value, version, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (namespace, key) DO UPDATE SET value = ?3, version = ?4, updated_at = ?5",
+        )?
+        .execute(params![kv.namespace, key, value, old_version + 1, now])?;
+    }
+    if added != 0 {
+        let keys: i64 = tx
+            .prepare_cached(
+                "INSERT INTO kv_namespaces (namespace, keys) VALUES (?1, ?2) \
+                 ON CONFLICT (namespace) DO UPDATE SET keys = keys + ?2 RETURNING keys",
+            )?
+            .query_row(params![kv.namespace, added], |r| r.get(0))?;
+        if added > 0 && keys as u64 > kv.max_keys {
+            return Err(StoreError::KvFull { namespace: kv.namespace.clone(), max: kv.max_keys });
+        }
+    }
+    Ok(())
 }
 
 fn history_event(batch: &mut Batch, run: RunKey, position: usize, seq: i64) {
@@ -689,6 +739,7 @@ fn create_run(
         steps: 0,
         cancel_requested: false,
         random_key: Some(run.random_key),
+        cancel_grace_until: None,
     };
     Ok((record, held))
 }
