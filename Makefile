@@ -1,7 +1,7 @@
 # Cairn: `make demo` shows a crash and a resume; `make test` runs every test.
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow
+GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow effects
 
 .PHONY: all build host guests setup test demo bench torture clean
 

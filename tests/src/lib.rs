@@ -173,3 +173,46 @@ pub fn wasm_file(w: &World, name: &str, wat: &str) -> String {
     std::fs::write(&path, wat::parse_str(wat).expect("valid WAT")).unwrap();
     path.display().to_string()
 }
+
+/// The project's fake payment service (`fake-payments`), on a free
+/// loopback port; it exits when dropped (its stdin closes).
+pub struct FakePayments {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl FakePayments {
+    pub fn start(extra: &[&str]) -> FakePayments {
+        use std::io::BufRead as _;
+        let bin = cairn_bin().with_file_name("fake-payments");
+        let mut child = Command::new(&bin)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} does not start: {e}", bin.display()));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("its URL");
+        FakePayments { child, url: line.trim().to_string() }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port")
+    }
+
+    /// `GET /stats`: requests per idempotency key, charges, refunds.
+    pub fn stats(&self) -> serde_json::Value {
+        let body = ureq::get(&format!("{}/stats", self.url)).call().expect("stats").into_string().expect("text");
+        serde_json::from_str(&body).expect("JSON")
+    }
+}
+
+impl Drop for FakePayments {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

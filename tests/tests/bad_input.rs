@@ -56,7 +56,7 @@ fn bad_input_is_refused_clearly_and_the_database_survives() {
              (func (export "_start"))
              (func (export "cairn_abi_version") (result i32) i32.const 99))"#,
     );
-    assert_fails(&w.run(&["run", &future]), 2, &["ABI version 99", "version 1"]);
+    assert_fails(&w.run(&["run", &future]), 2, &["ABI version 99", "versions 1 to 2"]);
 
     // A module importing a host function we do not have.
     let unknown = wasm_file(

@@ -16,6 +16,16 @@
 //! cairn run target/wasm32-wasip1/release/ecommerce.wasm --dir out::/out \
 //!   --input '{"order_id":"A-1","customer":"ada@example.com","items":[{"sku":"book","qty":2,"unit_cents":1250}],"time_scale":1}'
 //! ```
+//!
+//! With `payment_url` in the input the services are real calls (ABI
+//! version 2): the inventory lives in the key-value store (`stock/SKU`,
+//! 10 units of a SKU never stocked), the charge is an HTTP `POST
+//! {payment_url}/charges` with the step's idempotency key (run with
+//! `--allow-http HOST:PORT`), and when shipping fails for good
+//! (`"fail_shipping": true`) the workflow compensates: it refunds the
+//! charge and releases the inventory, newest first, then fails.
+//! `target/release/fake-payments` is such a service; `make demo-ecommerce`
+//! tells the story with a kill -9 in the middle of the charge.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -30,6 +40,13 @@ struct Order {
     items: Vec<Item>,
     #[serde(default)]
     time_scale: f64,
+    /// A payment service's base URL: charge and refund over HTTP, keep the
+    /// inventory in the key-value store, compensate on failure.
+    #[serde(default)]
+    payment_url: Option<String>,
+    /// With `payment_url`: shipping fails for good (to show compensation).
+    #[serde(default)]
+    fail_shipping: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -86,6 +103,9 @@ fn service(order: &Order, s: &Step, seconds: f64, what: &str) -> Result<(), Erro
 }
 
 fn workflow(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
+    if order.payment_url.is_some() {
+        return with_payments(ctx, order);
+    }
     let total_cents: u64 = ctx.step("validate", |s| {
         if order.items.is_empty() {
             return Err(Error::permanent("an order needs at least one item"));
@@ -145,5 +165,135 @@ fn workflow(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
         shipment: Shipment { tracking, quote_cents },
         receipt_sent,
         warehouse_notified,
+    })
+}
+
+/// Units of a SKU the key-value store has never seen.
+const INITIAL_STOCK: u64 = 10;
+
+fn stock_key(sku: &str) -> String {
+    format!("stock/{sku}")
+}
+
+/// The order with real effects: inventory in the key-value store, payment
+/// over HTTP, compensations when shipping fails for good.
+fn with_payments(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
+    let url = order.payment_url.clone().unwrap_or_default();
+    let total_cents: u64 = ctx.step("validate", |s| {
+        if order.items.is_empty() {
+            return Err(Error::permanent("an order needs at least one item"));
+        }
+        let total = order.items.iter().map(|i| i.qty as u64 * i.unit_cents).sum();
+        service(&order, s, 2.0, &format!("validated {} for {total} cents", order.order_id))?;
+        Ok(total)
+    })?;
+
+    // Taking stock and putting it back are writes committed with their
+    // steps: exactly once, whatever crashes.
+    let items = order.items.clone();
+    let reservation: Reservation = ctx.step_with_compensation(
+        "reserve_inventory",
+        |s| {
+            let kv = s.kv();
+            for item in &order.items {
+                let left: u64 = kv.get(&stock_key(&item.sku))?.unwrap_or(INITIAL_STOCK);
+                if left < item.qty as u64 {
+                    return Err(Error::permanent(format!("{} is out of stock ({left} left)", item.sku)));
+                }
+                kv.put(&stock_key(&item.sku), &(left - item.qty as u64))?;
+            }
+            service(&order, s, 3.0, &format!("reserved {} skus", order.items.len()))?;
+            Ok(Reservation { reservation_id: format!("res_{}", &s.idempotency_key()[..12]), skus: order.items.len() })
+        },
+        move |s, reservation: Reservation| {
+            let kv = s.kv();
+            for item in &items {
+                let left: u64 = kv.get(&stock_key(&item.sku))?.unwrap_or(INITIAL_STOCK);
+                kv.put(&stock_key(&item.sku), &(left + item.qty as u64))?;
+            }
+            eprintln!("  [{}] released {}", s.name(), reservation.reservation_id);
+            Ok(())
+        },
+    )?;
+
+    let fraud = ctx.spawn("fraud_check", |s| {
+        service(&order, s, 4.0, &format!("scored {} as low risk", order.customer))?;
+        Ok(7u32)
+    })?;
+    let quote = ctx.spawn("shipping_quote", |s| {
+        service(&order, s, 3.0, "quoted 499 cents for shipping")?;
+        Ok(499u64)
+    })?;
+    let (risk_score, quote_cents): (u32, u64) = ctx.join2(fraud, quote)?;
+
+    let refund_url = url.clone();
+    let charge = ctx.step_with_compensation(
+        "charge_payment",
+        |s| {
+            // The provider gets the step's key (the SDK sends it as the
+            // Idempotency-Key header): a charge sent again after a crash is
+            // answered with the first charge, not taken twice.
+            let amount = total_cents + quote_cents;
+            let response = s
+                .http()
+                .post(format!("{url}/charges"))
+                .json(&serde_json::json!({"amount_cents": amount, "order_id": order.order_id}))
+                .send()?;
+            match response.status() {
+                200..=299 => {}
+                400..=499 => return Err(Error::permanent(format!("the card was declined ({})", response.status()))),
+                status => return Err(Error::new(format!("the payment service answered {status}"))),
+            }
+            let body: serde_json::Value = response.json()?;
+            service(&order, s, 5.0, &format!("charged {amount} cents to {}", order.customer))?;
+            Ok(Charge { charge_id: body["id"].as_str().unwrap_or_default().to_string(), amount_cents: amount })
+        },
+        move |s, charge: Charge| {
+            let response = s
+                .http()
+                .post(format!("{refund_url}/refunds"))
+                .json(&serde_json::json!({"charge_id": charge.charge_id}))
+                .send()?;
+            if !(200..300).contains(&response.status()) {
+                return Err(Error::new(format!(
+                    "the refund of {} was answered {}",
+                    charge.charge_id,
+                    response.status()
+                )));
+            }
+            eprintln!("  [{}] refunded {}", s.name(), charge.charge_id);
+            Ok(())
+        },
+    )?;
+
+    let shipped = ctx.step("ship", |s| {
+        if order.fail_shipping {
+            return Err(Error::permanent("the carrier refused the parcel"));
+        }
+        service(&order, s, 4.0, "handed to the carrier")?;
+        Ok(format!("TRK{}", &s.idempotency_key()[..10].to_uppercase()))
+    });
+    let tracking = match shipped {
+        Ok(tracking) => tracking,
+        Err(e) => {
+            // Roll back what was done, newest first: refund, then release.
+            ctx.compensate()?;
+            return Err(e);
+        }
+    };
+    let receipt_sent = ctx.step("send_receipt", |s| {
+        service(&order, s, 2.0, &format!("emailed the receipt to {}", order.customer))?;
+        Ok(true)
+    })?;
+
+    Ok(Receipt {
+        order_id: order.order_id.clone(),
+        total_cents,
+        risk_score,
+        reservation,
+        charge,
+        shipment: Shipment { tracking, quote_cents },
+        receipt_sent,
+        warehouse_notified: false,
     })
 }

@@ -469,7 +469,9 @@ async fn cancel(cli: &Cli, run_id: &str, grace: Option<std::time::Duration>) -> 
 }
 
 async fn kv(cli: &Cli, action: &KvCommand) -> Result<u8, Failure> {
-    let service = Service::new(open_existing_store(cli)?);
+    // Seeding a namespace before any run (stock, say) creates the database.
+    let writes = matches!(action, KvCommand::Put { .. } | KvCommand::Delete { .. });
+    let service = Service::new(if writes { open_store(cli)? } else { open_existing_store(cli)? });
     match action {
         KvCommand::Get { namespace, key } => match service.kv_get(namespace, key).await? {
             Some(found) => {

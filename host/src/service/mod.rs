@@ -302,7 +302,9 @@ impl Service {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Ok(Cancelled::Requested),
                 event = changes.recv() => match event {
-                    Ok(e) if e.run == run.key && e.kind == ChangeKind::Status => return Ok(Cancelled::Done),
+                    Ok(e) if e.run == run.key && e.kind == ChangeKind::Status && e.status.is_some_and(RunStatus::is_finished) => {
+                        return Ok(Cancelled::Done)
+                    }
                     Ok(_) | Err(crate::store::feed::FeedError::Lagged(_)) => {}
                     Err(crate::store::feed::FeedError::Closed) => return Ok(Cancelled::Requested),
                 },

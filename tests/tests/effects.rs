@@ -1,0 +1,284 @@
+//! Effects from steps (ABI version 2): HTTP with idempotency keys under the
+//! run's allowlist, key-value state committed with the step, compensations,
+//! and cancellation with a grace period.
+
+use std::time::Duration;
+
+use cairn_e2e::{FakePayments, World, assert_fails, guest, json_stdout, kill9, text, wait_until};
+use serde_json::{Value, json};
+
+fn effects() -> String {
+    guest("effects").display().to_string()
+}
+
+/// `cairn run effects.wasm --input INPUT EXTRA...`
+fn run(w: &World, input: Value, extra: &[&str]) -> std::process::Output {
+    let input = input.to_string();
+    let wasm = effects();
+    let mut args = vec!["run", wasm.as_str(), "--input", input.as_str()];
+    args.extend(extra);
+    w.run(&args)
+}
+
+fn kv_get(w: &World, ns: &str, key: &str) -> Option<Value> {
+    let out = w.run(&["kv", "get", "--namespace", ns, key]);
+    match out.status.code() {
+        Some(0) => Some(serde_json::from_slice(&out.stdout).expect("a JSON value")),
+        Some(1) => None,
+        other => panic!("kv get exited {other:?}: {}", text(&out.stderr)),
+    }
+}
+
+#[test]
+fn a_charge_interrupted_after_the_answer_is_sent_again_with_the_same_key_and_taken_once() {
+    let w = World::new("http-charge");
+    let pay = FakePayments::start(&["--api-key", "sk_test_secret"]);
+    let allow = format!("127.0.0.1:{}", pay.port());
+    let header = format!("{allow}:X-Api-Key=@env:PAY_KEY");
+    let input = json!({"mode": "charge", "url": pay.url, "amount_cents": 1250, "pause_ms": 60_000}).to_string();
+    let wasm = effects();
+    let mut child = w
+        .cmd(&["run", &wasm, "--run-id", "ch", "--input", &input, "--allow-http", &allow, "--http-header", &header])
+        .env("PAY_KEY", "sk_test_secret")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The service answered (the charge exists); the step has not committed.
+    wait_until("the charge", Duration::from_secs(30), || {
+        pay.stats()["charges"].as_array().is_some_and(|c| c.len() == 1)
+    });
+    kill9(&mut child);
+    assert_eq!(w.show("ch")["history"].as_array().unwrap().len(), 0, "the step did not commit");
+
+    // The resume sends the charge again, with the same key: the service
+    // answers with the stored charge and takes no second one.
+    let out = w.cmd(&["resume", "ch"]).env("PAY_KEY", "sk_test_secret").output().unwrap();
+    let result = json_stdout(&out);
+    let stats = pay.stats();
+    let key = result["key"].as_str().unwrap();
+    assert_eq!(stats["requests"], json!({ key: 2 }), "the same key twice, no other: {stats}");
+    assert_eq!(stats["charges"].as_array().unwrap().len(), 1, "one charge: {stats}");
+    assert_eq!(result["charge"], stats["charges"][0], "the run holds the one charge");
+    assert_eq!(result["replayed"], true);
+    // The API key went to the service from the host's environment: the
+    // database never saw it.
+    let db = std::fs::read(&w.db).unwrap();
+    assert!(!db.windows(14).any(|win| win == b"sk_test_secret"), "the secret is not stored");
+    let wal = std::fs::read(w.db.with_extension("db-wal")).unwrap_or_default();
+    assert!(!wal.windows(14).any(|win| win == b"sk_test_secret"), "nor in the WAL");
+
+    // Without the variable the step cannot authenticate: a clear error.
+    let out = run(
+        &w,
+        json!({"mode": "charge", "url": pay.url, "amount_cents": 1}),
+        &["--allow-http", &allow, "--http-header", &header],
+    );
+    assert_fails(&out, 1, &["no environment variable PAY_KEY"]);
+}
+
+#[test]
+fn requests_outside_the_allowlist_fail_clearly_and_are_never_sent() {
+    let w = World::new("http-allow");
+    let pay = FakePayments::start(&[]);
+    let port = pay.port();
+    let allow = format!("127.0.0.1:{port}");
+    let fetch = |url: String, extra: &[&str]| run(&w, json!({"mode": "fetch", "url": url}), extra);
+
+    // Allowed: an IP address and port the run lists.
+    let ok = json_stdout(&fetch(format!("{}/ok", pay.url), &["--allow-http", &allow]));
+    assert_eq!(ok["status"], 200);
+    // A redirect whose hop passes the checks is followed.
+    let to = format!("{}/ok", pay.url);
+    let ok = json_stdout(&fetch(format!("{}/redirect?to={to}", pay.url), &["--allow-http", &allow]));
+    assert_eq!(ok, json!({"status": 200, "len": 11}));
+
+    // Not listed (another port of the same address, a host never named).
+    assert_fails(
+        &fetch(format!("{}/ok", pay.url), &["--allow-http", "127.0.0.1:1"]),
+        1,
+        &["is not a host this run may reach", "--allow-http 127.0.0.1"],
+    );
+    assert_fails(&fetch(format!("{}/ok", pay.url), &[]), 1, &["is not a host this run may reach"]);
+    // A redirect to a host that is not listed.
+    let elsewhere = format!("http://127.0.0.2:{port}/ok");
+    assert_fails(
+        &fetch(format!("{}/redirect?to={elsewhere}", pay.url), &["--allow-http", &allow]),
+        1,
+        &["a redirect was not followed", "127.0.0.2"],
+    );
+    // A name that resolves to loopback, unless that address is listed too.
+    let by_name = format!("http://localhost:{port}/ok");
+    assert_fails(
+        &fetch(by_name.clone(), &["--allow-http", "localhost"]),
+        1,
+        &["resolves to 127.0.0.1, a loopback address", "--allow-http 127.0.0.1"],
+    );
+    let ok = json_stdout(&fetch(by_name, &["--allow-http", "localhost", "--allow-http", "127.0.0.1"]));
+    assert_eq!(ok["status"], 200);
+    // A response past the run's cap.
+    let big = format!("{}/big?bytes=1100000", pay.url);
+    assert_fails(
+        &fetch(big.clone(), &["--allow-http", &allow, "--max-http-response-mib", "1"]),
+        1,
+        &["larger than the run's limit of 1 MiB", "--max-http-response-mib"],
+    );
+    assert_eq!(json_stdout(&fetch(big, &["--allow-http", &allow]))["len"], 1_100_000);
+    // Plain http beyond loopback, and other schemes.
+    assert_fails(
+        &fetch("http://93.184.216.34/".into(), &["--allow-http", "93.184.216.34"]),
+        1,
+        &["--allow-http-insecure"],
+    );
+    assert_fails(&fetch("file:///etc/passwd".into(), &["--allow-http", &allow]), 1, &["only http and https"]);
+    // Refusals are permanent: one attempt each, never retried.
+    let stats = pay.stats();
+    assert_eq!(stats["requests"], json!({}), "nothing refused reached the service (it keys only POSTs)");
+
+    // Between steps, HTTP fails with a clear, permanent error.
+    let out = run(&w, json!({"mode": "fetch_outside", "url": format!("{}/ok", pay.url)}), &["--allow-http", &allow]);
+    assert_fails(&out, 1, &["permanent=true", "only inside a step", "replay would send the request again"]);
+
+    // A bad pattern is refused before a run exists.
+    assert_fails(
+        &fetch(format!("{}/ok", pay.url), &["--allow-http", "http://x.test/"]),
+        2,
+        &["give a host, not a URL"],
+    );
+}
+
+#[test]
+fn concurrent_increments_of_one_key_lose_nothing_across_worker_kills() {
+    let w = World::new("kv-counter");
+    let wasm = effects();
+    let input = json!({"mode": "incr", "key": "counter", "times": 50, "pause_ms": 2}).to_string();
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            let id = format!("inc{i}");
+            let out = w.run(&["start", &wasm, "--run-id", &id, "--input", &input, "--kv-namespace", "shared"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            id
+        })
+        .collect();
+    let done = |w: &World| w.runs().iter().filter(|r| r["status"] == "completed").count();
+    // Kill the worker a few times while the runs race for the one key.
+    for round in 0..3 {
+        let mut worker = w.spawn(&["worker", "--concurrency", "32"], &format!("worker{round}"));
+        let before = kv_get(&w, "shared", "counter").and_then(|v| v.as_u64()).unwrap_or(0);
+        wait_until("progress", Duration::from_secs(60), || {
+            kv_get(&w, "shared", "counter").and_then(|v| v.as_u64()).unwrap_or(0) >= before + 150 || done(&w) == 20
+        });
+        kill9(&mut worker);
+    }
+    let mut worker = w.spawn(&["worker", "--concurrency", "32"], "worker-last");
+    wait_until("all 20 runs", Duration::from_secs(120), || done(&w) == 20);
+    kill9(&mut worker);
+    assert_eq!(kv_get(&w, "shared", "counter"), Some(json!(1000)), "20 runs x 50 increments, none lost or doubled");
+    for id in &ids {
+        let show = w.show(id);
+        let steps: Vec<&Value> = show["history"].as_array().unwrap().iter().filter(|e| e["kind"] == "step").collect();
+        assert_eq!(steps.len(), 50, "run {id}: conflicts are not journaled, 50 steps exactly");
+        assert!(steps.iter().all(|e| e["status"] == "completed"), "run {id}: no failed attempts from conflicts");
+    }
+    // The list shows the key with its version: one write per increment.
+    let list = json_stdout(&w.run(&["kv", "list", "--namespace", "shared", "--json"]));
+    assert_eq!(list[0]["key"], "counter");
+    assert_eq!(list[0]["version"], 1000);
+}
+
+#[test]
+fn writes_of_a_failed_or_crashed_attempt_leave_no_trace() {
+    let w = World::new("kv-atomic");
+    let ns = ["--kv-namespace", "atomic"];
+    for (key, panic, needle) in
+        [("after_panic", true, "crashed after the write"), ("after_error", false, "failed for good")]
+    {
+        let out = run(&w, json!({"mode": "write_then_fail", "key": key, "panic": panic}), &ns);
+        // (The guest's own panic message is on stderr too: not assert_fails.)
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+        assert_eq!(kv_get(&w, "atomic", key), None, "{key}: the attempt's write is gone");
+    }
+    // A kill after the write, before the step committed: nothing; the
+    // resumed run writes once.
+    let wasm = effects();
+    let input = json!({"mode": "incr", "key": "n", "times": 1, "pause_ms": 60_000}).to_string();
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "k", "--input", &input, "--kv-namespace", "atomic"], "k");
+    wait_until("the step to run", Duration::from_secs(30), || w.read("k.stderr").contains("started"));
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(&mut child);
+    assert_eq!(kv_get(&w, "atomic", "n"), None, "the killed attempt wrote nothing");
+    // Operators see and change the namespace; a step reads what they wrote.
+    assert!(w.run(&["kv", "put", "--namespace", "atomic", "n", "41"]).status.success());
+    let input = json!({"mode": "incr", "key": "n", "times": 1}).to_string();
+    assert!(w.run(&["run", &wasm, "--input", &input, "--kv-namespace", "atomic"]).status.success());
+    assert_eq!(kv_get(&w, "atomic", "n"), Some(json!(42)));
+    assert!(w.run(&["kv", "delete", "--namespace", "atomic", "n"]).status.success());
+    assert_eq!(kv_get(&w, "atomic", "n"), None);
+    assert_fails(&w.run(&["kv", "put", "--namespace", "atomic", "n", "{not json"]), 2, &["not valid JSON"]);
+    // The namespace of a run without --kv-namespace is its module's hash.
+    let out = run(&w, json!({"mode": "incr", "key": "own", "times": 2}), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let module = w.runs().last().unwrap()["module"].as_str().unwrap().to_string();
+    assert_eq!(module.len(), 64);
+    assert_eq!(kv_get(&w, &module, "own"), Some(json!(2)));
+}
+
+#[test]
+fn a_saga_compensates_in_reverse_exactly_once_across_a_kill() {
+    let w = World::new("saga");
+    let wasm = effects();
+    let input = json!({"mode": "saga", "pause_ms": 1_500}).to_string();
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "trip", "--input", &input, "--kv-namespace", "saga"], "trip");
+    // The first undo (of the hotel) committed; the second is under way.
+    wait_until("the first undo", Duration::from_secs(30), || kv_get(&w, "saga", "undone").is_some());
+    kill9(&mut child);
+    let out = w.run(&["resume", "trip"]);
+    assert_fails(&out, 1, &["no cars left"]);
+    assert_eq!(
+        kv_get(&w, "saga", "undone"),
+        Some(json!(["undo book_hotel-ok", "undo book_flight-ok"])),
+        "both undos, newest first, each once"
+    );
+    let show = w.show("trip");
+    let names: Vec<&str> = show["history"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["book_flight", "book_hotel", "book_car", "undo:book_hotel", "undo:book_flight"]);
+    assert_eq!(show["status"], "failed");
+}
+
+#[test]
+fn cancel_with_grace_lets_the_workflow_compensate_and_ends_cancelled() {
+    let w = World::new("grace");
+    let wasm = effects();
+    let input = json!({"mode": "reserve"}).to_string();
+    // A run waiting for a signal, in a live process.
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "r1", "--input", &input, "--kv-namespace", "g1"], "r1");
+    wait_until("the wait", Duration::from_secs(30), || w.try_show("r1").is_some_and(|s| s["status"] == "waiting"));
+    let out = w.run(&["cancel", "r1", "--grace", "30"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "the foreground run ends cancelled");
+    let show = w.show("r1");
+    assert_eq!(show["status"], "cancelled");
+    assert_eq!(kv_get(&w, "g1", "reserved"), Some(json!(false)));
+    assert_eq!(kv_get(&w, "g1", "released"), Some(json!(["R-1"])));
+    let kinds: Vec<&str> = show["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["step", "cancel", "step"], "reserve, the cancellation delivered, the undo");
+
+    // A run nobody executes: `cancel --grace` executes it while it compensates.
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "r2", "--input", &input, "--kv-namespace", "g2"], "r2");
+    wait_until("the wait", Duration::from_secs(30), || w.try_show("r2").is_some_and(|s| s["status"] == "waiting"));
+    kill9(&mut child);
+    let out = w.run(&["cancel", "r2", "--grace", "30s"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(w.show("r2")["status"], "cancelled");
+    assert_eq!(kv_get(&w, "g2", "released"), Some(json!(["R-1"])));
+
+    // Without --grace the workflow is not told: nothing is compensated.
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "r3", "--input", &input, "--kv-namespace", "g3"], "r3");
+    wait_until("the wait", Duration::from_secs(30), || w.try_show("r3").is_some_and(|s| s["status"] == "waiting"));
+    assert!(w.run(&["cancel", "r3"]).status.success());
+    let _ = child.wait();
+    assert_eq!(w.show("r3")["status"], "cancelled");
+    assert_eq!(kv_get(&w, "g3", "released"), None);
+    assert_eq!(kv_get(&w, "g3", "reserved"), Some(json!(true)));
+}
