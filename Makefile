@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow effects
 
-.PHONY: all build host guests setup test demo bench torture clean
+.PHONY: all build host guests setup test demo demo-ecommerce bench torture clean
 
 all: build
 
@@ -44,6 +44,11 @@ torture: build
 
 demo: build
 	./scripts/demo.sh
+
+# Real effects: inventory in the key-value store, a charge over HTTP to the
+# fake payment service killed mid-step and taken once, compensations.
+demo-ecommerce: build
+	./scripts/demo-ecommerce.sh
 
 clean:
 	$(CARGO) clean

@@ -282,3 +282,34 @@ fn cancel_with_grace_lets_the_workflow_compensate_and_ends_cancelled() {
     assert_eq!(kv_get(&w, "g3", "released"), None);
     assert_eq!(kv_get(&w, "g3", "reserved"), Some(json!(true)));
 }
+
+#[test]
+fn the_ecommerce_example_charges_stocks_and_compensates_for_real() {
+    let w = World::new("shop");
+    let pay = FakePayments::start(&[]);
+    let allow = format!("127.0.0.1:{}", pay.port());
+    let wasm = guest("ecommerce").display().to_string();
+    assert!(w.run(&["kv", "put", "--namespace", "shop", "stock/book", "3"]).status.success());
+    let order = |id: &str, qty: u32, fail: bool| {
+        json!({"order_id": id, "customer": "ada@example.com", "items": [{"sku": "book", "qty": qty, "unit_cents": 1250}],
+               "payment_url": pay.url, "fail_shipping": fail})
+        .to_string()
+    };
+    let shop = |id: &str, input: String| {
+        w.run(&["run", &wasm, "--run-id", id, "--kv-namespace", "shop", "--allow-http", &allow, "--input", &input])
+    };
+    let receipt = json_stdout(&shop("A-1", order("A-1", 2, false)));
+    assert_eq!(receipt["charge"], json!({"charge_id": "ch_1", "amount_cents": 2999}));
+    assert_eq!(kv_get(&w, "shop", "stock/book"), Some(json!(1)));
+    assert_fails(&shop("A-2", order("A-2", 1, true)), 1, &["the carrier refused the parcel"]);
+    let stats = pay.stats();
+    assert_eq!(stats["refunds"], json!([{"id": "re_1", "charge_id": "ch_2"}]), "the failed order is refunded: {stats}");
+    assert_eq!(kv_get(&w, "shop", "stock/book"), Some(json!(1)), "and its book released");
+    assert_fails(&shop("A-3", order("A-3", 5, false)), 1, &["book is out of stock (1 left)"]);
+    assert_eq!(pay.stats()["charges"].as_array().unwrap().len(), 2, "nothing charged for an order out of stock");
+    // Without payment_url it is the example it always was: no network, no grants.
+    let plain =
+        json!({"order_id": "B-1", "customer": "x@example.com", "items": [{"sku": "pen", "qty": 1, "unit_cents": 100}]});
+    let receipt = json_stdout(&w.run(&["run", &wasm, "--input", &plain.to_string()]));
+    assert!(receipt["charge"]["charge_id"].as_str().unwrap().starts_with("ch_"));
+}

@@ -144,7 +144,7 @@ fn a_killed_server_restarts_and_completes_the_run() {
 }
 
 /// Every (method, path) the server answers, by the issue's contract.
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 21] = [
     ("GET", "/"),
     ("GET", "/assets/{file}"),
     ("GET", "/healthz"),
@@ -162,6 +162,10 @@ const ROUTES: [(&str, &str); 17] = [
     ("POST", "/api/runs/{id}/signals/{name}"),
     ("POST", "/api/runs/{id}/cancel"),
     ("POST", "/api/runs/{id}/resume"),
+    ("GET", "/api/kv/{namespace}"),
+    ("GET", "/api/kv/{namespace}/{key}"),
+    ("PUT", "/api/kv/{namespace}/{key}"),
+    ("DELETE", "/api/kv/{namespace}/{key}"),
 ];
 
 /// The status of a request (an event stream is not read, only opened).
@@ -170,7 +174,7 @@ fn call_quick(method: &str, url: &str, token: Option<&str>) -> u16 {
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
-    let result = if method == "POST" { req.send_bytes(b"{}") } else { req.call() };
+    let result = if method == "POST" || method == "PUT" { req.send_bytes(b"{}") } else { req.call() };
     match result {
         Ok(r) => r.status(),
         Err(ureq::Error::Status(s, _)) => s,
@@ -229,7 +233,12 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
     }
     assert!(codes.iter().all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_')), "snake_case: {codes:?}");
     let concrete = |p: &str| {
-        p.replace("{id}", "nope").replace("{hash}", "nope").replace("{name}", "go").replace("{file}", "app.js")
+        p.replace("{id}", "nope")
+            .replace("{hash}", "nope")
+            .replace("{name}", "go")
+            .replace("{file}", "app.js")
+            .replace("{namespace}", "ns")
+            .replace("{key}", "k")
     };
 
     // Auth on every route: none for the page and health; a viewer at
@@ -245,7 +254,9 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
             continue;
         }
         assert_eq!(anonymous, 401, "{method} {path} without a token");
-        let higher = method == "POST" && (operator.contains(&path) || path == "/api/modules");
+        let higher = (method == "POST" && (operator.contains(&path) || path == "/api/modules"))
+            || method == "PUT"
+            || method == "DELETE";
         if higher {
             assert_eq!(call_quick(method, &url, Some(&viewer)), 403, "{method} {path} refuses a viewer");
         }
@@ -265,13 +276,16 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
         if path.ends_with("events") {
             req = req.timeout(Duration::from_secs(5));
         }
-        let resp = match if method == "POST" { req.send_bytes(b"{}") } else { req.call() } {
+        let resp = match if method == "POST" || method == "PUT" { req.send_bytes(b"{}") } else { req.call() } {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
             Err(e) => panic!("{method} {url}: {e}"),
         };
         let status = resp.status();
         for other in ["PUT", "DELETE", "PATCH"] {
+            if ROUTES.contains(&(other, path)) {
+                continue;
+            }
             let r = ureq::request(other, &url).call();
             assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{other} {path} is not a route: {r:?}");
         }
@@ -383,5 +397,69 @@ fn a_wait_in_memory_shows_in_the_status() {
     assert_eq!(call("POST", &format!("{base}/api/runs/s/signals/go"), Some(&admin), Some(b"1")).0, 202);
     assert_eq!(wait_status(&base, &admin, "s", "completed")["output"], json!([1]));
     wait_status(&base, &admin, "t", "completed");
+    drop(server);
+}
+
+/// Effects over the API: grants are an admin's, the key-value store is read
+/// and written like `cairn kv`, and a cancel with a grace period compensates.
+#[test]
+fn effects_through_the_api_kv_grants_and_graceful_cancel() {
+    let w = World::new("serve-effects");
+    let (admin, operator, viewer) = (token(&w, "admin"), token(&w, "operator"), token(&w, "viewer"));
+    let server = serve(&w, &[]);
+    let base = server.base.clone();
+    let hash = upload(&base, &admin, "effects");
+    let start = |tok: &str, body: Value| {
+        call("POST", &format!("{base}/api/runs"), Some(tok), Some(body.to_string().as_bytes()))
+    };
+
+    // HTTP grants are an admin's, like directories.
+    let granted =
+        json!({"module": hash, "input": {"mode": "incr", "key": "n", "times": 3}, "allow_http": ["api.test"]});
+    let (status, body) = start(&operator, granted.clone());
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")), "{body}");
+    let (status, body) = start(&admin, json!({"module": hash, "input": {}, "allow_http": ["http://x/"]}));
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_request")), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("give a host, not a URL"), "{body}");
+
+    // Two runs share a namespace; the API reads what their steps wrote.
+    for id in ["i1", "i2"] {
+        let body = json!({"module": hash, "run_id": id, "kv_namespace": "shop", "input": {"mode": "incr", "key": "stock/pen", "times": 3}});
+        assert_eq!(start(&operator, body).0, 201);
+    }
+    wait_status(&base, &viewer, "i1", "completed");
+    wait_status(&base, &viewer, "i2", "completed");
+    let (status, entry) = call("GET", &format!("{base}/api/kv/shop/stock%2Fpen"), Some(&viewer), None);
+    assert_eq!((status, &entry["value"], &entry["version"]), (200, &json!(6), &json!(6)), "{entry}");
+    let (status, body) = call("GET", &format!("{base}/api/kv/shop/nope"), Some(&viewer), None);
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    // Operators write; viewers may not.
+    let put = |tok: &str, key: &str, v: &[u8]| call("PUT", &format!("{base}/api/kv/shop/{key}"), Some(tok), Some(v));
+    assert_eq!(put(&viewer, "x", b"1").0, 403);
+    assert_eq!(put(&operator, "x", b"{nope").0, 400);
+    for k in ["a", "b", "c"] {
+        let (status, e) = put(&operator, &format!("stock%2F{k}"), b"{\"n\": 1}");
+        assert_eq!((status, &e["value"]), (200, &json!({"n": 1})), "{e}");
+    }
+    let (_, page) = call("GET", &format!("{base}/api/kv/shop?prefix=stock/&limit=2"), Some(&viewer), None);
+    let keys: Vec<&str> = page["entries"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
+    assert_eq!((keys, &page["next"]), (vec!["stock/a", "stock/b"], &json!("stock/b")));
+    let (_, page) = call("GET", &format!("{base}/api/kv/shop?prefix=stock/&after=stock/b"), Some(&viewer), None);
+    let keys: Vec<&str> = page["entries"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
+    assert_eq!((keys, &page["next"]), (vec!["stock/c", "stock/pen"], &Value::Null));
+    assert_eq!(call("DELETE", &format!("{base}/api/kv/shop/stock%2Fa"), Some(&operator), None).0, 200);
+    assert_eq!(call("GET", &format!("{base}/api/kv/shop/stock%2Fa"), Some(&viewer), None).0, 404);
+
+    // A waiting run cancelled with a grace period compensates, then ends cancelled.
+    let body = json!({"module": hash, "run_id": "r", "kv_namespace": "g", "input": {"mode": "reserve"}});
+    assert_eq!(start(&operator, body).0, 201);
+    wait_status(&base, &viewer, "r", "waiting");
+    let (status, body) = call("POST", &format!("{base}/api/runs/r/cancel"), Some(&operator), Some(b"{\"grace\": 30}"));
+    assert_eq!(status, 202, "{body}");
+    wait_status(&base, &viewer, "r", "cancelled");
+    let (_, released) = call("GET", &format!("{base}/api/kv/g/released"), Some(&viewer), None);
+    assert_eq!(released["value"], json!(["R-1"]));
+    let (status, body) = call("POST", &format!("{base}/api/runs/r/cancel"), Some(&operator), Some(b"{\"grace\": -1}"));
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_request")), "{body}");
     drop(server);
 }

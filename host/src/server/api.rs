@@ -40,6 +40,11 @@ pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiErro
     })
 }
 
+/// A JSON value as a body, whatever its Content-Type says.
+pub(super) fn json_value(bytes: &[u8]) -> Result<Value, ApiError> {
+    json_body(bytes)
+}
+
 /// A JSON body, whatever its Content-Type says (`curl -d` sends a form type).
 fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
@@ -48,7 +53,7 @@ fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
+pub(super) fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
     q.get(name)
         .map(|v| {
             v.parse().map_err(|_| ApiError::new(422, ErrorCode::InvalidRequest, format!("`{name}` must be a number")))

@@ -12,6 +12,7 @@
 mod api;
 mod error;
 mod events;
+mod kv;
 mod meta;
 mod schema;
 mod web;
@@ -143,6 +144,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(events::all_events))
         .routes(routes!(api::list_modules, api::upload_module))
         .routes(routes!(api::get_module))
+        .routes(routes!(kv::list))
+        .routes(routes!(kv::get, kv::put, kv::delete))
         .routes(routes!(meta::openapi))
         .routes(routes!(meta::metrics))
         .routes(routes!(meta::healthz))

@@ -155,3 +155,23 @@ pub struct Accepted {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
 }
+
+/// A key-value entry (`cairn kv`).
+#[derive(Serialize, ToSchema)]
+pub struct KvEntry {
+    pub key: String,
+    /// The value, JSON.
+    #[schema(value_type = Object)]
+    pub value: Value,
+    /// Grows with every write of the key.
+    pub version: u64,
+    pub updated_at: String,
+}
+
+/// `GET /api/kv/{namespace}`.
+#[derive(Serialize, ToSchema)]
+pub struct KvPage {
+    pub entries: Vec<KvEntry>,
+    /// The `after` of the next page; null on the last.
+    pub next: Option<String>,
+}
