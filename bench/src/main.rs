@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod effects;
 mod serve;
 
 use anyhow::{Context as _, Result, bail};
@@ -38,6 +39,9 @@ struct Sizes {
     w6_reps: usize,
     w7_runs: usize,
     baseline_commits: usize,
+    /// W11: steps of the sequential run; runs (of 10 steps) at once.
+    w11_steps: u32,
+    w11_runs: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -51,6 +55,8 @@ const FULL: Sizes = Sizes {
     w6_reps: 20,
     w7_runs: 100_000,
     baseline_commits: 2000,
+    w11_steps: 1000,
+    w11_runs: 200,
 };
 
 const QUICK: Sizes = Sizes {
@@ -64,6 +70,8 @@ const QUICK: Sizes = Sizes {
     w6_reps: 2,
     w7_runs: 50,
     baseline_commits: 50,
+    w11_steps: 20,
+    w11_runs: 10,
 };
 
 /// Set (to the number of runs) in the child process that measures one
@@ -588,6 +596,10 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     }
     if b.wants("W10") {
         rows.push(serve::w10(b).await?);
+    }
+    // W11: steps that each put a key-value entry.
+    if b.wants("W11") {
+        rows.extend(effects::w11(b).await?);
     }
     Ok(rows)
 }

@@ -10,6 +10,8 @@
 //! - `{"mode":"tiny"}`: one step.
 //! - `{"mode":"paced","n":500,"sleep_ms":10}`: n steps, each sleeping
 //!   first (a run committing about 1000/sleep_ms steps per second).
+//! - `{"mode":"kv_steps","n":1000}`: the `steps` workload, each step also
+//!   putting its record in the key-value store (64 keys, in turn).
 
 use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -60,6 +62,24 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<u64, Error> {
                         currency: "EUR".into(),
                         note: "benchmark step payload".into(),
                     })
+                })?;
+                total += r.amount_cents;
+            }
+            Ok(total)
+        }
+        "kv_steps" => {
+            let mut total = 0;
+            for i in 0..input.n {
+                let r: Record = ctx.step("record", |s| {
+                    let r = Record {
+                        index: i,
+                        account: "acct_0123456789abcdef".into(),
+                        amount_cents: 1000 + i as u64,
+                        currency: "EUR".into(),
+                        note: "benchmark step payload".into(),
+                    };
+                    s.kv().put(&format!("record/{}", i % 64), &r)?;
+                    Ok(r)
                 })?;
                 total += r.amount_cents;
             }
