@@ -351,9 +351,13 @@ function runPage(main, id) {
   const resumeButton = h("button", { id: "resume-run", type: "button", onclick: async () => {
     try { await api(path + "/resume", { method: "POST" }); toast("Resume requested."); } catch (err) { toast(err.message, true); }
   } }, "Resume");
+  // With a grace period the workflow is told and may compensate first.
+  const cancelGrace = h("input", { id: "cancel-grace", type: "number", min: "0", step: "any", placeholder: "grace, s", title: "Seconds the workflow may clean up (compensate) before it is stopped; empty: stop at once", style: { width: "7em" } });
   const cancelButton = h("button", { id: "cancel-run", type: "button", class: "danger", onclick: async () => {
-    if (!confirm(`Cancel run ${id}?`)) return;
-    try { await api(path + "/cancel", { method: "POST" }); toast("Cancel requested."); } catch (err) { toast(err.message, true); }
+    const grace = cancelGrace.value.trim();
+    if (!confirm(grace ? `Cancel run ${id}, with ${grace} s to clean up?` : `Cancel run ${id}?`)) return;
+    const body = grace ? JSON.stringify({ grace: Number(grace) }) : "";
+    try { await api(path + "/cancel", { method: "POST", body }); toast("Cancel requested."); } catch (err) { toast(err.message, true); }
   } }, "Cancel run");
   fill(actions, h("div", { class: "actions" },
     h("form", { class: "signal", onsubmit: async (e) => {
@@ -368,11 +372,11 @@ function runPage(main, id) {
         signalPayload.value = "";
       } catch (err) { toast(err instanceof SyntaxError ? "The payload is not JSON." : err.message, true); }
     } }, h("h2", {}, "Signal"), h("div", { class: "row-flex" }, signalName, signalSend), signalPayload, received),
-    h("div", { class: "row-flex", style: { alignItems: "flex-start" } }, resumeButton, cancelButton)));
+    h("div", { class: "row-flex", style: { alignItems: "flex-start" } }, resumeButton, cancelGrace, cancelButton)));
 
   function renderActions() {
     const done = finished();
-    for (const b of [signalSend, resumeButton, cancelButton]) b.disabled = done;
+    for (const b of [signalSend, resumeButton, cancelButton, cancelGrace]) b.disabled = done;
     const taken = st.entries.filter((e) => e && e.kind === "signal").length;
     received.textContent = taken ? `${taken} signal(s) received so far` : "";
   }
@@ -443,6 +447,13 @@ function runPage(main, id) {
       }
     } else if (lane.kind === "pending") {
       out.push(bar("wait", lane.from, t.end, `${lane.name} since ${fmtTime(new Date(lane.from).toISOString())}`));
+    } else if (lane.kind === "cancel") {
+      // The cancellation told to the workflow: a mark, then its grace period.
+      for (const e of lane.entries) {
+        const a = Date.parse(e.started_at);
+        const until = e.output && e.output.grace_until ? Date.parse(e.output.grace_until) : a;
+        out.push(bar("error", a, Math.max(a, Math.min(until, t.end)), `cancellation delivered; may clean up until ${fmtTime(e.output && e.output.grace_until)}`));
+      }
     } else {
       // A sleep or a signal wait: a gap in the run's work.
       for (const e of lane.entries) {
@@ -497,7 +508,7 @@ function runPage(main, id) {
   function showDetail(lane) {
     detail.hidden = false;
     const items = lane.kind === "spawn" ? lane.attempts : lane.entries;
-    const title = `${lane.kind === "spawn" ? "Branch" : lane.kind === "timer" ? "Sleep" : lane.kind === "signal" ? "Signal" : "Step"} ${lane.name}${lane.occurrence > 1 ? " #" + lane.occurrence : ""}`;
+    const title = `${lane.kind === "spawn" ? "Branch" : lane.kind === "timer" ? "Sleep" : lane.kind === "signal" ? "Signal" : lane.kind === "cancel" ? "Cancellation" : "Step"} ${lane.name}${lane.occurrence > 1 ? " #" + lane.occurrence : ""}`;
     const rowsOf = items.map((e) => {
       const retry = e.status === "failed" && e.output && e.output.retry_at ? `retry at ${fmtTime(e.output.retry_at)}` : "";
       return h("tr", {},

@@ -31,6 +31,10 @@ const CALLS: &[(&str, &str, &str)] = &[
     ("cairn", "signal_wait", "(func $signal_wait (param i32 i32 i64) (result i64))"),
     ("cairn", "spawn", "(func $spawn (param i32 i32 i32 i32) (result i64))"),
     ("cairn", "join", "(func $join (param i32 i32) (result i64))"),
+    ("cairn", "http", "(func $http (param i32 i32) (result i64))"),
+    ("cairn", "kv_get", "(func $kv_get (param i32 i32) (result i64))"),
+    ("cairn", "kv_put", "(func $kv_put (param i32 i32 i32 i32) (result i64))"),
+    ("cairn", "kv_delete", "(func $kv_delete (param i32 i32) (result i64))"),
     ("wasi_snapshot_preview1", "clock_time_get", "(func $clock_time_get (param i32 i64 i32) (result i32))"),
     ("wasi_snapshot_preview1", "random_get", "(func $random_get (param i32 i32) (result i32))"),
     ("wasi_snapshot_preview1", "poll_oneoff", "(func $poll_oneoff (param i32 i32 i32 i32) (result i32))"),
@@ -50,7 +54,11 @@ fn call(rng: &mut Rng, name: &str) -> String {
     );
     let args = match name {
         "input" => String::new(),
-        "take" | "panic" | "random_get" => format!("{} {}", p(rng), l(rng)),
+        "take" | "panic" | "random_get" | "http" => format!("{} {}", p(rng), l(rng)),
+        "kv_get" | "kv_delete" => {
+            if rng.next() % 2 == 0 { "(i32.const 0) (i32.const 4)".into() } else { format!("{} {}", p(rng), l(rng)) }
+        }
+        "kv_put" => format!("(i32.const 0) (i32.const 4) {} {}", p(rng), l(rng)),
         "step_begin" | "spawn" => {
             // Names from the data segment most of the time, so steps really run.
             let name = if rng.next() % 3 == 0 {
@@ -101,7 +109,9 @@ fn module(rng: &mut Rng) -> String {
     wat.push_str("  (memory (export \"memory\") 1)\n");
     // A name, a JSON value, branch handles, a clock subscription.
     wat.push_str("  (data (i32.const 0) \"step1\") (data (i32.const 200) \"\\00\\00\\00\\00\\01\\00\\00\\00\")\n");
-    wat.push_str("  (func (export \"cairn_abi_version\") (result i32) i32.const 1)\n  (func (export \"_start\")\n");
+    // Both versions the host speaks (version 2 is told of cancellations).
+    let version = 1 + rng.next() % 2;
+    let _ = write!(wat, "  (func (export \"cairn_abi_version\") (result i32) i32.const {version})\n  (func (export \"_start\")\n");
     let calls = 1 + rng.next() % 24;
     for _ in 0..calls {
         let (_, name, _) = rng.pick(CALLS);

@@ -134,6 +134,26 @@ fn requests_outside_the_allowlist_fail_clearly_and_are_never_sent() {
     let stats = pay.stats();
     assert_eq!(stats["requests"], json!({}), "nothing refused reached the service (it keys only POSTs)");
 
+    // A network error or a timeout is an ordinary error: retried by the
+    // step's policy (two attempts here), then the step's error.
+    let retried = |w: &World, id: &str| {
+        let show = w.show(id);
+        show["history"].as_array().unwrap().iter().map(|e| e["status"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    let refused_port = json!({"mode": "fetch", "url": "http://127.0.0.1:1/"}).to_string();
+    let wasm = effects();
+    let out = w.run(&["run", &wasm, "--run-id", "refused", "--input", &refused_port, "--allow-http", "127.0.0.1:1"]);
+    assert_fails(&out, 1, &["Connection refused"]);
+    assert_eq!(retried(&w, "refused"), ["failed", "error"]);
+    let slow = json!({"mode": "fetch", "url": format!("{}/slow?ms=3000", pay.url)}).to_string();
+    let out = w.run(&["run", &wasm, "--run-id", "slow", "--input", &slow, "--allow-http", &allow, "--http-timeout", "0.2"]);
+    assert_fails(&out, 1, &["timed out after 200ms"]);
+    assert_eq!(retried(&w, "slow"), ["failed", "error"]);
+    // A refusal is permanent: one attempt, never retried.
+    let out = w.run(&["run", &wasm, "--run-id", "unlisted", "--input", &refused_port]);
+    assert_fails(&out, 1, &["is not a host this run may reach"]);
+    assert_eq!(retried(&w, "unlisted"), ["error"]);
+
     // Between steps, HTTP fails with a clear, permanent error.
     let out = run(&w, json!({"mode": "fetch_outside", "url": format!("{}/ok", pay.url)}), &["--allow-http", &allow]);
     assert_fails(&out, 1, &["permanent=true", "only inside a step", "replay would send the request again"]);

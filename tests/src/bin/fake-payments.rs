@@ -6,7 +6,8 @@
 //!
 //! Routes: `POST /charges {"amount_cents", "order_id"}`, `POST /refunds
 //! {"charge_id"}`, `GET /stats` (requests per key, charges, refunds), and
-//! for the allowlist tests `GET /redirect?to=URL` and `GET /big?bytes=N`.
+//! for the allowlist tests `GET /ok`, `GET /redirect?to=URL`, `GET
+//! /big?bytes=N` and `GET /slow?ms=N`.
 //!
 //! Listens on 127.0.0.1 on a free port (or `--port`) and prints its URL on
 //! stdout; exits when its stdin closes (the test or demo that started it
@@ -117,6 +118,11 @@ async fn handle(service: Arc<Service>, req: Request<Incoming>) -> Result<Respons
             return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
         }
         ("GET", "/ok") => return Ok(reply(200, json!({"ok": true}), false)),
+        ("GET", "/slow") => {
+            let ms: u64 = query.get("ms").and_then(|b| b.parse().ok()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return Ok(reply(200, json!({"ok": true}), false));
+        }
         ("GET", "/stats") => {
             let l = service.ledger.lock().expect("ledger");
             return Ok(reply(200, json!({"requests": l.requests, "charges": l.charges, "refunds": l.refunds}), false));

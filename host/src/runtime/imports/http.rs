@@ -18,6 +18,13 @@ use crate::runtime::net_policy::{Allowlist, Target};
 /// Redirects followed (each hop checked like the first request).
 const MAX_REDIRECTS: usize = 5;
 
+/// Headers dropped when a redirect leads to another host.
+const CREDENTIALS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+/// Headers the host sets itself from the URL and the body: a guest's own
+/// would make the request say something other than where it goes.
+const HOST_SET: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
+
 /// Why a request did not produce a response.
 enum Failure {
     /// Retrying may help (network, timeout): an ordinary error.
@@ -106,7 +113,13 @@ async fn send(mut request: HttpRequest, grants: &HttpGrants, limits: &Limits) ->
         if hop == MAX_REDIRECTS {
             return Err(Failure::Refused(format!("more than {MAX_REDIRECTS} redirects, the last to {next}")));
         }
-        url = url.join(&next).map_err(|e| Failure::Refused(format!("a redirect to {next:?}: {e}")))?;
+        let next = url.join(&next).map_err(|e| Failure::Refused(format!("a redirect to {next:?}: {e}")))?;
+        // As browsers do: credentials the guest set go to the host it named,
+        // not to another one a redirect names.
+        if next.host_str() != url.host_str() || next.port_or_known_default() != url.port_or_known_default() {
+            request.headers.retain(|(n, _)| !CREDENTIALS.iter().any(|c| n.eq_ignore_ascii_case(c)));
+        }
+        url = next;
         // As browsers do: 303, and 301/302 after a POST, continue as GET.
         if response.status == 303 || (matches!(response.status, 301 | 302) && method == reqwest::Method::POST) {
             method = reqwest::Method::GET;
@@ -152,7 +165,7 @@ async fn exchange(
     }
     let client = builder.build().map_err(|e| Failure::Failed(format!("cannot make an HTTP client: {e}")))?;
     let mut headers = reqwest::header::HeaderMap::new();
-    for (name, value) in &request.headers {
+    for (name, value) in request.headers.iter().filter(|(n, _)| !HOST_SET.iter().any(|h| n.eq_ignore_ascii_case(h))) {
         let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| Failure::Refused(format!("{name:?} is not a header name")))?;
         let value = reqwest::header::HeaderValue::from_str(value)
