@@ -435,7 +435,16 @@ impl Ctx {
     pub fn compensate(&mut self) -> Result<(), Error> {
         let mut first_error = None;
         while let Some((name, undo)) = self.undo.pop() {
-            let result = self.step(&format!("undo:{name}"), |s| undo(s));
+            let mut undo = Some(undo);
+            let result = loop {
+                let result = self.step(&format!("undo:{name}"), |s| undo.take().expect("an undo runs once")(s));
+                match result {
+                    // A cancellation delivered here (once) must not cost
+                    // the undo: the closure did not run, so run it now.
+                    Err(e) if e.is_cancelled() && undo.is_some() => first_error = first_error.or(Some(e)),
+                    other => break other,
+                }
+            };
             if let Err(e) = result {
                 first_error.get_or_insert(e);
             }

@@ -56,7 +56,11 @@ fn call(rng: &mut Rng, name: &str) -> String {
         "input" => String::new(),
         "take" | "panic" | "random_get" | "http" => format!("{} {}", p(rng), l(rng)),
         "kv_get" | "kv_delete" => {
-            if rng.next() % 2 == 0 { "(i32.const 0) (i32.const 4)".into() } else { format!("{} {}", p(rng), l(rng)) }
+            if rng.next() % 2 == 0 {
+                "(i32.const 0) (i32.const 4)".into()
+            } else {
+                format!("{} {}", p(rng), l(rng))
+            }
         }
         "kv_put" => format!("(i32.const 0) (i32.const 4) {} {}", p(rng), l(rng)),
         "step_begin" | "spawn" => {
@@ -111,7 +115,10 @@ fn module(rng: &mut Rng) -> String {
     wat.push_str("  (data (i32.const 0) \"step1\") (data (i32.const 200) \"\\00\\00\\00\\00\\01\\00\\00\\00\")\n");
     // Both versions the host speaks (version 2 is told of cancellations).
     let version = 1 + rng.next() % 2;
-    let _ = write!(wat, "  (func (export \"cairn_abi_version\") (result i32) i32.const {version})\n  (func (export \"_start\")\n");
+    let _ = write!(
+        wat,
+        "  (func (export \"cairn_abi_version\") (result i32) i32.const {version})\n  (func (export \"_start\")\n"
+    );
     let calls = 1 + rng.next() % 24;
     for _ in 0..calls {
         let (_, name, _) = rng.pick(CALLS);

@@ -138,7 +138,12 @@ fn requests_outside_the_allowlist_fail_clearly_and_are_never_sent() {
     // step's policy (two attempts here), then the step's error.
     let retried = |w: &World, id: &str| {
         let show = w.show(id);
-        show["history"].as_array().unwrap().iter().map(|e| e["status"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        show["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["status"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
     };
     let refused_port = json!({"mode": "fetch", "url": "http://127.0.0.1:1/"}).to_string();
     let wasm = effects();
@@ -146,7 +151,8 @@ fn requests_outside_the_allowlist_fail_clearly_and_are_never_sent() {
     assert_fails(&out, 1, &["Connection refused"]);
     assert_eq!(retried(&w, "refused"), ["failed", "error"]);
     let slow = json!({"mode": "fetch", "url": format!("{}/slow?ms=3000", pay.url)}).to_string();
-    let out = w.run(&["run", &wasm, "--run-id", "slow", "--input", &slow, "--allow-http", &allow, "--http-timeout", "0.2"]);
+    let out =
+        w.run(&["run", &wasm, "--run-id", "slow", "--input", &slow, "--allow-http", &allow, "--http-timeout", "0.2"]);
     assert_fails(&out, 1, &["timed out after 200ms"]);
     assert_eq!(retried(&w, "slow"), ["failed", "error"]);
     // A refusal is permanent: one attempt, never retried.
@@ -292,6 +298,51 @@ fn cancel_with_grace_lets_the_workflow_compensate_and_ends_cancelled() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(w.show("r2")["status"], "cancelled");
     assert_eq!(kv_get(&w, "g2", "released"), Some(json!(["R-1"])));
+
+    // Cleanup in a branch: the branch instance replays the delivered
+    // cancellation on its way to its spawn.
+    let branchy = json!({"mode": "reserve_branch_cleanup"}).to_string();
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "r4", "--input", &branchy, "--kv-namespace", "g4"], "r4");
+    wait_until("the wait", Duration::from_secs(30), || w.try_show("r4").is_some_and(|s| s["status"] == "waiting"));
+    assert!(w.run(&["cancel", "r4", "--grace", "30"]).status.success());
+    let _ = child.wait();
+    let show = w.show("r4");
+    assert_eq!(show["status"], "cancelled", "{show}");
+    assert_eq!(kv_get(&w, "g4", "released"), Some(json!(["by a branch"])));
+
+    // A cancellation that arrives while the saga compensates is delivered
+    // at the next undo's step: that undo still runs.
+    let saga = json!({"mode": "saga", "pause_ms": 1_500}).to_string();
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "s1", "--input", &saga, "--kv-namespace", "g5"], "s1");
+    wait_until("compensation under way", Duration::from_secs(30), || {
+        w.try_show("s1").is_some_and(|s| s["history"].as_array().unwrap().iter().any(|e| e["name"] == "book_car"))
+    });
+    assert!(w.run(&["cancel", "s1", "--grace", "30"]).status.success());
+    let _ = child.wait();
+    let show = w.show("s1");
+    assert_eq!(show["status"], "cancelled", "{show}");
+    assert_eq!(
+        kv_get(&w, "g5", "undone"),
+        Some(json!(["undo book_hotel-ok", "undo book_flight-ok"])),
+        "no undo skipped"
+    );
+    let kinds: Vec<String> = show["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {}", e["kind"].as_str().unwrap(), e["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "step book_flight",
+            "step book_hotel",
+            "step book_car",
+            "step undo:book_hotel",
+            "cancel ",
+            "step undo:book_flight"
+        ]
+    );
 
     // Without --grace the workflow is not told: nothing is compensated.
     let mut child = w.spawn(&["run", &wasm, "--run-id", "r3", "--input", &input, "--kv-namespace", "g3"], "r3");

@@ -209,6 +209,9 @@ fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
         Ok(_) => return Err("a number of seconds from 0 up".into()),
         Err(_) => humantime::parse_duration(text).map_err(|e| format!("{e} (give seconds, or e.g. 30s)"))?,
     };
+    if d > std::time::Duration::from_secs(1_000_000_000) {
+        return Err("at most 1e9 seconds".into());
+    }
     Ok(d)
 }
 

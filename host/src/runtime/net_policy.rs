@@ -178,9 +178,14 @@ impl Allowlist {
         Ok(kept)
     }
 
-    /// The `--http-header` grants that apply to this host and port.
+    /// Whether an `--http-header` grant applies to this host and port.
+    /// Over plain HTTP only if the grant names the port: a secret for
+    /// `api.example.com` is meant for its https, not for a plain hop.
     pub fn header_applies(pattern: &str, target: &Target) -> bool {
         let Ok(p) = HostPattern::parse(pattern) else { return false };
+        if target.plain && p.port.is_none() {
+            return false;
+        }
         let host = match target.literal {
             Some(IpAddr::V4(v4)) => Host::Ipv4(v4),
             Some(IpAddr::V6(v6)) => Host::Ipv6(v6),
@@ -222,8 +227,18 @@ fn special(ip: IpAddr) -> Option<&'static str> {
                 Some("private (unique local)")
             } else if v6.is_multicast() {
                 Some("multicast")
+            } else if seg[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
+            } else if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+                Some("NAT64 local-use")
+            } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64's well-known prefix carries an IPv4 address at its end.
+                special_v4(Ipv4Addr::new((seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8))
+            } else if seg[0] == 0x2002 {
+                // 6to4 carries an IPv4 address after its prefix.
+                special_v4(Ipv4Addr::new((seg[1] >> 8) as u8, seg[1] as u8, (seg[2] >> 8) as u8, seg[2] as u8))
             } else if let Some(v4) = v6.to_ipv4() {
-                // NAT64 and the old compatible form carry an IPv4 address.
+                // The old compatible form (::a.b.c.d) carries one too.
                 special_v4(v4)
             } else {
                 None
@@ -244,6 +259,10 @@ fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared (carrier-grade NAT)")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("protocol-assignment")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        Some("benchmarking")
     } else if v4.is_broadcast() || v4.is_multicast() || o[0] >= 240 {
         Some("reserved")
     } else {
@@ -291,10 +310,25 @@ mod tests {
         let private: SocketAddr = "10.0.0.5:443".parse().unwrap();
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:443".parse().unwrap();
         assert_eq!(l.check_addrs(&t, &[private, public]).unwrap(), vec![public]);
+        let nat64_public: SocketAddr = "[64:ff9b::5db8:d822]:443".parse().unwrap();
+        assert!(l.check_addrs(&t, &[nat64_public]).is_ok(), "NAT64 of a public address is public");
         let e = l.check_addrs(&t, &[private]).unwrap_err();
         assert!(e.contains("10.0.0.5") && e.contains("private"), "{e}");
         assert!(l.check_addrs(&t, &[mapped]).unwrap_err().contains("loopback"));
-        for ip in ["169.254.169.254", "0.0.0.0", "100.64.1.1", "[fe80::1]", "[fd00::1]"] {
+        for ip in [
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.1.1",
+            "198.18.0.1",
+            "[fe80::1]",
+            "[fd00::1]",
+            "[fec0::1]",
+            "[64:ff9b::a9fe:a9fe]",
+            "[64:ff9b::7f00:1]",
+            "[64:ff9b:1::1]",
+            "[2002:a00:1::1]",
+            "[::127.0.0.1]",
+        ] {
             let a: SocketAddr = format!("{ip}:443").parse().unwrap();
             assert!(l.check_addrs(&t, &[a]).is_err(), "{ip}");
         }

@@ -296,7 +296,8 @@ impl Service {
         commit(&*self.store, vec![request]).await?;
         // Its executor ends it cancelled (an event), or it ends otherwise
         // first (completed before it saw the request: looked up now and then).
-        let deadline = tokio::time::Instant::now() + CANCEL_WAIT + grace.unwrap_or_default();
+        // (Not the grace period too: the workflow may take all of it.)
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
         let mut look = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {

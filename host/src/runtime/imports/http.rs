@@ -116,7 +116,10 @@ async fn send(mut request: HttpRequest, grants: &HttpGrants, limits: &Limits) ->
         let next = url.join(&next).map_err(|e| Failure::Refused(format!("a redirect to {next:?}: {e}")))?;
         // As browsers do: credentials the guest set go to the host it named,
         // not to another one a redirect names.
-        if next.host_str() != url.host_str() || next.port_or_known_default() != url.port_or_known_default() {
+        if next.host_str() != url.host_str()
+            || next.port_or_known_default() != url.port_or_known_default()
+            || next.scheme() != url.scheme()
+        {
             request.headers.retain(|(n, _)| !CREDENTIALS.iter().any(|c| n.eq_ignore_ascii_case(c)));
         }
         url = next;

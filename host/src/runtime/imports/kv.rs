@@ -23,18 +23,38 @@ pub struct KvAttempt {
     reads: HashMap<String, u64>,
     /// Staged writes, last one per key wins; in first-write order.
     writes: Vec<(String, Option<Vec<u8>>)>,
+    /// Where each key's write is in `writes`.
+    index: HashMap<String, usize>,
+    /// Bytes of keys and values staged (bounded: they wait in memory).
+    bytes: usize,
 }
 
 impl KvAttempt {
     fn staged(&self, key: &str) -> Option<&Option<Vec<u8>>> {
-        self.writes.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.index.get(key).map(|&i| &self.writes[i].1)
     }
 
-    fn stage(&mut self, key: String, value: Option<Vec<u8>>) {
-        match self.writes.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.writes.push((key, value)),
+    /// Stage a write, unless the attempt would hold more than `max_keys`
+    /// keys or `max_bytes` bytes staged: then the refusal's message.
+    fn stage(&mut self, key: String, value: Option<Vec<u8>>, max_keys: u64, max_bytes: usize) -> Result<(), String> {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        let old = self.index.get(&key).map_or(0, |&i| key.len() + self.writes[i].1.as_ref().map_or(0, Vec::len));
+        let bytes = self.bytes - old + size;
+        if bytes > max_bytes {
+            return Err(format!("a step may stage at most {max_bytes} bytes of key-value writes (--max-history-mib)"));
         }
+        match self.index.get(&key) {
+            Some(&i) => self.writes[i].1 = value,
+            None => {
+                if self.writes.len() as u64 >= max_keys {
+                    return Err(format!("a step may write at most {max_keys} keys (--max-kv-keys)"));
+                }
+                self.index.insert(key.clone(), self.writes.len());
+                self.writes.push((key, value));
+            }
+        }
+        self.bytes = bytes;
+        Ok(())
     }
 
     /// What goes with the step's outcome: nothing if the attempt wrote
@@ -134,8 +154,11 @@ pub(super) fn kv_put(
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&value) {
         return Ok(stage(st, EFFECT_REFUSED, format!("the value of key {key:?} is not JSON: {e}").into_bytes()));
     }
-    st.kv.get_or_insert_with(Default::default).stage(key, Some(value));
-    Ok(stage(st, KV_DONE, Vec::new()))
+    let (max_keys, max_bytes) = staging_limits(st);
+    match st.kv.get_or_insert_with(Default::default).stage(key, Some(value), max_keys, max_bytes) {
+        Ok(()) => Ok(stage(st, KV_DONE, Vec::new())),
+        Err(message) => Ok(stage(st, EFFECT_REFUSED, message.into_bytes())),
+    }
 }
 
 /// `kv_delete(key) -> i64`: staged with the step.
@@ -145,6 +168,16 @@ pub(super) fn kv_delete(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -
         Err(code) => return Ok(code),
     };
     let st = caller.data_mut();
-    st.kv.get_or_insert_with(Default::default).stage(key, None);
-    Ok(stage(st, KV_DONE, Vec::new()))
+    let (max_keys, max_bytes) = staging_limits(st);
+    match st.kv.get_or_insert_with(Default::default).stage(key, None, max_keys, max_bytes) {
+        Ok(()) => Ok(stage(st, KV_DONE, Vec::new())),
+        Err(message) => Ok(stage(st, EFFECT_REFUSED, message.into_bytes())),
+    }
+}
+
+/// What one attempt may stage: the run's key limit, and its history's
+/// size (the writes wait in memory, as the history does).
+fn staging_limits(st: &HostState) -> (u64, usize) {
+    let bytes = usize::try_from(st.limits.max_history_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    (st.limits.max_kv_keys, bytes)
 }

@@ -279,15 +279,17 @@ impl HostState {
     /// replayed where the history has it, else recorded now if one is
     /// pending. The message for the guest, if delivered here.
     pub(super) async fn deliver_cancel(&mut self) -> wasmtime::Result<Option<String>> {
-        if self.branch_mode.is_some() || self.abi_version < 2 {
+        if self.abi_version < 2 {
             return Ok(None);
         }
+        // A branch instance replays its parent's history, delivered
+        // cancellations included; only the parent delivers new ones.
         if let Some(entry) = self.journal.replay_cancel() {
             let message = cancel_message(entry.time_value());
             self.sync_replaying();
             return Ok(Some(message));
         }
-        if self.journal.replaying() || self.journal.cancel_delivered() {
+        if self.branch_mode.is_some() || self.journal.replaying() || self.journal.cancel_delivered() {
             return Ok(None);
         }
         let Some(until) = self.watch.grace_until() else { return Ok(None) };
@@ -603,9 +605,7 @@ impl HostState {
 /// What the workflow is told when a cancellation is delivered: made from
 /// the history only, so a replay tells it the same.
 fn cancel_message(grace_until: Option<i64>) -> String {
-    let until = grace_until
-        .and_then(|ms| u64::try_from(ms).ok())
-        .map(|ms| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
+    let until = grace_until.map(crate::service::views::time);
     match until {
         Some(until) => format!("the run was cancelled; it may clean up until {until}"),
         None => "the run was cancelled".to_string(),

@@ -43,6 +43,9 @@ enum Input {
     /// Reserve (with an undo), then wait for the signal `go`; a cancellation
     /// compensates and ends the run.
     Reserve,
+    /// As `reserve`, but a cancellation is cleaned up by a branch (which
+    /// replays the delivered cancellation before its spawn).
+    ReserveBranchCleanup,
 }
 
 fn main() {
@@ -142,6 +145,24 @@ fn workflow(ctx: &mut Ctx, input: Input) -> Result<Value, Error> {
                     ctx.compensate()?;
                     Err(e)
                 }
+            }
+        }
+        Input::ReserveBranchCleanup => {
+            ctx.step("reserve", |s| {
+                s.kv().put("reserved", &true)?;
+                Ok(())
+            })?;
+            match ctx.wait_signal::<Value>("go") {
+                Ok(v) => Ok(v),
+                Err(e) if e.is_cancelled() => {
+                    let cleanup = ctx.spawn("release", |s| {
+                        s.kv().put("reserved", &false)?;
+                        append(s, "released", "by a branch")
+                    })?;
+                    ctx.join_all(vec![cleanup])?;
+                    Err(e)
+                }
+                Err(e) => Err(e),
             }
         }
         Input::Reserve => {
