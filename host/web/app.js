@@ -338,7 +338,7 @@ function runPage(main, id) {
           fmtDur((r.finished_at ? Date.parse(r.finished_at) : Date.now()) - Date.parse(r.created_at)))));
     fill(io, 
       h("div", {}, h("h2", {}, "Input"), jsonView(r.input)),
-      h("div", {}, h("h2", {}, "Output"), r.status === "completed" ? jsonView(r.output) : h("p", { class: "muted" }, { failed: "none: the run failed", cancelled: "none: the run was cancelled" }[r.status] || "not yet")));
+      h("div", {}, h("h2", {}, "Output"), r.status === "completed" || (r.output !== null && r.output !== undefined) ? jsonView(r.output) : h("p", { class: "muted" }, { failed: "none: the run failed", cancelled: "none: the run was cancelled" }[r.status] || "not yet")));
     renderActions();
   }
 
