@@ -80,12 +80,13 @@ pub struct RunConfig {
     /// Environment variables (stored in the database in clear).
     #[serde(default)]
     pub env: Vec<(String, String)>,
-    /// The hosts steps may reach over HTTP, and headers the host adds.
-    #[serde(default, skip_serializing_if = "HttpGrants::is_empty")]
-    pub http: HttpGrants,
+    /// The hosts steps may reach over HTTP, and headers the host adds;
+    /// `None`: no network. (Boxed: every parked run holds its config.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Box<HttpGrants>>,
     /// The key-value namespace of the run's steps; `None`: the module's hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kv_namespace: Option<String>,
+    pub kv_namespace: Option<Box<str>>,
     #[serde(flatten)]
     pub limits: Limits,
 }
@@ -93,14 +94,7 @@ pub struct RunConfig {
 impl RunConfig {
     /// No grants, the default limits.
     pub fn new(limits: Limits) -> Self {
-        RunConfig {
-            dirs: Vec::new(),
-            dirs_ro: Vec::new(),
-            env: Vec::new(),
-            http: HttpGrants::default(),
-            kv_namespace: None,
-            limits,
-        }
+        RunConfig { dirs: Vec::new(), dirs_ro: Vec::new(), env: Vec::new(), http: None, kv_namespace: None, limits }
     }
 
     /// The key-value namespace of a run of `module` (its hash).
@@ -128,6 +122,11 @@ pub struct HttpGrants {
 impl HttpGrants {
     pub fn is_empty(&self) -> bool {
         self.allow.is_empty() && !self.insecure && self.headers.is_empty()
+    }
+
+    /// As a run's config keeps them: nothing when there are none.
+    pub fn boxed(self) -> Option<Box<HttpGrants>> {
+        (!self.is_empty()).then(|| Box::new(self))
     }
 }
 

@@ -646,8 +646,8 @@ fn run_arguments(args: &RunArgs) -> Result<(Vec<u8>, Option<String>, RunConfig),
     let dirs_ro = args.dirs_ro.iter().map(|d| request::dir_grant(d, "--dir-ro")).collect::<Result<Vec<_>, _>>()?;
     let env = args.env.iter().map(|e| request::env_var(e)).collect::<Result<Vec<_>, _>>()?;
     let http = request::http_grants(&args.allow_http, args.allow_http_insecure, &args.http_headers)?;
-    let kv_namespace = args.kv_namespace.as_deref().map(request::kv_namespace).transpose()?;
-    Ok((input, run_id, RunConfig { dirs, dirs_ro, env, http, kv_namespace, limits }))
+    let kv_namespace = args.kv_namespace.as_deref().map(request::kv_namespace).transpose()?.map(String::into_boxed_str);
+    Ok((input, run_id, RunConfig { dirs, dirs_ro, env, http: http.boxed(), kv_namespace, limits }))
 }
 
 /// Check the module and record the run.
@@ -671,7 +671,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
     let (executor, _service, started) = create_run(cli, args, StartMode::Execute).await?;
     let id = &started.run.id;
     eprintln!("cairn: run {id} started (if interrupted: cairn resume {id})");
-    let code = execute_foreground(&executor, &started.run).await;
+    let code = execute_foreground(&executor, &Arc::new(started.run)).await;
     drop(started.lease);
     code
 }
@@ -682,7 +682,7 @@ async fn start(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-async fn execute_foreground(executor: &Arc<Executor>, run: &RunRecord) -> Result<u8, Failure> {
+async fn execute_foreground(executor: &Arc<Executor>, run: &Arc<RunRecord>) -> Result<u8, Failure> {
     let started = Instant::now();
     let outcome = executor.execute(run).await.map_err(ServiceError::from)?;
     let elapsed = started.elapsed();

@@ -348,8 +348,8 @@ pub(super) async fn start_run(
     if !http.is_empty() && caller.role < Role::Admin {
         return Err(AuthError::Forbidden.into());
     }
-    let kv_namespace = body.kv_namespace.as_deref().map(request::kv_namespace).transpose()?;
-    let config = RunConfig { dirs, dirs_ro: Vec::new(), env, http, kv_namespace, limits };
+    let kv_namespace = body.kv_namespace.as_deref().map(request::kv_namespace).transpose()?.map(String::into_boxed_str);
+    let config = RunConfig { dirs, dirs_ro: Vec::new(), env, http: http.boxed(), kv_namespace, limits };
     let shown = format!("module {}", body.module.chars().take(12).collect::<String>());
     let request = StartRequest { module: StartModule::Stored { hash: body.module, shown }, input, run_id, config };
     let started = state.service.start_run(&state.executor, request, StartMode::Queue).await?;

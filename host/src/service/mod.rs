@@ -32,7 +32,8 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// read under it.
 #[derive(Debug)]
 pub struct ClaimedRun {
-    pub run: RunRecord,
+    /// Shared with the executor while it runs (one copy per parked run).
+    pub run: Arc<RunRecord>,
     pub lease: Lease,
 }
 
@@ -175,7 +176,7 @@ impl Service {
             return Ok(Claim::Busy);
         };
         match self.store.run(&run.id).await? {
-            Some(run) if !run.status.is_finished() => Ok(Claim::Claimed(ClaimedRun { run, lease })),
+            Some(run) if !run.status.is_finished() => Ok(Claim::Claimed(ClaimedRun { run: Arc::new(run), lease })),
             Some(run) => Ok(Claim::Finished(run)),
             None => Err(ServiceError::RunNotFound { id: run.id.clone(), location: self.store.location().to_string() }),
         }
@@ -199,7 +200,7 @@ impl Service {
             }
             let Some(lease) = self.store.lease(key).await? else { continue };
             match self.store.run_by_key(key).await? {
-                Some(run) if !run.status.is_finished() => claimed.push(ClaimedRun { run, lease }),
+                Some(run) if !run.status.is_finished() => claimed.push(ClaimedRun { run: Arc::new(run), lease }),
                 _ => drop(lease),
             }
         }
@@ -285,7 +286,7 @@ impl Service {
                 commit(&*self.store, vec![request]).await?;
                 // Read again under the lease: what the executor goes by.
                 let run = self.find_run(id).await?;
-                return Ok(Cancelled::Graced(Box::new(ClaimedRun { run, lease })));
+                return Ok(Cancelled::Graced(Box::new(ClaimedRun { run: Arc::new(run), lease })));
             }
             // Nobody executes it: cancel it here, under its lease.
             commit(&*self.store, vec![request, Write::cancelled(run.key)]).await?;

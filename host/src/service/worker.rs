@@ -70,7 +70,7 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 let result = executor.execute(&claimed.run).await;
                 held.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
                 drop(claimed.lease);
-                (run, claimed.run.id, result)
+                (run, claimed.run.id.clone(), result)
             });
         }
         // Wait for a run to end, an event, the next look, or the stop signal.

@@ -17,7 +17,7 @@ impl Executor {
     /// The branch side of one execution of a run.
     pub(super) fn branches_of(
         self: &Arc<Self>,
-        run: &RunRecord,
+        run: &Arc<RunRecord>,
         module: &Module,
         board: Arc<BranchBoard>,
         watch: Arc<RunWatch>,
@@ -124,7 +124,7 @@ impl Executor {
 /// Starts a run's branches as tasks of this process.
 struct BranchLauncher {
     executor: Arc<Executor>,
-    run: RunRecord,
+    run: Arc<RunRecord>,
     module: Module,
     board: Arc<BranchBoard>,
     watch: Arc<RunWatch>,

@@ -155,7 +155,10 @@ impl Executor {
 
     /// Execute (or continue) a run the caller holds the lease of, until it
     /// completes, fails or is cancelled.
-    pub async fn execute(self: &Arc<Self>, run: &RunRecord) -> Result<RunOutcome, ExecError> {
+    ///
+    /// The record is shared (`Arc`) with the run's branch launcher: a
+    /// parked run holds one copy of it, not two.
+    pub async fn execute(self: &Arc<Self>, run: &Arc<RunRecord>) -> Result<RunOutcome, ExecError> {
         // A run's share of branch instances: half of them, so that one run
         // with thousands of branches leaves room for the others.
         let registration = self.watcher.register(run.key, self.branch_instances_total / 2);

@@ -98,7 +98,7 @@ impl Executor {
         }
         let state = HostState::new(InstanceSetup {
             wasi: wasi.build_p1(),
-            http: run.config.http.clone(),
+            http: run.config.http.as_deref().cloned().unwrap_or_default(),
             kv_namespace: run.config.kv_namespace_of(&run.module).to_string(),
             run: RunContext {
                 store: self.store.clone(),
