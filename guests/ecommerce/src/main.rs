@@ -30,7 +30,7 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use cairn_sdk::{Ctx, Error, Step};
+use cairn_sdk::{Branch, Ctx, Error, Step};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -102,32 +102,42 @@ fn service(order: &Order, s: &Step, seconds: f64, what: &str) -> Result<(), Erro
     Ok(())
 }
 
-fn workflow(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
-    if order.payment_url.is_some() {
-        return with_payments(ctx, order);
-    }
-    let total_cents: u64 = ctx.step("validate", |s| {
+fn validate(ctx: &mut Ctx, order: &Order) -> Result<u64, Error> {
+    ctx.step("validate", |s| {
         if order.items.is_empty() {
             return Err(Error::permanent("an order needs at least one item"));
         }
         let total = order.items.iter().map(|i| i.qty as u64 * i.unit_cents).sum();
-        service(&order, s, 2.0, &format!("validated {} for {total} cents", order.order_id))?;
+        service(order, s, 2.0, &format!("validated {} for {total} cents", order.order_id))?;
         Ok(total)
+    })
+}
+
+/// The fraud check and the shipping quote, as two branches.
+fn fraud_check_and_quote(ctx: &mut Ctx, order: &Order) -> Result<(Branch<u32>, Branch<u64>), Error> {
+    let fraud = ctx.spawn("fraud_check", |s| {
+        service(order, s, 4.0, &format!("scored {} as low risk", order.customer))?;
+        Ok(7u32)
     })?;
+    let quote = ctx.spawn("shipping_quote", |s| {
+        service(order, s, 3.0, "quoted 499 cents for shipping")?;
+        Ok(499u64)
+    })?;
+    Ok((fraud, quote))
+}
+
+fn workflow(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
+    if order.payment_url.is_some() {
+        return with_payments(ctx, order);
+    }
+    let total_cents = validate(ctx, &order)?;
 
     // Three independent checks at once.
     let reserve = ctx.spawn("reserve_inventory", |s| {
         service(&order, s, 3.0, &format!("reserved {} skus", order.items.len()))?;
         Ok(Reservation { reservation_id: format!("res_{}", &s.idempotency_key()[..12]), skus: order.items.len() })
     })?;
-    let fraud = ctx.spawn("fraud_check", |s| {
-        service(&order, s, 4.0, &format!("scored {} as low risk", order.customer))?;
-        Ok(7u32)
-    })?;
-    let quote = ctx.spawn("shipping_quote", |s| {
-        service(&order, s, 3.0, "quoted 499 cents for shipping")?;
-        Ok(499u64)
-    })?;
+    let (fraud, quote) = fraud_check_and_quote(ctx, &order)?;
     let (reservation, risk_score): (Reservation, u32) = ctx.join2(reserve, fraud)?;
     let quote_cents: u64 = ctx.join_all(vec![quote])?.remove(0);
     if risk_score > 50 {
@@ -179,14 +189,7 @@ fn stock_key(sku: &str) -> String {
 /// over HTTP, compensations when shipping fails for good.
 fn with_payments(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
     let url = order.payment_url.clone().unwrap_or_default();
-    let total_cents: u64 = ctx.step("validate", |s| {
-        if order.items.is_empty() {
-            return Err(Error::permanent("an order needs at least one item"));
-        }
-        let total = order.items.iter().map(|i| i.qty as u64 * i.unit_cents).sum();
-        service(&order, s, 2.0, &format!("validated {} for {total} cents", order.order_id))?;
-        Ok(total)
-    })?;
+    let total_cents = validate(ctx, &order)?;
 
     // Taking stock and putting it back are writes committed with their
     // steps: exactly once, whatever crashes.
@@ -216,14 +219,7 @@ fn with_payments(ctx: &mut Ctx, order: Order) -> Result<Receipt, Error> {
         },
     )?;
 
-    let fraud = ctx.spawn("fraud_check", |s| {
-        service(&order, s, 4.0, &format!("scored {} as low risk", order.customer))?;
-        Ok(7u32)
-    })?;
-    let quote = ctx.spawn("shipping_quote", |s| {
-        service(&order, s, 3.0, "quoted 499 cents for shipping")?;
-        Ok(499u64)
-    })?;
+    let (fraud, quote) = fraud_check_and_quote(ctx, &order)?;
     let (risk_score, quote_cents): (u32, u64) = ctx.join2(fraud, quote)?;
 
     let refund_url = url.clone();
