@@ -23,9 +23,15 @@ use crate::terminal::escape;
 #[derive(Parser, Debug)]
 #[command(name = "cairn", version, about = "Durable execution for Rust workflows compiled to WebAssembly")]
 pub struct Cli {
-    /// The database file (created if missing).
+    /// The database: an SQLite file (created if missing), or a PostgreSQL
+    /// database (`postgres://user@host:port/db`, migrated if empty).
     #[arg(long, global = true, env = "CAIRN_DB", default_value = "cairn.db")]
     pub db: PathBuf,
+    /// PostgreSQL: seconds a run's lease lasts without renewal; a process
+    /// that dies holding one is taken over after it. (SQLite's locks are
+    /// released by the OS at once: no effect there.)
+    #[arg(long, global = true, env = "CAIRN_LEASE", value_name = "SECONDS", default_value_t = 5.0)]
+    pub lease: f64,
     /// power: fsync before a step returns (survives power loss);
     /// process: no fsync per commit (survives a killed process, not power loss).
     #[arg(long, global = true, env = "CAIRN_DURABILITY", value_enum, default_value = "power")]
@@ -369,15 +375,33 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The PostgreSQL URL `--db` names, if it names one.
+fn postgres_url(cli: &Cli) -> Option<&str> {
+    cli.db.to_str().filter(|db| crate::store::postgres::is_postgres_url(db))
+}
+
 /// The database, created if it does not exist (commands that create runs).
 fn open_store(cli: &Cli) -> Result<Arc<dyn RunStore>, Failure> {
+    if let Some(url) = postgres_url(cli) {
+        if !(cli.lease.is_finite() && cli.lease > 0.0 && cli.lease < 1e6) {
+            return Err(Failure::usage("--lease must be a positive number of seconds"));
+        }
+        let lease = std::time::Duration::from_secs_f64(cli.lease);
+        let durability = cli.durability.into();
+        // Commands run on the multi-threaded runtime: connecting may wait.
+        let store = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(crate::store::postgres::PostgresStore::connect(url, durability, lease))
+        })?;
+        return Ok(Arc::new(store));
+    }
     Ok(Arc::new(SqliteStore::open(&cli.db, cli.durability.into())?))
 }
 
 /// The database, which must exist already (commands about existing runs):
 /// a mistyped path is not silently answered from a new, empty database.
 fn open_existing_store(cli: &Cli) -> Result<Arc<dyn RunStore>, Failure> {
-    if !cli.db.exists() {
+    if postgres_url(cli).is_none() && !cli.db.exists() {
         return Err(ServiceError::NoDatabase(cli.db.display().to_string()).into());
     }
     open_store(cli)

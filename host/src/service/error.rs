@@ -42,6 +42,12 @@ pub enum ServiceError {
         "run {0} is being executed by another cairn process right now; wait for it, or stop that process and resume again"
     )]
     RunBusy(String),
+    /// As `RunBusy`, where the store knows the holder and its lease's end.
+    #[error(
+        "run {id} is held by {holder} until {until} (its lease); if that process died, resume after then, \
+         when the lease expires"
+    )]
+    RunLeased { id: String, holder: String, until: String },
     #[error("run {id}: {error}")]
     SignalsFull { id: String, error: StoreError },
     #[error("a token named {0:?} exists already; pick another name, or `cairn token revoke` it")]
@@ -133,7 +139,7 @@ impl ServiceError {
             E::RunNotFound { .. } => class(exit::FAILED, 404, ErrorCode::NotFound),
             E::RunExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
             E::RunFinished { .. } => class(exit::FAILED, 409, ErrorCode::Finished),
-            E::RunBusy(_) => class(exit::BUSY, 409, ErrorCode::Busy),
+            E::RunBusy(_) | E::RunLeased { .. } => class(exit::BUSY, 409, ErrorCode::Busy),
             E::SignalsFull { .. } => class(exit::FAILED, 429, ErrorCode::TooManySignals),
             E::TokenExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
             E::TokenNotFound(_) => class(exit::FAILED, 404, ErrorCode::NotFound),

@@ -216,7 +216,12 @@ impl Service {
         }
         match self.claim(&run).await? {
             Claim::Claimed(claimed) => Ok(Resumed::Claimed(claimed)),
-            Claim::Busy => Err(ServiceError::RunBusy(id.to_string())),
+            Claim::Busy => match self.store.lease_holder(run.key).await? {
+                Some((holder, until)) => {
+                    Err(ServiceError::RunLeased { id: id.to_string(), holder, until: views::time(until) })
+                }
+                None => Err(ServiceError::RunBusy(id.to_string())),
+            },
             Claim::Finished(run) => Ok(Resumed::Finished(run)),
         }
     }

@@ -16,6 +16,7 @@
 //! implementation must pass.
 
 pub mod feed;
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -203,6 +204,10 @@ pub enum StoreError {
     KvConflict { key: String },
     #[error("limit `--max-kv-keys` exceeded: namespace {namespace:?} would hold more than {max} keys")]
     KvFull { namespace: String, max: u64 },
+    /// Another process took the run over since this one leased it (its
+    /// lease expired): nothing is written for it by this process again.
+    #[error("the lease of run {run} was taken over by another process (this one held epoch {held}, the run is at {now}); this process no longer writes for it")]
+    LeaseLost { run: RunKey, held: u64, now: u64 },
     #[error("commit failed: {0}")]
     Commit(String),
     /// Flushing to stable storage failed. What the OS was given may be lost
@@ -295,6 +300,12 @@ pub trait RunStore: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, KvValue)>, StoreError>;
+
+    /// Who holds the run's lease and until when (Unix ms), where the store
+    /// knows (leases that expire); `None` if nobody does, or it cannot tell.
+    async fn lease_holder(&self, _run: RunKey) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(None)
+    }
 
     /// Take the run's lease; `None` if another holder has it.
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError>;

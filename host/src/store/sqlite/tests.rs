@@ -20,14 +20,21 @@ pub(crate) fn temp_db(name: &str) -> PathBuf {
     path
 }
 
-fn open(name: &str) -> Arc<dyn RunStore> {
+fn open_now(name: &str) -> Arc<dyn RunStore> {
     Arc::new(SqliteStore::open(&temp_db(name), Durability::Process).expect("open"))
+}
+
+fn open(name: &str) -> crate::store::conformance::Opening {
+    let store = open_now(name);
+    Box::pin(async move { store })
 }
 
 /// A second store on the same file: another process, as far as leases
 /// and the change feed can tell.
-fn reopen(store: &Arc<dyn RunStore>) -> Arc<dyn RunStore> {
-    Arc::new(SqliteStore::open(Path::new(store.location()), Durability::Process).expect("reopen"))
+fn reopen(store: &Arc<dyn RunStore>) -> crate::store::conformance::Opening {
+    let store: Arc<dyn RunStore> =
+        Arc::new(SqliteStore::open(Path::new(store.location()), Durability::Process).expect("reopen"));
+    Box::pin(async move { store })
 }
 
 crate::store::conformance::suite!(open, reopen);

@@ -1,0 +1,103 @@
+//! Leases as rows: `runs.owner`, `runs.epoch` (one more at every take) and
+//! `runs.lease_until` (the database's clock). A heartbeat renews this
+//! process's leases every third of their length; a dropped lease is
+//! released at once (a task), so another process takes it over without
+//! waiting for it to expire. Every write of a held run checks its epoch in
+//! the writing transaction (`writer`): a process that lost its lease (paused,
+//! cut off) can never commit for that run again.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::{Inner, pg_error, pool_error};
+use crate::model::RunKey;
+use crate::store::{Lease, StoreError};
+
+/// `--lease` when not given.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// Take the run's lease if it is free or expired: `None` if another holder has it.
+pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease>, StoreError> {
+    let client = inner.pool.get().await.map_err(pool_error)?;
+    let ms = inner.lease.as_millis() as i64;
+    let row = client
+        .query_opt(
+            "UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
+             WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
+            &[&run.0, &inner.owner, &ms],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64)))
+}
+
+/// A lease this process now holds (taken, or created with its run).
+pub(super) fn held(inner: &Arc<Inner>, run: RunKey, epoch: u64) -> Lease {
+    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, epoch);
+    Lease::new(run, epoch, Box::new(Release { inner: Arc::downgrade(inner), run, epoch }))
+}
+
+/// Releases the lease when dropped.
+struct Release {
+    inner: Weak<Inner>,
+    run: RunKey,
+    epoch: u64,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else { return };
+        {
+            let mut held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.get(&self.run) == Some(&self.epoch) {
+                held.remove(&self.run);
+            }
+        }
+        let (run, epoch) = (self.run, self.epoch as i64);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Ok(client) = inner.pool.get().await {
+                    let _ = client
+                        .execute(
+                            "UPDATE runs SET owner = NULL, lease_until = NULL WHERE seq = $1 AND owner = $2 AND epoch = $3",
+                            &[&run.0, &inner.owner, &epoch],
+                        )
+                        .await;
+                }
+            });
+        }
+    }
+}
+
+/// Renew this process's leases every third of their length while the store lives.
+pub(super) fn start_heartbeat(inner: &Arc<Inner>) {
+    let weak = Arc::downgrade(inner);
+    let every = inner.lease / 3;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(inner) = weak.upgrade() else { return };
+            let runs: Vec<i64> = inner.held.lock().unwrap_or_else(|p| p.into_inner()).keys().map(|k| k.0).collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let ms = inner.lease.as_millis() as i64;
+            match inner.pool.get().await {
+                Ok(client) => {
+                    if let Err(e) = client
+                        .execute(
+                            "UPDATE runs SET lease_until = now() + $2::BIGINT * interval '1 millisecond' \
+                             WHERE seq = ANY($1) AND owner = $3",
+                            &[&runs, &ms, &inner.owner],
+                        )
+                        .await
+                    {
+                        eprintln!("cairn: cannot renew leases: {e}");
+                    }
+                }
+                Err(e) => eprintln!("cairn: cannot renew leases: {e}"),
+            }
+            let _: Duration = every;
+        }
+    });
+}

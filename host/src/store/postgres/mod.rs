@@ -1,0 +1,410 @@
+//! The PostgreSQL store: several `cairn` processes on several machines
+//! share one database. A pool of connections for reads (`deadpool`), one
+//! writer task that commits everything queued in one transaction
+//! (`writer`), leases as rows with an epoch that grows with every takeover
+//! and fences every write (`lease`), and `LISTEN`/`NOTIFY` feeding every
+//! process's change feed (`listen`).
+//!
+//! The change sequence stays one store-wide, strictly increasing, durable
+//! order across processes: each writing transaction takes the row lock of
+//! `cairn_seq` first, so transactions that write changes commit one after
+//! the other, in the order of their numbers.
+
+mod lease;
+mod listen;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::mpsc;
+use tokio_postgres::Row;
+
+use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord};
+use crate::store::{
+    ChangeEvent, ChangeFeed, CommitTicket, Durability, KvValue, Lease, RunFilter, RunStore, StoreError, Subscription,
+    Write,
+};
+
+pub use lease::DEFAULT_LEASE;
+
+/// A `--db` value that names a PostgreSQL database.
+pub fn is_postgres_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// A PostgreSQL error in the store's words.
+pub(crate) fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Backend(format!("{}: {}", db.code().code(), db.message())),
+        None => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Backend(format!("no database connection: {e}"))
+}
+
+/// What the store's tasks share.
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) feed: Arc<ChangeFeed>,
+    pub(crate) durability: Durability,
+    /// This process's name in `runs.owner`.
+    pub(crate) owner: String,
+    pub(crate) lease: Duration,
+    /// Runs this process holds, with their epoch: writes of them are fenced.
+    pub(crate) held: Mutex<HashMap<RunKey, u64>>,
+    /// Sequence numbers this process committed and published itself, which
+    /// the listener must not publish again.
+    pub(crate) own: Mutex<listen::Own>,
+}
+
+impl Inner {
+    pub(crate) fn held_epoch(&self, run: RunKey) -> Option<u64> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&run).copied()
+    }
+}
+
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+    location: String,
+    db_id: String,
+    cache_key: [u8; 32],
+    writer: mpsc::UnboundedSender<writer::Job>,
+}
+
+impl PostgresStore {
+    /// Connect to the database at `url` (migrating it if needed), inside a
+    /// tokio runtime; `lease` is how long a lease lasts without renewal.
+    pub async fn connect(url: &str, durability: Durability, lease: Duration) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::CannotOpen { location: redact(url), why: format!("not a PostgreSQL URL: {e}") })?;
+        let location = redact(url);
+        let manager = Manager::from_config(
+            config.clone(),
+            tokio_postgres::NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .build()
+            .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
+        schema::migrate(&mut client, &location).await?;
+        let meta = client.query("SELECT key, value FROM cairn_meta", &[]).await.map_err(pg_error)?;
+        let get = |k: &str| meta.iter().find(|r| r.get::<_, String>(0) == k).map(|r| r.get::<_, String>(1));
+        let db_id = get("db_id").ok_or_else(|| StoreError::NotCairn { location: location.clone(), why: "no database id".into() })?;
+        let cache_key: [u8; 32] = get("cache_key")
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("{location}: the cache key is not 32 bytes of hex")))?;
+        drop(client);
+        let mut id = [0u8; 8];
+        let _ = getrandom::fill(&mut id);
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let inner = Arc::new(Inner {
+            pool,
+            feed: Arc::new(ChangeFeed::default()),
+            durability,
+            owner: format!("{}:{}:{}", host.trim(), std::process::id(), hex::encode(id)),
+            lease,
+            held: Mutex::default(),
+            own: Mutex::default(),
+        });
+        listen::start(&inner, config).await?;
+        lease::start_heartbeat(&inner);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer::run(inner.clone(), rx));
+        Ok(PostgresStore { inner, location, db_id, cache_key, writer: tx })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query(&stmt, params).await.map_err(pg_error)
+    }
+
+    async fn runs_where(&self, tail: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = self.query(&format!("SELECT {RUN_COLUMNS} FROM runs {tail}"), params).await?;
+        Ok(rows.iter().filter_map(|r| run_from_row(r).map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect())
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "a PostgreSQL URL".into(),
+    }
+}
+
+const RUN_COLUMNS: &str = "seq, id, module, module_path, input, config, status, output, error, created_at, finished_at, \
+     (SELECT count(*) FROM history h WHERE h.run = runs.seq AND h.kind IN ('step', 'spawn') AND h.status <> 'failed'), \
+     cancel_requested, random_key, cancel_grace_until";
+
+const UNFINISHED: &str = "status NOT IN ('completed', 'failed', 'cancelled')";
+
+fn run_from_row(row: &Row) -> Result<RunRecord, String> {
+    let seq: i64 = row.get(0);
+    let bad = |why: String| format!("run #{seq} in the database is malformed: {why}");
+    let module: String = row.get(2);
+    if module.len() != 64 || !module.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(bad(format!("its module hash {module:?} is not 64 lowercase hex characters")));
+    }
+    let config: String = row.get(5);
+    let status: String = row.get(6);
+    Ok(RunRecord {
+        key: RunKey(seq),
+        id: row.get(1),
+        module,
+        module_path: row.get(3),
+        input: row.get(4),
+        config: serde_json::from_str::<RunConfig>(&config).map_err(|e| bad(format!("its config: {e}")))?,
+        status: RunStatus::parse(&status).ok_or_else(|| bad(format!("unknown status {status:?}")))?,
+        output: row.get(7),
+        error: row.get(8),
+        created_at: row.get(9),
+        finished_at: row.get(10),
+        steps: row.get::<_, i64>(11) as u64,
+        cancel_requested: row.get(12),
+        random_key: row.get::<_, Option<Vec<u8>>>(13).and_then(|k| k.try_into().ok()),
+        cancel_grace_until: row.get(14),
+    })
+}
+
+const ENTRY_COLUMNS: &str = "kind, name, occurrence, attempt, status, output, error, started_at, finished_at";
+
+fn entry_from_row(row: &Row) -> Result<Entry, StoreError> {
+    let kind: String = row.get(0);
+    let status: String = row.get(4);
+    Ok(Entry {
+        kind: EntryKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown entry kind {kind:?}")))?,
+        name: row.get(1),
+        occurrence: row.get::<_, i32>(2) as u32,
+        attempt: row.get::<_, i32>(3) as u32,
+        status: EntryStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown entry status {status:?}")))?,
+        output: row.get(5),
+        error: row.get(6),
+        started_at: row.get(7),
+        finished_at: row.get(8),
+    })
+}
+
+const TOKEN_COLUMNS: &str = "id, name, role, hash, created_at, revoked_at";
+
+fn token_from_row(row: &Row) -> Result<TokenRecord, String> {
+    let id: String = row.get(0);
+    let role: String = row.get(2);
+    let hash: Vec<u8> = row.get(3);
+    Ok(TokenRecord {
+        name: row.get(1),
+        role: Role::parse(&role).ok_or_else(|| format!("token {id}: unknown role {role:?}"))?,
+        hash: hash.try_into().map_err(|_| format!("token {id}: its hash is not 32 bytes"))?,
+        created_at: row.get(4),
+        revoked_at: row.get(5),
+        id,
+    })
+}
+
+fn kv_value(row: &Row, at: usize) -> KvValue {
+    KvValue { value: row.get(at), version: row.get::<_, i64>(at + 1) as u64, updated_at: row.get(at + 2) }
+}
+
+#[async_trait::async_trait]
+impl RunStore for PostgresStore {
+    fn db_id(&self) -> &str {
+        &self.db_id
+    }
+
+    fn cache_key(&self) -> [u8; 32] {
+        self.cache_key
+    }
+
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn submit(&self, writes: Vec<Write>) -> CommitTicket {
+        let (done, ticket) = tokio::sync::oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.writer.send(writer::Job { writes, done }) {
+            let _ = job.done.send(Err(StoreError::WriterGone));
+        }
+        ticket
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.inner.feed.subscribe_all()
+    }
+
+    fn subscribe_control(&self) -> Subscription {
+        self.inner.feed.subscribe_control()
+    }
+
+    async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.query("SELECT bytes FROM modules WHERE hash = $1", &[&hash]).await?.first().map(|r| r.get(0)))
+    }
+
+    async fn modules(&self) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        let rows = self
+            .query("SELECT hash, length(bytes)::BIGINT, created_at FROM modules ORDER BY created_at, hash", &[])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get(2))).collect())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let rows = self.query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"), &[&id]).await?;
+        rows.first().map(run_from_row).transpose().map_err(StoreError::Corrupt)
+    }
+
+    async fn run_id(&self, run: RunKey) -> Result<Option<String>, StoreError> {
+        Ok(self.query("SELECT id FROM runs WHERE seq = $1", &[&run.0]).await?.first().map(|r| r.get(0)))
+    }
+
+    async fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_where("ORDER BY seq", &[]).await
+    }
+
+    async fn runs_page(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
+        let status = filter.status.map(|s| s.as_str());
+        let module = filter.module_prefix.as_deref();
+        let before = filter.before.map_or(i64::MAX, |k| k.0);
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        self.runs_where(
+            "WHERE seq < $1 AND ($2::TEXT IS NULL OR status = $2) AND ($3::TEXT IS NULL OR starts_with(module, $3)) \
+             ORDER BY seq DESC LIMIT $4",
+            &[&before, &status, &module, &limit],
+        )
+        .await
+    }
+
+    async fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>, StoreError> {
+        let rows = self.query("SELECT status, count(*) FROM runs GROUP BY status", &[]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((RunStatus::parse(r.get::<_, &str>(0))?, r.get::<_, i64>(1).max(0) as u64)))
+            .collect())
+    }
+
+    async fn unfinished_keys(&self) -> Result<Vec<RunKey>, StoreError> {
+        let rows = self.query(&format!("SELECT seq FROM runs WHERE {UNFINISHED} ORDER BY seq"), &[]).await?;
+        Ok(rows.iter().map(|r| RunKey(r.get(0))).collect())
+    }
+
+    async fn run_by_key(&self, run: RunKey) -> Result<Option<RunRecord>, StoreError> {
+        let rows = self.query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE seq = $1"), &[&run.0]).await?;
+        rows.first().map(run_from_row).transpose().map_err(StoreError::Corrupt)
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_where(&format!("WHERE {UNFINISHED} ORDER BY seq"), &[]).await
+    }
+
+    async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {
+        let rows = self.query(&format!("SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 ORDER BY position"), &[&run.0]).await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn history_page(&self, run: RunKey, from: u64, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let from = i32::try_from(from).unwrap_or(i32::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                &format!("SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 AND position >= $2 ORDER BY position LIMIT $3"),
+                &[&run.0, &from, &limit],
+            )
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn branch_attempts(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT 'step', name, occurrence, attempt, status, output, error, started_at, finished_at \
+                 FROM branches WHERE run = $1 ORDER BY finished_at, name, occurrence, attempt",
+                &[&run.0],
+            )
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = self.query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"), &[]).await?;
+        Ok(rows.iter().filter_map(|r| token_from_row(r).map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let rows = self.query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"), &[&id]).await?;
+        rows.first().map(token_from_row).transpose().map_err(StoreError::Corrupt)
+    }
+
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<KvValue, StoreError> {
+        let rows = self
+            .query("SELECT value, version, updated_at FROM kv WHERE namespace = $1 AND key = $2", &[&namespace, &key])
+            .await?;
+        Ok(rows.first().map_or(KvValue { value: None, version: 0, updated_at: 0 }, |r| kv_value(r, 0)))
+    }
+
+    async fn kv_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, KvValue)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT key, value, version, updated_at FROM kv WHERE namespace = $1 AND value IS NOT NULL \
+                 AND key >= $2 AND starts_with(key, $2) AND ($3::TEXT IS NULL OR key > $3) ORDER BY key LIMIT $4",
+                &[&namespace, &prefix, &after, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), kv_value(r, 1))).collect())
+    }
+
+    async fn lease_holder(&self, run: RunKey) -> Result<Option<(String, i64)>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT owner, (extract(epoch FROM lease_until) * 1000)::BIGINT FROM runs \
+                 WHERE seq = $1 AND owner IS NOT NULL AND lease_until >= now()",
+                &[&run.0],
+            )
+            .await?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError> {
+        lease::take(&self.inner, run).await
+    }
+
+    async fn last_seq(&self) -> Result<u64, StoreError> {
+        let rows = self.query("SELECT next - 1 FROM cairn_seq", &[]).await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
+        let client = self.client().await?;
+        listen::read_changes(&client, after, limit).await
+    }
+}

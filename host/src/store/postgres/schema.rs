@@ -1,0 +1,172 @@
+//! The PostgreSQL schema: numbered migrations mirroring SQLite's, and the
+//! checks that a database is Cairn's, of a version this build knows.
+
+use tokio_postgres::Client;
+
+use super::pg_error;
+use crate::store::StoreError;
+
+/// `application_id` in `cairn_meta`: the same mark as SQLite's ("CRN1").
+pub const APPLICATION_ID: &str = "CRN1";
+
+/// Numbered migrations; `schema_version` in `cairn_meta` is how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite schema has after its migration 8, at once.
+    r#"
+    CREATE TABLE cairn_seq (one INT PRIMARY KEY CHECK (one = 1), next BIGINT NOT NULL);
+    INSERT INTO cairn_seq VALUES (1, 1);
+    CREATE TABLE modules (hash TEXT PRIMARY KEY, bytes BYTEA NOT NULL, created_at BIGINT NOT NULL);
+    CREATE TABLE runs (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        module TEXT NOT NULL REFERENCES modules(hash),
+        module_path TEXT NOT NULL,
+        input BYTEA NOT NULL,
+        config TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output BYTEA,
+        error TEXT,
+        created_at BIGINT NOT NULL,
+        finished_at BIGINT,
+        cancel_requested BOOLEAN NOT NULL DEFAULT false,
+        random_key BYTEA,
+        cancel_grace_until BIGINT,
+        -- The lease: who executes the run, the takeover count, until when.
+        owner TEXT,
+        epoch BIGINT NOT NULL DEFAULT 0,
+        lease_until TIMESTAMPTZ
+    );
+    CREATE INDEX runs_unfinished ON runs(seq) WHERE status NOT IN ('completed', 'failed', 'cancelled');
+    CREATE TABLE history (
+        id BIGINT PRIMARY KEY,
+        run BIGINT NOT NULL REFERENCES runs(seq),
+        position INT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        occurrence INT NOT NULL,
+        attempt INT NOT NULL,
+        status TEXT NOT NULL,
+        output BYTEA NOT NULL,
+        error TEXT,
+        started_at BIGINT NOT NULL,
+        finished_at BIGINT NOT NULL,
+        -- The lease epoch that wrote it: one epoch at a time per run.
+        epoch BIGINT NOT NULL,
+        committed_us BIGINT NOT NULL,
+        UNIQUE (run, position)
+    );
+    CREATE TABLE signals (
+        seq BIGSERIAL PRIMARY KEY,
+        run BIGINT NOT NULL REFERENCES runs(seq),
+        name TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        sent_at BIGINT NOT NULL,
+        consumed_at BIGINT
+    );
+    CREATE INDEX signals_pending ON signals(run, name, seq) WHERE consumed_at IS NULL;
+    CREATE TABLE branches (
+        run BIGINT NOT NULL REFERENCES runs(seq),
+        name TEXT NOT NULL,
+        occurrence INT NOT NULL,
+        attempt INT NOT NULL,
+        status TEXT NOT NULL,
+        output BYTEA NOT NULL,
+        error TEXT,
+        started_at BIGINT NOT NULL,
+        finished_at BIGINT NOT NULL,
+        PRIMARY KEY (run, name, occurrence, attempt)
+    );
+    CREATE TABLE changes (
+        seq BIGINT PRIMARY KEY,
+        run BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT,
+        committed_us BIGINT NOT NULL
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        hash BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT
+    );
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BYTEA,
+        version BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE TABLE kv_namespaces (namespace TEXT PRIMARY KEY, keys BIGINT NOT NULL);
+    "#,
+];
+
+/// Check that the database is Cairn's (or empty) and bring its schema up to
+/// date, one process at a time (an advisory lock for the transaction).
+pub(super) async fn migrate(client: &mut Client, location: &str) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock(1129465393)", &[]).await.map_err(pg_error)?;
+    let has_meta: bool = tx
+        .query_one("SELECT to_regclass('cairn_meta') IS NOT NULL", &[])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let version: i64 = if has_meta {
+        let rows = tx.query("SELECT key, value FROM cairn_meta", &[]).await.map_err(pg_error)?;
+        let get = |k: &str| rows.iter().find(|r| r.get::<_, String>(0) == k).map(|r| r.get::<_, String>(1));
+        if get("application_id").as_deref() != Some(APPLICATION_ID) {
+            return Err(StoreError::NotCairn {
+                location: location.into(),
+                why: "its cairn_meta table is not Cairn's".into(),
+            });
+        }
+        get("schema_version").and_then(|v| v.parse().ok()).ok_or_else(|| StoreError::NotCairn {
+            location: location.into(),
+            why: "it has no schema version".into(),
+        })?
+    } else {
+        let tables: i64 = tx
+            .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if tables != 0 {
+            return Err(StoreError::NotCairn {
+                location: location.into(),
+                why: "its schema has tables of another program".into(),
+            });
+        }
+        0
+    };
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew { location: location.into(), found: version, known });
+    }
+    if version == known {
+        return tx.commit().await.map_err(pg_error);
+    }
+    if version == 0 {
+        let mut id = [0u8; 16];
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut id).and_then(|()| getrandom::fill(&mut key)).map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
+        tx.batch_execute("CREATE TABLE cairn_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)").await.map_err(pg_error)?;
+        for (k, v) in [
+            ("application_id", APPLICATION_ID.to_string()),
+            ("db_id", hex::encode(id)),
+            ("cache_key", hex::encode(key)),
+            ("created_at", crate::model::now_ms().to_string()),
+            ("schema_version", "0".to_string()),
+        ] {
+            tx.execute("INSERT INTO cairn_meta (key, value) VALUES ($1, $2)", &[&k, &v]).await.map_err(pg_error)?;
+        }
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.batch_execute(sql).await.map_err(pg_error)?;
+    }
+    tx.execute("UPDATE cairn_meta SET value = $1 WHERE key = 'schema_version'", &[&known.to_string()])
+        .await
+        .map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)
+}

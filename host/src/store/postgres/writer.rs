@@ -1,0 +1,452 @@
+//! Group commit on PostgreSQL: one task takes everything queued and writes
+//! it in one transaction (one WAL flush for all of it), each item under a
+//! savepoint so that a bad one fails alone. The transaction first takes the
+//! row lock of `cairn_seq`, so change numbers follow commit order across
+//! processes; it ends with `NOTIFY`, so other processes hear of it at
+//! commit. `synchronous_commit` follows the durability: `power` waits for
+//! the flush, `process` does not.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Transaction;
+
+use super::listen::CHANNEL;
+use super::{Inner, lease, pg_error, pool_error};
+use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
+use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
+
+/// At most this many commit items share one transaction.
+const MAX_BATCH: usize = 1024;
+
+pub(super) struct Job {
+    pub(super) writes: Vec<Write>,
+    pub(super) done: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut jobs: Vec<Job> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = match commit(&inner, &jobs).await {
+            Ok(results) => results,
+            Err(e) => {
+                let message = e.to_string();
+                jobs.iter().map(|_| Err(StoreError::Commit(message.clone()))).collect()
+            }
+        };
+        for (job, result) in jobs.drain(..).zip(results) {
+            let _ = job.done.send(result);
+        }
+    }
+}
+
+/// The state of one batch's transaction.
+struct Batch {
+    next_seq: i64,
+    ts_us: i64,
+    events: Vec<ChangeEvent>,
+}
+
+impl Batch {
+    fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+}
+
+/// One transaction over the jobs; an `Err` fails them all (nothing landed).
+async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+    let mut client = inner.pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(pg_error)?;
+    let sync = match inner.durability {
+        Durability::Power => "SET LOCAL synchronous_commit = on",
+        Durability::Process => "SET LOCAL synchronous_commit = off",
+    };
+    tx.batch_execute(sync).await.map_err(pg_error)?;
+    let first: i64 = tx.query_one("SELECT next FROM cairn_seq FOR UPDATE", &[]).await.map_err(pg_error)?.get(0);
+    let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut leased: Vec<Vec<RunKey>> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        tx.batch_execute("SAVEPOINT item").await.map_err(pg_error)?;
+        let published = batch.events.len();
+        let mut wants_lease = Vec::new();
+        match apply(&tx, inner, &job.writes, &mut batch, &mut wants_lease).await {
+            Ok(committed) => {
+                tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
+                results.push(Ok(committed));
+            }
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT item").await.map_err(pg_error)?;
+                batch.events.truncate(published);
+                wants_lease.clear();
+                results.push(Err(e));
+            }
+        }
+        leased.push(wants_lease);
+    }
+    if batch.next_seq != first {
+        tx.execute("UPDATE cairn_seq SET next = $1", &[&batch.next_seq]).await.map_err(pg_error)?;
+        tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await.map_err(pg_error)?;
+        // Noted before the commit: the listener may hear of it first.
+        inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
+    }
+    tx.commit().await.map_err(pg_error)?;
+    if inner.feed.listening() {
+        for event in batch.events {
+            inner.feed.publish(event);
+        }
+    }
+    // Leases of runs created with one: held from their commit on.
+    for (result, wants) in results.iter_mut().zip(leased) {
+        if let Ok(committed) = result {
+            for (record, lease) in committed.created.iter_mut() {
+                if wants.contains(&record.key) {
+                    *lease = Some(lease::held(inner, record.key, 1));
+                }
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// The run must still be this process's if it holds it: its epoch in the
+/// database is the one it took (else another process took it over).
+async fn fence(tx: &Transaction<'_>, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
+    let Some(held) = inner.held_epoch(run) else { return Ok(0) };
+    let row = tx.query_opt("SELECT epoch FROM runs WHERE seq = $1", &[&run.0]).await.map_err(pg_error)?;
+    let Some(row) = row else { return Err(StoreError::NoSuchRun(run)) };
+    let now: i64 = row.get(0);
+    if now as u64 != held {
+        return Err(StoreError::LeaseLost { run, held, now: now as u64 });
+    }
+    Ok(now)
+}
+
+fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunStatus>) -> i64 {
+    let seq = batch.take_seq();
+    batch.events.push(ChangeEvent { seq: seq as u64, run, kind, position: None, status, ts_us: batch.ts_us });
+    seq
+}
+
+async fn insert_change(
+    tx: &Transaction<'_>,
+    batch: &mut Batch,
+    run: RunKey,
+    kind: ChangeKind,
+    status: Option<RunStatus>,
+) -> Result<(), StoreError> {
+    let seq = change(batch, run, kind, status);
+    tx.execute(
+        "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
+        &[&seq, &run.0, &kind.as_str(), &status.map(|s| s.as_str()), &batch.ts_us],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+async fn insert_entry(
+    tx: &Transaction<'_>,
+    batch: &mut Batch,
+    run: RunKey,
+    position: usize,
+    e: &crate::model::Entry,
+    epoch: i64,
+) -> Result<(), StoreError> {
+    let seq = batch.take_seq();
+    tx.execute(
+        "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, started_at, \
+         finished_at, epoch, committed_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        &[
+            &seq,
+            &run.0,
+            &(position as i32),
+            &e.kind.as_str(),
+            &e.name,
+            &(e.occurrence as i32),
+            &(e.attempt as i32),
+            &e.status.as_str(),
+            &e.output,
+            &e.error,
+            &e.started_at,
+            &e.finished_at,
+            &epoch,
+            &batch.ts_us,
+        ],
+    )
+    .await
+    .map_err(pg_error)?;
+    batch.events.push(ChangeEvent {
+        seq: seq as u64,
+        run,
+        kind: ChangeKind::History,
+        position: Some(position as u64),
+        status: None,
+        ts_us: batch.ts_us,
+    });
+    Ok(())
+}
+
+async fn apply(
+    tx: &Transaction<'_>,
+    inner: &Inner,
+    writes: &[Write],
+    batch: &mut Batch,
+    wants_lease: &mut Vec<RunKey>,
+) -> Result<Committed, StoreError> {
+    let mut committed = Committed::default();
+    for write in writes {
+        match write {
+            Write::PutModule { hash, bytes } => {
+                tx.execute(
+                    "INSERT INTO modules (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[hash, bytes, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            Write::CreateRun { run, lease } => {
+                let record = create_run(tx, inner, run, *lease).await?;
+                if *lease {
+                    wants_lease.push(record.key);
+                }
+                insert_change(tx, batch, record.key, ChangeKind::Created, Some(record.status)).await?;
+                committed.created.push((record, None));
+            }
+            Write::Append { run, position, entries } => {
+                let epoch = fence(tx, inner, *run).await?;
+                for (i, e) in entries.iter().enumerate() {
+                    insert_entry(tx, batch, *run, position + i, e, epoch).await?;
+                }
+            }
+            Write::SetStatus { run, status, output, error } => {
+                fence(tx, inner, *run).await?;
+                let finished_at = status.is_finished().then(now_ms);
+                let n = tx
+                    .execute(
+                        "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
+                        &[&run.0, &status.as_str(), output, error, &finished_at],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchRun(*run));
+                }
+                insert_change(tx, batch, *run, ChangeKind::Status, Some(*status)).await?;
+            }
+            Write::SendSignal { run, name, payload, max_pending } => {
+                let pending: i64 = tx
+                    .query_one("SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
+                    .await
+                    .map_err(pg_error)?
+                    .get(0);
+                if pending as u64 >= *max_pending {
+                    return Err(StoreError::SignalsFull(pending as u64));
+                }
+                tx.execute(
+                    "INSERT INTO signals (run, name, payload, sent_at) VALUES ($1, $2, $3, $4)",
+                    &[&run.0, name, payload, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+                insert_change(tx, batch, *run, ChangeKind::Signal, None).await?;
+            }
+            Write::RequestCancel { run, grace_until } => {
+                let n = tx
+                    .execute(
+                        "UPDATE runs SET cancel_grace_until = CASE \
+                           WHEN NOT cancel_requested THEN $2::BIGINT \
+                           WHEN cancel_grace_until IS NULL OR $2::BIGINT IS NULL THEN NULL \
+                           ELSE least(cancel_grace_until, $2::BIGINT) END, \
+                         cancel_requested = true WHERE seq = $1",
+                        &[&run.0, grace_until],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchRun(*run));
+                }
+                insert_change(tx, batch, *run, ChangeKind::Cancel, None).await?;
+            }
+            Write::BranchAttempt { run, entry: e } => {
+                fence(tx, inner, *run).await?;
+                tx.execute(
+                    "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        &run.0,
+                        &e.name,
+                        &(e.occurrence as i32),
+                        &(e.attempt as i32),
+                        &e.status.as_str(),
+                        &e.output,
+                        &e.error,
+                        &e.started_at,
+                        &e.finished_at,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+                insert_change(tx, batch, *run, ChangeKind::Branch, None).await?;
+            }
+            Write::ConsumeSignal { run, name, entry } => {
+                let epoch = fence(tx, inner, *run).await?;
+                let found = tx
+                    .query_opt(
+                        "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
+                         ORDER BY seq LIMIT 1 FOR UPDATE",
+                        &[&run.0, name],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if let Some(row) = found {
+                    let (signal, payload): (i64, Vec<u8>) = (row.get(0), row.get(1));
+                    tx.execute("UPDATE signals SET consumed_at = $2 WHERE seq = $1", &[&signal, &now_ms()])
+                        .await
+                        .map_err(pg_error)?;
+                    let mut e = entry.1.clone();
+                    e.output = payload.clone();
+                    insert_entry(tx, batch, *run, entry.0, &e, epoch).await?;
+                    committed.signal = Some(payload);
+                }
+            }
+            Write::CreateToken { token } => {
+                let taken = tx
+                    .query_opt("SELECT 1 FROM tokens WHERE name = $1", &[&token.name])
+                    .await
+                    .map_err(pg_error)?
+                    .is_some();
+                if taken {
+                    return Err(StoreError::TokenExists(token.name.clone()));
+                }
+                tx.execute(
+                    "INSERT INTO tokens (id, name, role, hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    &[&token.id, &token.name, &token.role.as_str(), &&token.hash[..], &token.created_at],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            Write::RevokeToken { id_or_name } => {
+                let n = tx
+                    .execute(
+                        "UPDATE tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 OR name = $1",
+                        &[id_or_name, &now_ms()],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchToken(id_or_name.clone()));
+                }
+            }
+            Write::Kv(kv) => apply_kv(tx, kv).await?,
+        }
+    }
+    Ok(committed)
+}
+
+async fn create_run(tx: &Transaction<'_>, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
+    let created_at = now_ms();
+    let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let (owner, epoch, ms) = if lease {
+        (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64))
+    } else {
+        (None, 0, None)
+    };
+    let row = tx
+        .query_opt(
+            "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, owner, epoch, \
+             lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11::BIGINT * interval '1 millisecond') \
+             ON CONFLICT (id) DO NOTHING RETURNING seq",
+            &[
+                &run.id,
+                &run.module,
+                &run.module_path,
+                &run.input,
+                &config,
+                &run.status.as_str(),
+                &created_at,
+                &&run.random_key[..],
+                &owner,
+                &epoch,
+                &ms,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    let Some(row) = row else { return Err(StoreError::RunExists(run.id.clone())) };
+    Ok(RunRecord {
+        key: RunKey(row.get(0)),
+        id: run.id.clone(),
+        module: run.module.clone(),
+        module_path: run.module_path.clone(),
+        input: run.input.clone(),
+        config: run.config.clone(),
+        status: run.status,
+        output: None,
+        error: None,
+        created_at,
+        finished_at: None,
+        steps: 0,
+        cancel_requested: false,
+        random_key: Some(run.random_key),
+        cancel_grace_until: None,
+    })
+}
+
+/// As SQLite's: check the versions read, then apply the writes.
+async fn apply_kv(tx: &Transaction<'_>, kv: &KvCommit) -> Result<(), StoreError> {
+    for (key, read) in &kv.reads {
+        let now = tx
+            .query_opt("SELECT version FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
+            .await
+            .map_err(pg_error)?
+            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+        if now != *read {
+            return Err(StoreError::KvConflict { key: key.clone() });
+        }
+    }
+    let mut added: i64 = 0;
+    let now = now_ms();
+    for (key, value) in &kv.writes {
+        let old = tx
+            .query_opt("SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
+            .await
+            .map_err(pg_error)?;
+        let (old_version, was_live): (i64, bool) = old.map_or((0, false), |r| (r.get(0), r.get(1)));
+        if value.is_none() && old_version == 0 {
+            continue;
+        }
+        added += i64::from(value.is_some()) - i64::from(was_live);
+        tx.execute(
+            "INSERT INTO kv (namespace, key, value, version, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (namespace, key) DO UPDATE SET value = $3, version = $4, updated_at = $5",
+            &[&kv.namespace, key, value, &(old_version + 1), &now],
+        )
+        .await
+        .map_err(pg_error)?;
+    }
+    if added != 0 {
+        let keys: i64 = tx
+            .query_one(
+                "INSERT INTO kv_namespaces (namespace, keys) VALUES ($1, $2) \
+                 ON CONFLICT (namespace) DO UPDATE SET keys = kv_namespaces.keys + $2 RETURNING keys",
+                &[&kv.namespace, &added],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if added > 0 && keys as u64 > kv.max_keys {
+            return Err(StoreError::KvFull { namespace: kv.namespace.clone(), max: kv.max_keys });
+        }
+    }
+    Ok(())
+}
