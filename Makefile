@@ -27,9 +27,11 @@ build: host guests
 # Unit tests of the shared ABI crate and the host, then end-to-end tests
 # that drive the built binary on the built guests.
 # The browser test needs Chromium and chromedriver: installed when missing.
+# The PostgreSQL tests need a server: CAIRN_TEST_PG, or a throwaway cluster
+# (Debian's postgresql, installed when missing) for the length of the tests.
 test: build
 	./scripts/ensure-chromium.sh
-	$(CARGO) test --release --locked
+	./scripts/with-pg.sh $(CARGO) test --release --locked
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
 	$(TARGET_DIR)/release/cairn-bench --quick
 

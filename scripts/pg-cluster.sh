@@ -4,6 +4,8 @@
 #   scripts/pg-cluster.sh start DIR   # prints postgres://cairn@127.0.0.1:PORT/cairn
 #   scripts/pg-cluster.sh stop DIR    # stops it and removes DIR
 #
+# CAIRN_PG_OPTIONS adds server settings (tests: "-c fsync=off").
+#
 # `start` installs Debian's postgresql when initdb is missing, then runs a
 # cluster as an unprivileged user (initdb refuses root) in DIR, on a free
 # loopback port, with trust authentication for loopback only. With
@@ -59,7 +61,7 @@ case "$action" in
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     as_owner "$bin/initdb" -D "$dir/data" -U cairn -A trust -E UTF8 --no-instructions >/dev/null
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" >/dev/null
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 ${CAIRN_PG_OPTIONS:-}" >/dev/null
     as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U cairn cairn
     echo "$port" > "$dir/port"
     echo "postgres://cairn@127.0.0.1:$port/cairn"
