@@ -51,6 +51,35 @@ impl World {
         World { dir, db }
     }
 
+    /// A world whose database is a fresh PostgreSQL database on the server
+    /// of `CAIRN_TEST_PG` (`make test` starts one). `None`, with a note,
+    /// when there is none and `CAIRN_REQUIRE_PG` is not set.
+    pub fn postgres(name: &str) -> Option<World> {
+        let Ok(admin) = std::env::var("CAIRN_TEST_PG") else {
+            assert!(std::env::var_os("CAIRN_REQUIRE_PG").is_none(), "CAIRN_REQUIRE_PG is set without CAIRN_TEST_PG");
+            eprintln!("skipped: no PostgreSQL server (CAIRN_TEST_PG; `make test` starts one)");
+            return None;
+        };
+        let mut w = World::new(name);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let db = format!("cairn_e2e_{}_{}_{n}", name.replace('-', "_"), std::process::id());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(connection);
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.expect("drop database");
+            client.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create database");
+        });
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
+        w.db = PathBuf::from(format!("{base}/{db}"));
+        Some(w)
+    }
+
+    /// Whether the world's database is PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.db.to_str().is_some_and(|d| d.starts_with("postgres://"))
+    }
+
     /// A subdirectory of the scratch directory (created).
     pub fn subdir(&self, name: &str) -> PathBuf {
         let d = self.dir.join(name);
@@ -100,7 +129,7 @@ impl World {
     /// `cairn runs --json`, parsed; none while no process has created the
     /// database yet (`cairn runs` refuses a path with no database).
     pub fn runs(&self) -> Vec<serde_json::Value> {
-        if !self.db.exists() {
+        if !self.is_postgres() && !self.db.exists() {
             return Vec::new();
         }
         let out = self.run(&["runs", "--json"]);

@@ -206,7 +206,9 @@ pub enum StoreError {
     KvFull { namespace: String, max: u64 },
     /// Another process took the run over since this one leased it (its
     /// lease expired): nothing is written for it by this process again.
-    #[error("the lease of run {run} was taken over by another process (this one held epoch {held}, the run is at {now}); this process no longer writes for it")]
+    #[error(
+        "the lease of run {run} was taken over by another process (this one held epoch {held}, the run is at {now}); this process no longer writes for it"
+    )]
     LeaseLost { run: RunKey, held: u64, now: u64 },
     #[error("commit failed: {0}")]
     Commit(String),

@@ -97,14 +97,13 @@ impl PostgresStore {
             .max_size(16)
             .build()
             .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
-        let mut client = pool
-            .get()
-            .await
-            .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
+        let mut client =
+            pool.get().await.map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
         schema::migrate(&mut client, &location).await?;
         let meta = client.query("SELECT key, value FROM cairn_meta", &[]).await.map_err(pg_error)?;
         let get = |k: &str| meta.iter().find(|r| r.get::<_, String>(0) == k).map(|r| r.get::<_, String>(1));
-        let db_id = get("db_id").ok_or_else(|| StoreError::NotCairn { location: location.clone(), why: "no database id".into() })?;
+        let db_id = get("db_id")
+            .ok_or_else(|| StoreError::NotCairn { location: location.clone(), why: "no database id".into() })?;
         let cache_key: [u8; 32] = get("cache_key")
             .and_then(|k| hex::decode(k).ok())
             .and_then(|k| k.try_into().ok())
@@ -133,13 +132,21 @@ impl PostgresStore {
         self.inner.pool.get().await.map_err(pool_error)
     }
 
-    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
         client.query(&stmt, params).await.map_err(pg_error)
     }
 
-    async fn runs_where(&self, tail: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<RunRecord>, StoreError> {
+    async fn runs_where(
+        &self,
+        tail: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RunRecord>, StoreError> {
         let rows = self.query(&format!("SELECT {RUN_COLUMNS} FROM runs {tail}"), params).await?;
         Ok(rows.iter().filter_map(|r| run_from_row(r).map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect())
     }
@@ -321,7 +328,9 @@ impl RunStore for PostgresStore {
     }
 
     async fn history(&self, run: RunKey) -> Result<Vec<Entry>, StoreError> {
-        let rows = self.query(&format!("SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 ORDER BY position"), &[&run.0]).await?;
+        let rows = self
+            .query(&format!("SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 ORDER BY position"), &[&run.0])
+            .await?;
         rows.iter().map(entry_from_row).collect()
     }
 
@@ -330,7 +339,9 @@ impl RunStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
-                &format!("SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 AND position >= $2 ORDER BY position LIMIT $3"),
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM history WHERE run = $1 AND position >= $2 ORDER BY position LIMIT $3"
+                ),
                 &[&run.0, &from, &limit],
             )
             .await?;
@@ -350,7 +361,10 @@ impl RunStore for PostgresStore {
 
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = self.query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"), &[]).await?;
-        Ok(rows.iter().filter_map(|r| token_from_row(r).map_err(|why| eprintln!("cairn: skipping {why}")).ok()).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| token_from_row(r).map_err(|why| eprintln!("cairn: skipping {why}")).ok())
+            .collect())
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {

@@ -108,11 +108,8 @@ const MIGRATIONS: &[&str] = &[
 pub(super) async fn migrate(client: &mut Client, location: &str) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_error)?;
     tx.execute("SELECT pg_advisory_xact_lock(1129465393)", &[]).await.map_err(pg_error)?;
-    let has_meta: bool = tx
-        .query_one("SELECT to_regclass('cairn_meta') IS NOT NULL", &[])
-        .await
-        .map_err(pg_error)?
-        .get(0);
+    let has_meta: bool =
+        tx.query_one("SELECT to_regclass('cairn_meta') IS NOT NULL", &[]).await.map_err(pg_error)?.get(0);
     let version: i64 = if has_meta {
         let rows = tx.query("SELECT key, value FROM cairn_meta", &[]).await.map_err(pg_error)?;
         let get = |k: &str| rows.iter().find(|r| r.get::<_, String>(0) == k).map(|r| r.get::<_, String>(1));
@@ -122,10 +119,9 @@ pub(super) async fn migrate(client: &mut Client, location: &str) -> Result<(), S
                 why: "its cairn_meta table is not Cairn's".into(),
             });
         }
-        get("schema_version").and_then(|v| v.parse().ok()).ok_or_else(|| StoreError::NotCairn {
-            location: location.into(),
-            why: "it has no schema version".into(),
-        })?
+        get("schema_version")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| StoreError::NotCairn { location: location.into(), why: "it has no schema version".into() })?
     } else {
         let tables: i64 = tx
             .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()", &[])
@@ -150,8 +146,12 @@ pub(super) async fn migrate(client: &mut Client, location: &str) -> Result<(), S
     if version == 0 {
         let mut id = [0u8; 16];
         let mut key = [0u8; 32];
-        getrandom::fill(&mut id).and_then(|()| getrandom::fill(&mut key)).map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
-        tx.batch_execute("CREATE TABLE cairn_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)").await.map_err(pg_error)?;
+        getrandom::fill(&mut id)
+            .and_then(|()| getrandom::fill(&mut key))
+            .map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
+        tx.batch_execute("CREATE TABLE cairn_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            .await
+            .map_err(pg_error)?;
         for (k, v) in [
             ("application_id", APPLICATION_ID.to_string()),
             ("db_id", hex::encode(id)),

@@ -356,11 +356,8 @@ async fn apply(
 async fn create_run(tx: &Transaction<'_>, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
     let created_at = now_ms();
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let (owner, epoch, ms) = if lease {
-        (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64))
-    } else {
-        (None, 0, None)
-    };
+    let (owner, epoch, ms) =
+        if lease { (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64)) } else { (None, 0, None) };
     let row = tx
         .query_opt(
             "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, owner, epoch, \
@@ -418,7 +415,10 @@ async fn apply_kv(tx: &Transaction<'_>, kv: &KvCommit) -> Result<(), StoreError>
     let now = now_ms();
     for (key, value) in &kv.writes {
         let old = tx
-            .query_opt("SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
+            .query_opt(
+                "SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2",
+                &[&kv.namespace, key],
+            )
             .await
             .map_err(pg_error)?;
         let (old_version, was_live): (i64, bool) = old.map_or((0, false), |r| (r.get(0), r.get(1)));

@@ -1,0 +1,103 @@
+//! The same engine on PostgreSQL (`--db postgres://...`): runs, kills and
+//! takeovers after the lease, workers sharing one database, signals from
+//! other processes through LISTEN/NOTIFY. Each test has a fresh database on
+//! the server of `CAIRN_TEST_PG` (`make test` starts one).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cairn_e2e::{World, assert_fails, guest, json_stdout, kill9, text, wait_until};
+use serde_json::json;
+
+fn benchflow() -> String {
+    guest("benchflow").display().to_string()
+}
+
+/// Step indexes in a benchflow log, with how often each was logged.
+fn logged(path: &std::path::Path) -> HashMap<u64, usize> {
+    let mut n = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some(i) = line.split(' ').next().and_then(|i| i.parse().ok()) {
+            *n.entry(i).or_default() += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_killed_run_is_taken_over_after_its_lease_and_no_committed_step_runs_again() {
+    let Some(w) = World::postgres("pg-takeover") else { return };
+    let data = w.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    let input = json!({"mode": "steps", "n": 2000, "log": "/data/log.txt"}).to_string();
+    let wasm = benchflow();
+    let mut child = w.spawn(&["--lease", "1", "run", &wasm, "--run-id", "k", "--dir", &grant, "--input", &input], "k");
+    wait_until("some steps", Duration::from_secs(60), || {
+        w.try_show("k").is_some_and(|s| s["steps"].as_u64() >= Some(50))
+    });
+    kill9(&mut child);
+    let committed = w.show("k")["steps"].as_u64().unwrap();
+    // The dead process's lease is live for up to a second: named, refused.
+    let out = w.run(&["--lease", "1", "resume", "k"]);
+    if out.status.code() == Some(4) {
+        assert_fails(&out, 4, &["is held by", "until", "(its lease)"]);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = json_stdout(&w.run(&["--lease", "1", "resume", "k"]));
+    assert_eq!(out, json!((0..2000u64).map(|i| 1000 + i).sum::<u64>()));
+    let log = logged(&data.join("log.txt"));
+    for i in 0..committed {
+        assert_eq!(log.get(&i), Some(&1), "committed step {i} ran once");
+    }
+    assert!((0..2000).all(|i| log.contains_key(&i)), "every step ran");
+    assert_eq!(w.show("k")["status"], "completed");
+}
+
+#[test]
+fn workers_on_one_database_share_the_runs_and_take_over_a_killed_one() {
+    let Some(w) = World::postgres("pg-workers") else { return };
+    let data = w.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    let wasm = benchflow();
+    let ids: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    let mut a = w.spawn(&["--lease", "1", "worker", "--concurrency", "8"], "worker-a");
+    let mut b = w.spawn(&["--lease", "1", "worker", "--concurrency", "8"], "worker-b");
+    for id in &ids {
+        let input = json!({"mode": "steps", "n": 30, "log": format!("/data/{id}.txt")}).to_string();
+        let out = w.run(&["start", &wasm, "--run-id", id, "--dir", &grant, "--input", &input]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let done = |w: &World| w.runs().iter().filter(|r| r["status"] == "completed").count();
+    wait_until("some runs done", Duration::from_secs(60), || done(&w) >= 5);
+    kill9(&mut a);
+    let committed: HashMap<String, u64> =
+        w.runs().iter().map(|r| (r["id"].as_str().unwrap().to_string(), r["steps"].as_u64().unwrap())).collect();
+    wait_until("every run, the killed worker's after its lease", Duration::from_secs(120), || done(&w) == ids.len());
+    kill9(&mut b);
+    let expected: u64 = (0..30u64).map(|i| 1000 + i).sum();
+    for r in w.runs() {
+        let id = r["id"].as_str().unwrap();
+        assert_eq!(r["status"], "completed", "{id}");
+        let show = w.show(id);
+        assert_eq!(show["output"], json!(expected), "{id}");
+        let log = logged(&data.join(format!("{id}.txt")));
+        for i in 0..committed[id] {
+            assert_eq!(log.get(&i), Some(&1), "{id}: step {i}, committed before the kill, ran once");
+        }
+    }
+}
+
+#[test]
+fn a_signal_from_another_process_reaches_a_waiting_run() {
+    let Some(w) = World::postgres("pg-signals") else { return };
+    let wasm = guest("signals").display().to_string();
+    let input = r#"{"waits":[{"name":"go"}]}"#;
+    let mut child = w.spawn(&["run", &wasm, "--run-id", "s", "--input", input], "s");
+    wait_until("the wait", Duration::from_secs(30), || w.try_show("s").is_some_and(|s| s["status"] == "waiting"));
+    let sent = std::time::Instant::now();
+    assert!(w.run(&["signal", "s", "go", r#"{"n":1}"#]).status.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{}", w.read("s.stderr"));
+    assert!(sent.elapsed() < Duration::from_secs(10), "the signal arrived");
+    assert_eq!(w.show("s")["output"], json!([{"n": 1}]));
+}
