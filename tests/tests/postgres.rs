@@ -101,3 +101,51 @@ fn a_signal_from_another_process_reaches_a_waiting_run() {
     assert!(sent.elapsed() < Duration::from_secs(10), "the signal arrived");
     assert_eq!(w.show("s")["output"], json!([{"n": 1}]));
 }
+
+/// Fencing: a process frozen (SIGSTOP) longer than its lease while a step
+/// runs is taken over; when it wakes (SIGCONT) its commit is refused with a
+/// clear message, and the history holds nothing of its stale epoch after
+/// the takeover.
+#[test]
+fn a_frozen_process_cannot_commit_after_another_took_its_run_over() {
+    let Some(w) = World::postgres("pg-fencing") else { return };
+    let wasm = benchflow();
+    let input = json!({"mode": "paced", "n": 12, "sleep_ms": 400}).to_string();
+    let mut frozen = w.spawn(&["--lease", "1", "run", &wasm, "--run-id", "f", "--input", &input], "frozen");
+    wait_until("two steps", Duration::from_secs(60), || {
+        w.try_show("f").is_some_and(|s| s["steps"].as_u64() >= Some(2))
+    });
+    // SAFETY: plain syscalls on a pid we own.
+    unsafe { libc::kill(frozen.id() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1600));
+    let out = w.run(&["--lease", "1", "resume", "f"]);
+    assert!(out.status.success(), "the run is taken over: {}", text(&out.stderr));
+    unsafe { libc::kill(frozen.id() as i32, libc::SIGCONT) };
+    let status = frozen.wait().unwrap();
+    let err = w.read("frozen.stderr");
+    assert!(!status.success(), "the frozen process does not finish the run: {err}");
+    assert!(err.contains("was taken over by another process"), "a clear line: {err}");
+    assert_eq!(w.show("f")["status"], "completed");
+    // Per position, one epoch; the stale epoch wrote nothing after the takeover.
+    let rows = history_epochs(&w);
+    let positions: Vec<i32> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(positions, (0..12).collect::<Vec<i32>>(), "one entry per step, no gap, no double");
+    let first_new = rows.iter().find(|r| r.1 > 1).expect("the new epoch wrote").0;
+    assert!(
+        rows.iter().filter(|r| r.1 == 1).all(|r| r.0 < first_new),
+        "no entry of the stale epoch after the takeover: {rows:?}"
+    );
+    assert!(rows.windows(2).all(|p| p[0].1 <= p[1].1), "epochs only grow along the history: {rows:?}");
+}
+
+/// (position, epoch) of the history rows of the world's one run.
+fn history_epochs(w: &World) -> Vec<(i32, i64)> {
+    let url = w.db.to_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let rows = client.query("SELECT position, epoch FROM history ORDER BY position", &[]).await.unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    })
+}

@@ -71,6 +71,11 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
         Durability::Process => "SET LOCAL synchronous_commit = off",
     };
     tx.batch_execute(sync).await.map_err(pg_error)?;
+    // A process paused inside this transaction (SIGSTOP, a VM migration)
+    // holds the sequence's row lock: the server ends its session after a
+    // lease's length, so it stalls the others for no longer than that.
+    let idle = format!("SET LOCAL idle_in_transaction_session_timeout = {}", inner.lease.as_millis().max(1));
+    tx.batch_execute(&idle).await.map_err(pg_error)?;
     let first: i64 = tx.query_one("SELECT next FROM cairn_seq FOR UPDATE", &[]).await.map_err(pg_error)?.get(0);
     let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
     let mut results = Vec::with_capacity(jobs.len());
