@@ -278,6 +278,29 @@ pub struct NewRun {
     pub random_key: [u8; 32],
 }
 
+impl NewRun {
+    /// The record of this run as created, with the store's key for it.
+    pub fn record(&self, key: RunKey, created_at: i64) -> RunRecord {
+        RunRecord {
+            key,
+            id: self.id.clone(),
+            module: self.module.clone(),
+            module_path: self.module_path.clone(),
+            input: self.input.clone(),
+            config: self.config.clone(),
+            status: self.status,
+            output: None,
+            error: None,
+            created_at,
+            finished_at: None,
+            steps: 0,
+            cancel_requested: false,
+            random_key: Some(self.random_key),
+            cancel_grace_until: None,
+        }
+    }
+}
+
 /// What kind of thing a history entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EntryKind {

@@ -60,14 +60,14 @@ pub enum Claim {
     /// Another process holds it.
     Busy,
     /// It is finished.
-    Finished(RunRecord),
+    Finished(Box<RunRecord>),
 }
 
 /// What `resume` found.
 #[derive(Debug)]
 pub enum Resumed {
     /// The run is finished; nothing was executed.
-    Finished(RunRecord),
+    Finished(Box<RunRecord>),
     /// The run is claimed by this process, to execute.
     Claimed(ClaimedRun),
 }
@@ -177,7 +177,7 @@ impl Service {
         };
         match self.store.run(&run.id).await? {
             Some(run) if !run.status.is_finished() => Ok(Claim::Claimed(ClaimedRun { run: Arc::new(run), lease })),
-            Some(run) => Ok(Claim::Finished(run)),
+            Some(run) => Ok(Claim::Finished(Box::new(run))),
             None => Err(ServiceError::RunNotFound { id: run.id.clone(), location: self.store.location().to_string() }),
         }
     }
@@ -212,7 +212,7 @@ impl Service {
     pub async fn resume(&self, id: &str) -> Result<Resumed, ServiceError> {
         let run = self.find_run(id).await?;
         if run.status.is_finished() {
-            return Ok(Resumed::Finished(run));
+            return Ok(Resumed::Finished(Box::new(run)));
         }
         match self.claim(&run).await? {
             Claim::Claimed(claimed) => Ok(Resumed::Claimed(claimed)),

@@ -385,23 +385,7 @@ async fn create_run(tx: &Transaction<'_>, inner: &Inner, run: &NewRun, lease: bo
         .await
         .map_err(pg_error)?;
     let Some(row) = row else { return Err(StoreError::RunExists(run.id.clone())) };
-    Ok(RunRecord {
-        key: RunKey(row.get(0)),
-        id: run.id.clone(),
-        module: run.module.clone(),
-        module_path: run.module_path.clone(),
-        input: run.input.clone(),
-        config: run.config.clone(),
-        status: run.status,
-        output: None,
-        error: None,
-        created_at,
-        finished_at: None,
-        steps: 0,
-        cancel_requested: false,
-        random_key: Some(run.random_key),
-        cancel_grace_until: None,
-    })
+    Ok(run.record(RunKey(row.get(0)), created_at))
 }
 
 /// As SQLite's: check the versions read, then apply the writes.

@@ -724,22 +724,5 @@ fn create_run(
         } else {
             None
         };
-    let record = RunRecord {
-        key,
-        id: run.id.clone(),
-        module: run.module.clone(),
-        module_path: run.module_path.clone(),
-        input: run.input.clone(),
-        config: run.config.clone(),
-        status: run.status,
-        output: None,
-        error: None,
-        created_at,
-        finished_at: None,
-        steps: 0,
-        cancel_requested: false,
-        random_key: Some(run.random_key),
-        cancel_grace_until: None,
-    };
-    Ok((record, held))
+    Ok((run.record(key, created_at), held))
 }
