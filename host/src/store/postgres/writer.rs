@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use super::listen::CHANNEL;
 use super::{Inner, lease, pg_error, pool_error};
@@ -63,31 +63,71 @@ impl Batch {
 }
 
 /// One transaction over the jobs; an `Err` fails them all (nothing landed).
+/// The transaction is run by hand, not through `tokio_postgres::Transaction`,
+/// so that `BEGIN` and `COMMIT` ride in the same round trips as the
+/// statements around them; any way out but the commit rolls back before
+/// the connection goes back to the pool.
 async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-    let mut client = inner.pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(pg_error)?;
+    let client = inner.pool.get().await.map_err(pool_error)?;
+    match transact(inner, &client, jobs).await {
+        Ok(results) => Ok(results),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn transact(
+    inner: &Arc<Inner>,
+    tx: &Client,
+    jobs: &[Job],
+) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let sync = match inner.durability {
-        Durability::Power => "SET LOCAL synchronous_commit = on",
-        Durability::Process => "SET LOCAL synchronous_commit = off",
+        Durability::Power => "on",
+        Durability::Process => "off",
     };
-    tx.batch_execute(sync).await.map_err(pg_error)?;
-    // A process paused inside this transaction (SIGSTOP, a VM migration)
-    // holds the sequence's row lock: the server ends its session after a
-    // lease's length, so it stalls the others for no longer than that.
-    let idle = format!("SET LOCAL idle_in_transaction_session_timeout = {}", inner.lease.as_millis().max(1));
-    tx.batch_execute(&idle).await.map_err(pg_error)?;
-    let first: i64 = tx.query_one("SELECT next FROM cairn_seq FOR UPDATE", &[]).await.map_err(pg_error)?.get(0);
+    // One round trip: the durability, a bound on how long a process paused
+    // inside this transaction (SIGSTOP, a VM migration) can hold the
+    // sequence's row lock (the server ends its session after a lease's
+    // length), and that lock with the next number.
+    let opening = format!(
+        "BEGIN; SET LOCAL synchronous_commit = {sync}; SET LOCAL idle_in_transaction_session_timeout = {}; \
+         SELECT next FROM cairn_seq FOR UPDATE",
+        inner.lease.as_millis().max(1)
+    );
+    let first: i64 = tx
+        .simple_query(&opening)
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .ok_or_else(|| StoreError::Corrupt("cairn_seq has no row".into()))?;
     let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
     let mut results = Vec::with_capacity(jobs.len());
     let mut leased: Vec<Vec<RunKey>> = Vec::with_capacity(jobs.len());
+    // A lone item needs no savepoint: if it fails, nothing else is lost.
+    let isolate = jobs.len() > 1;
     for job in jobs {
-        tx.batch_execute("SAVEPOINT item").await.map_err(pg_error)?;
+        if isolate {
+            tx.batch_execute("SAVEPOINT item").await.map_err(pg_error)?;
+        }
         let published = batch.events.len();
         let mut wants_lease = Vec::new();
         match apply(&tx, inner, &job.writes, &mut batch, &mut wants_lease).await {
             Ok(committed) => {
-                tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
+                if isolate {
+                    tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
+                }
                 results.push(Ok(committed));
+            }
+            Err(e) if !isolate => {
+                // Nothing of the transaction is kept.
+                tx.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                return Ok(vec![Err(e)]);
             }
             Err(e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT item").await.map_err(pg_error)?;
@@ -98,13 +138,15 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
         }
         leased.push(wants_lease);
     }
-    if batch.next_seq != first {
-        tx.execute("UPDATE cairn_seq SET next = $1", &[&batch.next_seq]).await.map_err(pg_error)?;
-        tx.batch_execute(&format!("NOTIFY {CHANNEL}")).await.map_err(pg_error)?;
+    // The sequence, the notification and the commit in one round trip.
+    let closing = if batch.next_seq != first {
         // Noted before the commit: the listener may hear of it first.
         inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
-    }
-    tx.commit().await.map_err(pg_error)?;
+        format!("UPDATE cairn_seq SET next = {}; NOTIFY {CHANNEL}; COMMIT", batch.next_seq)
+    } else {
+        "COMMIT".to_string()
+    };
+    tx.batch_execute(&closing).await.map_err(pg_error)?;
     if inner.feed.listening() {
         for event in batch.events {
             inner.feed.publish(event);
@@ -125,7 +167,7 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
 
 /// The run must still be this process's if it holds it: its epoch in the
 /// database is the one it took (else another process took it over).
-async fn fence(tx: &Transaction<'_>, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
+async fn fence(tx: &Client, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
     let Some(held) = inner.held_epoch(run) else { return Ok(0) };
     let row = tx.query_opt("SELECT epoch FROM runs WHERE seq = $1", &[&run.0]).await.map_err(pg_error)?;
     let Some(row) = row else { return Err(StoreError::NoSuchRun(run)) };
@@ -136,6 +178,18 @@ async fn fence(tx: &Transaction<'_>, inner: &Inner, run: RunKey) -> Result<i64, 
     Ok(now)
 }
 
+/// The outcome of a fence and the writes pipelined behind it: a lost lease
+/// first (the writes may have failed only because the transaction had), then
+/// the writes' own error.
+fn settle(fenced: Result<i64, StoreError>, written: Result<(), StoreError>) -> Result<(), StoreError> {
+    match (fenced, written) {
+        (Err(e @ (StoreError::LeaseLost { .. } | StoreError::NoSuchRun(_))), _) => Err(e),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(_), Ok(())) => Ok(()),
+    }
+}
+
 fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunStatus>) -> i64 {
     let seq = batch.take_seq();
     batch.events.push(ChangeEvent { seq: seq as u64, run, kind, position: None, status, ts_us: batch.ts_us });
@@ -143,7 +197,7 @@ fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunSt
 }
 
 async fn insert_change(
-    tx: &Transaction<'_>,
+    tx: &Client,
     batch: &mut Batch,
     run: RunKey,
     kind: ChangeKind,
@@ -159,15 +213,16 @@ async fn insert_change(
     Ok(())
 }
 
-async fn insert_entry(
-    tx: &Transaction<'_>,
-    batch: &mut Batch,
+/// One history row (its change event is the caller's).
+async fn insert_row(
+    tx: &Client,
+    seq: i64,
     run: RunKey,
     position: usize,
     e: &crate::model::Entry,
     epoch: i64,
-) -> Result<(), StoreError> {
-    let seq = batch.take_seq();
+    ts_us: i64,
+) -> Result<u64, StoreError> {
     tx.execute(
         "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, started_at, \
          finished_at, epoch, committed_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
@@ -185,11 +240,23 @@ async fn insert_entry(
             &e.started_at,
             &e.finished_at,
             &epoch,
-            &batch.ts_us,
+            &ts_us,
         ],
     )
     .await
-    .map_err(pg_error)?;
+    .map_err(pg_error)
+}
+
+async fn insert_entry(
+    tx: &Client,
+    batch: &mut Batch,
+    run: RunKey,
+    position: usize,
+    e: &crate::model::Entry,
+    epoch: i64,
+) -> Result<(), StoreError> {
+    let seq = batch.take_seq();
+    insert_row(tx, seq, run, position, e, epoch, batch.ts_us).await?;
     batch.events.push(ChangeEvent {
         seq: seq as u64,
         run,
@@ -202,7 +269,7 @@ async fn insert_entry(
 }
 
 async fn apply(
-    tx: &Transaction<'_>,
+    tx: &Client,
     inner: &Inner,
     writes: &[Write],
     batch: &mut Batch,
@@ -228,25 +295,51 @@ async fn apply(
                 committed.created.push((record, None));
             }
             Write::Append { run, position, entries } => {
-                let epoch = fence(tx, inner, *run).await?;
+                // The fence and the rows in one round trip (pipelined): the
+                // rows carry the epoch the fence checks, and a failed fence
+                // rolls them back with the item.
+                let epoch = inner.held_epoch(*run).map_or(0, |e| e as i64);
+                let mut inserts = Vec::with_capacity(entries.len());
                 for (i, e) in entries.iter().enumerate() {
-                    insert_entry(tx, batch, *run, position + i, e, epoch).await?;
+                    let seq = batch.take_seq();
+                    batch.events.push(ChangeEvent {
+                        seq: seq as u64,
+                        run: *run,
+                        kind: ChangeKind::History,
+                        position: Some((position + i) as u64),
+                        status: None,
+                        ts_us: batch.ts_us,
+                    });
+                    inserts.push(insert_row(tx, seq, *run, position + i, e, epoch, batch.ts_us));
                 }
+                let (fenced, inserted) =
+                    futures_util::future::join(fence(tx, inner, *run), futures_util::future::try_join_all(inserts))
+                        .await;
+                settle(fenced, inserted.map(drop))?;
             }
             Write::SetStatus { run, status, output, error } => {
-                fence(tx, inner, *run).await?;
+                // Fence, update and change row in one round trip (pipelined).
                 let finished_at = status.is_finished().then(now_ms);
-                let n = tx
-                    .execute(
-                        "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
-                        &[&run.0, &status.as_str(), output, error, &finished_at],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                if n == 0 {
-                    return Err(StoreError::NoSuchRun(*run));
-                }
-                insert_change(tx, batch, *run, ChangeKind::Status, Some(*status)).await?;
+                let seq = change(batch, *run, ChangeKind::Status, Some(*status));
+                let (name, ts_us) = (status.as_str(), batch.ts_us);
+                let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                    [&run.0, &name, output, error, &finished_at];
+                let update = tx.execute(
+                    "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
+                    &update_params,
+                );
+                let change_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                    [&seq, &run.0, &"status", &name, &ts_us];
+                let change_row = tx.execute(
+                    "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
+                    &change_params,
+                );
+                let (fenced, updated, changed) =
+                    futures_util::future::join3(fence(tx, inner, *run), update, change_row).await;
+                let updated = updated
+                    .map_err(pg_error)
+                    .and_then(|n| if n == 0 { Err(StoreError::NoSuchRun(*run)) } else { Ok(()) });
+                settle(fenced, updated.and_then(|()| changed.map(drop).map_err(pg_error)))?;
             }
             Write::SendSignal { run, name, payload, max_pending } => {
                 let pending: i64 = tx
@@ -358,7 +451,7 @@ async fn apply(
     Ok(committed)
 }
 
-async fn create_run(tx: &Transaction<'_>, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
+async fn create_run(tx: &Client, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
     let created_at = now_ms();
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let (owner, epoch, ms) =
@@ -389,7 +482,7 @@ async fn create_run(tx: &Transaction<'_>, inner: &Inner, run: &NewRun, lease: bo
 }
 
 /// As SQLite's: check the versions read, then apply the writes.
-async fn apply_kv(tx: &Transaction<'_>, kv: &KvCommit) -> Result<(), StoreError> {
+async fn apply_kv(tx: &Client, kv: &KvCommit) -> Result<(), StoreError> {
     for (key, read) in &kv.reads {
         let now = tx
             .query_opt("SELECT version FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
