@@ -117,7 +117,7 @@ async fn transact(
         }
         let published = batch.events.len();
         let mut wants_lease = Vec::new();
-        match apply(&tx, inner, &job.writes, &mut batch, &mut wants_lease).await {
+        match apply(tx, inner, &job.writes, &mut batch, &mut wants_lease).await {
             Ok(committed) => {
                 if isolate {
                     tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
