@@ -2,6 +2,7 @@
 # A throwaway PostgreSQL cluster for tests, without Docker (issue 12).
 #
 #   scripts/pg-cluster.sh start DIR   # prints postgres://cairn@127.0.0.1:PORT/cairn
+#   scripts/pg-cluster.sh restart DIR # restarts it (pg_ctl restart -m fast)
 #   scripts/pg-cluster.sh stop DIR    # stops it and removes DIR
 #
 # CAIRN_PG_OPTIONS adds server settings (tests: "-c fsync=off").
@@ -65,6 +66,10 @@ case "$action" in
     as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U cairn cairn
     echo "$port" > "$dir/port"
     echo "postgres://cairn@127.0.0.1:$port/cairn"
+    ;;
+  restart)
+    # Tests: a server restart in the middle of runs (`-m fast`).
+    as_owner "$(bin_dir)/pg_ctl" -D "$dir/data" -m fast -w restart >/dev/null
     ;;
   stop)
     bin=$(bin_dir || true)

@@ -17,5 +17,7 @@ trap 'CAIRN_TEST_PG= scripts/pg-cluster.sh stop "$dir/cluster"; rm -rf "$dir"' E
 # Durability is not under test here (make bench measures it with fsync on).
 CAIRN_TEST_PG=$(CAIRN_PG_OPTIONS="-c fsync=off" scripts/pg-cluster.sh start "$dir/cluster")
 export CAIRN_TEST_PG
+# Tests that restart the server find it here.
+export CAIRN_TEST_PG_DIR="$dir/cluster"
 echo "PostgreSQL for the tests: $CAIRN_TEST_PG" >&2
 "$@"

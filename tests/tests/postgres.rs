@@ -149,3 +149,85 @@ fn history_epochs(w: &World) -> Vec<(i32, i64)> {
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
     })
 }
+
+/// A PostgreSQL restart (`pg_ctl restart -m fast`) in the middle of 100
+/// runs: the worker reconnects (its pool, its listener), and every run
+/// completes with its output. On a cluster of its own (the other tests
+/// share the suite's server), so only where `make test` made one
+/// (`CAIRN_TEST_PG_DIR`: the binaries are there).
+#[test]
+fn a_server_restart_in_the_middle_of_runs_loses_nothing() {
+    if std::env::var_os("CAIRN_TEST_PG_DIR").is_none() {
+        assert!(std::env::var_os("CAIRN_REQUIRE_PG").is_none() || std::env::var_os("CAIRN_TEST_PG").is_some());
+        eprintln!("skipped: no cluster of the tests' own (CAIRN_TEST_PG_DIR)");
+        return;
+    }
+    let mut w = World::new("pg-restart");
+    let cluster = Cluster::start(&w.dir.join("pg"));
+    w.db = std::path::PathBuf::from(&cluster.url);
+    let wasm = benchflow();
+    let mut worker = w.spawn(&["--lease", "1", "worker", "--concurrency", "32"], "worker");
+    let input = json!({"mode": "paced", "n": 10, "sleep_ms": 60}).to_string();
+    for i in 0..100 {
+        let id = format!("r{i}");
+        let out = w.run(&["start", &wasm, "--run-id", &id, "--input", &input]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let done = |w: &World| w.runs().iter().filter(|r| r["status"] == "completed").count();
+    wait_until("some runs done", Duration::from_secs(60), || done(&w) >= 10);
+    cluster.run("restart");
+    wait_until("all 100 runs after the restart", Duration::from_secs(120), || {
+        let out = w.run(&["runs", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|v| v.as_array().unwrap().iter().filter(|r| r["status"] == "completed").count() == 100)
+                .unwrap_or(false)
+    });
+    kill9(&mut worker);
+    for r in w.runs() {
+        assert_eq!(w.show(r["id"].as_str().unwrap())["output"], json!(45), "{}", r["id"]);
+    }
+    let log = w.read("worker.stderr");
+    assert!(log.contains("reconnected"), "the listener reconnected: {log}");
+}
+
+/// A throwaway cluster of one test (`scripts/pg-cluster.sh`), stopped when dropped.
+struct Cluster {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl Cluster {
+    fn script() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-cluster.sh")
+    }
+
+    fn start(dir: &std::path::Path) -> Cluster {
+        let out = std::process::Command::new(Self::script())
+            .arg("start")
+            .arg(dir)
+            .env_remove("CAIRN_TEST_PG")
+            .env("CAIRN_PG_OPTIONS", "-c fsync=off")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster: {}", text(&out.stderr));
+        Cluster { dir: dir.to_path_buf(), url: text(&out.stdout).trim().to_string() }
+    }
+
+    fn run(&self, action: &str) {
+        let out = std::process::Command::new(Self::script())
+            .arg(action)
+            .arg(&self.dir)
+            .env_remove("CAIRN_TEST_PG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{action}: {}", text(&out.stderr));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(Self::script()).arg("stop").arg(&self.dir).env_remove("CAIRN_TEST_PG").output();
+    }
+}

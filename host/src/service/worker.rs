@@ -59,7 +59,20 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
             .claim_next(free, |run| {
                 skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
             })
-            .await?;
+            .await;
+        // The database unreachable for a while (a PostgreSQL restart, a
+        // network cut): look again later rather than stop.
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                eprintln!("cairn worker: cannot claim runs now: {}; trying again", escape(&e.to_string()));
+                tokio::select! {
+                    _ = &mut stop => break 'claiming,
+                    _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+                }
+                continue;
+            }
+        };
         // Every free slot taken (or none free): more may be waiting for one.
         let filled = claimed.len() == free;
         for claimed in claimed {
@@ -156,6 +169,16 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
         Err(ExecError::ShuttingDown) => {}
         Err(ExecError::Fatal(Fatal::Store { error: e @ StoreError::Unsynced { .. }, .. }))
         | Err(ExecError::Store(e @ StoreError::Unsynced { .. })) => return Reported::Stop(e),
+        // A commit or read that failed (the database restarting, a disk
+        // full for a moment), or a lease another process took over: what
+        // is committed stands, and the run is taken up again from it (by
+        // whoever holds it then).
+        Err(e @ (ExecError::Fatal(Fatal::Store { .. }) | ExecError::Store(_))) => {
+            eprintln!(
+                "cairn worker: run {id} stopped: {}; it is taken up again from its history",
+                escape(&e.to_string())
+            );
+        }
         Err(e) => {
             eprintln!("cairn worker: run {id} cannot execute: {}; this worker leaves it alone", escape(&e.to_string()));
             return Reported::LeaveAlone(run);

@@ -4,6 +4,7 @@
 //! it saw and publishes those this process did not publish itself.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
@@ -41,11 +42,22 @@ impl Own {
 }
 
 /// Listen from now on: the listening connection is up and its cursor set
-/// before this returns, so no commit after it is missed.
+/// before this returns, so no commit after it is missed. If the connection
+/// drops (a server restart), the task reconnects with backoff and catches
+/// up from its cursor: what was committed meanwhile is published then.
 pub(super) async fn start(inner: &Arc<Inner>, config: tokio_postgres::Config) -> Result<(), StoreError> {
+    let (client, rx) = connect(&config).await?;
+    let cursor: u64 =
+        client.query_one("SELECT next - 1 FROM cairn_seq", &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
+    tokio::spawn(run(Arc::downgrade(inner), config, client, rx, cursor));
+    Ok(())
+}
+
+/// A listening connection, and a receiver woken by each notification (it
+/// ends when the connection does).
+async fn connect(config: &tokio_postgres::Config) -> Result<(Client, mpsc::UnboundedReceiver<()>), StoreError> {
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg_error)?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    // The connection's messages: notifications wake the reader below.
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -64,36 +76,65 @@ pub(super) async fn start(inner: &Arc<Inner>, config: tokio_postgres::Config) ->
         }
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(pg_error)?;
-    let mut cursor: u64 =
-        client.query_one("SELECT next - 1 FROM cairn_seq", &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
-    let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
+    Ok((client, rx))
+}
+
+async fn run(
+    weak: std::sync::Weak<Inner>,
+    config: tokio_postgres::Config,
+    mut client: Client,
+    mut rx: mpsc::UnboundedReceiver<()>,
+    mut cursor: u64,
+) {
+    loop {
         while rx.recv().await.is_some() {
             while rx.try_recv().is_ok() {}
             let Some(inner) = weak.upgrade() else { return };
-            loop {
-                let changes = match read_changes(&client, cursor, 1000).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("cairn: cannot read changes: {e}");
-                        break;
-                    }
-                };
-                let Some(last) = changes.last().map(|c| c.seq) else { break };
-                let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
-                let fresh: Vec<ChangeEvent> = changes.into_iter().filter(|c| !own.contains(c.seq)).collect();
-                drop(own);
-                if inner.feed.listening() {
-                    for event in fresh {
-                        inner.feed.publish(event);
-                    }
+            catch_up(&client, &inner, &mut cursor).await;
+        }
+        // The connection ended: again, with backoff, while the store lives.
+        let mut delay = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(delay).await;
+            let Some(inner) = weak.upgrade() else { return };
+            match connect(&config).await {
+                Ok((c, r)) => {
+                    (client, rx) = (c, r);
+                    eprintln!("cairn: the change listener reconnected");
+                    catch_up(&client, &inner, &mut cursor).await;
+                    break;
                 }
-                cursor = last;
-                inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_below(cursor);
+                Err(e) => {
+                    eprintln!("cairn: the change listener cannot reconnect yet: {e}");
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
-    });
-    Ok(())
+    }
+}
+
+/// Publish what other processes committed after `cursor`.
+async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) {
+    loop {
+        let changes = match read_changes(client, *cursor, 1000).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cairn: cannot read changes: {e}");
+                return;
+            }
+        };
+        let Some(last) = changes.last().map(|c| c.seq) else { return };
+        let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<ChangeEvent> = changes.into_iter().filter(|c| !own.contains(c.seq)).collect();
+        drop(own);
+        if inner.feed.listening() {
+            for event in fresh {
+                inner.feed.publish(event);
+            }
+        }
+        *cursor = last;
+        inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_below(*cursor);
+    }
 }
 
 /// Up to `limit` changes after `after`, history appends and other changes
