@@ -97,9 +97,8 @@ fn stage(st: &mut HostState, status: i64, bytes: Vec<u8>) -> i64 {
 async fn send(mut request: HttpRequest, grants: &HttpGrants, limits: &Limits) -> Result<HttpResponse, Failure> {
     let allow = Allowlist::new(&grants.allow, grants.insecure).map_err(Failure::Refused)?;
     let mut url = url::Url::parse(&request.url).map_err(|e| Failure::Refused(format!("{}: {e}", request.url)))?;
-    let method = reqwest::Method::from_bytes(request.method.as_bytes())
+    let mut method = reqwest::Method::from_bytes(request.method.as_bytes())
         .map_err(|_| Failure::Refused(format!("{:?} is not an HTTP method", request.method)))?;
-    let mut method = method;
     for hop in 0..=MAX_REDIRECTS {
         let target = allow.check_url(&url).map_err(|e| Failure::Refused(refusal(hop, e)))?;
         let addrs = resolve(&target).await?;

@@ -97,7 +97,6 @@ pub(super) fn start_heartbeat(inner: &Arc<Inner>) {
                 }
                 Err(e) => eprintln!("cairn: cannot renew leases: {e}"),
             }
-            let _: Duration = every;
         }
     });
 }

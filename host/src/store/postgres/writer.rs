@@ -257,15 +257,21 @@ async fn insert_entry(
 ) -> Result<(), StoreError> {
     let seq = batch.take_seq();
     insert_row(tx, seq, run, position, e, epoch, batch.ts_us).await?;
+    history_event(batch, seq, run, position);
+    Ok(())
+}
+
+/// The change event of a history row at `position`.
+fn history_event(batch: &mut Batch, seq: i64, run: RunKey, position: usize) {
+    let ts_us = batch.ts_us;
     batch.events.push(ChangeEvent {
         seq: seq as u64,
         run,
         kind: ChangeKind::History,
         position: Some(position as u64),
         status: None,
-        ts_us: batch.ts_us,
+        ts_us,
     });
-    Ok(())
 }
 
 async fn apply(
@@ -302,14 +308,7 @@ async fn apply(
                 let mut inserts = Vec::with_capacity(entries.len());
                 for (i, e) in entries.iter().enumerate() {
                     let seq = batch.take_seq();
-                    batch.events.push(ChangeEvent {
-                        seq: seq as u64,
-                        run: *run,
-                        kind: ChangeKind::History,
-                        position: Some((position + i) as u64),
-                        status: None,
-                        ts_us: batch.ts_us,
-                    });
+                    history_event(batch, seq, *run, position + i);
                     inserts.push(insert_row(tx, seq, *run, position + i, e, epoch, batch.ts_us));
                 }
                 let (fenced, inserted) =
