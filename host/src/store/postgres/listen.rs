@@ -1,7 +1,10 @@
-//! Other processes' commits, pushed: every writing transaction sends
-//! `NOTIFY cairn_changes` (delivered at its commit, never if it rolls
-//! back); a dedicated connection listens, reads the changes since the last
-//! it saw and publishes those this process did not publish itself.
+//! Other processes' commits, pushed: every writing transaction notifies
+//! `cairn_changes` (delivered at its commit, in commit order, never if it
+//! rolls back) with "OWNER NEXT": who committed, and the sequence's next
+//! number after it. A dedicated connection listens. A notification of this
+//! process's own needs no read (the writer published those changes): the
+//! cursor just moves past them. Any other makes the listener read the
+//! changes since its cursor and publish those this process did not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use crate::store::{ChangeEvent, ChangeKind, StoreError};
 pub(super) const CHANNEL: &str = "cairn_changes";
 
 /// Ranges [first, next) of sequence numbers this process committed and
-/// published itself, noted before the commit.
+/// published itself.
 #[derive(Debug, Default)]
 pub(crate) struct Own {
     ranges: Vec<(u64, u64)>,
@@ -35,10 +38,16 @@ impl Own {
         self.ranges.iter().any(|&(a, b)| a <= seq && seq < b)
     }
 
-    /// Forget ranges below `seq`: everything there was seen.
-    fn forget_below(&mut self, seq: u64) {
-        self.ranges.retain(|&(_, b)| b > seq);
+    /// Forget ranges up to `seq`: everything there was seen.
+    fn forget_through(&mut self, seq: u64) {
+        self.ranges.retain(|&(_, b)| b > seq + 1);
     }
+}
+
+/// A notification's payload: who committed, and the next number after it.
+fn parse_payload(payload: &str) -> Option<(&str, u64)> {
+    let (owner, next) = payload.rsplit_once(' ')?;
+    Some((owner, next.parse().ok()?))
 }
 
 /// Listen from now on: the listening connection is up and its cursor set
@@ -53,17 +62,17 @@ pub(super) async fn start(inner: &Arc<Inner>, config: tokio_postgres::Config) ->
     Ok(())
 }
 
-/// A listening connection, and a receiver woken by each notification (it
-/// ends when the connection does).
-async fn connect(config: &tokio_postgres::Config) -> Result<(Client, mpsc::UnboundedReceiver<()>), StoreError> {
+/// A listening connection, and a receiver of each notification's payload
+/// (it ends when the connection does).
+async fn connect(config: &tokio_postgres::Config) -> Result<(Client, mpsc::UnboundedReceiver<String>), StoreError> {
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg_error)?;
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_string()).is_err() {
                         return;
                     }
                 }
@@ -83,14 +92,35 @@ async fn run(
     weak: std::sync::Weak<Inner>,
     config: tokio_postgres::Config,
     mut client: Client,
-    mut rx: mpsc::UnboundedReceiver<()>,
+    mut rx: mpsc::UnboundedReceiver<String>,
     mut cursor: u64,
 ) {
+    // Whether every change up to the cursor was published: a failed read
+    // leaves a gap that only a read can close.
+    let mut caught_up = true;
     loop {
-        while rx.recv().await.is_some() {
-            while rx.try_recv().is_ok() {}
+        while let Some(first) = rx.recv().await {
             let Some(inner) = weak.upgrade() else { return };
-            catch_up(&client, &inner, &mut cursor).await;
+            // What arrived meanwhile too: one read for a burst.
+            let mut others = false;
+            let mut own_next = 0;
+            let mut payload = Some(first);
+            while let Some(p) = payload {
+                match parse_payload(&p) {
+                    Some((owner, next)) if owner == inner.owner => own_next = own_next.max(next),
+                    _ => others = true,
+                }
+                payload = rx.try_recv().ok();
+            }
+            if others || !caught_up {
+                caught_up = catch_up(&client, &inner, &mut cursor).await;
+            }
+            // This process's commits notified so far: all before them were
+            // notified earlier (commit order) and read, so the cursor passes them.
+            if caught_up && own_next > cursor + 1 {
+                cursor = own_next - 1;
+                inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(cursor);
+            }
         }
         // The connection ended: again, with backoff, while the store lives.
         let mut delay = Duration::from_millis(100);
@@ -101,7 +131,7 @@ async fn run(
                 Ok((c, r)) => {
                     (client, rx) = (c, r);
                     eprintln!("cairn: the change listener reconnected");
-                    catch_up(&client, &inner, &mut cursor).await;
+                    caught_up = catch_up(&client, &inner, &mut cursor).await;
                     break;
                 }
                 Err(e) => {
@@ -113,17 +143,21 @@ async fn run(
     }
 }
 
-/// Publish what other processes committed after `cursor`.
-async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) {
+/// Publish what other processes committed after `cursor`; false if the
+/// changes could not be read.
+async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) -> bool {
     loop {
         let changes = match read_changes(client, *cursor, 1000).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("cairn: cannot read changes: {e}");
-                return;
+                return false;
             }
         };
-        let Some(last) = changes.last().map(|c| c.seq) else { return };
+        let Some(last) = changes.last().map(|c| c.seq) else { return true };
+        // A commit of this process that these include has its numbers noted
+        // once the writer lets go of this.
+        drop(inner.writing.lock().await);
         let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
         let fresh: Vec<ChangeEvent> = changes.into_iter().filter(|c| !own.contains(c.seq)).collect();
         drop(own);
@@ -133,7 +167,7 @@ async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) {
             }
         }
         *cursor = last;
-        inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_below(*cursor);
+        inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(*cursor);
     }
 }
 

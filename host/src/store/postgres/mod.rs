@@ -12,6 +12,7 @@
 
 mod lease;
 mod listen;
+mod one_statement;
 mod schema;
 mod writer;
 
@@ -42,8 +43,22 @@ pub fn is_postgres_url(db: &str) -> bool {
 /// A PostgreSQL error in the store's words.
 pub(crate) fn pg_error(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
+        Some(db) if db.code().code() == FENCE_FAILED => fence_error(db.detail()),
         Some(db) => StoreError::Backend(format!("{}: {}", db.code().code(), db.message())),
         None => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// The SQLSTATE `cairn_fence` fails with.
+const FENCE_FAILED: &str = "CN001";
+
+/// A failed fence: its DETAIL is "run held now", now -1 if the run is gone.
+fn fence_error(detail: Option<&str>) -> StoreError {
+    let numbers: Vec<i64> = detail.unwrap_or_default().split(' ').filter_map(|n| n.parse().ok()).collect();
+    match numbers[..] {
+        [run, _, -1] => StoreError::NoSuchRun(RunKey(run)),
+        [run, held, now] => StoreError::LeaseLost { run: RunKey(run), held: held as u64, now: now as u64 },
+        _ => StoreError::Backend(format!("{FENCE_FAILED}: a failed fence without its detail ({detail:?})")),
     }
 }
 
@@ -64,6 +79,10 @@ pub(crate) struct Inner {
     /// Sequence numbers this process committed and published itself, which
     /// the listener must not publish again.
     pub(crate) own: Mutex<listen::Own>,
+    /// Held by the writer while a commit is on its way: a commit may land
+    /// before the writer has noted its numbers in `own`, and the listener,
+    /// which may read them first, waits for this before it filters.
+    pub(crate) writing: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -93,8 +112,21 @@ impl PostgresStore {
             tokio_postgres::NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
+        // The batches the writer commits as one statement in autocommit
+        // take the session's durability.
+        // Generic plans: the statements are few and simple, and planning a
+        // batch's statement anew at every commit would cost as much as running it.
+        let sync = match durability {
+            Durability::Power => "SET synchronous_commit = on; SET plan_cache_mode = force_generic_plan",
+            Durability::Process => "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
+        };
         let pool = Pool::builder(manager)
             .max_size(16)
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                Box::pin(async move {
+                    client.batch_execute(sync).await.map_err(deadpool_postgres::HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
         let mut client =
@@ -120,6 +152,7 @@ impl PostgresStore {
             lease,
             held: Mutex::default(),
             own: Mutex::default(),
+            writing: tokio::sync::Mutex::new(()),
         });
         listen::start(&inner, config).await?;
         lease::start_heartbeat(&inner);

@@ -101,6 +101,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE kv_namespaces (namespace TEXT PRIMARY KEY, keys BIGINT NOT NULL);
     "#,
+    // 2: the fence as one server-side check, so that a whole batch's writes
+    // can be pipelined behind it and fail with it; and an index for claims.
+    r#"
+    -- Share-locks the runs (in key order: a takeover's UPDATE waits for the
+    -- writing transaction), then fails with CN001 unless each still has the
+    -- epoch its writer holds. DETAIL is "run held now" (now -1: no such run).
+    CREATE FUNCTION cairn_fence(fenced_runs BIGINT[], held_epochs BIGINT[]) RETURNS VOID
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        locked BIGINT[];
+        lost RECORD;
+    BEGIN
+        SELECT array_agg(l.seq) INTO locked
+          FROM (SELECT r.seq FROM runs r WHERE r.seq = ANY(fenced_runs) ORDER BY r.seq FOR SHARE) l;
+        SELECT f.run, f.epoch AS held, r.epoch AS now INTO lost
+          FROM unnest(fenced_runs, held_epochs) AS f(run, epoch) LEFT JOIN runs r ON r.seq = f.run
+         WHERE r.epoch IS DISTINCT FROM f.epoch LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'the lease of run % was taken over by another process', lost.run
+                USING ERRCODE = 'CN001', DETAIL = format('%s %s %s', lost.run, lost.held, coalesce(lost.now, -1));
+        END IF;
+    END $$;
+    -- Runs nobody holds, or whose lease may have expired, oldest first.
+    CREATE INDEX runs_claimable ON runs(seq, lease_until) WHERE status NOT IN ('completed', 'failed', 'cancelled');
+    DROP INDEX runs_unfinished;
+    -- Every history row is written under its run's fence, which finds the
+    -- run; a foreign key would check it again, with a row lock, per row.
+    ALTER TABLE history DROP CONSTRAINT history_run_fkey;
+    "#,
 ];
 
 /// Check that the database is Cairn's (or empty) and bring its schema up to

@@ -2,16 +2,19 @@
 //! it in one transaction (one WAL flush for all of it), each item under a
 //! savepoint so that a bad one fails alone. The transaction first takes the
 //! row lock of `cairn_seq`, so change numbers follow commit order across
-//! processes; it ends with `NOTIFY`, so other processes hear of it at
+//! processes; it ends with a notification, so other processes hear of it at
 //! commit. `synchronous_commit` follows the durability: `power` waits for
 //! the flush, `process` does not.
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Client;
+use deadpool_postgres::ClientWrapper;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use super::listen::CHANNEL;
+use super::one_statement::{self, Outcome};
 use super::{Inner, lease, pg_error, pool_error};
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
@@ -69,6 +72,23 @@ impl Batch {
 /// the connection goes back to the pool.
 async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let client = inner.pool.get().await.map_err(pool_error)?;
+    // The listener waits for this before it tells its own changes apart.
+    let _writing = inner.writing.lock().await;
+    match one_statement::commit(inner, &client, jobs).await {
+        Outcome::Committed(events) => {
+            if inner.feed.listening() {
+                for event in events {
+                    inner.feed.publish(event);
+                }
+            }
+            return Ok(jobs.iter().map(|_| Ok(Committed::default())).collect());
+        }
+        // Whether it landed is settled by reading the history again: the
+        // runs are taken up again from what is there.
+        Outcome::Unknown(e) => return Err(e),
+        // Again item by item (nothing landed): only the bad one fails.
+        Outcome::Refused | Outcome::NotEligible => {}
+    }
     match transact(inner, &client, jobs).await {
         Ok(results) => Ok(results),
         Err(e) => {
@@ -80,7 +100,7 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
 
 async fn transact(
     inner: &Arc<Inner>,
-    tx: &Client,
+    tx: &ClientWrapper,
     jobs: &[Job],
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let sync = match inner.durability {
@@ -142,7 +162,11 @@ async fn transact(
     let closing = if batch.next_seq != first {
         // Noted before the commit: the listener may hear of it first.
         inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
-        format!("UPDATE cairn_seq SET next = {}; NOTIFY {CHANNEL}; COMMIT", batch.next_seq)
+        format!(
+            "UPDATE cairn_seq SET next = {next}; SELECT pg_notify('{CHANNEL}', '{} {next}'); COMMIT",
+            inner.owner.replace('\'', "''"),
+            next = batch.next_seq
+        )
     } else {
         "COMMIT".to_string()
     };
@@ -167,15 +191,32 @@ async fn transact(
 
 /// The run must still be this process's if it holds it: its epoch in the
 /// database is the one it took (else another process took it over).
-async fn fence(tx: &Client, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
+async fn fence(tx: &ClientWrapper, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
     let Some(held) = inner.held_epoch(run) else { return Ok(0) };
-    let row = tx.query_opt("SELECT epoch FROM runs WHERE seq = $1", &[&run.0]).await.map_err(pg_error)?;
-    let Some(row) = row else { return Err(StoreError::NoSuchRun(run)) };
-    let now: i64 = row.get(0);
-    if now as u64 != held {
-        return Err(StoreError::LeaseLost { run, held, now: now as u64 });
-    }
-    Ok(now)
+    let held = held as i64;
+    execute(tx, "SELECT cairn_fence(ARRAY[$1::BIGINT], ARRAY[$2::BIGINT])", &[&run.0, &held]).await.map_err(pg_error)?;
+    Ok(held)
+}
+
+// The statements of this path, prepared once per connection.
+
+async fn execute(tx: &ClientWrapper, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
+}
+
+async fn query_opt(
+    tx: &ClientWrapper,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_opt(&statement, params).await
+}
+
+async fn query_one(tx: &ClientWrapper, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_one(&statement, params).await
 }
 
 /// The outcome of a fence and the writes pipelined behind it: a lost lease
@@ -197,14 +238,14 @@ fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunSt
 }
 
 async fn insert_change(
-    tx: &Client,
+    tx: &ClientWrapper,
     batch: &mut Batch,
     run: RunKey,
     kind: ChangeKind,
     status: Option<RunStatus>,
 ) -> Result<(), StoreError> {
     let seq = change(batch, run, kind, status);
-    tx.execute(
+    execute(tx, 
         "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
         &[&seq, &run.0, &kind.as_str(), &status.map(|s| s.as_str()), &batch.ts_us],
     )
@@ -215,7 +256,7 @@ async fn insert_change(
 
 /// One history row (its change event is the caller's).
 async fn insert_row(
-    tx: &Client,
+    tx: &ClientWrapper,
     seq: i64,
     run: RunKey,
     position: usize,
@@ -223,7 +264,7 @@ async fn insert_row(
     epoch: i64,
     ts_us: i64,
 ) -> Result<u64, StoreError> {
-    tx.execute(
+    execute(tx, 
         "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, started_at, \
          finished_at, epoch, committed_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         &[
@@ -248,7 +289,7 @@ async fn insert_row(
 }
 
 async fn insert_entry(
-    tx: &Client,
+    tx: &ClientWrapper,
     batch: &mut Batch,
     run: RunKey,
     position: usize,
@@ -275,7 +316,7 @@ fn history_event(batch: &mut Batch, seq: i64, run: RunKey, position: usize) {
 }
 
 async fn apply(
-    tx: &Client,
+    tx: &ClientWrapper,
     inner: &Inner,
     writes: &[Write],
     batch: &mut Batch,
@@ -285,7 +326,7 @@ async fn apply(
     for write in writes {
         match write {
             Write::PutModule { hash, bytes } => {
-                tx.execute(
+                execute(tx, 
                     "INSERT INTO modules (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     &[hash, bytes, &now_ms()],
                 )
@@ -323,13 +364,13 @@ async fn apply(
                 let (name, ts_us) = (status.as_str(), batch.ts_us);
                 let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&run.0, &name, output, error, &finished_at];
-                let update = tx.execute(
+                let update = execute(tx, 
                     "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
                     &update_params,
                 );
                 let change_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&seq, &run.0, &"status", &name, &ts_us];
-                let change_row = tx.execute(
+                let change_row = execute(tx, 
                     "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
                     &change_params,
                 );
@@ -341,15 +382,14 @@ async fn apply(
                 settle(fenced, updated.and_then(|()| changed.map(drop).map_err(pg_error)))?;
             }
             Write::SendSignal { run, name, payload, max_pending } => {
-                let pending: i64 = tx
-                    .query_one("SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
+                let pending: i64 = query_one(tx, "SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
                     .await
                     .map_err(pg_error)?
                     .get(0);
                 if pending as u64 >= *max_pending {
                     return Err(StoreError::SignalsFull(pending as u64));
                 }
-                tx.execute(
+                execute(tx, 
                     "INSERT INTO signals (run, name, payload, sent_at) VALUES ($1, $2, $3, $4)",
                     &[&run.0, name, payload, &now_ms()],
                 )
@@ -358,8 +398,7 @@ async fn apply(
                 insert_change(tx, batch, *run, ChangeKind::Signal, None).await?;
             }
             Write::RequestCancel { run, grace_until } => {
-                let n = tx
-                    .execute(
+                let n = execute(tx, 
                         "UPDATE runs SET cancel_grace_until = CASE \
                            WHEN NOT cancel_requested THEN $2::BIGINT \
                            WHEN cancel_grace_until IS NULL OR $2::BIGINT IS NULL THEN NULL \
@@ -376,7 +415,7 @@ async fn apply(
             }
             Write::BranchAttempt { run, entry: e } => {
                 fence(tx, inner, *run).await?;
-                tx.execute(
+                execute(tx, 
                     "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &[
@@ -397,8 +436,7 @@ async fn apply(
             }
             Write::ConsumeSignal { run, name, entry } => {
                 let epoch = fence(tx, inner, *run).await?;
-                let found = tx
-                    .query_opt(
+                let found = query_opt(tx, 
                         "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
                          ORDER BY seq LIMIT 1 FOR UPDATE",
                         &[&run.0, name],
@@ -407,7 +445,7 @@ async fn apply(
                     .map_err(pg_error)?;
                 if let Some(row) = found {
                     let (signal, payload): (i64, Vec<u8>) = (row.get(0), row.get(1));
-                    tx.execute("UPDATE signals SET consumed_at = $2 WHERE seq = $1", &[&signal, &now_ms()])
+                    execute(tx, "UPDATE signals SET consumed_at = $2 WHERE seq = $1", &[&signal, &now_ms()])
                         .await
                         .map_err(pg_error)?;
                     let mut e = entry.1.clone();
@@ -417,15 +455,14 @@ async fn apply(
                 }
             }
             Write::CreateToken { token } => {
-                let taken = tx
-                    .query_opt("SELECT 1 FROM tokens WHERE name = $1", &[&token.name])
+                let taken = query_opt(tx, "SELECT 1 FROM tokens WHERE name = $1", &[&token.name])
                     .await
                     .map_err(pg_error)?
                     .is_some();
                 if taken {
                     return Err(StoreError::TokenExists(token.name.clone()));
                 }
-                tx.execute(
+                execute(tx, 
                     "INSERT INTO tokens (id, name, role, hash, created_at) VALUES ($1, $2, $3, $4, $5)",
                     &[&token.id, &token.name, &token.role.as_str(), &&token.hash[..], &token.created_at],
                 )
@@ -433,8 +470,7 @@ async fn apply(
                 .map_err(pg_error)?;
             }
             Write::RevokeToken { id_or_name } => {
-                let n = tx
-                    .execute(
+                let n = execute(tx, 
                         "UPDATE tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 OR name = $1",
                         &[id_or_name, &now_ms()],
                     )
@@ -450,13 +486,12 @@ async fn apply(
     Ok(committed)
 }
 
-async fn create_run(tx: &Client, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
+async fn create_run(tx: &ClientWrapper, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
     let created_at = now_ms();
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let (owner, epoch, ms) =
         if lease { (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64)) } else { (None, 0, None) };
-    let row = tx
-        .query_opt(
+    let row = query_opt(tx, 
             "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, owner, epoch, \
              lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11::BIGINT * interval '1 millisecond') \
              ON CONFLICT (id) DO NOTHING RETURNING seq",
@@ -481,10 +516,9 @@ async fn create_run(tx: &Client, inner: &Inner, run: &NewRun, lease: bool) -> Re
 }
 
 /// As SQLite's: check the versions read, then apply the writes.
-async fn apply_kv(tx: &Client, kv: &KvCommit) -> Result<(), StoreError> {
+async fn apply_kv(tx: &ClientWrapper, kv: &KvCommit) -> Result<(), StoreError> {
     for (key, read) in &kv.reads {
-        let now = tx
-            .query_opt("SELECT version FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
+        let now = query_opt(tx, "SELECT version FROM kv WHERE namespace = $1 AND key = $2", &[&kv.namespace, key])
             .await
             .map_err(pg_error)?
             .map_or(0, |r| r.get::<_, i64>(0) as u64);
@@ -495,8 +529,7 @@ async fn apply_kv(tx: &Client, kv: &KvCommit) -> Result<(), StoreError> {
     let mut added: i64 = 0;
     let now = now_ms();
     for (key, value) in &kv.writes {
-        let old = tx
-            .query_opt(
+        let old = query_opt(tx, 
                 "SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2",
                 &[&kv.namespace, key],
             )
@@ -507,7 +540,7 @@ async fn apply_kv(tx: &Client, kv: &KvCommit) -> Result<(), StoreError> {
             continue;
         }
         added += i64::from(value.is_some()) - i64::from(was_live);
-        tx.execute(
+        execute(tx, 
             "INSERT INTO kv (namespace, key, value, version, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (namespace, key) DO UPDATE SET value = $3, version = $4, updated_at = $5",
             &[&kv.namespace, key, value, &(old_version + 1), &now],
@@ -516,8 +549,7 @@ async fn apply_kv(tx: &Client, kv: &KvCommit) -> Result<(), StoreError> {
         .map_err(pg_error)?;
     }
     if added != 0 {
-        let keys: i64 = tx
-            .query_one(
+        let keys: i64 = query_one(tx, 
                 "INSERT INTO kv_namespaces (namespace, keys) VALUES ($1, $2) \
                  ON CONFLICT (namespace) DO UPDATE SET keys = kv_namespaces.keys + $2 RETURNING keys",
                 &[&kv.namespace, &added],

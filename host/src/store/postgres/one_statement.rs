@@ -1,0 +1,231 @@
+//! The common batch as one statement: history appends and status changes
+//! of runs this process holds (what executing runs write at every step).
+//!
+//! One statement in autocommit is one transaction and one round trip, like
+//! the single-row insert it is measured against: it takes its sequence
+//! numbers (`UPDATE cairn_seq ... RETURNING`, whose row lock orders commits),
+//! fences every run of the batch (`cairn_fence`, which fails the statement
+//! if one was taken over), inserts all history rows and change rows, updates
+//! the statuses and notifies, all in data-modifying `WITH` clauses, so the
+//! batch lands whole or not at all. `synchronous_commit` is the session's
+//! (set on every connection from `--durability`). When the server refuses
+//! it (a lease lost, a run gone), the writer commits the batch again item by
+//! item (`writer`), so that only the bad item fails.
+
+use deadpool_postgres::ClientWrapper;
+
+use super::Inner;
+use super::writer::Job;
+use crate::model::{RunKey, RunStatus, now_ms, now_us};
+use crate::store::{ChangeEvent, ChangeKind, StoreError, Write};
+
+/// How a batch fared.
+pub(super) enum Outcome {
+    /// Not of the kind this path takes: commit it item by item.
+    NotEligible,
+    /// Committed; these are its changes, in sequence order.
+    Committed(Vec<ChangeEvent>),
+    /// The server refused it (nothing landed): commit it item by item.
+    Refused,
+    /// The connection failed: whether it landed is not known.
+    Unknown(StoreError),
+}
+
+const COMMIT_BATCH: &str = "\
+WITH seq AS (
+    UPDATE cairn_seq SET next = next + $1::BIGINT RETURNING next - $1::BIGINT AS first
+), fence AS (
+    SELECT cairn_fence($2::BIGINT[], $3::BIGINT[])
+), history_rows AS (
+    INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
+                         started_at, finished_at, epoch, committed_us)
+    SELECT seq.first + u.off, u.run, u.position, u.kind, u.name, u.occurrence, u.attempt, u.status, u.output,
+           u.error, u.started_at, u.finished_at, u.epoch, $4::BIGINT
+      FROM seq, unnest($5::BIGINT[], $6::BIGINT[], $7::INT[], $8::TEXT[], $9::TEXT[], $10::INT[], $11::INT[],
+                       $12::TEXT[], $13::BYTEA[], $14::TEXT[], $15::BIGINT[], $16::BIGINT[], $17::BIGINT[])
+           AS u(off, run, position, kind, name, occurrence, attempt, status, output, error, started_at,
+                finished_at, epoch)
+), statuses AS (
+    UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished_at
+      FROM unnest($18::BIGINT[], $19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::BIGINT[])
+           AS u(run, status, output, error, finished_at)
+     WHERE runs.seq = u.run
+), status_changes AS (
+    INSERT INTO changes (seq, run, kind, status, committed_us)
+    SELECT seq.first + u.off, u.run, 'status', u.status, $4::BIGINT
+      FROM seq, unnest($23::BIGINT[], $24::BIGINT[], $25::TEXT[]) AS u(off, run, status)
+)
+SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT)) FROM seq, fence";
+
+/// The history rows of a batch, column by column.
+#[derive(Default)]
+struct Rows<'a> {
+    off: Vec<i64>,
+    run: Vec<i64>,
+    position: Vec<i32>,
+    kind: Vec<&'a str>,
+    name: Vec<&'a str>,
+    occurrence: Vec<i32>,
+    attempt: Vec<i32>,
+    status: Vec<&'a str>,
+    output: Vec<&'a [u8]>,
+    error: Vec<Option<&'a str>>,
+    started_at: Vec<i64>,
+    finished_at: Vec<i64>,
+    epoch: Vec<i64>,
+}
+
+struct StatusChange<'a> {
+    off: i64,
+    run: i64,
+    status: &'static str,
+    output: &'a Option<Vec<u8>>,
+    error: &'a Option<String>,
+    finished_at: Option<i64>,
+}
+
+pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) -> Outcome {
+    // Every write appends to or sets the status of a run held here.
+    let mut fenced: Vec<(i64, i64)> = Vec::new();
+    for write in jobs.iter().flat_map(|j| &j.writes) {
+        let run = match write {
+            Write::Append { run, .. } | Write::SetStatus { run, .. } => *run,
+            _ => return Outcome::NotEligible,
+        };
+        let Some(epoch) = inner.held_epoch(run) else { return Outcome::NotEligible };
+        if !fenced.iter().any(|&(r, _)| r == run.0) {
+            fenced.push((run.0, epoch as i64));
+        }
+    }
+    if fenced.is_empty() {
+        return Outcome::NotEligible;
+    }
+
+    let ts_us = now_us();
+    let mut rows = Rows::default();
+    let mut statuses: Vec<StatusChange> = Vec::new();
+    // Sequence numbers as offsets from the first the server hands out.
+    let mut events: Vec<ChangeEvent> = Vec::new();
+    for write in jobs.iter().flat_map(|j| &j.writes) {
+        match write {
+            Write::Append { run, position, entries } => {
+                let epoch = fenced.iter().find(|f| f.0 == run.0).map_or(0, |f| f.1);
+                for (i, e) in entries.iter().enumerate() {
+                    let off = events.len() as i64;
+                    let position = position + i;
+                    rows.off.push(off);
+                    rows.run.push(run.0);
+                    rows.position.push(position as i32);
+                    rows.kind.push(e.kind.as_str());
+                    rows.name.push(&e.name);
+                    rows.occurrence.push(e.occurrence as i32);
+                    rows.attempt.push(e.attempt as i32);
+                    rows.status.push(e.status.as_str());
+                    rows.output.push(&e.output);
+                    rows.error.push(e.error.as_deref());
+                    rows.started_at.push(e.started_at);
+                    rows.finished_at.push(e.finished_at);
+                    rows.epoch.push(epoch);
+                    events.push(event(off, *run, ChangeKind::History, Some(position as u64), None, ts_us));
+                }
+            }
+            Write::SetStatus { run, status, output, error } => {
+                let off = events.len() as i64;
+                let finished_at = status.is_finished().then(now_ms);
+                statuses.push(StatusChange { off, run: run.0, status: status.as_str(), output, error, finished_at });
+                events.push(event(off, *run, ChangeKind::Status, None, Some(*status), ts_us));
+            }
+            _ => return Outcome::NotEligible,
+        }
+    }
+    let n = events.len() as i64;
+
+    match send(inner, client, n, ts_us, &fenced, &rows, &statuses).await {
+        Ok(first) => {
+            for e in &mut events {
+                e.seq += first as u64;
+            }
+            inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, (first + n) as u64);
+            Outcome::Committed(events)
+        }
+        Err(e) if e.as_db_error().is_some() => Outcome::Refused,
+        Err(e) => Outcome::Unknown(super::pg_error(e)),
+    }
+}
+
+fn event(
+    off: i64,
+    run: RunKey,
+    kind: ChangeKind,
+    position: Option<u64>,
+    status: Option<RunStatus>,
+    ts_us: i64,
+) -> ChangeEvent {
+    ChangeEvent { seq: off as u64, run, kind, position, status, ts_us }
+}
+
+/// The batch's one statement; the first sequence number it took.
+async fn send(
+    inner: &Inner,
+    client: &ClientWrapper,
+    n: i64,
+    ts_us: i64,
+    fenced: &[(i64, i64)],
+    rows: &Rows<'_>,
+    statuses: &[StatusChange<'_>],
+) -> Result<i64, tokio_postgres::Error> {
+    // Prepared once per connection (a round trip the first time only).
+    let statement = client.prepare_cached(COMMIT_BATCH).await?;
+    let (fence_runs, fence_epochs): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
+    // A run's last status change in the batch is the one its row keeps;
+    // every change gets its change row.
+    let mut last: Vec<&StatusChange> = Vec::with_capacity(statuses.len());
+    for s in statuses {
+        match last.iter_mut().find(|l| l.run == s.run) {
+            Some(l) => *l = s,
+            None => last.push(s),
+        }
+    }
+    let update_runs: Vec<i64> = last.iter().map(|s| s.run).collect();
+    let update_status: Vec<&str> = last.iter().map(|s| s.status).collect();
+    let update_output: Vec<Option<&[u8]>> = last.iter().map(|s| s.output.as_deref()).collect();
+    let update_error: Vec<Option<&str>> = last.iter().map(|s| s.error.as_deref()).collect();
+    let update_finished: Vec<Option<i64>> = last.iter().map(|s| s.finished_at).collect();
+    let change_offs: Vec<i64> = statuses.iter().map(|s| s.off).collect();
+    let change_runs: Vec<i64> = statuses.iter().map(|s| s.run).collect();
+    let change_status: Vec<&str> = statuses.iter().map(|s| s.status).collect();
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &n,
+                &fence_runs,
+                &fence_epochs,
+                &ts_us,
+                &rows.off,
+                &rows.run,
+                &rows.position,
+                &rows.kind,
+                &rows.name,
+                &rows.occurrence,
+                &rows.attempt,
+                &rows.status,
+                &rows.output,
+                &rows.error,
+                &rows.started_at,
+                &rows.finished_at,
+                &rows.epoch,
+                &update_runs,
+                &update_status,
+                &update_output,
+                &update_error,
+                &update_finished,
+                &change_offs,
+                &change_runs,
+                &change_status,
+                &inner.owner,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
