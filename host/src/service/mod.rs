@@ -184,27 +184,16 @@ impl Service {
 
     /// Claim up to `max` unfinished runs, oldest first, passing over those
     /// `skip` names (held by this process already, or left alone).
-    pub async fn claim_next(&self, max: usize, skip: impl Fn(RunKey) -> bool) -> Result<Vec<ClaimedRun>, ServiceError> {
-        let mut claimed = Vec::new();
+    pub async fn claim_next(
+        &self,
+        max: usize,
+        skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
+    ) -> Result<Vec<ClaimedRun>, ServiceError> {
         if max == 0 {
-            return Ok(claimed);
+            return Ok(Vec::new());
         }
-        // Keys first (a worker holding 100,000 parked runs scans them at
-        // every look), then a lease and the whole run for each candidate.
-        for key in self.store.unfinished_keys().await? {
-            if claimed.len() >= max {
-                break;
-            }
-            if skip(key) {
-                continue;
-            }
-            let Some(lease) = self.store.lease(key).await? else { continue };
-            match self.store.run_by_key(key).await? {
-                Some(run) if !run.status.is_finished() => claimed.push(ClaimedRun { run: Arc::new(run), lease }),
-                _ => drop(lease),
-            }
-        }
-        Ok(claimed)
+        let claimed = self.store.claim_runs(max, skip).await?;
+        Ok(claimed.into_iter().map(|(run, lease)| ClaimedRun { run: Arc::new(run), lease }).collect())
     }
 
     /// Get ready to continue a run: finished runs are answered as they are;

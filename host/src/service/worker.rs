@@ -56,7 +56,7 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
         // Claim while there are free slots.
         let free = slots.available_permits();
         let claimed = service
-            .claim_next(free, |run| {
+            .claim_next(free, &|run| {
                 skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
             })
             .await;

@@ -312,6 +312,33 @@ pub trait RunStore: Send + Sync {
     /// Take the run's lease; `None` if another holder has it.
     async fn lease(&self, run: RunKey) -> Result<Option<Lease>, StoreError>;
 
+    /// Claim up to `max` unfinished runs that nobody holds, oldest first,
+    /// passing over those `skip` names: each read again under its lease
+    /// (a previous holder may have finished it meanwhile).
+    async fn claim_runs(
+        &self,
+        max: usize,
+        skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
+    ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
+        let mut claimed = Vec::new();
+        // Keys first (a worker holding 100,000 parked runs scans them at
+        // every look), then a lease and the whole run for each candidate.
+        for key in self.unfinished_keys().await? {
+            if claimed.len() >= max {
+                break;
+            }
+            if skip(key) {
+                continue;
+            }
+            let Some(lease) = self.lease(key).await? else { continue };
+            match self.run_by_key(key).await? {
+                Some(run) if !run.status.is_finished() => claimed.push((run, lease)),
+                _ => drop(lease),
+            }
+        }
+        Ok(claimed)
+    }
+
     /// The highest change sequence number committed so far (0 if none).
     async fn last_seq(&self) -> Result<u64, StoreError>;
     /// Up to `limit` changes with a sequence number above `after`, in order.

@@ -9,8 +9,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{Inner, pg_error, pool_error};
-use crate::model::RunKey;
+use super::{Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
+use crate::model::{RunKey, RunRecord};
 use crate::store::{Lease, StoreError};
 
 /// `--lease` when not given.
@@ -29,6 +29,62 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
         .await
         .map_err(pg_error)?;
     Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64)))
+}
+
+/// Up to `max` unfinished runs nobody holds, oldest first, except those
+/// `skip` names, each with its lease: candidates are read a page at a
+/// time (by the claimable index), and taken with `FOR UPDATE SKIP LOCKED`,
+/// so that workers claiming at once pass over each other's rows instead of
+/// queueing behind them.
+pub(super) async fn claim(
+    inner: &Arc<Inner>,
+    max: usize,
+    skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
+) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
+    let client = inner.pool.get().await.map_err(pool_error)?;
+    let free = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
+    let candidates = client
+        .prepare_cached(&format!(
+            "SELECT seq FROM runs WHERE {UNFINISHED} AND {free} AND seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .await
+        .map_err(pg_error)?;
+    let take = client
+        .prepare_cached(&format!(
+            "UPDATE runs SET owner = $3, epoch = epoch + 1,                lease_until = now() + $4::BIGINT * interval '1 millisecond'              WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free}                            ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)              RETURNING {RUN_COLUMNS}, epoch"
+        ))
+        .await
+        .map_err(pg_error)?;
+    let ms = inner.lease.as_millis() as i64;
+    let page = (max * 2).clamp(64, 4096) as i64;
+    let mut claimed = Vec::new();
+    let mut after = 0i64;
+    while claimed.len() < max {
+        let keys: Vec<i64> =
+            client.query(&candidates, &[&after, &page]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
+        let Some(&last) = keys.last() else { break };
+        after = last;
+        let wanted: Vec<i64> = keys.into_iter().filter(|&k| !skip(RunKey(k))).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let want = (max - claimed.len()) as i64;
+        for row in client.query(&take, &[&wanted, &want, &inner.owner, &ms]).await.map_err(pg_error)? {
+            let epoch = row.get::<_, i64>(15) as u64;
+            match run_from_row(&row) {
+                Ok(run) => {
+                    let lease = held(inner, run.key, epoch);
+                    claimed.push((run, lease));
+                }
+                // Its lease goes back at once (dropped).
+                Err(why) => {
+                    eprintln!("cairn: skipping {why}");
+                    drop(held(inner, RunKey(row.get(0)), epoch));
+                }
+            }
+        }
+    }
+    Ok(claimed)
 }
 
 /// A lease this process now holds (taken, or created with its run).

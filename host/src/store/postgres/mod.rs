@@ -445,6 +445,14 @@ impl RunStore for PostgresStore {
         lease::take(&self.inner, run).await
     }
 
+    async fn claim_runs(
+        &self,
+        max: usize,
+        skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
+    ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
+        lease::claim(&self.inner, max, skip).await
+    }
+
     async fn last_seq(&self) -> Result<u64, StoreError> {
         let rows = self.query("SELECT next - 1 FROM cairn_seq", &[]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
