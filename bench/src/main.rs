@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod effects;
+mod postgres;
 mod serve;
 
 use anyhow::{Context as _, Result, bail};
@@ -169,23 +170,13 @@ impl Bench {
 
 impl Host {
     async fn create(&self, n: usize, input: &Value, status: RunStatus) -> Result<Vec<RunRecord>> {
-        let config = RunConfig::new(Limits { max_memory_mib: 256, max_cpu_ms: 60_000, ..Limits::default() });
         let mut tickets = Vec::with_capacity(n);
-        let input = serde_json::to_vec(input)?;
         let first = self
             .store
             .submit(vec![Write::PutModule { hash: self.module.hash.clone(), bytes: self.module.bytes.clone() }]);
         first.await??;
-        for i in 0..n {
-            let run = NewRun {
-                id: format!("bench-{i}-{}", unique()),
-                module: self.module.hash.clone(),
-                module_path: "benchflow.wasm".into(),
-                input: input.clone(),
-                config: config.clone(),
-                status,
-                random_key: cairn::runtime::random::new_key().map_err(|e| anyhow::anyhow!("{e}"))?,
-            };
+        for _ in 0..n {
+            let run = new_run(&self.module, input, status)?;
             tickets.push(self.store.submit(vec![Write::CreateRun { run: Box::new(run), lease: false }]));
         }
         let mut runs = Vec::with_capacity(n);
@@ -223,6 +214,19 @@ impl Host {
         }
         Ok(start.elapsed())
     }
+}
+
+/// A bench run of the module: a fresh id, generous limits.
+fn new_run(module: &PreparedModule, input: &Value, status: RunStatus) -> Result<NewRun> {
+    Ok(NewRun {
+        id: format!("bench-{}", unique()),
+        module: module.hash.clone(),
+        module_path: "benchflow.wasm".into(),
+        input: serde_json::to_vec(input)?,
+        config: RunConfig::new(Limits { max_memory_mib: 256, max_cpu_ms: 60_000, ..Limits::default() }),
+        status,
+        random_key: cairn::runtime::random::new_key().map_err(|e| anyhow::anyhow!("{e}"))?,
+    })
 }
 
 /// With `CAIRN_BENCH_PERF_CTL=<fifo>` (`perf record -D -1 --control
@@ -600,6 +604,10 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     // W11: steps that each put a key-value entry.
     if b.wants("W11") {
         rows.extend(effects::w11(b).await?);
+    }
+    // W1, W2 and W4 on PostgreSQL.
+    if ["W1-pg", "W2-pg", "W4-pg"].iter().any(|w| b.wants(w)) {
+        rows.extend(postgres::rows(b).await?);
     }
     Ok(rows)
 }

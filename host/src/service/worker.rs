@@ -28,6 +28,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// After a look that filled every free slot: soon again, once instances
 /// have parked or finished and freed theirs.
 const BUSY_INTERVAL: Duration = Duration::from_millis(5);
+/// How long after another process's lease expires a worker with a free
+/// slot looks: the database's clock has passed it by then.
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(2);
 /// How long a stopping worker waits for live instances.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -86,8 +89,16 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 (run, claimed.run.id.clone(), result)
             });
         }
-        // Wait for a run to end, an event, the next look, or the stop signal.
-        let pause = tokio::time::sleep(if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL });
+        // Wait for a run to end, an event, the next look, or the stop signal;
+        // with a slot free, no later than another process's lease expires
+        // (a run whose holder died is taken over as soon as it may be).
+        let mut pause = if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL };
+        if !filled {
+            if let Ok(Some(expiry)) = service.store().next_takeover_in().await {
+                pause = pause.min(expiry + TAKEOVER_MARGIN);
+            }
+        }
+        let pause = tokio::time::sleep(pause);
         tokio::select! {
             _ = &mut stop => break 'claiming,
             _ = pause => {}

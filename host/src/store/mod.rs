@@ -339,6 +339,13 @@ pub trait RunStore: Send + Sync {
         Ok(claimed)
     }
 
+    /// How soon the earliest lease another process holds on an unfinished
+    /// run expires, if it does (the run can be taken over then); `None` for
+    /// stores whose locks go with their process.
+    async fn next_takeover_in(&self) -> Result<Option<std::time::Duration>, StoreError> {
+        Ok(None)
+    }
+
     /// The highest change sequence number committed so far (0 if none).
     async fn last_seq(&self) -> Result<u64, StoreError>;
     /// Up to `limit` changes with a sequence number above `after`, in order.

@@ -54,12 +54,24 @@ fn parse_payload(payload: &str) -> Option<(&str, u64)> {
 /// before this returns, so no commit after it is missed. If the connection
 /// drops (a server restart), the task reconnects with backoff and catches
 /// up from its cursor: what was committed meanwhile is published then.
-pub(super) async fn start(inner: &Arc<Inner>, config: tokio_postgres::Config) -> Result<(), StoreError> {
+/// The listener stops (and its connection closes) when the returned
+/// sender is dropped, with the store.
+pub(super) async fn start(
+    inner: &Arc<Inner>,
+    config: tokio_postgres::Config,
+) -> Result<tokio::sync::oneshot::Sender<()>, StoreError> {
     let (client, rx) = connect(&config).await?;
     let cursor: u64 =
         client.query_one("SELECT next - 1 FROM cairn_seq", &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
-    tokio::spawn(run(Arc::downgrade(inner), config, client, rx, cursor));
-    Ok(())
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run(weak, config, client, rx, cursor) => {}
+            _ = stopped => {}
+        }
+    });
+    Ok(stop)
 }
 
 /// A listening connection, and a receiver of each notification's payload
@@ -78,7 +90,7 @@ async fn connect(config: &tokio_postgres::Config) -> Result<(Client, mpsc::Unbou
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    eprintln!("cairn: the change listener's connection failed: {e}");
+                    eprintln!("cairn: the change listener's connection failed: {}", pg_error(e));
                     return;
                 }
             }

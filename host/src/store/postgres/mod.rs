@@ -45,7 +45,10 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) if db.code().code() == FENCE_FAILED => fence_error(db.detail()),
         Some(db) => StoreError::Backend(format!("{}: {}", db.code().code(), db.message())),
-        None => StoreError::Backend(e.to_string()),
+        None => match std::error::Error::source(&e) {
+            Some(cause) => StoreError::Backend(format!("{e}: {cause}")),
+            None => StoreError::Backend(e.to_string()),
+        },
     }
 }
 
@@ -63,7 +66,18 @@ fn fence_error(detail: Option<&str>) -> StoreError {
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Backend(format!("no database connection: {e}"))
+    StoreError::Backend(format!("no database connection: {}", pool_why(e)))
+}
+
+/// Why the pool has no connection, with the server's own words if it said any.
+fn pool_why(e: deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => match pg_error(e) {
+            StoreError::Backend(why) => why,
+            other => other.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// What the store's tasks share.
@@ -97,6 +111,8 @@ pub struct PostgresStore {
     db_id: String,
     cache_key: [u8; 32],
     writer: mpsc::UnboundedSender<writer::Job>,
+    /// Dropped with the store: the listener stops.
+    _listener: tokio::sync::oneshot::Sender<()>,
 }
 
 impl PostgresStore {
@@ -130,7 +146,7 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
         let mut client =
-            pool.get().await.map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
+            pool.get().await.map_err(|e| StoreError::CannotOpen { location: location.clone(), why: pool_why(e) })?;
         schema::migrate(&mut client, &location).await?;
         let meta = client.query("SELECT key, value FROM cairn_meta", &[]).await.map_err(pg_error)?;
         let get = |k: &str| meta.iter().find(|r| r.get::<_, String>(0) == k).map(|r| r.get::<_, String>(1));
@@ -154,11 +170,11 @@ impl PostgresStore {
             own: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
         });
-        listen::start(&inner, config).await?;
+        let listener = listen::start(&inner, config).await?;
         lease::start_heartbeat(&inner);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer::run(inner.clone(), rx));
-        Ok(PostgresStore { inner, location, db_id, cache_key, writer: tx })
+        Ok(PostgresStore { inner, location, db_id, cache_key, writer: tx, _listener: listener })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -451,6 +467,19 @@ impl RunStore for PostgresStore {
         skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
     ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
         lease::claim(&self.inner, max, skip).await
+    }
+
+    async fn next_takeover_in(&self) -> Result<Option<Duration>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT (extract(epoch FROM min(lease_until) - now()) * 1000)::BIGINT FROM runs \
+                     WHERE {UNFINISHED} AND owner IS NOT NULL AND owner <> $1 AND lease_until > now()"
+                ),
+                &[&self.inner.owner],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.get::<_, Option<i64>>(0)).map(|ms| Duration::from_millis(ms.max(0) as u64)))
     }
 
     async fn last_seq(&self) -> Result<u64, StoreError> {

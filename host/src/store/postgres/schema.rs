@@ -102,7 +102,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE kv_namespaces (namespace TEXT PRIMARY KEY, keys BIGINT NOT NULL);
     "#,
     // 2: the fence as one server-side check, so that a whole batch's writes
-    // can be pipelined behind it and fail with it; and an index for claims.
+    // can be sent with it and fail with it.
     r#"
     -- Share-locks the runs (in key order: a takeover's UPDATE waits for the
     -- writing transaction), then fails with CN001 unless each still has the
@@ -123,9 +123,6 @@ const MIGRATIONS: &[&str] = &[
                 USING ERRCODE = 'CN001', DETAIL = format('%s %s %s', lost.run, lost.held, coalesce(lost.now, -1));
         END IF;
     END $$;
-    -- Runs nobody holds, or whose lease may have expired, oldest first.
-    CREATE INDEX runs_claimable ON runs(seq, lease_until) WHERE status NOT IN ('completed', 'failed', 'cancelled');
-    DROP INDEX runs_unfinished;
     -- Every history row is written under its run's fence, which finds the
     -- run; a foreign key would check it again, with a row lock, per row.
     ALTER TABLE history DROP CONSTRAINT history_run_fkey;

@@ -1,0 +1,328 @@
+//! W1, W2 and W4 on PostgreSQL (issue 12), on a server on this machine
+//! with `fsync` and `synchronous_commit` on: `CAIRN_BENCH_PG`, else a
+//! throwaway cluster of `scripts/pg-cluster.sh` (`--quick` takes
+//! `CAIRN_TEST_PG` first, the cluster `make test` runs). Without a server
+//! the rows say so and the other workloads go on.
+//!
+//! - W1: one run of sequential steps in this process, against single-row
+//!   durable commits from this process to the same server, measured next to
+//!   each repetition.
+//! - W2: two real `cairn worker` processes, idle, then runs created pending
+//!   in one commit; timed from that commit (which wakes the workers) to the
+//!   last completion the database records.
+//! - W4: a `cairn worker` executing a run is killed with SIGKILL; timed from
+//!   the kill to the first step another worker commits under a new epoch.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use cairn::model::{RunStatus, now_ms, now_us};
+use cairn::runtime::engine::ModuleCache;
+use cairn::runtime::{Executor, RunOutcome, WasmEngine};
+use cairn::store::postgres::PostgresStore;
+use cairn::store::{Durability, RunStore, Write};
+use serde_json::json;
+
+use super::{Bench, Row, median, new_run, workspace};
+
+/// W4's lease: the takeover's target is this plus 100 ms.
+const W4_LEASE: Duration = Duration::from_secs(1);
+
+/// A PostgreSQL server for the bench; a cluster of its own is stopped on drop.
+struct Server {
+    admin: String,
+    cluster: Option<PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.cluster {
+            let _ = Command::new(workspace().join("scripts/pg-cluster.sh"))
+                .arg("stop")
+                .arg(dir)
+                .env_remove("CAIRN_TEST_PG")
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Server {
+    fn start(quick: bool) -> Result<Server> {
+        let given = std::env::var("CAIRN_BENCH_PG")
+            .ok()
+            .or_else(|| if quick { std::env::var("CAIRN_TEST_PG").ok() } else { None });
+        if let Some(admin) = given {
+            return Ok(Server { admin, cluster: None });
+        }
+        let dir = std::env::temp_dir().join(format!("cairn-bench-pg-{}", std::process::id()));
+        let out = Command::new(workspace().join("scripts/pg-cluster.sh"))
+            .arg("start")
+            .arg(&dir)
+            .env_remove("CAIRN_TEST_PG")
+            // Durable, as a production server is.
+            .env_remove("CAIRN_PG_OPTIONS")
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running scripts/pg-cluster.sh")?;
+        let mut server = Server { admin: String::new(), cluster: Some(dir) };
+        if !out.status.success() {
+            bail!("scripts/pg-cluster.sh start failed ({})", out.status);
+        }
+        server.admin = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().trim().to_string();
+        Ok(server)
+    }
+
+    /// A new, empty database on the server: its URL.
+    async fn fresh_db(&self, name: &str) -> Result<String> {
+        let (client, connection) = tokio_postgres::connect(&self.admin, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let db = format!("cairn_bench_{name}");
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+        client.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+        let mut url = url::Url::parse(&self.admin)?;
+        url.set_path(&db);
+        Ok(url.to_string())
+    }
+}
+
+/// A plain connection for the bench's own queries.
+async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
+    let server = match Server::start(b.quick) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("W1-pg, W2-pg, W4-pg skipped: no PostgreSQL server ({e:#})");
+            return Ok(vec![skipped(&format!("no PostgreSQL server: {e:#}"))]);
+        }
+    };
+    let mut rows = Vec::new();
+    if b.wants("W1-pg") {
+        rows.push(w1(b, &server).await?);
+    }
+    if b.wants("W2-pg") {
+        rows.push(w2(b, &server).await?);
+    }
+    if b.wants("W4-pg") {
+        rows.push(w4(b, &server).await?);
+    }
+    Ok(rows)
+}
+
+fn skipped(why: &str) -> Row {
+    Row {
+        id: "W*-pg",
+        workload: "W1, W2 and W4 on PostgreSQL".into(),
+        value: f64::NAN,
+        unit: "(skipped)",
+        baseline: None,
+        ratio: None,
+        target: why.into(),
+        extra: json!({ "skipped": why }),
+    }
+}
+
+/// Single-row durable commits to the server (autocommit inserts): per second.
+async fn baseline(url: &str, commits: usize) -> Result<f64> {
+    let client = connect(url).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS baseline (run INT, position INT, output BYTEA, PRIMARY KEY (run, position))",
+        )
+        .await?;
+    let insert = client.prepare("INSERT INTO baseline VALUES (1, $1, $2)").await?;
+    let payload = vec![b'x'; 100];
+    let start = Instant::now();
+    for i in 0..commits {
+        client.execute(&insert, &[&(i as i32), &payload]).await?;
+    }
+    Ok(commits as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
+    let steps = b.sizes.w1_steps;
+    let (mut rates, mut bases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..b.sizes.reps {
+        let base = baseline(&server.fresh_db("w1_baseline").await?, steps as usize).await?;
+        let url = server.fresh_db("w1").await?;
+        let store: Arc<dyn RunStore> =
+            Arc::new(PostgresStore::connect(&url, Durability::Power, Duration::from_secs(5)).await?);
+        let cache = Some(ModuleCache { dir: b.cache.clone(), key: store.cache_key() });
+        let executor = Arc::new(Executor::new(Arc::new(WasmEngine::new(cache)?), store.clone())?);
+        let module = executor.prepare(std::fs::read(&b.guest)?, &b.guest.display().to_string()).await?;
+        let run = new_run(&module, &json!({"mode": "steps", "n": steps}), RunStatus::Running)?;
+        let writes = vec![
+            Write::PutModule { hash: module.hash.clone(), bytes: module.bytes.clone() },
+            Write::CreateRun { run: Box::new(run), lease: true },
+        ];
+        // Held as `cairn run` holds its run: its writes are fenced.
+        let (record, _lease) = cairn::store::commit(&*store, writes).await?.created.remove(0);
+        let start = Instant::now();
+        match executor.execute(&Arc::new(record)).await? {
+            RunOutcome::Completed(_) => {}
+            other => bail!("W1-pg: the run did not complete: {other:?}"),
+        }
+        let rate = steps as f64 / start.elapsed().as_secs_f64();
+        rates.push(rate);
+        bases.push(base);
+        ratios.push(rate / base);
+    }
+    Ok(Row {
+        id: "W1-pg",
+        workload: format!("PostgreSQL: 1 run x {steps} sequential steps (--durability power)"),
+        value: median(rates),
+        unit: "steps/s",
+        baseline: Some((median(bases), "1-row durable commits/s")),
+        ratio: Some(median(ratios.clone())),
+        target: ">= 0.9 x baseline".into(),
+        extra: json!({ "ratios": ratios }),
+    })
+}
+
+/// A `cairn worker` on the database, its output dropped.
+fn worker(b: &Bench, url: &str, lease: Duration) -> Result<Child> {
+    Ok(Command::new(&b.cairn)
+        .args(["--db", url, "--lease", &lease.as_secs_f64().to_string(), "worker", "--concurrency", "256"])
+        .env("CAIRN_CACHE_DIR", &b.cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// Kills the workers when the workload ends, however it ends.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn w2(b: &mut Bench, server: &Server) -> Result<Row> {
+    let (runs_n, steps) = b.sizes.w2_large;
+    let url = server.fresh_db("w2").await?;
+    let store: Arc<dyn RunStore> =
+        Arc::new(PostgresStore::connect(&url, Durability::Power, Duration::from_secs(5)).await?);
+    // Compiled into the cache the workers read (the same database, so the same key).
+    let cache = Some(ModuleCache { dir: b.cache.clone(), key: store.cache_key() });
+    let executor = Executor::new(Arc::new(WasmEngine::new(cache)?), store.clone())?;
+    let module = executor.prepare(std::fs::read(&b.guest)?, &b.guest.display().to_string()).await?;
+    cairn::store::commit(&*store, vec![Write::PutModule { hash: module.hash.clone(), bytes: module.bytes.clone() }])
+        .await?;
+    let _workers = Workers(vec![worker(b, &url, Duration::from_secs(5))?, worker(b, &url, Duration::from_secs(5))?]);
+    let client = connect(&url).await?;
+    let mut rates = Vec::new();
+    let mut done = 0i64;
+    // One unmeasured burst first: the workers' pools and caches are warm.
+    for rep in 0..=b.sizes.reps {
+        let mut writes = Vec::with_capacity(runs_n);
+        for _ in 0..runs_n {
+            let run = new_run(&module, &json!({"mode": "steps", "n": steps}), RunStatus::Pending)?;
+            writes.push(Write::CreateRun { run: Box::new(run), lease: false });
+        }
+        cairn::store::commit(&*store, writes).await?;
+        let created_ms = now_ms();
+        done += runs_n as i64;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let completed: i64 =
+                client.query_one("SELECT count(*) FROM runs WHERE status = 'completed'", &[]).await?.get(0);
+            if completed >= done {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("W2-pg: {completed} of {done} runs completed after 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last_ms: i64 = client.query_one("SELECT max(finished_at) FROM runs", &[]).await?.get(0);
+        if rep > 0 {
+            let took = Duration::from_millis((last_ms - created_ms).max(1) as u64);
+            rates.push((runs_n as u64 * steps as u64) as f64 / took.as_secs_f64());
+        }
+    }
+    Ok(Row {
+        id: "W2-pg",
+        workload: format!(
+            "PostgreSQL: {runs_n} runs x {steps} steps, created pending in one commit, 2 idle `cairn worker`s"
+        ),
+        value: median(rates.clone()),
+        unit: "steps/s",
+        baseline: None,
+        ratio: None,
+        target: ">= 20,000 steps/s".into(),
+        extra: json!({ "rates": rates }),
+    })
+}
+
+async fn w4(b: &mut Bench, server: &Server) -> Result<Row> {
+    let mut takeovers = Vec::new();
+    for _ in 0..b.sizes.reps {
+        takeovers.push(w4_once(b, server).await?);
+    }
+    let lease_ms = W4_LEASE.as_secs_f64() * 1000.0;
+    Ok(Row {
+        id: "W4-pg",
+        workload: format!("PostgreSQL: kill -9 a worker mid-run; another takes over (--lease {})", W4_LEASE.as_secs()),
+        value: median(takeovers.clone()),
+        unit: "ms to first new step",
+        baseline: Some((lease_ms, "ms, the lease")),
+        ratio: None,
+        target: format!("<= {} ms (lease + 100 ms)", lease_ms + 100.0),
+        extra: json!({ "takeovers_ms": takeovers }),
+    })
+}
+
+async fn w4_once(b: &mut Bench, server: &Server) -> Result<f64> {
+    let url = server.fresh_db("w4").await?;
+    let client = connect(&url).await?;
+    let mut first = Workers(vec![worker(b, &url, W4_LEASE)?]);
+    let started = Command::new(&b.cairn)
+        .args(["--db", &url, "start", b.guest.to_str().unwrap_or_default(), "--run-id", "w4"])
+        .args(["--input", r#"{"mode":"steps","n":100000000}"#])
+        .env("CAIRN_CACHE_DIR", &b.cache)
+        .stdout(Stdio::null())
+        .status()?;
+    if !started.success() {
+        bail!("W4-pg: cairn start failed");
+    }
+    let mut workers = Workers(Vec::new());
+    let count = "SELECT count(*) FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 'w4'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.query_one(count, &[]).await?.get::<_, i64>(0) < 200 {
+        if Instant::now() > deadline {
+            bail!("W4-pg: the run made no progress");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second worker is up and idle (the run is held) before the kill.
+    workers.0.push(worker(b, &url, W4_LEASE)?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let epoch: i64 = client.query_one("SELECT epoch FROM runs WHERE id = 'w4'", &[]).await?.get(0);
+    first.0[0].kill()?;
+    let killed_us = now_us();
+    first.0[0].wait()?;
+    let after = "SELECT min(h.committed_us) FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 'w4' AND h.epoch > $1";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let taken: i64 = loop {
+        if let Some(us) = client.query_one(after, &[&epoch]).await?.get::<_, Option<i64>>(0) {
+            break us;
+        }
+        if Instant::now() > deadline {
+            bail!("W4-pg: nobody took the run over");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    Ok((taken - killed_us) as f64 / 1000.0)
+}
