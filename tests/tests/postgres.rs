@@ -231,3 +231,116 @@ impl Drop for Cluster {
             std::process::Command::new(Self::script()).arg("stop").arg(&self.dir).env_remove("CAIRN_TEST_PG").output();
     }
 }
+
+/// Rows of a query on the world's database, each as its columns' text.
+fn sql(w: &World, query: &str) -> Vec<Vec<Option<String>>> {
+    let url = w.db.to_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let rows = client.simple_query(query).await.unwrap();
+        rows.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// Three workers, 1,000 runs of steps, branches, sleeps and signals; one
+/// worker killed with SIGKILL mid-way and started again. Every run
+/// completes with its output, no step committed before the kill runs
+/// again, and each run's history was written by one epoch at a time.
+#[test]
+fn three_workers_run_a_thousand_runs_through_a_kill() {
+    let Some(w) = World::postgres("pg-thousand") else { return };
+    let data = w.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    let (benchflow, signals) = (benchflow(), guest("signals").display().to_string());
+    let worker = |tag: &str| w.spawn(&["--lease", "1", "worker", "--concurrency", "64"], tag);
+    let mut workers = vec![worker("worker-0"), worker("worker-1"), worker("worker-2")];
+
+    // (id, module, input, expected output)
+    let mut runs: Vec<(String, &str, String, serde_json::Value)> = Vec::new();
+    for i in 0..1000 {
+        let id = format!("r{i:04}");
+        let (module, input, output) = match i % 10 {
+            0 => (&benchflow, json!({"mode": "branches", "n": 3, "sleep_ms": 20}), json!(3)),
+            1 => (&benchflow, json!({"mode": "park", "sleep_ms": 300}), json!(3)),
+            2 => (&signals, json!({"waits": [{"name": "go"}]}), json!([i])),
+            _ => {
+                let log = format!("/data/{id}.txt");
+                (&benchflow, json!({"mode": "steps", "n": 5, "log": log}), json!(5010))
+            }
+        };
+        runs.push((id, module.as_str(), input.to_string(), output));
+    }
+    // Started 8 at a time (each `cairn start` is a process).
+    for chunk in runs.chunks(8) {
+        let children: Vec<_> = chunk
+            .iter()
+            .map(|(id, module, input, _)| {
+                w.cmd(&["start", module, "--run-id", id, "--dir", &grant, "--input", input])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "start: {}", text(&out.stderr));
+        }
+    }
+    let completed = |w: &World| sql(w, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0].clone().unwrap();
+    wait_until("a third of the runs", Duration::from_secs(120), || completed(&w).parse::<usize>().unwrap() >= 300);
+    kill9(&mut workers[0]);
+    // What was committed when the worker died: its steps must not run again.
+    let committed: HashMap<String, u64> = sql(
+        &w,
+        "SELECT r.id, count(h.*) FILTER (WHERE h.kind = 'step' AND h.status = 'completed') \
+         FROM runs r LEFT JOIN history h ON h.run = r.seq GROUP BY r.id",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone().unwrap(), r[1].as_deref().unwrap().parse().unwrap()))
+    .collect();
+    workers[0] = worker("worker-0-again");
+    for (i, (id, module, _, _)) in runs.iter().enumerate() {
+        if *module == signals {
+            let out = w.run(&["signal", id, "go", &i.to_string()]);
+            assert!(out.status.success(), "signal {id}: {}", text(&out.stderr));
+        }
+    }
+    wait_until("every run", Duration::from_secs(300), || completed(&w) == "1000");
+    for c in &mut workers {
+        kill9(c);
+    }
+
+    let outputs: HashMap<String, serde_json::Value> =
+        sql(&w, "SELECT id, convert_from(output, 'UTF8') FROM runs")
+            .into_iter()
+            .map(|r| (r[0].clone().unwrap(), serde_json::from_str(r[1].as_deref().unwrap()).unwrap()))
+            .collect();
+    for (id, module, input, expected) in &runs {
+        assert_eq!(&outputs[id], expected, "run {id}");
+        if *module == benchflow && input.contains("\"steps\"") {
+            let log = logged(&data.join(format!("{id}.txt")));
+            for step in 0..committed[id] {
+                assert_eq!(log.get(&step), Some(&1), "run {id}: step {step}, committed before the kill, ran once");
+            }
+        }
+    }
+    // One epoch at a time: along each run's history, the epoch never goes back.
+    let back = sql(
+        &w,
+        "SELECT count(*) FROM (SELECT epoch < max(epoch) OVER (PARTITION BY run ORDER BY position \
+         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS back FROM history) h WHERE back",
+    );
+    assert_eq!(back[0][0].as_deref(), Some("0"), "a history row of an older epoch after a newer one");
+    let taken_over = sql(&w, "SELECT count(DISTINCT run) FROM history WHERE epoch > 1");
+    assert_ne!(taken_over[0][0].as_deref(), Some("0"), "the killed worker's runs were taken over");
+}

@@ -142,8 +142,10 @@ pub(super) fn start_heartbeat(inner: &Arc<Inner>) {
                 Ok(client) => {
                     if let Err(e) = client
                         .execute(
+                            // Rows locked in key order, as writers lock them.
                             "UPDATE runs SET lease_until = now() + $2::BIGINT * interval '1 millisecond' \
-                             WHERE seq = ANY($1) AND owner = $3",
+                             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND owner = $3 \
+                                           ORDER BY seq FOR NO KEY UPDATE)",
                             &[&runs, &ms, &inner.owner],
                         )
                         .await

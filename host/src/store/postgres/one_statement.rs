@@ -3,9 +3,10 @@
 //!
 //! One statement in autocommit is one transaction and one round trip, like
 //! the single-row insert it is measured against: it takes its sequence
-//! numbers (`UPDATE cairn_seq ... RETURNING`, whose row lock orders commits),
-//! fences every run of the batch (`cairn_fence`, which fails the statement
-//! if one was taken over), inserts all history rows and change rows, updates
+//! numbers (whose row lock orders commits) and then fences every run of the
+//! batch (`cairn_take_seq`, which fails the statement if one was taken
+//! over; the status updates wait for it, so locks are taken in the order
+//! every writer takes them), inserts all history rows and change rows, updates
 //! the statuses and notifies, all in data-modifying `WITH` clauses, so the
 //! batch lands whole or not at all. `synchronous_commit` is the session's
 //! (set on every connection from `--durability`). When the server refuses
@@ -33,9 +34,7 @@ pub(super) enum Outcome {
 
 const COMMIT_BATCH: &str = "\
 WITH seq AS (
-    UPDATE cairn_seq SET next = next + $1::BIGINT RETURNING next - $1::BIGINT AS first
-), fence AS (
-    SELECT cairn_fence($2::BIGINT[], $3::BIGINT[])
+    SELECT cairn_take_seq($1::BIGINT, $2::BIGINT[], $3::BIGINT[]) AS first
 ), history_rows AS (
     INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
                          started_at, finished_at, epoch, committed_us)
@@ -47,7 +46,7 @@ WITH seq AS (
                 finished_at, epoch)
 ), statuses AS (
     UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished_at
-      FROM unnest($18::BIGINT[], $19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::BIGINT[])
+      FROM seq, unnest($18::BIGINT[], $19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::BIGINT[])
            AS u(run, status, output, error, finished_at)
      WHERE runs.seq = u.run
 ), status_changes AS (
@@ -55,7 +54,7 @@ WITH seq AS (
     SELECT seq.first + u.off, u.run, 'status', u.status, $4::BIGINT
       FROM seq, unnest($23::BIGINT[], $24::BIGINT[], $25::TEXT[]) AS u(off, run, status)
 )
-SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT)) FROM seq, fence";
+SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT)) FROM seq";
 
 /// The history rows of a batch, column by column.
 #[derive(Default)]

@@ -123,6 +123,18 @@ const MIGRATIONS: &[&str] = &[
                 USING ERRCODE = 'CN001', DETAIL = format('%s %s %s', lost.run, lost.held, coalesce(lost.now, -1));
         END IF;
     END $$;
+    -- A batch's sequence numbers, then its fence: in this order, as every
+    -- writer takes its locks (the sequence's row, then runs in key order),
+    -- so that no two writers, or a writer and a heartbeat, wait in a circle.
+    CREATE FUNCTION cairn_take_seq(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[]) RETURNS BIGINT
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        first BIGINT;
+    BEGIN
+        UPDATE cairn_seq SET next = next + n RETURNING next - n INTO first;
+        PERFORM cairn_fence(fenced_runs, held_epochs);
+        RETURN first;
+    END $$;
     -- Every history row is written under its run's fence, which finds the
     -- run; a foreign key would check it again, with a row lock, per row.
     ALTER TABLE history DROP CONSTRAINT history_run_fkey;

@@ -111,9 +111,26 @@ async fn transact(
     // inside this transaction (SIGSTOP, a VM migration) can hold the
     // sequence's row lock (the server ends its session after a lease's
     // length), and that lock with the next number.
+    // Then the runs this process holds that the batch writes, in key order:
+    // every writer takes its locks in this order (see `cairn_take_seq`).
+    let mut held: Vec<i64> = jobs
+        .iter()
+        .flat_map(|j| &j.writes)
+        .filter_map(Write::run)
+        .filter(|&run| inner.held_epoch(run).is_some())
+        .map(|run| run.0)
+        .collect();
+    held.sort_unstable();
+    held.dedup();
+    let lock_runs = if held.is_empty() {
+        String::new()
+    } else {
+        let keys: Vec<String> = held.iter().map(i64::to_string).collect();
+        format!("; SELECT 1 FROM runs WHERE seq IN ({}) ORDER BY seq FOR SHARE", keys.join(","))
+    };
     let opening = format!(
         "BEGIN; SET LOCAL synchronous_commit = {sync}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-         SELECT next FROM cairn_seq FOR UPDATE",
+         SELECT next FROM cairn_seq FOR UPDATE{lock_runs}",
         inner.lease.as_millis().max(1)
     );
     let first: i64 = tx
