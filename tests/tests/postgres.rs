@@ -344,3 +344,61 @@ fn three_workers_run_a_thousand_runs_through_a_kill() {
     let taken_over = sql(&w, "SELECT count(DISTINCT run) FROM history WHERE epoch > 1");
     assert_ne!(taken_over[0][0].as_deref(), Some("0"), "the killed worker's runs were taken over");
 }
+
+/// `cairn migrate --from cairn.db --to postgres://...` moves runs (finished,
+/// killed mid-run, waiting with a signal delivered), modules, key-value
+/// entries and tokens; it refuses while a process executes one of the runs,
+/// and refuses a target that is not empty. The runs go on on PostgreSQL
+/// with no committed step run again.
+#[test]
+fn an_sqlite_database_moves_to_postgres_whole() {
+    let Some(pg) = World::postgres("pg-migrate") else { return };
+    let lite = World::new("pg-migrate-sqlite");
+    let data = lite.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    let (wasm, signals) = (benchflow(), guest("signals").display().to_string());
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", text(&out.stderr));
+    ok(lite.run(&["run", &wasm, "--run-id", "done", "--input", r#"{"mode":"steps","n":5}"#]));
+    let input = json!({"mode": "steps", "n": 300, "log": "/data/log.txt"}).to_string();
+    let mut child = lite.spawn(&["run", &wasm, "--run-id", "killed", "--dir", &grant, "--input", &input], "killed");
+    wait_until("some steps", Duration::from_secs(60), || {
+        lite.try_show("killed").is_some_and(|s| s["steps"].as_u64() >= Some(20))
+    });
+    kill9(&mut child);
+    let committed = lite.show("killed")["steps"].as_u64().unwrap();
+    ok(lite.run(&["start", &signals, "--run-id", "sig", "--input", r#"{"waits":[{"name":"go"}]}"#]));
+    ok(lite.run(&["signal", "sig", "go", r#""hello""#]));
+    ok(lite.run(&["kv", "put", "--namespace", "ns", "k", r#"{"a":1}"#]));
+    ok(lite.run(&["token", "create", "--name", "ops", "--role", "operator"]));
+
+    let from = lite.db.to_str().unwrap();
+    let to = pg.db.to_str().unwrap();
+    // A run another process executes: refused, nothing moved.
+    let paced = r#"{"mode":"paced","n":100000,"sleep_ms":5}"#;
+    let mut live = lite.spawn(&["run", &wasm, "--run-id", "live", "--input", paced], "live");
+    wait_until("the live run", Duration::from_secs(60), || {
+        lite.try_show("live").is_some_and(|s| s["steps"].as_u64() >= Some(1))
+    });
+    assert_fails(&lite.run(&["migrate", "--from", from, "--to", to]), 4, &["live", "another cairn process"]);
+    assert!(pg.runs().is_empty(), "a refused migrate wrote nothing");
+    kill9(&mut live);
+
+    ok(lite.run(&["migrate", "--from", from, "--to", to]));
+    assert_fails(&lite.run(&["migrate", "--from", from, "--to", to]), 2, &["not empty"]);
+    for id in ["done", "killed", "sig", "live"] {
+        assert_eq!(pg.show(id), lite.show(id), "run {id} reads the same on both");
+    }
+    assert_eq!(json_stdout(&pg.run(&["kv", "get", "--namespace", "ns", "k"])), json!({"a": 1}));
+    assert!(text(&pg.run(&["token", "list"]).stdout).contains("ops"));
+
+    // On PostgreSQL from here: no committed step runs again.
+    let out = json_stdout(&pg.run(&["resume", "killed"]));
+    assert_eq!(out, json!((0..300u64).map(|i| 1000 + i).sum::<u64>()));
+    let log = logged(&data.join("log.txt"));
+    for i in 0..committed {
+        assert_eq!(log.get(&i), Some(&1), "committed step {i} ran once");
+    }
+    assert_eq!(json_stdout(&pg.run(&["resume", "sig"])), json!(["hello"]));
+    ok(pg.run(&["cancel", "live"]));
+    ok(pg.run(&["run", &wasm, "--run-id", "after", "--input", r#"{"mode":"steps","n":2}"#]));
+}

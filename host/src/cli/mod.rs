@@ -101,6 +101,18 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCommand,
     },
+    /// Move an SQLite database into an empty PostgreSQL one: runs (finished
+    /// and unfinished, with their histories), modules, signals, tokens and
+    /// key-value entries. Stop every process using the SQLite file first:
+    /// runs that one executes are refused.
+    Migrate {
+        /// The SQLite database to move.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL database to move it into (`postgres://user@host:port/db`), empty.
+        #[arg(long)]
+        to: String,
+    },
     /// Show a run's history.
     Show {
         run_id: String,
@@ -465,7 +477,41 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Token { action } => token(&cli, action).await,
         Command::Cancel { run_id, grace } => cancel(&cli, run_id, *grace).await,
         Command::Kv { action } => kv(&cli, action).await,
+        Command::Migrate { from, to } => migrate(&cli, from, to).await,
     }
+}
+
+async fn migrate(cli: &Cli, from: &std::path::Path, to: &str) -> Result<u8, Failure> {
+    if !crate::store::postgres::is_postgres_url(to) {
+        return Err(Failure::usage(format!("--to must be a PostgreSQL URL (postgres://user@host:port/db), not {to:?}")));
+    }
+    if !from.exists() {
+        return Err(ServiceError::NoDatabase(from.display().to_string()).into());
+    }
+    let source = SqliteStore::open(from, Durability::Power)?;
+    // Every unfinished run's lock, held until the move is done: none may be
+    // executing (its next steps would be lost), and none starts meanwhile.
+    let mut locks = Vec::new();
+    for run in source.unfinished_runs().await? {
+        match source.lease(run.key).await? {
+            Some(lock) => locks.push(lock),
+            None => return Err(ServiceError::RunBusy(run.id).into()),
+        }
+    }
+    let target = {
+        let url = to.to_string();
+        let lease = std::time::Duration::from_secs_f64(cli.lease.clamp(0.001, 1e6));
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(crate::store::postgres::PostgresStore::connect(&url, Durability::Power, lease))
+        })?
+    };
+    let moved = target.import_sqlite(from).await?;
+    drop(locks);
+    let counts: Vec<String> = moved.iter().map(|(table, n)| format!("{table} {n}")).collect();
+    eprintln!("cairn: moved {} into {}: {}", from.display(), target.location(), counts.join(", "));
+    eprintln!("cairn: go on with --db {} (the SQLite file is unchanged)", target.location());
+    Ok(exit::OK)
 }
 
 async fn cancel(cli: &Cli, run_id: &str, grace: Option<std::time::Duration>) -> Result<u8, Failure> {

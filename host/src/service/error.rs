@@ -157,7 +157,7 @@ impl ServiceError {
 fn store_class(e: &StoreError) -> ErrorClass {
     match e {
         StoreError::Locked { .. } => class(exit::BUSY, 503, ErrorCode::Busy),
-        StoreError::RunExists(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
+        StoreError::RunExists(_) | StoreError::NotEmpty(_) => class(exit::USAGE, 409, ErrorCode::Conflict),
         _ => class(exit::FAILED, 500, ErrorCode::Internal),
     }
 }

@@ -10,6 +10,7 @@
 //! `cairn_seq` first, so transactions that write changes commit one after
 //! the other, in the order of their numbers.
 
+mod import;
 mod lease;
 mod listen;
 mod one_statement;
