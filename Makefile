@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 GUESTS := ecommerce onboarding crashtest divergent misbehave timers signals branches benchflow effects
 
-.PHONY: all build host guests setup test demo demo-ecommerce bench torture clean
+.PHONY: all build host guests setup test test-with-pg demo demo-ecommerce bench torture clean
 
 all: build
 
@@ -31,7 +31,16 @@ build: host guests
 # (Debian's postgresql, installed when missing) for the length of the tests.
 test: build
 	./scripts/ensure-chromium.sh
-	./scripts/with-pg.sh $(CARGO) test --release --locked
+	./scripts/with-pg.sh $(MAKE) --no-print-directory test-with-pg
+
+# The end-to-end suites that are not about SQLite itself (its file, its
+# locks, its disk), run a second time on PostgreSQL: the test matrix.
+PG_MATRIX := branches cli crash_replay effects limits nondeterminism serve signals_cancel timers_retries tokens worker
+
+# Inside scripts/with-pg.sh (CAIRN_TEST_PG is set).
+test-with-pg:
+	$(CARGO) test --release --locked
+	CAIRN_E2E_BACKEND=postgres $(CARGO) test --release --locked -p cairn-e2e $(addprefix --test ,$(PG_MATRIX))
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
 	$(TARGET_DIR)/release/cairn-bench --quick
 

@@ -42,7 +42,19 @@ pub struct World {
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl World {
+    /// A world on the backend of the test matrix: SQLite, or PostgreSQL
+    /// when `CAIRN_E2E_BACKEND=postgres` (`make test` runs the suites that
+    /// are not about SQLite itself a second time that way).
     pub fn new(name: &str) -> World {
+        if matrix_postgres() {
+            return World::postgres(name).expect("CAIRN_E2E_BACKEND=postgres needs CAIRN_TEST_PG");
+        }
+        World::sqlite(name)
+    }
+
+    /// A world whose database is an SQLite file in its scratch directory
+    /// (for what is about SQLite itself: its file, its locks, its disk).
+    pub fn sqlite(name: &str) -> World {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = target_dir().join("e2e").join(format!("{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -60,7 +72,7 @@ impl World {
             eprintln!("skipped: no PostgreSQL server (CAIRN_TEST_PG; `make test` starts one)");
             return None;
         };
-        let mut w = World::new(name);
+        let mut w = World::sqlite(name);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let db = format!("cairn_e2e_{}_{}_{n}", name.replace('-', "_"), std::process::id());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -73,6 +85,25 @@ impl World {
         let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
         w.db = PathBuf::from(format!("{base}/{db}"));
         Some(w)
+    }
+
+    /// Everything the database holds, as bytes to search: the SQLite file
+    /// and its WAL, or a `pg_dump` of the PostgreSQL database.
+    pub fn database_bytes(&self) -> Vec<u8> {
+        if self.is_postgres() {
+            let bin = std::fs::read_dir("/usr/lib/postgresql")
+                .expect("PostgreSQL's binaries")
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin/pg_dump")))
+                .filter(|p| p.exists())
+                .max()
+                .expect("pg_dump");
+            let out = Command::new(bin).arg(&self.db).output().expect("pg_dump runs");
+            assert!(out.status.success(), "pg_dump: {}", text(&out.stderr));
+            return out.stdout;
+        }
+        let mut bytes = std::fs::read(&self.db).expect("the database file");
+        bytes.extend(std::fs::read(format!("{}-wal", self.db.display())).unwrap_or_default());
+        bytes
     }
 
     /// Whether the world's database is PostgreSQL.
@@ -92,6 +123,9 @@ impl World {
         let mut c = Command::new(cairn_bin());
         c.env_remove("CAIRN_DB").env_remove("CAIRN_DURABILITY");
         c.env("CAIRN_CACHE_DIR", target_dir().join("e2e-cache"));
+        if matrix_postgres() {
+            c.env("CAIRN_LEASE", MATRIX_LEASE.as_secs_f64().to_string());
+        }
         c.arg("--db").arg(&self.db).args(args);
         c.stdin(Stdio::null());
         c
@@ -183,6 +217,20 @@ pub fn kill9(child: &mut Child) {
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let status = child.wait().expect("reap");
     assert!(!status.success(), "the child was expected to die from SIGKILL, it exited: {status:?}");
+    // On PostgreSQL a dead process's runs are taken over when its leases
+    // expire (on SQLite the OS releases its locks at once): what the
+    // suites do next after a kill needs that.
+    if matrix_postgres() {
+        std::thread::sleep(MATRIX_LEASE + Duration::from_millis(200));
+    }
+}
+
+/// The lease of the matrix's PostgreSQL runs (`CAIRN_LEASE`).
+const MATRIX_LEASE: Duration = Duration::from_secs(1);
+
+/// Whether this is the PostgreSQL pass of the test matrix.
+fn matrix_postgres() -> bool {
+    std::env::var("CAIRN_E2E_BACKEND").as_deref() == Ok("postgres")
 }
 
 /// Exit code `code`, no panic, and every needle in stderr; the stderr.

@@ -193,7 +193,7 @@ fn resuming_a_completed_run_prints_its_output_again() {
 /// replays them from the history.
 #[test]
 fn runs_without_a_random_key_replay_journaled_randomness() {
-    let w = World::new("legacy-random");
+    let w = World::sqlite("legacy-random");
     let wasm = guest("crashtest");
     let data = w.subdir("data");
     let log_path = data.join("log.txt");

@@ -353,7 +353,7 @@ fn three_workers_run_a_thousand_runs_through_a_kill() {
 #[test]
 fn an_sqlite_database_moves_to_postgres_whole() {
     let Some(pg) = World::postgres("pg-migrate") else { return };
-    let lite = World::new("pg-migrate-sqlite");
+    let lite = World::sqlite("pg-migrate-sqlite");
     let data = lite.subdir("data");
     let grant = format!("{}::/data", data.display());
     let (wasm, signals) = (benchflow(), guest("signals").display().to_string());

@@ -27,7 +27,7 @@ fn tokens_are_shown_once_and_listed_without_themselves() {
     let list = json_stdout(&listed);
     assert_eq!(list.as_array().unwrap().len(), 2);
     // The database holds no token either.
-    let db = std::fs::read(&w.db).unwrap();
+    let db = w.database_bytes();
     let secret = token.rsplit('_').next().unwrap();
     assert!(!db.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is not stored");
 

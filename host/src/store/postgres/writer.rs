@@ -37,6 +37,9 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
                 Err(_) => break,
             }
         }
+        let metrics = crate::telemetry::get();
+        metrics.commit_batch.record(jobs.len() as f64);
+        let committing = std::time::Instant::now();
         let results = match commit(&inner, &jobs).await {
             Ok(results) => results,
             Err(e) => {
@@ -44,6 +47,8 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
                 jobs.iter().map(|_| Err(StoreError::Commit(message.clone()))).collect()
             }
         };
+        // The commit's round trip, with the server's WAL flush.
+        metrics.fsync_seconds.record(committing.elapsed());
         for (job, result) in jobs.drain(..).zip(results) {
             let _ = job.done.send(result);
         }
