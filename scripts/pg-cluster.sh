@@ -61,8 +61,22 @@ case "$action" in
     chmod 700 "$dir"
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     as_owner "$bin/initdb" -D "$dir/data" -U cairn -A trust -E UTF8 --no-instructions >/dev/null
+    # TLS too (clients choose: sslmode=require): a certificate for
+    # 127.0.0.1 from a throwaway authority, DIR/ca.crt (sslrootcert=).
+    ssl=""
+    if command -v openssl >/dev/null; then
+      openssl req -new -x509 -days 2 -nodes -subj "/CN=cairn test authority" \
+        -keyout "$dir/ca.key" -out "$dir/ca.crt" >/dev/null 2>&1
+      openssl req -new -nodes -subj "/CN=127.0.0.1" -keyout "$dir/server.key" -out "$dir/server.csr" >/dev/null 2>&1
+      printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$dir/server.ext"
+      openssl x509 -req -days 2 -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+        -extfile "$dir/server.ext" -out "$dir/server.crt" >/dev/null 2>&1
+      chmod 600 "$dir/server.key" "$dir/ca.key"
+      [[ $(id -u) -eq 0 ]] && chown postgres: "$dir/server.key" "$dir/server.crt"
+      ssl="-c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+    fi
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 ${CAIRN_PG_OPTIONS:-}" >/dev/null
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 $ssl ${CAIRN_PG_OPTIONS:-}" >/dev/null
     as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U cairn cairn
     echo "$port" > "$dir/port"
     echo "postgres://cairn@127.0.0.1:$port/cairn"

@@ -313,7 +313,8 @@ async fn w4_once(b: &mut Bench, server: &Server) -> Result<f64> {
     first.0[0].kill()?;
     let killed_us = now_us();
     first.0[0].wait()?;
-    let after = "SELECT min(h.committed_us) FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 'w4' AND h.epoch > $1";
+    let after =
+        "SELECT min(h.committed_us) FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 'w4' AND h.epoch > $1";
     let deadline = Instant::now() + Duration::from_secs(60);
     let taken: i64 = loop {
         if let Some(us) = client.query_one(after, &[&epoch]).await?.get::<_, Option<i64>>(0) {

@@ -320,11 +320,10 @@ fn three_workers_run_a_thousand_runs_through_a_kill() {
         kill9(c);
     }
 
-    let outputs: HashMap<String, serde_json::Value> =
-        sql(&w, "SELECT id, convert_from(output, 'UTF8') FROM runs")
-            .into_iter()
-            .map(|r| (r[0].clone().unwrap(), serde_json::from_str(r[1].as_deref().unwrap()).unwrap()))
-            .collect();
+    let outputs: HashMap<String, serde_json::Value> = sql(&w, "SELECT id, convert_from(output, 'UTF8') FROM runs")
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), serde_json::from_str(r[1].as_deref().unwrap()).unwrap()))
+        .collect();
     for (id, module, input, expected) in &runs {
         assert_eq!(&outputs[id], expected, "run {id}");
         if *module == benchflow && input.contains("\"steps\"") {
@@ -401,4 +400,33 @@ fn an_sqlite_database_moves_to_postgres_whole() {
     assert_eq!(json_stdout(&pg.run(&["resume", "sig"])), json!(["hello"]));
     ok(pg.run(&["cancel", "live"]));
     ok(pg.run(&["run", &wasm, "--run-id", "after", "--input", r#"{"mode":"steps","n":2}"#]));
+}
+
+/// `sslmode=require`: TLS (rustls) to a server whose certificate the
+/// authority of `sslrootcert` signed; without that authority, refused with
+/// the reason. On the cluster `make test` made (it has a certificate).
+#[test]
+fn sslmode_require_connects_with_tls_and_checks_the_certificate() {
+    let Some(ca) = std::env::var_os("CAIRN_TEST_PG_DIR").map(|d| std::path::Path::new(&d).join("ca.crt")) else {
+        eprintln!("skipped: no cluster of make test's (CAIRN_TEST_PG_DIR)");
+        return;
+    };
+    assert!(ca.exists(), "scripts/pg-cluster.sh made {}", ca.display());
+    let Some(mut w) = World::postgres("pg-tls") else { return };
+    let plain = w.db.to_str().unwrap().to_string();
+    w.db = format!("{plain}?sslmode=require&sslrootcert={}", ca.display()).into();
+    let out = w.run(&["run", &benchflow(), "--input", r#"{"mode":"steps","n":3}"#]);
+    assert_eq!(json_stdout(&out), json!(3003));
+    // A worker's connections, seen by the server: encrypted.
+    let mut worker = w.spawn(&["worker"], "worker");
+    let encrypted = "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE s.ssl AND a.datname = current_database()";
+    let mut plain_world = World::sqlite("pg-tls-plain");
+    plain_world.db = plain.clone().into();
+    wait_until("TLS connections", Duration::from_secs(30), || {
+        sql(&plain_world, encrypted)[0][0].as_deref().is_some_and(|n| n != "0")
+    });
+    kill9(&mut worker);
+    w.db = format!("{plain}?sslmode=require").into();
+    assert_fails(&w.run(&["runs"]), 1, &["TLS", "certificate", "UnknownIssuer"]);
 }

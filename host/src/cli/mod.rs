@@ -483,7 +483,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 
 async fn migrate(cli: &Cli, from: &std::path::Path, to: &str) -> Result<u8, Failure> {
     if !crate::store::postgres::is_postgres_url(to) {
-        return Err(Failure::usage(format!("--to must be a PostgreSQL URL (postgres://user@host:port/db), not {to:?}")));
+        return Err(Failure::usage(format!(
+            "--to must be a PostgreSQL URL (postgres://user@host:port/db), not {to:?}"
+        )));
     }
     if !from.exists() {
         return Err(ServiceError::NoDatabase(from.display().to_string()).into());
@@ -502,8 +504,11 @@ async fn migrate(cli: &Cli, from: &std::path::Path, to: &str) -> Result<u8, Fail
         let url = to.to_string();
         let lease = std::time::Duration::from_secs_f64(cli.lease.clamp(0.001, 1e6));
         tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current()
-                .block_on(crate::store::postgres::PostgresStore::connect(&url, Durability::Power, lease))
+            tokio::runtime::Handle::current().block_on(crate::store::postgres::PostgresStore::connect(
+                &url,
+                Durability::Power,
+                lease,
+            ))
         })?
     };
     let moved = target.import_sqlite(from).await?;

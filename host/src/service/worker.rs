@@ -93,10 +93,8 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
         // with a slot free, no later than another process's lease expires
         // (a run whose holder died is taken over as soon as it may be).
         let mut pause = if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL };
-        if !filled {
-            if let Ok(Some(expiry)) = service.store().next_takeover_in().await {
-                pause = pause.min(expiry + TAKEOVER_MARGIN);
-            }
+        if !filled && let Ok(Some(expiry)) = service.store().next_takeover_in().await {
+            pause = pause.min(expiry + TAKEOVER_MARGIN);
         }
         let pause = tokio::time::sleep(pause);
         tokio::select! {

@@ -184,7 +184,9 @@ pub enum StoreError {
          upgrade cairn, the file was not changed"
     )]
     TooNew { location: String, found: i64, known: i64 },
-    #[error("{0} is not empty: cairn migrate moves a database into an empty one only, so nothing there is mixed or lost")]
+    #[error(
+        "{0} is not empty: cairn migrate moves a database into an empty one only, so nothing there is mixed or lost"
+    )]
     NotEmpty(String),
     #[error("the database {location} is locked by another process (waited {waited_ms} ms); try again when it is done")]
     Locked { location: String, waited_ms: u64 },

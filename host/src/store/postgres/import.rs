@@ -200,7 +200,9 @@ impl PostgresStore {
         let mut client = self.inner.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         // Nobody writes here meanwhile, and nobody has.
-        tx.batch_execute("LOCK TABLE cairn_seq, runs, modules, tokens, kv IN EXCLUSIVE MODE").await.map_err(pg_error)?;
+        tx.batch_execute("LOCK TABLE cairn_seq, runs, modules, tokens, kv IN EXCLUSIVE MODE")
+            .await
+            .map_err(pg_error)?;
         let held: i64 = tx
             .query_one(
                 "SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM modules) + (SELECT count(*) FROM tokens) \
@@ -236,7 +238,8 @@ impl PostgresStore {
                 match receive.recv().await {
                     Some(Read::Rows(rows)) => {
                         for row in rows {
-                            let cells: Vec<&(dyn ToSql + Sync)> = row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                            let cells: Vec<&(dyn ToSql + Sync)> =
+                                row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
                             writer.as_mut().write(&cells).await.map_err(|e| copy_error(table.name, e))?;
                             n += 1;
                         }

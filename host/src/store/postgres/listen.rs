@@ -13,6 +13,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client};
 
+use super::tls::{Driver, Tls};
 use super::{Inner, pg_error};
 use crate::model::{RunKey, RunStatus};
 use crate::store::{ChangeEvent, ChangeKind, StoreError};
@@ -59,15 +60,16 @@ fn parse_payload(payload: &str) -> Option<(&str, u64)> {
 pub(super) async fn start(
     inner: &Arc<Inner>,
     config: tokio_postgres::Config,
+    tls: Tls,
 ) -> Result<tokio::sync::oneshot::Sender<()>, StoreError> {
-    let (client, rx) = connect(&config).await?;
+    let (client, rx) = connect(&config, &tls).await?;
     let cursor: u64 =
         client.query_one("SELECT next - 1 FROM cairn_seq", &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let weak = Arc::downgrade(inner);
     tokio::spawn(async move {
         tokio::select! {
-            () = run(weak, config, client, rx, cursor) => {}
+            () = run(weak, config, tls, client, rx, cursor) => {}
             _ = stopped => {}
         }
     });
@@ -76,33 +78,50 @@ pub(super) async fn start(
 
 /// A listening connection, and a receiver of each notification's payload
 /// (it ends when the connection does).
-async fn connect(config: &tokio_postgres::Config) -> Result<(Client, mpsc::UnboundedReceiver<String>), StoreError> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg_error)?;
+async fn connect(
+    config: &tokio_postgres::Config,
+    tls: &Tls,
+) -> Result<(Client, mpsc::UnboundedReceiver<String>), StoreError> {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_string()).is_err() {
+    let client = tls.connect(config, Notifications(tx)).await.map_err(pg_error)?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(pg_error)?;
+    Ok((client, rx))
+}
+
+/// Polls the listening connection, passing each notification's payload on.
+struct Notifications(mpsc::UnboundedSender<String>);
+
+impl Driver for Notifications {
+    fn drive<S, T>(self, mut connection: tokio_postgres::Connection<S, T>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let tx = self.0;
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("cairn: the change listener's connection failed: {}", pg_error(e));
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("cairn: the change listener's connection failed: {}", pg_error(e));
-                    return;
-                }
             }
-        }
-    });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(pg_error)?;
-    Ok((client, rx))
+        });
+    }
 }
 
 async fn run(
     weak: std::sync::Weak<Inner>,
     config: tokio_postgres::Config,
+    tls: Tls,
     mut client: Client,
     mut rx: mpsc::UnboundedReceiver<String>,
     mut cursor: u64,
@@ -139,7 +158,7 @@ async fn run(
         loop {
             tokio::time::sleep(delay).await;
             let Some(inner) = weak.upgrade() else { return };
-            match connect(&config).await {
+            match connect(&config, &tls).await {
                 Ok((c, r)) => {
                     (client, rx) = (c, r);
                     eprintln!("cairn: the change listener reconnected");

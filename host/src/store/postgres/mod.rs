@@ -15,6 +15,7 @@ mod lease;
 mod listen;
 mod one_statement;
 mod schema;
+mod tls;
 mod writer;
 
 #[cfg(test)]
@@ -24,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::Row;
 
@@ -120,15 +121,9 @@ impl PostgresStore {
     /// Connect to the database at `url` (migrating it if needed), inside a
     /// tokio runtime; `lease` is how long a lease lasts without renewal.
     pub async fn connect(url: &str, durability: Durability, lease: Duration) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::CannotOpen { location: redact(url), why: format!("not a PostgreSQL URL: {e}") })?;
         let location = redact(url);
-        let manager = Manager::from_config(
-            config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let (config, tls) = tls::config(url, &location)?;
+        let manager = tls.manager(config.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         // The batches the writer commits as one statement in autocommit
         // take the session's durability.
         // Generic plans: the statements are few and simple, and planning a
@@ -140,9 +135,7 @@ impl PostgresStore {
         let pool = Pool::builder(manager)
             .max_size(16)
             .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
-                Box::pin(async move {
-                    client.batch_execute(sync).await.map_err(deadpool_postgres::HookError::Backend)
-                })
+                Box::pin(async move { client.batch_execute(sync).await.map_err(deadpool_postgres::HookError::Backend) })
             }))
             .build()
             .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;
@@ -171,7 +164,7 @@ impl PostgresStore {
             own: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
         });
-        let listener = listen::start(&inner, config).await?;
+        let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer::run(inner.clone(), rx));

@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
 use deadpool_postgres::ClientWrapper;
-use tokio_postgres::types::ToSql;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
@@ -216,7 +216,9 @@ async fn transact(
 async fn fence(tx: &ClientWrapper, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
     let Some(held) = inner.held_epoch(run) else { return Ok(0) };
     let held = held as i64;
-    execute(tx, "SELECT cairn_fence(ARRAY[$1::BIGINT], ARRAY[$2::BIGINT])", &[&run.0, &held]).await.map_err(pg_error)?;
+    execute(tx, "SELECT cairn_fence(ARRAY[$1::BIGINT], ARRAY[$2::BIGINT])", &[&run.0, &held])
+        .await
+        .map_err(pg_error)?;
     Ok(held)
 }
 
@@ -236,7 +238,11 @@ async fn query_opt(
     tx.query_opt(&statement, params).await
 }
 
-async fn query_one(tx: &ClientWrapper, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, tokio_postgres::Error> {
+async fn query_one(
+    tx: &ClientWrapper,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row, tokio_postgres::Error> {
     let statement = tx.prepare_cached(sql).await?;
     tx.query_one(&statement, params).await
 }
@@ -267,7 +273,8 @@ async fn insert_change(
     status: Option<RunStatus>,
 ) -> Result<(), StoreError> {
     let seq = change(batch, run, kind, status);
-    execute(tx, 
+    execute(
+        tx,
         "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
         &[&seq, &run.0, &kind.as_str(), &status.map(|s| s.as_str()), &batch.ts_us],
     )
@@ -286,7 +293,8 @@ async fn insert_row(
     epoch: i64,
     ts_us: i64,
 ) -> Result<u64, StoreError> {
-    execute(tx, 
+    execute(
+        tx,
         "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error, started_at, \
          finished_at, epoch, committed_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         &[
@@ -348,7 +356,8 @@ async fn apply(
     for write in writes {
         match write {
             Write::PutModule { hash, bytes } => {
-                execute(tx, 
+                execute(
+                    tx,
                     "INSERT INTO modules (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     &[hash, bytes, &now_ms()],
                 )
@@ -386,13 +395,15 @@ async fn apply(
                 let (name, ts_us) = (status.as_str(), batch.ts_us);
                 let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&run.0, &name, output, error, &finished_at];
-                let update = execute(tx, 
+                let update = execute(
+                    tx,
                     "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
                     &update_params,
                 );
                 let change_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&seq, &run.0, &"status", &name, &ts_us];
-                let change_row = execute(tx, 
+                let change_row = execute(
+                    tx,
                     "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
                     &change_params,
                 );
@@ -404,14 +415,16 @@ async fn apply(
                 settle(fenced, updated.and_then(|()| changed.map(drop).map_err(pg_error)))?;
             }
             Write::SendSignal { run, name, payload, max_pending } => {
-                let pending: i64 = query_one(tx, "SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
-                    .await
-                    .map_err(pg_error)?
-                    .get(0);
+                let pending: i64 =
+                    query_one(tx, "SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
+                        .await
+                        .map_err(pg_error)?
+                        .get(0);
                 if pending as u64 >= *max_pending {
                     return Err(StoreError::SignalsFull(pending as u64));
                 }
-                execute(tx, 
+                execute(
+                    tx,
                     "INSERT INTO signals (run, name, payload, sent_at) VALUES ($1, $2, $3, $4)",
                     &[&run.0, name, payload, &now_ms()],
                 )
@@ -420,16 +433,17 @@ async fn apply(
                 insert_change(tx, batch, *run, ChangeKind::Signal, None).await?;
             }
             Write::RequestCancel { run, grace_until } => {
-                let n = execute(tx, 
-                        "UPDATE runs SET cancel_grace_until = CASE \
+                let n = execute(
+                    tx,
+                    "UPDATE runs SET cancel_grace_until = CASE \
                            WHEN NOT cancel_requested THEN $2::BIGINT \
                            WHEN cancel_grace_until IS NULL OR $2::BIGINT IS NULL THEN NULL \
                            ELSE least(cancel_grace_until, $2::BIGINT) END, \
                          cancel_requested = true WHERE seq = $1",
-                        &[&run.0, grace_until],
-                    )
-                    .await
-                    .map_err(pg_error)?;
+                    &[&run.0, grace_until],
+                )
+                .await
+                .map_err(pg_error)?;
                 if n == 0 {
                     return Err(StoreError::NoSuchRun(*run));
                 }
@@ -437,7 +451,8 @@ async fn apply(
             }
             Write::BranchAttempt { run, entry: e } => {
                 fence(tx, inner, *run).await?;
-                execute(tx, 
+                execute(
+                    tx,
                     "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &[
@@ -458,13 +473,14 @@ async fn apply(
             }
             Write::ConsumeSignal { run, name, entry } => {
                 let epoch = fence(tx, inner, *run).await?;
-                let found = query_opt(tx, 
-                        "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
+                let found = query_opt(
+                    tx,
+                    "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
                          ORDER BY seq LIMIT 1 FOR UPDATE",
-                        &[&run.0, name],
-                    )
-                    .await
-                    .map_err(pg_error)?;
+                    &[&run.0, name],
+                )
+                .await
+                .map_err(pg_error)?;
                 if let Some(row) = found {
                     let (signal, payload): (i64, Vec<u8>) = (row.get(0), row.get(1));
                     execute(tx, "UPDATE signals SET consumed_at = $2 WHERE seq = $1", &[&signal, &now_ms()])
@@ -484,7 +500,8 @@ async fn apply(
                 if taken {
                     return Err(StoreError::TokenExists(token.name.clone()));
                 }
-                execute(tx, 
+                execute(
+                    tx,
                     "INSERT INTO tokens (id, name, role, hash, created_at) VALUES ($1, $2, $3, $4, $5)",
                     &[&token.id, &token.name, &token.role.as_str(), &&token.hash[..], &token.created_at],
                 )
@@ -492,12 +509,13 @@ async fn apply(
                 .map_err(pg_error)?;
             }
             Write::RevokeToken { id_or_name } => {
-                let n = execute(tx, 
-                        "UPDATE tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 OR name = $1",
-                        &[id_or_name, &now_ms()],
-                    )
-                    .await
-                    .map_err(pg_error)?;
+                let n = execute(
+                    tx,
+                    "UPDATE tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 OR name = $1",
+                    &[id_or_name, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
                 if n == 0 {
                     return Err(StoreError::NoSuchToken(id_or_name.clone()));
                 }
@@ -513,7 +531,8 @@ async fn create_run(tx: &ClientWrapper, inner: &Inner, run: &NewRun, lease: bool
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let (owner, epoch, ms) =
         if lease { (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64)) } else { (None, 0, None) };
-    let row = query_opt(tx, 
+    let row = query_opt(
+        tx,
             "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, owner, epoch, \
              lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11::BIGINT * interval '1 millisecond') \
              ON CONFLICT (id) DO NOTHING RETURNING seq",
@@ -551,18 +570,20 @@ async fn apply_kv(tx: &ClientWrapper, kv: &KvCommit) -> Result<(), StoreError> {
     let mut added: i64 = 0;
     let now = now_ms();
     for (key, value) in &kv.writes {
-        let old = query_opt(tx, 
-                "SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2",
-                &[&kv.namespace, key],
-            )
-            .await
-            .map_err(pg_error)?;
+        let old = query_opt(
+            tx,
+            "SELECT version, value IS NOT NULL FROM kv WHERE namespace = $1 AND key = $2",
+            &[&kv.namespace, key],
+        )
+        .await
+        .map_err(pg_error)?;
         let (old_version, was_live): (i64, bool) = old.map_or((0, false), |r| (r.get(0), r.get(1)));
         if value.is_none() && old_version == 0 {
             continue;
         }
         added += i64::from(value.is_some()) - i64::from(was_live);
-        execute(tx, 
+        execute(
+            tx,
             "INSERT INTO kv (namespace, key, value, version, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (namespace, key) DO UPDATE SET value = $3, version = $4, updated_at = $5",
             &[&kv.namespace, key, value, &(old_version + 1), &now],
@@ -571,14 +592,15 @@ async fn apply_kv(tx: &ClientWrapper, kv: &KvCommit) -> Result<(), StoreError> {
         .map_err(pg_error)?;
     }
     if added != 0 {
-        let keys: i64 = query_one(tx, 
-                "INSERT INTO kv_namespaces (namespace, keys) VALUES ($1, $2) \
+        let keys: i64 = query_one(
+            tx,
+            "INSERT INTO kv_namespaces (namespace, keys) VALUES ($1, $2) \
                  ON CONFLICT (namespace) DO UPDATE SET keys = kv_namespaces.keys + $2 RETURNING keys",
-                &[&kv.namespace, &added],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0);
+            &[&kv.namespace, &added],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
         if added > 0 && keys as u64 > kv.max_keys {
             return Err(StoreError::KvFull { namespace: kv.namespace.clone(), max: kv.max_keys });
         }
