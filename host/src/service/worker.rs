@@ -31,6 +31,8 @@ const BUSY_INTERVAL: Duration = Duration::from_millis(5);
 /// How long after another process's lease expires a worker with a free
 /// slot looks: the database's clock has passed it by then.
 const TAKEOVER_MARGIN: Duration = Duration::from_millis(2);
+/// How often a worker with free slots asks when that is.
+const TAKEOVER_LOOK: Duration = Duration::from_millis(100);
 /// How long a stopping worker waits for live instances.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -55,6 +57,8 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     let mut fatal: Option<ServiceError> = None;
     // Subscribed before the first look: no run created after it is missed.
     let mut wake = service.store().subscribe_control();
+    // When another process's earliest lease expires (as last asked).
+    let mut takeover: Option<(tokio::time::Instant, Option<tokio::time::Instant>)> = None;
     'claiming: loop {
         // Claim while there are free slots.
         let free = slots.available_permits();
@@ -93,8 +97,17 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
         // with a slot free, no later than another process's lease expires
         // (a run whose holder died is taken over as soon as it may be).
         let mut pause = if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL };
-        if !filled && let Ok(Some(expiry)) = service.store().next_takeover_in().await {
-            pause = pause.min(expiry + TAKEOVER_MARGIN);
+        if !filled {
+            // Asked again at most every TAKEOVER_LOOK: a busy worker loops
+            // here at every run's end.
+            let now = tokio::time::Instant::now();
+            if takeover.is_none_or(|(asked, _)| now >= asked + TAKEOVER_LOOK) {
+                let expiry = service.store().next_takeover_in().await.ok().flatten();
+                takeover = Some((now, expiry.map(|e| now + e + TAKEOVER_MARGIN)));
+            }
+            if let Some((_, Some(at))) = takeover {
+                pause = pause.min(at.saturating_duration_since(now));
+            }
         }
         let pause = tokio::time::sleep(pause);
         tokio::select! {

@@ -45,10 +45,17 @@ impl Own {
     }
 }
 
-/// A notification's payload: who committed, and the next number after it.
-fn parse_payload(payload: &str) -> Option<(&str, u64)> {
-    let (owner, next) = payload.rsplit_once(' ')?;
-    Some((owner, next.parse().ok()?))
+/// A notification's payload, "OWNER NEXT KIND": who committed, the next
+/// number after it, and whether it has changes other than history rows
+/// (`c`) or not (`h`).
+pub(super) fn payload(owner: &str, next: u64, has_changes: bool) -> String {
+    format!("{owner} {next} {}", if has_changes { 'c' } else { 'h' })
+}
+
+fn parse_payload(payload: &str) -> Option<(&str, u64, bool)> {
+    let (rest, kind) = payload.rsplit_once(' ')?;
+    let (owner, next) = rest.rsplit_once(' ')?;
+    Some((owner, next.parse().ok()?, kind != "h"))
 }
 
 /// Listen from now on: the listening connection is up and its cursor set
@@ -133,18 +140,22 @@ async fn run(
         while let Some(first) = rx.recv().await {
             let Some(inner) = weak.upgrade() else { return };
             // What arrived meanwhile too: one read for a burst.
-            let mut others = false;
+            let (mut others, mut others_history) = (false, false);
             let mut own_next = 0;
             let mut payload = Some(first);
             while let Some(p) = payload {
                 match parse_payload(&p) {
-                    Some((owner, next)) if owner == inner.owner => own_next = own_next.max(next),
+                    Some((owner, next, _)) if owner == inner.owner => own_next = own_next.max(next),
+                    Some((_, _, false)) => others_history = true,
                     _ => others = true,
                 }
                 payload = rx.try_recv().ok();
             }
-            if others || !caught_up {
-                caught_up = catch_up(&client, &inner, &mut cursor).await;
+            // A process whose feed nobody reads whole (a worker: it waits
+            // for new runs, signals and cancels) reads no history rows.
+            let whole = inner.feed.wants_all();
+            if others || (others_history && whole) || !caught_up {
+                caught_up = catch_up(&client, &inner, &mut cursor, whole).await;
             }
             // This process's commits notified so far: all before them were
             // notified earlier (commit order) and read, so the cursor passes them.
@@ -162,7 +173,7 @@ async fn run(
                 Ok((c, r)) => {
                     (client, rx) = (c, r);
                     eprintln!("cairn: the change listener reconnected");
-                    caught_up = catch_up(&client, &inner, &mut cursor).await;
+                    caught_up = catch_up(&client, &inner, &mut cursor, true).await;
                     break;
                 }
                 Err(e) => {
@@ -176,9 +187,9 @@ async fn run(
 
 /// Publish what other processes committed after `cursor`; false if the
 /// changes could not be read.
-async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) -> bool {
+async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64, history: bool) -> bool {
     loop {
-        let changes = match read_changes(client, *cursor, 1000).await {
+        let changes = match read_changes(client, *cursor, 1000, history).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("cairn: cannot read changes: {e}");
@@ -204,20 +215,25 @@ async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64) -> bool {
 
 /// Up to `limit` changes after `after`, history appends and other changes
 /// merged in sequence order.
-pub(super) async fn read_changes(client: &Client, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
+/// (Without `history`, the other changes only.)
+pub(super) async fn read_changes(
+    client: &Client,
+    after: u64,
+    limit: usize,
+    history: bool,
+) -> Result<Vec<ChangeEvent>, StoreError> {
     let (after, limit) = (after as i64, limit as i64);
-    let rows = client
-        .query(
-            "SELECT seq, run, kind, position, status, committed_us FROM ( \
-               SELECT id AS seq, run, 'history' AS kind, position, NULL::TEXT AS status, committed_us \
-                 FROM history WHERE id > $1 \
-               UNION ALL \
-               SELECT seq, run, kind, NULL::INT, status, committed_us FROM changes WHERE seq > $1 \
-             ) c ORDER BY seq LIMIT $2",
-            &[&after, &limit],
-        )
-        .await
-        .map_err(pg_error)?;
+    let query = if history {
+        "SELECT seq, run, kind, position, status, committed_us FROM ( \
+           SELECT id AS seq, run, 'history' AS kind, position, NULL::TEXT AS status, committed_us \
+             FROM history WHERE id > $1 \
+           UNION ALL \
+           SELECT seq, run, kind, NULL::INT, status, committed_us FROM changes WHERE seq > $1 \
+         ) c ORDER BY seq LIMIT $2"
+    } else {
+        "SELECT seq, run, kind, NULL::INT, status, committed_us FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2"
+    };
+    let rows = client.query(query, &[&after, &limit]).await.map_err(pg_error)?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let kind: String = r.get(2);

@@ -483,6 +483,6 @@ impl RunStore for PostgresStore {
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
         let client = self.client().await?;
-        listen::read_changes(&client, after, limit).await
+        listen::read_changes(&client, after, limit, true).await
     }
 }

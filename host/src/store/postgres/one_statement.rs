@@ -54,7 +54,7 @@ WITH seq AS (
     SELECT seq.first + u.off, u.run, 'status', u.status, $4::BIGINT
       FROM seq, unnest($23::BIGINT[], $24::BIGINT[], $25::TEXT[]) AS u(off, run, status)
 )
-SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT)) FROM seq";
+SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT) || $27::TEXT) FROM seq";
 
 /// The history rows of a batch, column by column.
 #[derive(Default)]
@@ -223,6 +223,8 @@ async fn send(
                 &change_runs,
                 &change_status,
                 &inner.owner,
+                // See `listen::payload`.
+                &if statuses.is_empty() { " h" } else { " c" },
             ],
         )
         .await?;

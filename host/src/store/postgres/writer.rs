@@ -184,10 +184,12 @@ async fn transact(
     let closing = if batch.next_seq != first {
         // Noted before the commit: the listener may hear of it first.
         inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
+        let has_changes = batch.events.iter().any(|e| e.kind != ChangeKind::History);
+        let payload = super::listen::payload(&inner.owner, batch.next_seq as u64, has_changes);
         format!(
-            "UPDATE cairn_seq SET next = {next}; SELECT pg_notify('{CHANNEL}', '{} {next}'); COMMIT",
-            inner.owner.replace('\'', "''"),
-            next = batch.next_seq
+            "UPDATE cairn_seq SET next = {}; SELECT pg_notify('{CHANNEL}', '{}'); COMMIT",
+            batch.next_seq,
+            payload.replace('\'', "''")
         )
     } else {
         "COMMIT".to_string()
