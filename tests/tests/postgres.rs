@@ -430,3 +430,28 @@ fn sslmode_require_connects_with_tls_and_checks_the_certificate() {
     w.db = format!("{plain}?sslmode=require").into();
     assert_fails(&w.run(&["runs"]), 1, &["TLS", "certificate", "UnknownIssuer"]);
 }
+
+/// A worker stopped cleanly (SIGTERM) gives its leases back at once: a run
+/// it held, waiting for a signal, is taken over by another worker long
+/// before its 30-second lease would have expired.
+#[test]
+fn a_clean_stop_gives_the_leases_back_at_once() {
+    let Some(w) = World::postgres("pg-clean-stop") else { return };
+    let signals = guest("signals").display().to_string();
+    let mut a = w.spawn(&["--lease", "30", "worker"], "worker-a");
+    let out = w.run(&["start", &signals, "--run-id", "waits", "--input", r#"{"waits":[{"name":"go"}]}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the run waiting", Duration::from_secs(30), || w.show("waits")["steps"].as_u64() >= Some(1));
+    // SAFETY: a pid we own.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    assert!(a.wait().unwrap().success(), "worker a stopped cleanly");
+    let stopped = std::time::Instant::now();
+    let mut b = w.spawn(&["--lease", "30", "worker"], "worker-b");
+    let out = w.run(&["signal", "waits", "go", r#""now""#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the run taken over and completed", Duration::from_secs(20), || {
+        w.show("waits")["status"] == "completed"
+    });
+    assert!(stopped.elapsed() < Duration::from_secs(20), "taken over before the lease would have expired");
+    kill9(&mut b);
+}

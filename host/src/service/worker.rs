@@ -160,6 +160,10 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     slots.close();
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    // Parked runs go to other workers at once, not when their leases expire.
+    if let Err(e) = service.store().release_all().await {
+        eprintln!("cairn worker: cannot give back leases ({e}); others take the runs over when they expire");
+    }
     eprintln!("cairn worker: stopped");
     Ok(())
 }

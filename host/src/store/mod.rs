@@ -343,6 +343,14 @@ pub trait RunStore: Send + Sync {
         Ok(claimed)
     }
 
+    /// Give back every lease this process holds, at once (a clean stop):
+    /// others take the runs over without waiting for the leases to expire.
+    /// Writes under them are refused afterwards. A no-op where locks go
+    /// with their process.
+    async fn release_all(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// How soon the earliest lease another process holds on an unfinished
     /// run expires, if it does (the run can be taken over then); `None` for
     /// stores whose locks go with their process.

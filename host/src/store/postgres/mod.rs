@@ -463,6 +463,12 @@ impl RunStore for PostgresStore {
         lease::claim(&self.inner, max, skip).await
     }
 
+    async fn release_all(&self) -> Result<(), StoreError> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.query("UPDATE runs SET owner = NULL, lease_until = NULL WHERE owner = $1", &[&self.inner.owner]).await?;
+        Ok(())
+    }
+
     async fn next_takeover_in(&self) -> Result<Option<Duration>, StoreError> {
         let rows = self
             .query(
