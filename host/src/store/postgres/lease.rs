@@ -13,6 +13,13 @@ use super::{Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
 use crate::model::{RunKey, RunRecord};
 use crate::store::{Lease, StoreError};
 
+// The gate: a take commits only while no writer is between its fence
+// check and its commit. Writers hold the row lock of `cairn_seq` from before
+// their fence check to their commit; a take holds it in share mode (`WITH
+// gate AS (SELECT 1 FROM cairn_seq FOR SHARE)`). So a writer either sees
+// the new epoch and is refused, or commits first, and the new holder reads
+// what it wrote. The fence never row-locks runs.
+
 /// `--lease` when not given.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
@@ -22,8 +29,10 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let ms = inner.lease.as_millis() as i64;
     let row = client
         .query_opt(
-            "UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
-             WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
+            // The gate (see above) before the run's row.
+            "WITH gate AS (SELECT 1 FROM cairn_seq FOR SHARE) \
+             UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
+             FROM gate WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
             &[&run.0, &inner.owner, &ms],
         )
         .await
@@ -51,7 +60,12 @@ pub(super) async fn claim(
         .map_err(pg_error)?;
     let take = client
         .prepare_cached(&format!(
-            "UPDATE runs SET owner = $3, epoch = epoch + 1,                lease_until = now() + $4::BIGINT * interval '1 millisecond'              WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free}                            ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)              RETURNING {RUN_COLUMNS}, epoch"
+            "WITH gate AS (SELECT 1 FROM cairn_seq FOR SHARE) \
+             UPDATE runs SET owner = $3, epoch = epoch + 1, \
+               lease_until = now() + $4::BIGINT * interval '1 millisecond' \
+             FROM gate WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free} \
+                           ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING {RUN_COLUMNS}, epoch"
         ))
         .await
         .map_err(pg_error)?;

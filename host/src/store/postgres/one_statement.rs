@@ -3,9 +3,9 @@
 //!
 //! One statement in autocommit is one transaction and one round trip, like
 //! the single-row insert it is measured against: it takes its sequence
-//! numbers (whose row lock orders commits) and then fences every run of the
-//! batch (`cairn_take_seq`, which fails the statement if one was taken
-//! over; the status updates wait for it, so locks are taken in the order
+//! numbers (whose row lock orders commits), fences every run of the batch
+//! and changes the statuses (`cairn_commit_batch`, which fails the
+//! statement if a run was taken over, and takes its locks in the order
 //! every writer takes them), inserts all history rows and change rows, updates
 //! the statuses and notifies, all in data-modifying `WITH` clauses, so the
 //! batch lands whole or not at all. `synchronous_commit` is the session's
@@ -34,7 +34,8 @@ pub(super) enum Outcome {
 
 const COMMIT_BATCH: &str = "\
 WITH seq AS (
-    SELECT cairn_take_seq($1::BIGINT, $2::BIGINT[], $3::BIGINT[]) AS first
+    SELECT cairn_commit_batch($1::BIGINT, $2::BIGINT[], $3::BIGINT[], $18::BIGINT[], $19::TEXT[], $20::BYTEA[],
+                              $21::TEXT[], $22::BIGINT[]) AS first
 ), history_rows AS (
     INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
                          started_at, finished_at, epoch, committed_us)
@@ -44,11 +45,6 @@ WITH seq AS (
                        $12::TEXT[], $13::BYTEA[], $14::TEXT[], $15::BIGINT[], $16::BIGINT[], $17::BIGINT[])
            AS u(off, run, position, kind, name, occurrence, attempt, status, output, error, started_at,
                 finished_at, epoch)
-), statuses AS (
-    UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished_at
-      FROM seq, unnest($18::BIGINT[], $19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::BIGINT[])
-           AS u(run, status, output, error, finished_at)
-     WHERE runs.seq = u.run
 ), status_changes AS (
     INSERT INTO changes (seq, run, kind, status, committed_us)
     SELECT seq.first + u.off, u.run, 'status', u.status, $4::BIGINT

@@ -101,20 +101,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE kv_namespaces (namespace TEXT PRIMARY KEY, keys BIGINT NOT NULL);
     "#,
-    // 2: the fence as one server-side check, so that a whole batch's writes
-    // can be sent with it and fail with it.
+    // 2: the fence as one server-side check, and the common batch's
+    // writes to `runs` with it, so that a whole batch can be sent as one
+    // statement and fail with it.
     r#"
-    -- Share-locks the runs (in key order: a takeover's UPDATE waits for the
-    -- writing transaction), then fails with CN001 unless each still has the
-    -- epoch its writer holds. DETAIL is "run held now" (now -1: no such run).
+    -- Fails with CN001 unless each run still has the epoch its writer holds
+    -- (DETAIL "run held now"; now -1: no such run). No row lock: the caller
+    -- holds the row lock of cairn_seq, which every takeover takes too (FOR
+    -- SHARE) before it commits, and a function's statements each see what
+    -- was committed when they start; so a takeover commits either before
+    -- this check (which sees it) or after the writer's commit.
     CREATE FUNCTION cairn_fence(fenced_runs BIGINT[], held_epochs BIGINT[]) RETURNS VOID
     LANGUAGE plpgsql AS $$
     DECLARE
-        locked BIGINT[];
         lost RECORD;
     BEGIN
-        SELECT array_agg(l.seq) INTO locked
-          FROM (SELECT r.seq FROM runs r WHERE r.seq = ANY(fenced_runs) ORDER BY r.seq FOR SHARE) l;
         SELECT f.run, f.epoch AS held, r.epoch AS now INTO lost
           FROM unnest(fenced_runs, held_epochs) AS f(run, epoch) LEFT JOIN runs r ON r.seq = f.run
          WHERE r.epoch IS DISTINCT FROM f.epoch LIMIT 1;
@@ -123,16 +124,27 @@ const MIGRATIONS: &[&str] = &[
                 USING ERRCODE = 'CN001', DETAIL = format('%s %s %s', lost.run, lost.held, coalesce(lost.now, -1));
         END IF;
     END $$;
-    -- A batch's sequence numbers, then its fence: in this order, as every
-    -- writer takes its locks (the sequence's row, then runs in key order),
-    -- so that no two writers, or a writer and a heartbeat, wait in a circle.
-    CREATE FUNCTION cairn_take_seq(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[]) RETURNS BIGINT
+    -- The common batch's numbers, fence and status changes, in this order:
+    -- the row of cairn_seq first, then runs in key order, as every writer
+    -- takes its locks, so that no two writers, or a writer and a heartbeat
+    -- or a takeover, wait in a circle. Returns the first number.
+    CREATE FUNCTION cairn_commit_batch(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[],
+                                       status_runs BIGINT[], statuses TEXT[], outputs BYTEA[], errors TEXT[],
+                                       finished BIGINT[]) RETURNS BIGINT
     LANGUAGE plpgsql AS $$
     DECLARE
         first BIGINT;
+        locked BIGINT[];
     BEGIN
         UPDATE cairn_seq SET next = next + n RETURNING next - n INTO first;
         PERFORM cairn_fence(fenced_runs, held_epochs);
+        IF cardinality(status_runs) > 0 THEN
+            SELECT array_agg(l.seq) INTO locked
+              FROM (SELECT r.seq FROM runs r WHERE r.seq = ANY(status_runs) ORDER BY r.seq FOR NO KEY UPDATE) l;
+            UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished
+              FROM unnest(status_runs, statuses, outputs, errors, finished) AS u(run, status, output, error, finished)
+             WHERE runs.seq = u.run;
+        END IF;
         RETURN first;
     END $$;
     -- Every history row is written under its run's fence, which finds the
