@@ -37,6 +37,9 @@ pub fn guest(name: &str) -> PathBuf {
 pub struct World {
     pub dir: PathBuf,
     pub db: PathBuf,
+    /// Processes `spawn` started: killed with the world, so that a failing
+    /// test leaves no worker behind.
+    spawned: std::sync::Mutex<Vec<u32>>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -60,7 +63,7 @@ impl World {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let db = dir.join("cairn.db");
-        World { dir, db }
+        World { dir, db, spawned: Default::default() }
     }
 
     /// A world whose database is a fresh PostgreSQL database on the server
@@ -140,7 +143,9 @@ impl World {
     pub fn spawn(&self, args: &[&str], tag: &str) -> Child {
         let out = std::fs::File::create(self.dir.join(format!("{tag}.stdout"))).unwrap();
         let err = std::fs::File::create(self.dir.join(format!("{tag}.stderr"))).unwrap();
-        self.cmd(args).stdout(out).stderr(err).spawn().expect("cairn starts")
+        let child = self.cmd(args).stdout(out).stderr(err).spawn().expect("cairn starts");
+        self.spawned.lock().unwrap_or_else(|p| p.into_inner()).push(child.id());
+        child
     }
 
     pub fn read(&self, name: &str) -> String {
@@ -180,6 +185,14 @@ impl World {
 /// inspection.
 impl Drop for World {
     fn drop(&mut self) {
+        for pid in self.spawned.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            // Only if that pid is still a cairn process (not reaped and reused).
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.windows(5).any(|w| w == b"cairn") {
+                // SAFETY: a plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
