@@ -40,7 +40,8 @@ PG_MATRIX := branches cli crash_replay effects limits nondeterminism serve signa
 # Inside scripts/with-pg.sh (CAIRN_TEST_PG is set).
 test-with-pg:
 	$(CARGO) test --release --locked
-	CAIRN_E2E_BACKEND=postgres $(CARGO) test --release --locked -p cairn-e2e $(addprefix --test ,$(PG_MATRIX))
+	# (No -p: the same packages as above, so the same features and no rebuild.)
+	CAIRN_E2E_BACKEND=postgres $(CARGO) test --release --locked $(addprefix --test ,$(PG_MATRIX))
 	# The benchmarks once at tiny sizes, so they cannot rot (figures meaningless).
 	$(TARGET_DIR)/release/cairn-bench --quick
 

@@ -378,7 +378,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let outcome = runtime.block_on(async {
+        let outcome = dispatch(cli).await;
+        // PostgreSQL leases the command dropped go back before it exits.
+        crate::store::postgres::settle_releases(Duration::from_secs(2)).await;
+        outcome
+    });
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("cairn: error: {}", escape(&format!("{:#}", f.error)));

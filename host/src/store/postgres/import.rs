@@ -155,7 +155,8 @@ enum Cell {
     Null,
     Int(i64),
     Real(f64),
-    Text(String),
+    /// As stored (SQLite does not check that it is UTF-8).
+    Text(Vec<u8>),
     Blob(Vec<u8>),
 }
 
@@ -166,10 +167,10 @@ impl ToSql for Cell {
             (Cell::Int(i), &Type::INT4) => i32::try_from(*i)?.to_sql(ty, out),
             (Cell::Int(i), &Type::BOOL) => (*i != 0).to_sql(ty, out),
             (Cell::Int(i), _) => i.to_sql(ty, out),
-            (Cell::Text(s), &Type::BYTEA) => s.as_bytes().to_sql(ty, out),
-            (Cell::Text(s), _) => s.to_sql(ty, out),
-            (Cell::Blob(b), &Type::TEXT) => std::str::from_utf8(b)?.to_sql(ty, out),
-            (Cell::Blob(b), _) => b.to_sql(ty, out),
+            // Bytes go over as they are; text must be UTF-8 (it is not
+            // changed to make it so).
+            (Cell::Text(b) | Cell::Blob(b), &Type::BYTEA) => b.to_sql(ty, out),
+            (Cell::Text(b) | Cell::Blob(b), _) => std::str::from_utf8(b)?.to_sql(ty, out),
             (Cell::Real(r), _) => Err(format!("a real number ({r}) where {ty} belongs").into()),
         }
     }
@@ -185,6 +186,9 @@ impl ToSql for Cell {
 enum Read {
     Rows(Vec<Vec<Cell>>),
     End,
+    /// After the last table: the highest sequence number SQLite handed out
+    /// (a commit's first number counts too), so that none is handed out again.
+    LastSeq(i64),
     Failed(String),
 }
 
@@ -248,16 +252,27 @@ impl PostgresStore {
                     Some(Read::Failed(why)) => {
                         return Err(StoreError::CannotOpen { location: from.display().to_string(), why });
                     }
-                    None => return Err(StoreError::Commit("the SQLite reader stopped".into())),
+                    Some(Read::LastSeq(_)) | None => {
+                        return Err(StoreError::Commit("the SQLite reader stopped early".into()));
+                    }
                 }
             }
             writer.finish().await.map_err(|e| copy_error(table.name, e))?;
             imported.push((table.name, n));
         }
+        let last_seq = match receive.recv().await {
+            Some(Read::LastSeq(n)) => n,
+            Some(Read::Failed(why)) => {
+                return Err(StoreError::CannotOpen { location: from.display().to_string(), why });
+            }
+            _ => return Err(StoreError::Commit("the SQLite reader stopped".into())),
+        };
         let _ = reader.join();
         // The sequences go on after what moved.
+        tx.execute("UPDATE cairn_seq SET next = $1", &[&(last_seq + 1)]).await.map_err(pg_error)?;
         tx.batch_execute(
-            "UPDATE cairn_seq SET next = 1 + greatest(0, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes)); \
+            "UPDATE cairn_seq SET next = greatest(next, 1 + greatest(0, (SELECT max(id) FROM history), \
+                                                       (SELECT max(seq) FROM changes))); \
              SELECT setval('runs_seq_seq', greatest(1, (SELECT max(seq) FROM runs)), (SELECT count(*) > 0 FROM runs)); \
              SELECT setval('signals_seq_seq', greatest(1, (SELECT max(seq) FROM signals)), \
                            (SELECT count(*) > 0 FROM signals))",
@@ -294,7 +309,7 @@ fn read_sqlite(path: &Path, send: &mpsc::Sender<Read>) -> Result<(), String> {
                     ValueRef::Null => Cell::Null,
                     ValueRef::Integer(v) => Cell::Int(v),
                     ValueRef::Real(v) => Cell::Real(v),
-                    ValueRef::Text(t) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Text(t) => Cell::Text(t.to_vec()),
                     ValueRef::Blob(b) => Cell::Blob(b.to_vec()),
                 });
             }
@@ -310,5 +325,14 @@ fn read_sqlite(path: &Path, send: &mpsc::Sender<Read>) -> Result<(), String> {
             return Ok(());
         }
     }
+    let last_seq: i64 = conn
+        .query_row(
+            "SELECT max(coalesce((SELECT max(first_seq) FROM commits), 0), coalesce((SELECT max(id) FROM history), 0), \
+             coalesce((SELECT max(seq) FROM changes), 0))",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| format!("reading the last change number: {e}"))?;
+    let _ = send.blocking_send(Read::LastSeq(last_seq));
     conn.execute_batch("COMMIT").map_err(|e| e.to_string())
 }

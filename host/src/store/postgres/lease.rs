@@ -6,6 +6,7 @@
 //! the writing transaction (`writer`): a process that lost its lease (paused,
 //! cut off) can never commit for that run again.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,30 +14,33 @@ use super::{Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
 use crate::model::{RunKey, RunRecord};
 use crate::store::{Lease, StoreError};
 
-// The gate: a take commits only while no writer is between its fence
-// check and its commit. Writers hold the row lock of `cairn_seq` from before
-// their fence check to their commit; a take holds it in share mode (`WITH
-// gate AS (SELECT 1 FROM cairn_seq FOR SHARE)`). So a writer either sees
-// the new epoch and is refused, or commits first, and the new holder reads
-// what it wrote. The fence never row-locks runs.
+/// The gate: a take commits only while no writer is between its fence
+/// check and its commit. Writers hold the row lock of `cairn_seq` from before
+/// their fence check to their commit; a take holds it in share mode, taken
+/// first, in a statement of its own (then the runs' rows: the order every
+/// writer keeps). So a writer either sees the new epoch and is refused, or
+/// commits first, and the new holder reads what it wrote. The fence never
+/// row-locks runs.
+const GATE: &str = "SELECT 1 FROM cairn_seq FOR SHARE";
 
 /// `--lease` when not given.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
 /// Take the run's lease if it is free or expired: `None` if another holder has it.
 pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease>, StoreError> {
-    let client = inner.pool.get().await.map_err(pool_error)?;
+    let mut client = inner.pool.get().await.map_err(pool_error)?;
     let ms = inner.lease.as_millis() as i64;
-    let row = client
+    let tx = client.transaction().await.map_err(pg_error)?;
+    tx.batch_execute(GATE).await.map_err(pg_error)?;
+    let row = tx
         .query_opt(
-            // The gate (see above) before the run's row.
-            "WITH gate AS (SELECT 1 FROM cairn_seq FOR SHARE) \
-             UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
-             FROM gate WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
+            "UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
+             WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
             &[&run.0, &inner.owner, &ms],
         )
         .await
         .map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)?;
     Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64)))
 }
 
@@ -50,7 +54,7 @@ pub(super) async fn claim(
     max: usize,
     skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
 ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
-    let client = inner.pool.get().await.map_err(pool_error)?;
+    let mut client = inner.pool.get().await.map_err(pool_error)?;
     let free = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
     let candidates = client
         .prepare_cached(&format!(
@@ -60,11 +64,10 @@ pub(super) async fn claim(
         .map_err(pg_error)?;
     let take = client
         .prepare_cached(&format!(
-            "WITH gate AS (SELECT 1 FROM cairn_seq FOR SHARE) \
-             UPDATE runs SET owner = $3, epoch = epoch + 1, \
+            "UPDATE runs SET owner = $3, epoch = epoch + 1, \
                lease_until = now() + $4::BIGINT * interval '1 millisecond' \
-             FROM gate WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free} \
-                           ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free} \
+                           ORDER BY seq LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) \
              RETURNING {RUN_COLUMNS}, epoch"
         ))
         .await
@@ -83,7 +86,11 @@ pub(super) async fn claim(
             continue;
         }
         let want = (max - claimed.len()) as i64;
-        for row in client.query(&take, &[&wanted, &want, &inner.owner, &ms]).await.map_err(pg_error)? {
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.batch_execute(GATE).await.map_err(pg_error)?;
+        let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms]).await.map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        for row in rows {
             let epoch = row.get::<_, i64>(15) as u64;
             match run_from_row(&row) {
                 Ok(run) => {
@@ -125,6 +132,7 @@ impl Drop for Release {
         }
         let (run, epoch) = (self.run, self.epoch as i64);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            RELEASING.fetch_add(1, Ordering::SeqCst);
             handle.spawn(async move {
                 if let Ok(client) = inner.pool.get().await {
                     let _ = client
@@ -134,8 +142,23 @@ impl Drop for Release {
                         )
                         .await;
                 }
+                RELEASING.fetch_sub(1, Ordering::SeqCst);
             });
         }
+    }
+}
+
+/// Releases on their way (tasks spawned by dropped leases).
+static RELEASING: AtomicUsize = AtomicUsize::new(0);
+
+/// Wait, for up to `limit`, until the leases this process dropped are given
+/// back: a command about to exit calls it, so that a run it leaves
+/// unfinished (a non-determinism stop, a failure to commit) can be resumed
+/// at once, not only when the lease expires.
+pub async fn settle_releases(limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while RELEASING.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -35,7 +35,7 @@ use crate::store::{
     Write,
 };
 
-pub use lease::DEFAULT_LEASE;
+pub use lease::{DEFAULT_LEASE, settle_releases};
 
 /// A `--db` value that names a PostgreSQL database.
 pub fn is_postgres_url(db: &str) -> bool {
@@ -297,7 +297,7 @@ impl RunStore for PostgresStore {
 
     fn submit(&self, writes: Vec<Write>) -> CommitTicket {
         let (done, ticket) = tokio::sync::oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.writer.send(writer::Job { writes, done }) {
+        if let Err(mpsc::error::SendError(job)) = self.writer.send(writer::Job::new(&self.inner, writes, done)) {
             let _ = job.done.send(Err(StoreError::WriterGone));
         }
         ticket
@@ -465,7 +465,13 @@ impl RunStore for PostgresStore {
 
     async fn release_all(&self) -> Result<(), StoreError> {
         self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.query("UPDATE runs SET owner = NULL, lease_until = NULL WHERE owner = $1", &[&self.inner.owner]).await?;
+        // Rows locked in key order, as writers and heartbeats lock them.
+        self.query(
+            "UPDATE runs SET owner = NULL, lease_until = NULL WHERE seq IN \
+             (SELECT seq FROM runs WHERE owner = $1 ORDER BY seq FOR NO KEY UPDATE)",
+            &[&self.inner.owner],
+        )
+        .await?;
         Ok(())
     }
 

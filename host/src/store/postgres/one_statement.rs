@@ -82,14 +82,20 @@ struct StatusChange<'a> {
 pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) -> Outcome {
     // Every write appends to or sets the status of a run held here.
     let mut fenced: Vec<(i64, i64)> = Vec::new();
-    for write in jobs.iter().flat_map(|j| &j.writes) {
-        let run = match write {
-            Write::Append { run, .. } | Write::SetStatus { run, .. } => *run,
-            _ => return Outcome::NotEligible,
-        };
-        let Some(epoch) = inner.held_epoch(run) else { return Outcome::NotEligible };
-        if !fenced.iter().any(|&(r, _)| r == run.0) {
-            fenced.push((run.0, epoch as i64));
+    for job in jobs {
+        for write in &job.writes {
+            let run = match write {
+                Write::Append { run, .. } | Write::SetStatus { run, .. } => *run,
+                _ => return Outcome::NotEligible,
+            };
+            let Some(epoch) = job.epoch(run) else { return Outcome::NotEligible };
+            match fenced.iter().find(|&&(r, _)| r == run.0) {
+                None => fenced.push((run.0, epoch as i64)),
+                // Two leases of one run in one batch (given back and taken
+                // again meanwhile): item by item, each under its own.
+                Some(&(_, e)) if e != epoch as i64 => return Outcome::NotEligible,
+                Some(_) => {}
+            }
         }
     }
     if fenced.is_empty() {

@@ -108,11 +108,12 @@ const MIGRATIONS: &[&str] = &[
     -- Fails with CN001 unless each run still has the epoch its writer holds
     -- (DETAIL "run held now"; now -1: no such run). No row lock: the caller
     -- holds the row lock of cairn_seq, which every takeover takes too (FOR
-    -- SHARE) before it commits, and a function's statements each see what
-    -- was committed when they start; so a takeover commits either before
-    -- this check (which sees it) or after the writer's commit.
+    -- SHARE) before it commits, and each statement of a VOLATILE function
+    -- sees what was committed when it starts (not when the calling statement
+    -- did); so a takeover commits either before this check (which sees it)
+    -- or after the writer's commit.
     CREATE FUNCTION cairn_fence(fenced_runs BIGINT[], held_epochs BIGINT[]) RETURNS VOID
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql VOLATILE AS $$
     DECLARE
         lost RECORD;
     BEGIN
@@ -131,7 +132,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE FUNCTION cairn_commit_batch(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[],
                                        status_runs BIGINT[], statuses TEXT[], outputs BYTEA[], errors TEXT[],
                                        finished BIGINT[]) RETURNS BIGINT
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql VOLATILE AS $$
     DECLARE
         first BIGINT;
         locked BIGINT[];

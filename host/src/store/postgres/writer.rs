@@ -24,7 +24,29 @@ const MAX_BATCH: usize = 1024;
 
 pub(super) struct Job {
     pub(super) writes: Vec<Write>,
+    /// The epochs of this process's leases on the written runs when the
+    /// writes were submitted: what fences them, so that a lease dropped or
+    /// given back while they wait in the queue does not unfence them.
+    pub(super) epochs: Vec<(RunKey, u64)>,
     pub(super) done: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+impl Job {
+    pub(super) fn new(inner: &Inner, writes: Vec<Write>, done: oneshot::Sender<Result<Committed, StoreError>>) -> Job {
+        let mut epochs: Vec<(RunKey, u64)> = Vec::new();
+        for run in writes.iter().filter_map(Write::run) {
+            if !epochs.iter().any(|e| e.0 == run)
+                && let Some(epoch) = inner.held_epoch(run)
+            {
+                epochs.push((run, epoch));
+            }
+        }
+        Job { writes, epochs, done }
+    }
+
+    pub(super) fn epoch(&self, run: RunKey) -> Option<u64> {
+        self.epochs.iter().find(|e| e.0 == run).map(|e| e.1)
+    }
 }
 
 pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -118,13 +140,7 @@ async fn transact(
     // length), and that lock with the next number.
     // Then the runs this process holds that the batch writes, in key order:
     // every writer takes its locks in this order (see `cairn_take_seq`).
-    let mut held: Vec<i64> = jobs
-        .iter()
-        .flat_map(|j| &j.writes)
-        .filter_map(Write::run)
-        .filter(|&run| inner.held_epoch(run).is_some())
-        .map(|run| run.0)
-        .collect();
+    let mut held: Vec<i64> = jobs.iter().flat_map(|j| &j.epochs).map(|e| e.0.0).collect();
     held.sort_unstable();
     held.dedup();
     let lock_runs = if held.is_empty() {
@@ -159,7 +175,7 @@ async fn transact(
         }
         let published = batch.events.len();
         let mut wants_lease = Vec::new();
-        match apply(tx, inner, &job.writes, &mut batch, &mut wants_lease).await {
+        match apply(tx, inner, job, &mut batch, &mut wants_lease).await {
             Ok(committed) => {
                 if isolate {
                     tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
@@ -182,8 +198,6 @@ async fn transact(
     }
     // The sequence, the notification and the commit in one round trip.
     let closing = if batch.next_seq != first {
-        // Noted before the commit: the listener may hear of it first.
-        inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
         let has_changes = batch.events.iter().any(|e| e.kind != ChangeKind::History);
         let payload = super::listen::payload(&inner.owner, batch.next_seq as u64, has_changes);
         format!(
@@ -195,6 +209,9 @@ async fn transact(
         "COMMIT".to_string()
     };
     tx.batch_execute(&closing).await.map_err(pg_error)?;
+    // Noted once committed (a failed commit's numbers are handed out
+    // again); the listener waits for `writing` before it tells its own apart.
+    inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
     if inner.feed.listening() {
         for event in batch.events {
             inner.feed.publish(event);
@@ -215,8 +232,8 @@ async fn transact(
 
 /// The run must still be this process's if it holds it: its epoch in the
 /// database is the one it took (else another process took it over).
-async fn fence(tx: &ClientWrapper, inner: &Inner, run: RunKey) -> Result<i64, StoreError> {
-    let Some(held) = inner.held_epoch(run) else { return Ok(0) };
+async fn fence(tx: &ClientWrapper, job: &Job, run: RunKey) -> Result<i64, StoreError> {
+    let Some(held) = job.epoch(run) else { return Ok(0) };
     let held = held as i64;
     execute(tx, "SELECT cairn_fence(ARRAY[$1::BIGINT], ARRAY[$2::BIGINT])", &[&run.0, &held])
         .await
@@ -350,12 +367,12 @@ fn history_event(batch: &mut Batch, seq: i64, run: RunKey, position: usize) {
 async fn apply(
     tx: &ClientWrapper,
     inner: &Inner,
-    writes: &[Write],
+    job: &Job,
     batch: &mut Batch,
     wants_lease: &mut Vec<RunKey>,
 ) -> Result<Committed, StoreError> {
     let mut committed = Committed::default();
-    for write in writes {
+    for write in &job.writes {
         match write {
             Write::PutModule { hash, bytes } => {
                 execute(
@@ -378,7 +395,7 @@ async fn apply(
                 // The fence and the rows in one round trip (pipelined): the
                 // rows carry the epoch the fence checks, and a failed fence
                 // rolls them back with the item.
-                let epoch = inner.held_epoch(*run).map_or(0, |e| e as i64);
+                let epoch = job.epoch(*run).map_or(0, |e| e as i64);
                 let mut inserts = Vec::with_capacity(entries.len());
                 for (i, e) in entries.iter().enumerate() {
                     let seq = batch.take_seq();
@@ -386,8 +403,7 @@ async fn apply(
                     inserts.push(insert_row(tx, seq, *run, position + i, e, epoch, batch.ts_us));
                 }
                 let (fenced, inserted) =
-                    futures_util::future::join(fence(tx, inner, *run), futures_util::future::try_join_all(inserts))
-                        .await;
+                    futures_util::future::join(fence(tx, job, *run), futures_util::future::try_join_all(inserts)).await;
                 settle(fenced, inserted.map(drop))?;
             }
             Write::SetStatus { run, status, output, error } => {
@@ -410,7 +426,7 @@ async fn apply(
                     &change_params,
                 );
                 let (fenced, updated, changed) =
-                    futures_util::future::join3(fence(tx, inner, *run), update, change_row).await;
+                    futures_util::future::join3(fence(tx, job, *run), update, change_row).await;
                 let updated = updated
                     .map_err(pg_error)
                     .and_then(|n| if n == 0 { Err(StoreError::NoSuchRun(*run)) } else { Ok(()) });
@@ -452,7 +468,7 @@ async fn apply(
                 insert_change(tx, batch, *run, ChangeKind::Cancel, None).await?;
             }
             Write::BranchAttempt { run, entry: e } => {
-                fence(tx, inner, *run).await?;
+                fence(tx, job, *run).await?;
                 execute(
                     tx,
                     "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
@@ -474,7 +490,7 @@ async fn apply(
                 insert_change(tx, batch, *run, ChangeKind::Branch, None).await?;
             }
             Write::ConsumeSignal { run, name, entry } => {
-                let epoch = fence(tx, inner, *run).await?;
+                let epoch = fence(tx, job, *run).await?;
                 let found = query_opt(
                     tx,
                     "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
