@@ -203,11 +203,7 @@ async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64, history: boo
         let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
         let fresh: Vec<ChangeEvent> = changes.into_iter().filter(|c| !own.contains(c.seq)).collect();
         drop(own);
-        if inner.feed.listening() {
-            for event in fresh {
-                inner.feed.publish(event);
-            }
-        }
+        inner.publish(fresh);
         *cursor = last;
         inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(*cursor);
     }

@@ -102,8 +102,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub(crate) fn held_epoch(&self, run: RunKey) -> Option<u64> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&run).copied()
+    /// Changes to this process's feed, if anyone listens.
+    pub(crate) fn publish(&self, events: impl IntoIterator<Item = ChangeEvent>) {
+        if self.feed.listening() {
+            for event in events {
+                self.feed.publish(event);
+            }
+        }
     }
 }
 

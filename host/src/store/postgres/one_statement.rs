@@ -16,8 +16,8 @@
 use deadpool_postgres::ClientWrapper;
 
 use super::Inner;
-use super::writer::Job;
-use crate::model::{RunKey, RunStatus, now_ms, now_us};
+use super::writer::{Job, history_change, other_change};
+use crate::model::{now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, StoreError, Write};
 
 /// How a batch fared.
@@ -80,64 +80,68 @@ struct StatusChange<'a> {
 }
 
 pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) -> Outcome {
-    // Every write appends to or sets the status of a run held here.
+    let ts_us = now_us();
+    // The runs to fence, with the epochs their writes were submitted under.
     let mut fenced: Vec<(i64, i64)> = Vec::new();
+    let mut rows = Rows::default();
+    let mut statuses: Vec<StatusChange> = Vec::new();
+    // Sequence numbers as offsets from the first the server hands out.
+    let mut events: Vec<ChangeEvent> = Vec::new();
     for job in jobs {
         for write in &job.writes {
+            // Every write appends to or sets the status of a run held here.
             let run = match write {
                 Write::Append { run, .. } | Write::SetStatus { run, .. } => *run,
                 _ => return Outcome::NotEligible,
             };
-            let Some(epoch) = job.epoch(run) else { return Outcome::NotEligible };
+            let Some(epoch) = job.epoch(run).map(|e| e as i64) else { return Outcome::NotEligible };
             match fenced.iter().find(|&&(r, _)| r == run.0) {
-                None => fenced.push((run.0, epoch as i64)),
+                None => fenced.push((run.0, epoch)),
                 // Two leases of one run in one batch (given back and taken
                 // again meanwhile): item by item, each under its own.
-                Some(&(_, e)) if e != epoch as i64 => return Outcome::NotEligible,
+                Some(&(_, e)) if e != epoch => return Outcome::NotEligible,
                 Some(_) => {}
+            }
+            match write {
+                Write::Append { position, entries, .. } => {
+                    for (i, e) in entries.iter().enumerate() {
+                        let off = events.len() as i64;
+                        let position = position + i;
+                        rows.off.push(off);
+                        rows.run.push(run.0);
+                        rows.position.push(position as i32);
+                        rows.kind.push(e.kind.as_str());
+                        rows.name.push(&e.name);
+                        rows.occurrence.push(e.occurrence as i32);
+                        rows.attempt.push(e.attempt as i32);
+                        rows.status.push(e.status.as_str());
+                        rows.output.push(&e.output);
+                        rows.error.push(e.error.as_deref());
+                        rows.started_at.push(e.started_at);
+                        rows.finished_at.push(e.finished_at);
+                        rows.epoch.push(epoch);
+                        events.push(history_change(off as u64, run, position, ts_us));
+                    }
+                }
+                Write::SetStatus { status, output, error, .. } => {
+                    let off = events.len() as i64;
+                    let finished_at = status.is_finished().then(now_ms);
+                    statuses.push(StatusChange {
+                        off,
+                        run: run.0,
+                        status: status.as_str(),
+                        output,
+                        error,
+                        finished_at,
+                    });
+                    events.push(other_change(off as u64, run, ChangeKind::Status, Some(*status), ts_us));
+                }
+                _ => return Outcome::NotEligible,
             }
         }
     }
     if fenced.is_empty() {
         return Outcome::NotEligible;
-    }
-
-    let ts_us = now_us();
-    let mut rows = Rows::default();
-    let mut statuses: Vec<StatusChange> = Vec::new();
-    // Sequence numbers as offsets from the first the server hands out.
-    let mut events: Vec<ChangeEvent> = Vec::new();
-    for write in jobs.iter().flat_map(|j| &j.writes) {
-        match write {
-            Write::Append { run, position, entries } => {
-                let epoch = fenced.iter().find(|f| f.0 == run.0).map_or(0, |f| f.1);
-                for (i, e) in entries.iter().enumerate() {
-                    let off = events.len() as i64;
-                    let position = position + i;
-                    rows.off.push(off);
-                    rows.run.push(run.0);
-                    rows.position.push(position as i32);
-                    rows.kind.push(e.kind.as_str());
-                    rows.name.push(&e.name);
-                    rows.occurrence.push(e.occurrence as i32);
-                    rows.attempt.push(e.attempt as i32);
-                    rows.status.push(e.status.as_str());
-                    rows.output.push(&e.output);
-                    rows.error.push(e.error.as_deref());
-                    rows.started_at.push(e.started_at);
-                    rows.finished_at.push(e.finished_at);
-                    rows.epoch.push(epoch);
-                    events.push(event(off, *run, ChangeKind::History, Some(position as u64), None, ts_us));
-                }
-            }
-            Write::SetStatus { run, status, output, error } => {
-                let off = events.len() as i64;
-                let finished_at = status.is_finished().then(now_ms);
-                statuses.push(StatusChange { off, run: run.0, status: status.as_str(), output, error, finished_at });
-                events.push(event(off, *run, ChangeKind::Status, None, Some(*status), ts_us));
-            }
-            _ => return Outcome::NotEligible,
-        }
     }
     let n = events.len() as i64;
 
@@ -152,17 +156,6 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) 
         Err(e) if e.as_db_error().is_some() => Outcome::Refused,
         Err(e) => Outcome::Unknown(super::pg_error(e)),
     }
-}
-
-fn event(
-    off: i64,
-    run: RunKey,
-    kind: ChangeKind,
-    position: Option<u64>,
-    status: Option<RunStatus>,
-    ts_us: i64,
-) -> ChangeEvent {
-    ChangeEvent { seq: off as u64, run, kind, position, status, ts_us }
 }
 
 /// The batch's one statement; the first sequence number it took.

@@ -34,13 +34,15 @@ pub(super) struct Job {
 impl Job {
     pub(super) fn new(inner: &Inner, writes: Vec<Write>, done: oneshot::Sender<Result<Committed, StoreError>>) -> Job {
         let mut epochs: Vec<(RunKey, u64)> = Vec::new();
+        let held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
         for run in writes.iter().filter_map(Write::run) {
             if !epochs.iter().any(|e| e.0 == run)
-                && let Some(epoch) = inner.held_epoch(run)
+                && let Some(&epoch) = held.get(&run)
             {
                 epochs.push((run, epoch));
             }
         }
+        drop(held);
         Job { writes, epochs, done }
     }
 
@@ -103,11 +105,7 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
     let _writing = inner.writing.lock().await;
     match one_statement::commit(inner, &client, jobs).await {
         Outcome::Committed(events) => {
-            if inner.feed.listening() {
-                for event in events {
-                    inner.feed.publish(event);
-                }
-            }
+            inner.publish(events);
             return Ok(jobs.iter().map(|_| Ok(Committed::default())).collect());
         }
         // Whether it landed is settled by reading the history again: the
@@ -212,11 +210,7 @@ async fn transact(
     // Noted once committed (a failed commit's numbers are handed out
     // again); the listener waits for `writing` before it tells its own apart.
     inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
-    if inner.feed.listening() {
-        for event in batch.events {
-            inner.feed.publish(event);
-        }
-    }
+    inner.publish(batch.events);
     // Leases of runs created with one: held from their commit on.
     for (result, wants) in results.iter_mut().zip(leased) {
         if let Ok(committed) = result {
@@ -278,9 +272,25 @@ fn settle(fenced: Result<i64, StoreError>, written: Result<(), StoreError>) -> R
     }
 }
 
+/// A history row's change event (both commit paths make them).
+pub(super) fn history_change(seq: u64, run: RunKey, position: usize, ts_us: i64) -> ChangeEvent {
+    ChangeEvent { seq, run, kind: ChangeKind::History, position: Some(position as u64), status: None, ts_us }
+}
+
+/// Any other change event (a `changes` row).
+pub(super) fn other_change(
+    seq: u64,
+    run: RunKey,
+    kind: ChangeKind,
+    status: Option<RunStatus>,
+    ts_us: i64,
+) -> ChangeEvent {
+    ChangeEvent { seq, run, kind, position: None, status, ts_us }
+}
+
 fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunStatus>) -> i64 {
     let seq = batch.take_seq();
-    batch.events.push(ChangeEvent { seq: seq as u64, run, kind, position: None, status, ts_us: batch.ts_us });
+    batch.events.push(other_change(seq as u64, run, kind, status, batch.ts_us));
     seq
 }
 
@@ -353,15 +363,7 @@ async fn insert_entry(
 
 /// The change event of a history row at `position`.
 fn history_event(batch: &mut Batch, seq: i64, run: RunKey, position: usize) {
-    let ts_us = batch.ts_us;
-    batch.events.push(ChangeEvent {
-        seq: seq as u64,
-        run,
-        kind: ChangeKind::History,
-        position: Some(position as u64),
-        status: None,
-        ts_us,
-    });
+    batch.events.push(history_change(seq as u64, run, position, batch.ts_us));
 }
 
 async fn apply(
