@@ -51,7 +51,7 @@ pub(crate) fn new_run(id: &str) -> NewRun {
     }
 }
 
-fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
+pub(crate) fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
     Entry {
         kind: EntryKind::Step,
         name: name.into(),
@@ -66,7 +66,7 @@ fn step(name: &str, occurrence: u32, status: EntryStatus) -> Entry {
 }
 
 /// Create runs of [`MODULE`] (stored with them).
-async fn create(store: &dyn RunStore, ids: &[&str]) -> Vec<RunRecord> {
+pub(crate) async fn create(store: &dyn RunStore, ids: &[&str]) -> Vec<RunRecord> {
     let mut writes = vec![Write::PutModule { hash: MODULE.into(), bytes: b"\0asm".to_vec() }];
     writes.extend(ids.iter().map(|id| Write::CreateRun { run: Box::new(new_run(id)), lease: false }));
     commit(store, writes).await.expect("create runs").created.into_iter().map(|(r, _)| r).collect()
@@ -242,6 +242,19 @@ pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: R
     assert_eq!(kinds, [ChangeKind::Cancel, ChangeKind::Status]);
     let quiet = tokio::time::timeout(Duration::from_millis(200), all.recv()).await;
     assert!(quiet.is_err(), "no duplicates: {quiet:?}");
+    // History rows alone, one commit right after another, as a run's steps
+    // commit: each reaches the whole feed (perhaps a little later than a
+    // status change would), and only once.
+    let lease = lease_soon(&*there, run.key).await.expect("the run can be leased");
+    for (position, name) in ["h0", "h1", "h2"].into_iter().enumerate() {
+        let entries = vec![step(name, 1, EntryStatus::Completed)];
+        commit(&*there, vec![Write::Append { run: run.key, position, entries }]).await.unwrap();
+        let e = next(&mut all).await;
+        assert_eq!((e.run, e.kind, e.position), (run.key, ChangeKind::History, Some(position as u64)));
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(200), all.recv()).await;
+    assert!(quiet.is_err(), "no duplicates: {quiet:?}");
+    drop(lease);
 }
 
 pub(crate) async fn signals_are_consumed_once(open: Open) {

@@ -10,19 +10,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
+use super::{Held, Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
 use crate::model::{RunKey, RunRecord};
 use crate::store::{Lease, StoreError};
 
 /// The gate: a take commits only while no writer is between its fence
 /// check and its commit. Writers hold the row lock of `cairn_seq` from before
-/// their fence check to their commit; a take holds it in share mode, taken
-/// first, in a statement of its own (then the runs' rows: the order every
-/// writer keeps). So a writer either sees the new epoch and is refused, or
-/// commits first, and the new holder reads what it wrote. The fence never
-/// row-locks runs.
-const GATE: &str = "SELECT 1 FROM cairn_seq FOR SHARE";
-
+/// their fence check to their commit; a take takes that row first, in a
+/// statement of its own (then the runs' rows: the order every writer
+/// keeps), and moves its generation on. So a writer either sees the new
+/// epoch and is refused, or commits first, and the new holder reads what it
+/// wrote. The fence never row-locks runs, and a writer that finds the
+/// generation where it was when it last saw its runs' epochs knows that no
+/// run changed hands since (see `Held::checked_at`).
+const GATE: &str = "UPDATE cairn_seq SET gen = gen + 1 RETURNING gen";
 /// `--lease` when not given.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
@@ -31,7 +32,7 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     let ms = inner.lease.as_millis() as i64;
     let tx = client.transaction().await.map_err(pg_error)?;
-    tx.batch_execute(GATE).await.map_err(pg_error)?;
+    let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
     let row = tx
         .query_opt(
             "UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
@@ -41,7 +42,7 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
         .await
         .map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
-    Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64)))
+    Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64, Some(generation))))
 }
 
 /// Up to `max` unfinished runs nobody holds, oldest first, except those
@@ -87,20 +88,20 @@ pub(super) async fn claim(
         }
         let want = (max - claimed.len()) as i64;
         let tx = client.transaction().await.map_err(pg_error)?;
-        tx.batch_execute(GATE).await.map_err(pg_error)?;
+        let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
         let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms]).await.map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
         for row in rows {
             let epoch = row.get::<_, i64>(15) as u64;
             match run_from_row(&row) {
                 Ok(run) => {
-                    let lease = held(inner, run.key, epoch);
+                    let lease = held(inner, run.key, epoch, Some(generation));
                     claimed.push((run, lease));
                 }
                 // Its lease goes back at once (dropped).
                 Err(why) => {
                     eprintln!("cairn: skipping {why}");
-                    drop(held(inner, RunKey(row.get(0)), epoch));
+                    drop(held(inner, RunKey(row.get(0)), epoch, None));
                 }
             }
         }
@@ -108,9 +109,10 @@ pub(super) async fn claim(
     Ok(claimed)
 }
 
-/// A lease this process now holds (taken, or created with its run).
-pub(super) fn held(inner: &Arc<Inner>, run: RunKey, epoch: u64) -> Lease {
-    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, epoch);
+/// A lease this process now holds (taken, or created with its run), and
+/// the gate generation its take committed at, if known.
+pub(super) fn held(inner: &Arc<Inner>, run: RunKey, epoch: u64, checked_at: Option<i64>) -> Lease {
+    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, Held { epoch, checked_at });
     Lease::new(run, epoch, Box::new(Release { inner: Arc::downgrade(inner), run, epoch }))
 }
 
@@ -126,7 +128,7 @@ impl Drop for Release {
         let Some(inner) = self.inner.upgrade() else { return };
         {
             let mut held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
-            if held.get(&self.run) == Some(&self.epoch) {
+            if held.get(&self.run).is_some_and(|h| h.epoch == self.epoch) {
                 held.remove(&self.run);
             }
         }

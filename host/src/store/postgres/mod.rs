@@ -90,8 +90,8 @@ pub(crate) struct Inner {
     /// This process's name in `runs.owner`.
     pub(crate) owner: String,
     pub(crate) lease: Duration,
-    /// Runs this process holds, with their epoch: writes of them are fenced.
-    pub(crate) held: Mutex<HashMap<RunKey, u64>>,
+    /// Runs this process holds: writes of them are fenced.
+    pub(crate) held: Mutex<HashMap<RunKey, Held>>,
     /// Sequence numbers this process committed and published itself, which
     /// the listener must not publish again.
     pub(crate) own: Mutex<listen::Own>,
@@ -99,6 +99,18 @@ pub(crate) struct Inner {
     /// before the writer has noted its numbers in `own`, and the listener,
     /// which may read them first, waits for this before it filters.
     pub(crate) writing: tokio::sync::Mutex<()>,
+}
+
+/// A lease this process holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Held {
+    pub(crate) epoch: u64,
+    /// A gate generation (`cairn_seq.gen`) at which this epoch was known
+    /// to be the run's: its lease was taken then, or a fenced commit saw it
+    /// then. While the generation has not moved, no run changed hands, so a
+    /// commit that finds it unchanged under the row lock of `cairn_seq`
+    /// needs no fence of its own (`one_statement`).
+    pub(crate) checked_at: Option<i64>,
 }
 
 impl Inner {

@@ -12,20 +12,28 @@
 //! (set on every connection from `--durability`). When the server refuses
 //! it (a lease lost, a run gone), the writer commits the batch again item by
 //! item (`writer`), so that only the bad item fails.
+//!
+//! A batch of appends alone, whose runs' epochs this process saw current at
+//! the gate generation it still finds under the row lock of `cairn_seq`,
+//! needs no fence check (`APPEND_UNMOVED`): no run changed hands since.
+//! That is every step of a run after its first, until another process
+//! takes a run. History rows alone notify other processes at most every few
+//! milliseconds (`writer`): a notification wakes every listener.
 
 use deadpool_postgres::ClientWrapper;
 
 use super::Inner;
 use super::writer::{Job, history_change, other_change};
-use crate::model::{now_ms, now_us};
+use crate::model::{RunKey, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, StoreError, Write};
 
 /// How a batch fared.
 pub(super) enum Outcome {
     /// Not of the kind this path takes: commit it item by item.
     NotEligible,
-    /// Committed; these are its changes, in sequence order.
-    Committed(Vec<ChangeEvent>),
+    /// Committed; these are its changes, in sequence order, and whether
+    /// other processes were notified of them.
+    Committed(Vec<ChangeEvent>, bool),
     /// The server refused it (nothing landed): commit it item by item.
     Refused,
     /// The connection failed: whether it landed is not known.
@@ -34,8 +42,9 @@ pub(super) enum Outcome {
 
 const COMMIT_BATCH: &str = "\
 WITH seq AS (
-    SELECT cairn_commit_batch($1::BIGINT, $2::BIGINT[], $3::BIGINT[], $18::BIGINT[], $19::TEXT[], $20::BYTEA[],
-                              $21::TEXT[], $22::BIGINT[]) AS first
+    SELECT b.first, b.generation
+      FROM cairn_commit_batch($1::BIGINT, $2::BIGINT[], $3::BIGINT[], $18::BIGINT[], $19::TEXT[], $20::BYTEA[],
+                              $21::TEXT[], $22::BIGINT[]) AS b
 ), history_rows AS (
     INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
                          started_at, finished_at, epoch, committed_us)
@@ -50,7 +59,32 @@ WITH seq AS (
     SELECT seq.first + u.off, u.run, 'status', u.status, $4::BIGINT
       FROM seq, unnest($23::BIGINT[], $24::BIGINT[], $25::TEXT[]) AS u(off, run, status)
 )
-SELECT seq.first, pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT) || $27::TEXT) FROM seq";
+SELECT seq.first, seq.generation,
+       CASE WHEN $28::BOOLEAN THEN pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT) || $27::TEXT) END
+  FROM seq";
+
+/// Appends only, of runs whose epochs were seen current at generation $2:
+/// if the generation is still $2 once the row of `cairn_seq` is locked (its
+/// newest version: a take that committed meanwhile moved it on), no run
+/// changed hands since, and none can before this commits; otherwise
+/// nothing is written and no row comes back (the batch then goes the
+/// fenced way). The fence of `cairn_commit_batch` is a function call with
+/// statements of its own, which costs more than the insert it guards.
+const APPEND_UNMOVED: &str = "\
+WITH seq AS (
+    UPDATE cairn_seq SET next = next + $1::BIGINT WHERE gen = $2::BIGINT RETURNING next - $1::BIGINT AS first
+), history_rows AS (
+    INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
+                         started_at, finished_at, epoch, committed_us)
+    SELECT seq.first + u.off, u.run, u.position, u.kind, u.name, u.occurrence, u.attempt, u.status, u.output,
+           u.error, u.started_at, u.finished_at, u.epoch, $3::BIGINT
+      FROM seq, unnest($4::BIGINT[], $5::BIGINT[], $6::INT[], $7::TEXT[], $8::TEXT[], $9::INT[], $10::INT[],
+                       $11::TEXT[], $12::BYTEA[], $13::TEXT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
+           AS u(off, run, position, kind, name, occurrence, attempt, status, output, error, started_at,
+                finished_at, epoch)
+)
+SELECT seq.first, CASE WHEN $18::BOOLEAN THEN pg_notify('cairn_changes', $17::TEXT || ' ' || (seq.first + $1::BIGINT) || ' h') END
+  FROM seq";
 
 /// The history rows of a batch, column by column.
 #[derive(Default)]
@@ -70,6 +104,18 @@ struct Rows<'a> {
     epoch: Vec<i64>,
 }
 
+/// A batch ready to send.
+struct Sendable<'a> {
+    /// How many sequence numbers it takes.
+    n: i64,
+    ts_us: i64,
+    /// The runs to fence, with the epochs their writes were submitted under.
+    fenced: Vec<(i64, i64)>,
+    rows: Rows<'a>,
+    statuses: Vec<StatusChange<'a>>,
+    notify: bool,
+}
+
 struct StatusChange<'a> {
     off: i64,
     run: i64,
@@ -79,7 +125,9 @@ struct StatusChange<'a> {
     finished_at: Option<i64>,
 }
 
-pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) -> Outcome {
+/// `notify_history`: whether a batch of history rows alone notifies (one
+/// with status changes always does).
+pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], notify_history: bool) -> Outcome {
     let ts_us = now_us();
     // The runs to fence, with the epochs their writes were submitted under.
     let mut fenced: Vec<(i64, i64)> = Vec::new();
@@ -144,32 +192,101 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job]) 
         return Outcome::NotEligible;
     }
     let n = events.len() as i64;
+    let notify = notify_history || !statuses.is_empty();
+    let batch = Sendable { n, ts_us, fenced, rows, statuses, notify };
 
-    match send(inner, client, n, ts_us, &fenced, &rows, &statuses).await {
+    // Whether every run's epoch was seen current at one same generation.
+    let unmoved = if batch.statuses.is_empty() { checked_at(inner, &batch.fenced) } else { None };
+    let sent = match unmoved {
+        Some(generation) => match send_unmoved(inner, client, &batch, generation).await {
+            Ok(Some(first)) => Ok(first),
+            // It moved: fenced, which notes the new generation.
+            Ok(None) => send(inner, client, &batch).await,
+            Err(e) => Err(e),
+        },
+        None => send(inner, client, &batch).await,
+    };
+    match sent {
         Ok(first) => {
             for e in &mut events {
                 e.seq += first as u64;
             }
             inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, (first + n) as u64);
-            Outcome::Committed(events)
+            Outcome::Committed(events, notify)
         }
         Err(e) if e.as_db_error().is_some() => Outcome::Refused,
         Err(e) => Outcome::Unknown(super::pg_error(e)),
     }
 }
 
-/// The batch's one statement; the first sequence number it took.
-async fn send(
+/// The generation at which all these leases (run, epoch) were last seen
+/// current, if it is one and the same and they are all still held.
+fn checked_at(inner: &Inner, fenced: &[(i64, i64)]) -> Option<i64> {
+    let held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
+    let mut at = None;
+    for &(run, epoch) in fenced {
+        let h = held.get(&RunKey(run)).filter(|h| h.epoch as i64 == epoch)?;
+        let g = h.checked_at?;
+        if *at.get_or_insert(g) != g {
+            return None;
+        }
+    }
+    at
+}
+
+/// The leases a fenced commit found current at `generation`.
+fn note_checked(inner: &Inner, fenced: &[(i64, i64)], generation: i64) {
+    let mut held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
+    for &(run, epoch) in fenced {
+        if let Some(h) = held.get_mut(&RunKey(run)).filter(|h| h.epoch as i64 == epoch) {
+            h.checked_at = Some(generation);
+        }
+    }
+}
+
+/// `APPEND_UNMOVED`: the first sequence number it took, or `None` if the
+/// generation moved (nothing written).
+async fn send_unmoved(
     inner: &Inner,
     client: &ClientWrapper,
-    n: i64,
-    ts_us: i64,
-    fenced: &[(i64, i64)],
-    rows: &Rows<'_>,
-    statuses: &[StatusChange<'_>],
-) -> Result<i64, tokio_postgres::Error> {
+    batch: &Sendable<'_>,
+    generation: i64,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(APPEND_UNMOVED).await?;
+    let (n, ts_us, rows) = (batch.n, batch.ts_us, &batch.rows);
+    let row = client
+        .query_opt(
+            &statement,
+            &[
+                &n,
+                &generation,
+                &ts_us,
+                &rows.off,
+                &rows.run,
+                &rows.position,
+                &rows.kind,
+                &rows.name,
+                &rows.occurrence,
+                &rows.attempt,
+                &rows.status,
+                &rows.output,
+                &rows.error,
+                &rows.started_at,
+                &rows.finished_at,
+                &rows.epoch,
+                &inner.owner,
+                &batch.notify,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The batch's one statement; the first sequence number it took.
+async fn send(inner: &Inner, client: &ClientWrapper, batch: &Sendable<'_>) -> Result<i64, tokio_postgres::Error> {
     // Prepared once per connection (a round trip the first time only).
     let statement = client.prepare_cached(COMMIT_BATCH).await?;
+    let Sendable { n, ts_us, ref fenced, ref rows, ref statuses, notify } = *batch;
     let (fence_runs, fence_epochs): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
     // A run's last status change in the batch is the one its row keeps;
     // every change gets its change row.
@@ -220,8 +337,10 @@ async fn send(
                 &inner.owner,
                 // See `listen::payload`.
                 &if statuses.is_empty() { " h" } else { " c" },
+                &notify,
             ],
         )
         .await?;
+    note_checked(inner, fenced, row.get(1));
     Ok(row.get(0))
 }

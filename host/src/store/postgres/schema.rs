@@ -152,6 +152,33 @@ const MIGRATIONS: &[&str] = &[
     -- run; a foreign key would check it again, with a row lock, per row.
     ALTER TABLE history DROP CONSTRAINT history_run_fkey;
     "#,
+    // 3: the gate's generation, which every take moves on, so that a commit
+    // can tell under the row lock of cairn_seq that no run changed hands
+    // since it last saw its runs' epochs, and skip the fence; the common
+    // batch returns it.
+    r#"
+    ALTER TABLE cairn_seq ADD COLUMN gen BIGINT NOT NULL DEFAULT 0;
+    DROP FUNCTION cairn_commit_batch(BIGINT, BIGINT[], BIGINT[], BIGINT[], TEXT[], BYTEA[], TEXT[], BIGINT[]);
+    -- As in migration 2; returns the first number and the generation (under
+    -- the row lock: no take commits between the fence and the commit).
+    CREATE FUNCTION cairn_commit_batch(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[],
+                                       status_runs BIGINT[], statuses TEXT[], outputs BYTEA[], errors TEXT[],
+                                       finished BIGINT[], OUT first BIGINT, OUT generation BIGINT)
+    LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        locked BIGINT[];
+    BEGIN
+        UPDATE cairn_seq SET next = next + n RETURNING next - n, gen INTO first, generation;
+        PERFORM cairn_fence(fenced_runs, held_epochs);
+        IF cardinality(status_runs) > 0 THEN
+            SELECT array_agg(l.seq) INTO locked
+              FROM (SELECT r.seq FROM runs r WHERE r.seq = ANY(status_runs) ORDER BY r.seq FOR NO KEY UPDATE) l;
+            UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished
+              FROM unnest(status_runs, statuses, outputs, errors, finished) AS u(run, status, output, error, finished)
+             WHERE runs.seq = u.run;
+        END IF;
+    END $$;
+    "#,
 ];
 
 /// Check that the database is Cairn's (or empty) and bring its schema up to

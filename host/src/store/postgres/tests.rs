@@ -59,3 +59,93 @@ fn reopen(store: &Arc<dyn RunStore>) -> Opening {
 }
 
 crate::store::conformance::suite!(open, reopen, super::available);
+
+/// A commit that skips the fence check (its runs' epochs were seen current
+/// at the gate generation it finds unchanged) is still refused once another
+/// process took the run over: every take moves the generation on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{StoreError, Write, commit};
+    if !available() {
+        return;
+    }
+    let a = open("skipfence").await;
+    let b = reopen(&a).await;
+    let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
+    let k = run.key;
+    let held = a.lease(k).await.unwrap().expect("a free run can be leased");
+    let append = |position: usize, name: &'static str| Write::Append {
+        run: k,
+        position,
+        entries: vec![step(name, 1, EntryStatus::Completed)],
+    };
+    // Both commits go the way without a fence check (nothing moved since the take).
+    commit(&*a, vec![append(0, "a")]).await.unwrap();
+    commit(&*a, vec![append(1, "b")]).await.unwrap();
+    // Another process takes the run over as if this one had frozen past its lease.
+    let (admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let taken = loop {
+        admin.execute("UPDATE runs SET lease_until = now() - interval '1 second' WHERE seq = $1", &[&k.0]).await.unwrap();
+        if let Some(lease) = b.lease(k).await.unwrap() {
+            break lease;
+        }
+    };
+    let refused = commit(&*a, vec![append(2, "stale")]).await;
+    assert!(matches!(refused, Err(StoreError::LeaseLost { .. })), "{refused:?}");
+    commit(&*b, vec![append(2, "c")]).await.unwrap();
+    let rows = admin.query("SELECT position, name, epoch FROM history WHERE run = $1 ORDER BY position", &[&k.0]).await.unwrap();
+    let got: Vec<(i32, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let (e1, e2) = (held.epoch() as i64, taken.epoch() as i64);
+    assert!(e2 > e1);
+    assert_eq!(got, [(0, "a".into(), e1), (1, "b".into(), e1), (2, "c".into(), e2)]);
+}
+
+/// Steps commit every few hundred microseconds; each notifies other
+/// processes only if none did for a moment, and the last of a burst is told
+/// of afterwards: the last notification covers every commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_of_a_burst_of_steps_is_notified() {
+    use futures_util::StreamExt as _;
+
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let store = open("burst").await;
+    let (listener, mut connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN cairn_changes").await.unwrap();
+    let [run] = &create(&*store, &["r"]).await[..] else { panic!() };
+    let _lease = store.lease(run.key).await.unwrap().expect("leased");
+    for position in 0..5 {
+        let entries = vec![step("s", position as u32 + 1, EntryStatus::Completed)];
+        commit(&*store, vec![Write::Append { run: run.key, position, entries }]).await.unwrap();
+    }
+    let next = store.last_seq().await.unwrap() + 1;
+    // "OWNER NEXT KIND": wait for the one that covers the last commit.
+    let covered = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(payload) = notified.recv().await {
+            let mut words = payload.rsplit(' ');
+            let (_kind, n) = (words.next(), words.next().and_then(|n| n.parse::<u64>().ok()));
+            if n >= Some(next) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(covered, Ok(true), "no notification covers the last commit (next number {next})");
+}

@@ -7,6 +7,7 @@
 //! the flush, `process` does not.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::ClientWrapper;
 use tokio::sync::{mpsc, oneshot};
@@ -37,9 +38,9 @@ impl Job {
         let held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
         for run in writes.iter().filter_map(Write::run) {
             if !epochs.iter().any(|e| e.0 == run)
-                && let Some(&epoch) = held.get(&run)
+                && let Some(h) = held.get(&run)
             {
-                epochs.push((run, epoch));
+                epochs.push((run, h.epoch));
             }
         }
         drop(held);
@@ -51,9 +52,69 @@ impl Job {
     }
 }
 
+/// History rows alone notify other processes at most this often. A
+/// notification wakes every listening backend and client, and a run's
+/// steps commit every few hundred microseconds; a process that reads every
+/// change (a server's feed) reads them at most this late. Status changes,
+/// new runs and signals notify at once.
+const NOTIFY_HISTORY_EVERY: Duration = Duration::from_millis(5);
+
+/// When this process last notified, and the sequence's next number after
+/// commits it has not notified yet, if any.
+struct Notices {
+    last: Instant,
+    owed: Option<u64>,
+}
+
+impl Notices {
+    fn due(&self) -> bool {
+        self.last.elapsed() >= NOTIFY_HISTORY_EVERY
+    }
+
+    fn notified(&mut self) {
+        (self.last, self.owed) = (Instant::now(), None);
+    }
+
+    /// The notification owed, once no commit came to carry it.
+    async fn settle(&mut self, inner: &Inner) {
+        let Some(next) = self.owed else { return };
+        let payload = super::listen::payload(&inner.owner, next, false).replace('\'', "''");
+        // Nothing to make durable: the commits it tells of already are.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT"
+        );
+        match inner.pool.get().await {
+            Ok(client) => match client.batch_execute(&sql).await {
+                Ok(()) => self.notified(),
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    eprintln!("cairn: cannot notify other processes of commits: {}", pg_error(e));
+                }
+            },
+            Err(e) => eprintln!("cairn: cannot notify other processes of commits: {}", pool_error(e)),
+        }
+        // Not again: the next notification covers these commits too.
+        self.owed = None;
+    }
+}
+
 pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut jobs: Vec<Job> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut notices = Notices { last: Instant::now() - NOTIFY_HISTORY_EVERY, owed: None };
+    loop {
+        let first = if notices.owed.is_some() {
+            let wait = NOTIFY_HISTORY_EVERY.saturating_sub(notices.last.elapsed());
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    notices.settle(&inner).await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else { break };
         jobs.push(first);
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -64,7 +125,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
         let metrics = crate::telemetry::get();
         metrics.commit_batch.record(jobs.len() as f64);
         let committing = std::time::Instant::now();
-        let results = match commit(&inner, &jobs).await {
+        let results = match commit(&inner, &jobs, &mut notices).await {
             Ok(results) => results,
             Err(e) => {
                 let message = e.to_string();
@@ -77,6 +138,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
             let _ = job.done.send(result);
         }
     }
+    notices.settle(&inner).await;
 }
 
 /// The state of one batch's transaction.
@@ -99,12 +161,21 @@ impl Batch {
 /// so that `BEGIN` and `COMMIT` ride in the same round trips as the
 /// statements around them; any way out but the commit rolls back before
 /// the connection goes back to the pool.
-async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+async fn commit(
+    inner: &Arc<Inner>,
+    jobs: &[Job],
+    notices: &mut Notices,
+) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let client = inner.pool.get().await.map_err(pool_error)?;
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
-    match one_statement::commit(inner, &client, jobs).await {
-        Outcome::Committed(events) => {
+    match one_statement::commit(inner, &client, jobs, notices.due()).await {
+        Outcome::Committed(events, notified) => {
+            match events.last() {
+                _ if notified => notices.notified(),
+                Some(last) => notices.owed = Some(last.seq + 1),
+                None => {}
+            }
             inner.publish(events);
             return Ok(jobs.iter().map(|_| Ok(Committed::default())).collect());
         }
@@ -114,7 +185,7 @@ async fn commit(inner: &Arc<Inner>, jobs: &[Job]) -> Result<Vec<Result<Committed
         // Again item by item (nothing landed): only the bad one fails.
         Outcome::Refused | Outcome::NotEligible => {}
     }
-    match transact(inner, &client, jobs).await {
+    match transact(inner, &client, jobs, notices).await {
         Ok(results) => Ok(results),
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
@@ -127,6 +198,7 @@ async fn transact(
     inner: &Arc<Inner>,
     tx: &ClientWrapper,
     jobs: &[Job],
+    notices: &mut Notices,
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let sync = match inner.durability {
         Durability::Power => "on",
@@ -207,6 +279,9 @@ async fn transact(
         "COMMIT".to_string()
     };
     tx.batch_execute(&closing).await.map_err(pg_error)?;
+    if batch.next_seq != first {
+        notices.notified();
+    }
     // Noted once committed (a failed commit's numbers are handed out
     // again); the listener waits for `writing` before it tells its own apart.
     inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
@@ -216,7 +291,7 @@ async fn transact(
         if let Ok(committed) = result {
             for (record, lease) in committed.created.iter_mut() {
                 if wants.contains(&record.key) {
-                    *lease = Some(lease::held(inner, record.key, 1));
+                    *lease = Some(lease::held(inner, record.key, 1, None));
                 }
             }
         }
