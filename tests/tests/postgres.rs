@@ -251,6 +251,36 @@ fn sql(w: &World, query: &str) -> Vec<Vec<Option<String>>> {
     })
 }
 
+/// A run that sleeps longer than a lease is given back while it sleeps
+/// (nobody holds it, no heartbeat renews it), found again by its wake-up
+/// time, and finished, also when the worker that parked it died meanwhile.
+#[test]
+fn a_long_sleep_is_given_back_and_claimed_again_when_due() {
+    let Some(w) = World::postgres("pg-sleep") else { return };
+    let wasm = benchflow();
+    let worker = |tag: &str| w.spawn(&["--lease", "1", "--park-after", "0.2", "worker", "--concurrency", "4"], tag);
+    let mut a = worker("worker-a");
+    let input = json!({"mode": "park", "sleep_ms": 3000}).to_string();
+    let out = w.run(&["start", &wasm, "--run-id", "s", "--input", &input]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let state = |w: &World| sql(w, "SELECT status, owner IS NULL, wake_at IS NOT NULL FROM runs WHERE id = 's'");
+    let given_back = vec![vec![Some("sleeping".to_string()), Some("t".into()), Some("t".into())]];
+    wait_until("the sleeping run given back", Duration::from_secs(20), || state(&w) == given_back);
+    assert!(w.read("worker-a.stderr").contains("given back until then"), "{}", w.read("worker-a.stderr"));
+    // The worker that parked it dies; another claims it when it is due.
+    kill9(&mut a);
+    let mut b = worker("worker-b");
+    wait_until("the run completed", Duration::from_secs(30), || w.show("s")["status"] == "completed");
+    kill9(&mut b);
+    assert_eq!(w.show("s")["output"], json!(3));
+    let history = sql(&w, "SELECT h.name, h.epoch FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 's' AND h.kind = 'step' ORDER BY h.position");
+    let names: Vec<_> = history.iter().map(|r| r[0].clone().unwrap()).collect();
+    assert_eq!(names, ["before", "after"], "each step once");
+    let epochs: Vec<u64> = history.iter().map(|r| r[1].clone().unwrap().parse().unwrap()).collect();
+    assert!(epochs[1] > epochs[0], "claimed again after the sleep: {epochs:?}");
+    assert!(w.read("worker-b.stderr").contains("run s completed"), "{}", w.read("worker-b.stderr"));
+}
+
 /// Three workers, 1,000 runs of steps, branches, sleeps and signals; one
 /// worker killed with SIGKILL mid-way and started again. Every run
 /// completes with its output, no step committed before the kill runs

@@ -445,7 +445,9 @@ fn pooled_executor(cli: &Cli, store: Arc<dyn RunStore>, concurrency: usize) -> R
     // Slots for the live runs and their branches; address space only.
     let slots = (concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
     let branch_slots = (slots as usize).saturating_sub(concurrency).max(1);
-    let executor = executor(cli, store, Some(slots))?;
+    // Where leases cost a heartbeat each, long sleeps are given back.
+    let release = store.releases_sleeping_after();
+    let executor = executor(cli, store, Some(slots))?.with_sleeping_released(release);
     Ok(Arc::new(executor.with_branch_instance_limit(branch_slots).with_instance_limit(concurrency)))
 }
 
@@ -781,6 +783,11 @@ async fn execute_foreground(executor: &Arc<Executor>, run: &Arc<RunRecord>) -> R
             eprintln!("cairn: run {} was cancelled", run.id);
             Ok(exit::FAILED)
         }
+        // Not from this process's executor, which keeps sleeping runs.
+        RunOutcome::Sleeping { wake_at } => {
+            eprintln!("cairn: run {} sleeps until {}; a worker continues it", run.id, crate::service::views::time(wake_at));
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -849,6 +856,7 @@ async fn resume_all(cli: &Cli, service: &Service) -> Result<u8, Failure> {
                 code = exit::FAILED;
                 json!({"id": id, "status": "cancelled"})
             }
+            Ok(RunOutcome::Sleeping { .. }) => json!({"id": id, "status": "sleeping"}),
             Err(e) => {
                 code = exit::FAILED;
                 json!({"id": id, "status": "error", "error": e.to_string()})

@@ -87,9 +87,18 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
             held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
             let (executor, held) = (executor.clone(), held.clone());
             tasks.spawn(async move {
-                let result = executor.execute(&claimed.run).await;
+                let mut result = executor.execute(&claimed.run).await;
+                match result {
+                    // Given back until it is due: whoever claims it then
+                    // continues it (perhaps this worker).
+                    Ok(RunOutcome::Sleeping { wake_at }) => {
+                        if let Err(e) = executor.store().release_sleeping(claimed.lease, wake_at).await {
+                            result = Err(e.into());
+                        }
+                    }
+                    _ => drop(claimed.lease),
+                }
                 held.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
-                drop(claimed.lease);
                 (run, claimed.run.id.clone(), result)
             });
         }
@@ -192,6 +201,9 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
         Ok(RunOutcome::Completed(_)) => eprintln!("cairn worker: run {id} completed"),
         Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {}", escape(&error)),
         Ok(RunOutcome::Cancelled) => eprintln!("cairn worker: run {id} cancelled"),
+        Ok(RunOutcome::Sleeping { wake_at }) => {
+            eprintln!("cairn worker: run {id} sleeps until {}; given back until then", crate::service::views::time(wake_at))
+        }
         Err(ExecError::ShuttingDown) => {}
         Err(ExecError::Fatal(Fatal::Store { error: e @ StoreError::Unsynced { .. }, .. }))
         | Err(ExecError::Store(e @ StoreError::Unsynced { .. })) => return Reported::Stop(e),

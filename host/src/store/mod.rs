@@ -352,10 +352,30 @@ pub trait RunStore: Send + Sync {
     }
 
     /// How soon the earliest lease another process holds on an unfinished
-    /// run expires, if it does (the run can be taken over then); `None` for
-    /// stores whose locks go with their process.
+    /// run expires, or a run given back while it sleeps comes due, if either
+    /// does (the run can be claimed then); `None` for stores whose locks go
+    /// with their process.
     async fn next_takeover_in(&self) -> Result<Option<std::time::Duration>, StoreError> {
         Ok(None)
+    }
+
+    /// Runs that sleep at least this long are given back
+    /// ([`RunStore::release_sleeping`]) rather than kept by their holder;
+    /// `None`: this store keeps them with their holder (SQLite, where a
+    /// lock costs nothing to keep and goes with its process).
+    fn releases_sleeping_after(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Give back the lease of a run that sleeps until `wake_at` (Unix ms):
+    /// nobody holds it meanwhile (no heartbeat renews it), and a claim
+    /// takes it again once it is due ([`RunStore::claim_runs`]), found by an
+    /// index on the wake-up time. Refused (nothing changes) if the lease was
+    /// lost or the run does not sleep.
+    async fn release_sleeping(&self, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
+        let _ = wake_at;
+        drop(lease);
+        Ok(())
     }
 
     /// The highest change sequence number committed so far (0 if none).

@@ -47,6 +47,10 @@ pub enum RunOutcome {
     Failed(String),
     /// `cairn cancel` stopped it.
     Cancelled,
+    /// It sleeps until `wake_at` (Unix ms), and this executor gives such
+    /// runs back to the store ([`Executor::with_sleeping_released`]): the
+    /// caller releases its lease with `RunStore::release_sleeping`.
+    Sleeping { wake_at: i64 },
 }
 
 /// What to do after an instance stopped.
@@ -87,6 +91,9 @@ pub struct Executor {
     store: Arc<dyn RunStore>,
     watcher: Arc<Watcher>,
     park_threshold: Duration,
+    /// Runs that park to sleep at least this long end their execution here
+    /// (`RunOutcome::Sleeping`); `None`: they wait in this process.
+    release_sleeping: Option<Duration>,
     /// Bounds live instances (parked runs hold none); `None`: unbounded.
     instances: Option<Arc<tokio::sync::Semaphore>>,
     /// Bounds live branch instances of all runs, apart from `instances`
@@ -114,6 +121,7 @@ impl Executor {
             store,
             watcher,
             park_threshold: DEFAULT_PARK_THRESHOLD,
+            release_sleeping: None,
             instances: None,
             branch_instances: Arc::new(tokio::sync::Semaphore::new(DEFAULT_BRANCH_INSTANCES)),
             branch_instances_total: DEFAULT_BRANCH_INSTANCES,
@@ -140,6 +148,14 @@ impl Executor {
     /// Waits longer than `threshold` park the run instead of holding its instance.
     pub fn with_park_threshold(mut self, threshold: Duration) -> Self {
         self.park_threshold = threshold;
+        self
+    }
+
+    /// Runs that park to sleep at least `after` (and have no branch
+    /// running) end their execution with `RunOutcome::Sleeping`, for the
+    /// caller to give back until they are due, rather than wait here.
+    pub fn with_sleeping_released(mut self, after: Option<Duration>) -> Self {
+        self.release_sleeping = after;
         self
     }
 
@@ -228,6 +244,16 @@ impl Executor {
                     let wall = run.config.limits.max_wall_ms.map(|ms| run.created_at.saturating_add(ms as i64));
                     // So does one whose grace period ends first.
                     let wake_at = [wake_at, wall, watch.grace_until()].into_iter().flatten().min();
+                    // A long sleep with nothing else going on: given back
+                    // until it is due (a cancel in its grace period stays).
+                    if let (Some(after), Some(at)) = (self.release_sleeping, wake_at)
+                        && parked == RunStatus::Sleeping
+                        && watch.grace_until().is_none()
+                        && !branches.board.any_running()
+                        && at.saturating_sub(now_ms()) >= after.as_millis() as i64
+                    {
+                        return Ok(RunOutcome::Sleeping { wake_at: at });
+                    }
                     let sleep = async {
                         match wake_at {
                             Some(at) => {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::{Held, Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
-use crate::model::{RunKey, RunRecord};
+use crate::model::{RunKey, RunRecord, now_ms};
 use crate::store::{Lease, StoreError};
 
 /// The gate: a take commits only while no writer is between its fence
@@ -35,7 +35,8 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
     let row = tx
         .query_opt(
-            "UPDATE runs SET owner = $2, epoch = epoch + 1, lease_until = now() + $3::BIGINT * interval '1 millisecond' \
+            "UPDATE runs SET owner = $2, epoch = epoch + 1, wake_at = NULL, \
+               lease_until = now() + $3::BIGINT * interval '1 millisecond' \
              WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
             &[&run.0, &inner.owner, &ms],
         )
@@ -45,11 +46,12 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64, Some(generation))))
 }
 
-/// Up to `max` unfinished runs nobody holds, oldest first, except those
-/// `skip` names, each with its lease: candidates are read a page at a
-/// time (by the claimable index), and taken with `FOR UPDATE SKIP LOCKED`,
-/// so that workers claiming at once pass over each other's rows instead of
-/// queueing behind them.
+/// Up to `max` unfinished runs nobody holds, except those `skip` names,
+/// each with its lease: first runs given back while they slept that are
+/// due now (by the wake-up index), then the others, oldest first. Candidates
+/// are read a page at a time, and taken with `FOR NO KEY UPDATE SKIP
+/// LOCKED`, so that workers claiming at once pass over each other's rows
+/// instead of queueing behind them.
 pub(super) async fn claim(
     inner: &Arc<Inner>,
     max: usize,
@@ -57,56 +59,107 @@ pub(super) async fn claim(
 ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     let free = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
+    let due = client
+        .prepare_cached(&format!(
+            "SELECT seq FROM runs WHERE wake_at <= $1 AND {UNFINISHED} AND {free} ORDER BY wake_at LIMIT $2"
+        ))
+        .await
+        .map_err(pg_error)?;
     let candidates = client
         .prepare_cached(&format!(
-            "SELECT seq FROM runs WHERE {UNFINISHED} AND {free} AND seq > $1 ORDER BY seq LIMIT $2"
+            "SELECT seq FROM runs WHERE wake_at IS NULL AND {UNFINISHED} AND {free} AND seq > $1 ORDER BY seq LIMIT $2"
         ))
         .await
         .map_err(pg_error)?;
-    let take = client
-        .prepare_cached(&format!(
-            "UPDATE runs SET owner = $3, epoch = epoch + 1, \
-               lease_until = now() + $4::BIGINT * interval '1 millisecond' \
-             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {free} \
-                           ORDER BY seq LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) \
-             RETURNING {RUN_COLUMNS}, epoch"
-        ))
-        .await
-        .map_err(pg_error)?;
-    let ms = inner.lease.as_millis() as i64;
     let page = (max * 2).clamp(64, 4096) as i64;
+    let now = now_ms();
     let mut claimed = Vec::new();
+    let keys: Vec<i64> =
+        client.query(&due, &[&now, &page]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
+    take_keys(inner, &mut client, keys, max, skip, now, &mut claimed).await?;
     let mut after = 0i64;
     while claimed.len() < max {
         let keys: Vec<i64> =
             client.query(&candidates, &[&after, &page]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
         let Some(&last) = keys.last() else { break };
         after = last;
-        let wanted: Vec<i64> = keys.into_iter().filter(|&k| !skip(RunKey(k))).collect();
-        if wanted.is_empty() {
-            continue;
-        }
-        let want = (max - claimed.len()) as i64;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
-        let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms]).await.map_err(pg_error)?;
-        tx.commit().await.map_err(pg_error)?;
-        for row in rows {
-            let epoch = row.get::<_, i64>(15) as u64;
-            match run_from_row(&row) {
-                Ok(run) => {
-                    let lease = held(inner, run.key, epoch, Some(generation));
-                    claimed.push((run, lease));
-                }
-                // Its lease goes back at once (dropped).
-                Err(why) => {
-                    eprintln!("cairn: skipping {why}");
-                    drop(held(inner, RunKey(row.get(0)), epoch, None));
-                }
+        take_keys(inner, &mut client, keys, max, skip, now, &mut claimed).await?;
+    }
+    Ok(claimed)
+}
+
+/// Take those of `keys` that are still free (and due), up to `max` claimed in all.
+async fn take_keys(
+    inner: &Arc<Inner>,
+    client: &mut deadpool_postgres::Object,
+    keys: Vec<i64>,
+    max: usize,
+    skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
+    now: i64,
+    claimed: &mut Vec<(RunRecord, Lease)>,
+) -> Result<(), StoreError> {
+    let wanted: Vec<i64> = keys.into_iter().filter(|&k| !skip(RunKey(k))).collect();
+    if wanted.is_empty() || claimed.len() >= max {
+        return Ok(());
+    }
+    let take = client
+        .prepare_cached(&format!(
+            "UPDATE runs SET owner = $3, epoch = epoch + 1, wake_at = NULL, \
+               lease_until = now() + $4::BIGINT * interval '1 millisecond' \
+             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} \
+                             AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) \
+                             AND (wake_at IS NULL OR wake_at <= $5) \
+                           ORDER BY seq LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) \
+             RETURNING {RUN_COLUMNS}, epoch"
+        ))
+        .await
+        .map_err(pg_error)?;
+    let ms = inner.lease.as_millis() as i64;
+    let want = (max - claimed.len()) as i64;
+    let tx = client.transaction().await.map_err(pg_error)?;
+    let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
+    let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms, &now]).await.map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)?;
+    for row in rows {
+        let epoch = row.get::<_, i64>(15) as u64;
+        match run_from_row(&row) {
+            Ok(run) => {
+                let lease = held(inner, run.key, epoch, Some(generation));
+                claimed.push((run, lease));
+            }
+            // Its lease goes back at once (dropped).
+            Err(why) => {
+                eprintln!("cairn: skipping {why}");
+                drop(held(inner, RunKey(row.get(0)), epoch, None));
             }
         }
     }
-    Ok(claimed)
+    Ok(())
+}
+
+/// Give back the lease of a run that sleeps until `wake_at` (see
+/// `RunStore::release_sleeping`): one update, while the lease still holds,
+/// so that no claim finds the run free before its wake-up time is set.
+pub(super) async fn release_sleeping(inner: &Arc<Inner>, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
+    let client = inner.pool.get().await.map_err(pool_error)?;
+    let (run, epoch) = (lease.run(), lease.epoch() as i64);
+    let n = client
+        .execute(
+            "UPDATE runs SET owner = NULL, lease_until = NULL, wake_at = $4 \
+             WHERE seq = $1 AND owner = $2 AND epoch = $3 AND status = 'sleeping'",
+            &[&run.0, &inner.owner, &epoch, &wake_at],
+        )
+        .await
+        .map_err(pg_error)?;
+    // Its own release finds nothing to do now.
+    drop(lease);
+    if n == 0 {
+        return Err(StoreError::Commit(format!(
+            "run #{} was not given back to sleep: it is not held at epoch {epoch} or does not sleep",
+            run.0
+        )));
+    }
+    Ok(())
 }
 
 /// A lease this process now holds (taken, or created with its run), and

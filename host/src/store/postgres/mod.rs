@@ -29,7 +29,9 @@ use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::Row;
 
-use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord};
+use crate::model::{
+    Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord, now_ms,
+};
 use crate::store::{
     ChangeEvent, ChangeFeed, CommitTicket, Durability, KvValue, Lease, RunFilter, RunStore, StoreError, Subscription,
     Write,
@@ -493,16 +495,31 @@ impl RunStore for PostgresStore {
     }
 
     async fn next_takeover_in(&self) -> Result<Option<Duration>, StoreError> {
+        // The earliest of another process's leases to expire (the
+        // database's clock), and of runs given back to sleep to come due
+        // (the wake-up index; the clock of the process that claims).
         let rows = self
             .query(
                 &format!(
-                    "SELECT (extract(epoch FROM min(lease_until) - now()) * 1000)::BIGINT FROM runs \
-                     WHERE {UNFINISHED} AND owner IS NOT NULL AND owner <> $1 AND lease_until > now()"
+                    "SELECT (extract(epoch FROM min(lease_until) - now()) * 1000)::BIGINT, \
+                            (SELECT min(wake_at) FROM runs WHERE wake_at IS NOT NULL AND {UNFINISHED}) \
+                     FROM runs WHERE {UNFINISHED} AND owner IS NOT NULL AND owner <> $1 AND lease_until > now()"
                 ),
                 &[&self.inner.owner],
             )
             .await?;
-        Ok(rows.first().and_then(|r| r.get::<_, Option<i64>>(0)).map(|ms| Duration::from_millis(ms.max(0) as u64)))
+        let Some(row) = rows.first() else { return Ok(None) };
+        let expiry = row.get::<_, Option<i64>>(0);
+        let wake = row.get::<_, Option<i64>>(1).map(|at| at - now_ms());
+        Ok([expiry, wake].into_iter().flatten().min().map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    fn releases_sleeping_after(&self) -> Option<Duration> {
+        Some(self.inner.lease)
+    }
+
+    async fn release_sleeping(&self, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
+        lease::release_sleeping(&self.inner, lease, wake_at).await
     }
 
     async fn last_seq(&self) -> Result<u64, StoreError> {

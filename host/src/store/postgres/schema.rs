@@ -179,6 +179,15 @@ const MIGRATIONS: &[&str] = &[
         END IF;
     END $$;
     "#,
+    // 4: sleeping runs given back until they are due: claims find them by
+    // their wake-up time, and the runs to claim now without them.
+    r#"
+    ALTER TABLE runs ADD COLUMN wake_at BIGINT;
+    CREATE INDEX runs_wake ON runs(wake_at)
+        WHERE wake_at IS NOT NULL AND status NOT IN ('completed', 'failed', 'cancelled');
+    CREATE INDEX runs_claimable ON runs(seq)
+        WHERE wake_at IS NULL AND status NOT IN ('completed', 'failed', 'cancelled');
+    "#,
 ];
 
 /// Check that the database is Cairn's (or empty) and bring its schema up to
