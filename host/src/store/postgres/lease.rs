@@ -165,7 +165,7 @@ pub(super) async fn release_sleeping(inner: &Arc<Inner>, lease: Lease, wake_at: 
 /// A lease this process now holds (taken, or created with its run), and
 /// the gate generation its take committed at, if known.
 pub(super) fn held(inner: &Arc<Inner>, run: RunKey, epoch: u64, checked_at: Option<i64>) -> Lease {
-    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, Held { epoch, checked_at });
+    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, Held { epoch, checked_at, finished: false });
     Lease::new(run, epoch, Box::new(Release { inner: Arc::downgrade(inner), run, epoch }))
 }
 
@@ -181,8 +181,11 @@ impl Drop for Release {
         let Some(inner) = self.inner.upgrade() else { return };
         {
             let mut held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
-            if held.get(&self.run).is_some_and(|h| h.epoch == self.epoch) {
+            if let Some(h) = held.get(&self.run).filter(|h| h.epoch == self.epoch).copied() {
                 held.remove(&self.run);
+                if h.finished {
+                    return;
+                }
             }
         }
         let (run, epoch) = (self.run, self.epoch as i64);

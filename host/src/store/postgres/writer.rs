@@ -177,7 +177,9 @@ async fn commit(
                 None => {}
             }
             inner.publish(events);
-            return Ok(jobs.iter().map(|_| Ok(Committed::default())).collect());
+            let results: Vec<_> = jobs.iter().map(|_| Ok(Committed::default())).collect();
+            note_finished(inner, jobs, &results);
+            return Ok(results);
         }
         // Whether it landed is settled by reading the history again: the
         // runs are taken up again from what is there.
@@ -186,10 +188,30 @@ async fn commit(
         Outcome::Refused | Outcome::NotEligible => {}
     }
     match transact(inner, &client, jobs, notices).await {
-        Ok(results) => Ok(results),
+        Ok(results) => {
+            note_finished(inner, jobs, &results);
+            Ok(results)
+        }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
             Err(e)
+        }
+    }
+}
+
+/// Leases whose run's end these jobs committed: they need no release.
+fn note_finished(inner: &Inner, jobs: &[Job], results: &[Result<Committed, StoreError>]) {
+    let mut held = None;
+    for (job, result) in jobs.iter().zip(results) {
+        for write in &job.writes {
+            if let (Ok(_), Write::SetStatus { run, status, .. }) = (result, write)
+                && status.is_finished()
+            {
+                let held = held.get_or_insert_with(|| inner.held.lock().unwrap_or_else(|p| p.into_inner()));
+                if let Some(h) = held.get_mut(run).filter(|h| Some(h.epoch) == job.epoch(*run)) {
+                    h.finished = true;
+                }
+            }
         }
     }
 }
