@@ -95,6 +95,10 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     };
     let refused = commit(&*a, vec![append(2, "stale")]).await;
     assert!(matches!(refused, Err(StoreError::LeaseLost { .. })), "{refused:?}");
+    // Several rows in one commit go by another statement: refused too.
+    let two = vec![step("stale", 1, EntryStatus::Completed), step("stale", 2, EntryStatus::Completed)];
+    let refused = commit(&*a, vec![Write::Append { run: k, position: 2, entries: two }]).await;
+    assert!(matches!(refused, Err(StoreError::LeaseLost { .. })), "{refused:?}");
     commit(&*b, vec![append(2, "c")]).await.unwrap();
     let rows = admin.query("SELECT position, name, epoch FROM history WHERE run = $1 ORDER BY position", &[&k.0]).await.unwrap();
     let got: Vec<(i32, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
