@@ -231,7 +231,7 @@ async fn transact(
     // sequence's row lock (the server ends its session after a lease's
     // length), and that lock with the next number.
     // Then the runs this process holds that the batch writes, in key order:
-    // every writer takes its locks in this order (see `cairn_take_seq`).
+    // every writer takes its locks in this order (see `cairn_commit_batch`).
     let mut held: Vec<i64> = jobs.iter().flat_map(|j| &j.epochs).map(|e| e.0.0).collect();
     held.sort_unstable();
     held.dedup();
