@@ -123,13 +123,18 @@ impl World {
 
     /// `cairn --db <db> ARGS`, with the test cache and no inherited CAIRN_* settings.
     pub fn cmd(&self, args: &[&str]) -> Command {
+        self.cmd_on(self.db.as_os_str(), args)
+    }
+
+    /// `cmd` with another `--db` (the same database through a proxy, say).
+    pub fn cmd_on(&self, db: &std::ffi::OsStr, args: &[&str]) -> Command {
         let mut c = Command::new(cairn_bin());
         c.env_remove("CAIRN_DB").env_remove("CAIRN_DURABILITY");
         c.env("CAIRN_CACHE_DIR", target_dir().join("e2e-cache"));
         if matrix_postgres() {
             c.env("CAIRN_LEASE", MATRIX_LEASE.as_secs_f64().to_string());
         }
-        c.arg("--db").arg(&self.db).args(args);
+        c.arg("--db").arg(db).args(args);
         c.stdin(Stdio::null());
         c
     }

@@ -281,6 +281,109 @@ fn a_long_sleep_is_given_back_and_claimed_again_when_due() {
     assert!(w.read("worker-b.stderr").contains("run s completed"), "{}", w.read("worker-b.stderr"));
 }
 
+/// A loopback proxy to the database that, once, cuts the connection whose
+/// client sent a message holding `marker`: after forwarding it, before the
+/// server's answer comes back (the statement runs and commits, and the
+/// client cannot know it), or, without `forward`, before the server gets it.
+struct CuttingProxy {
+    port: u16,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: std::net::SocketAddr, marker: &'static [u8], forward: bool) -> CuttingProxy {
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let counted = cuts.clone();
+        // Ends with the test process (the threads block on their sockets).
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else { continue };
+                let muted = Arc::new(AtomicBool::new(false));
+                let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                let quiet = muted.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf) {
+                        // Swallowed once the cut is on: the answer is lost.
+                        if !quiet.load(SeqCst) && to_client.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let (mut from_client, mut to_server, cuts) = (client, server, counted.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf) {
+                        let cut = cuts.load(SeqCst) == 0 && buf[..n].windows(marker.len()).any(|w| w == marker);
+                        if cut {
+                            muted.store(true, SeqCst);
+                        }
+                        if (forward || !cut) && to_server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        if cut {
+                            cuts.fetch_add(1, SeqCst);
+                            // Time for the server to run and commit it.
+                            std::thread::sleep(Duration::from_millis(300));
+                            let _ = from_client.shutdown(std::net::Shutdown::Both);
+                            let _ = to_server.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CuttingProxy { port, cuts }
+    }
+}
+
+/// The connection drops after a step's commit reached the server and
+/// before its answer came back. The writer reads the run's history again
+/// on a new connection, finds the step there under its own epoch, and the
+/// run goes on: the step does not run again, and the run is not given up.
+#[test]
+fn a_commit_whose_answer_is_lost_is_settled_by_reading_the_history_again() {
+    commit_cut("pg-unknown-landed", true);
+}
+
+/// The same, when the commit never reached the server: the history shows
+/// it did not land, and it is committed again.
+#[test]
+fn a_commit_lost_on_its_way_is_committed_again_once_the_history_shows_it_missing() {
+    commit_cut("pg-unknown-lost", false);
+}
+
+fn commit_cut(name: &str, forward: bool) {
+    let Some(w) = World::postgres(name) else { return };
+    let db = w.db.to_str().unwrap();
+    let (head, tail) = db.split_once('@').unwrap();
+    let (authority, path) = tail.split_once('/').unwrap();
+    let upstream: std::net::SocketAddr = authority.parse().expect("the test server is at an IP address and port");
+    // Step 100's row: its output holds this, and no other step's does.
+    let proxy = CuttingProxy::start(upstream, br#""index":100,"#, forward);
+    let url = format!("{head}@127.0.0.1:{}/{path}", proxy.port);
+    let data = w.subdir("data");
+    let grant = format!("{}::/data", data.display());
+    let input = json!({"mode": "steps", "n": 300, "log": "/data/log.txt"}).to_string();
+    let out = w
+        .cmd_on(url.as_ref(), &["run", &benchflow(), "--run-id", "u", "--dir", &grant, "--input", &input])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1, "the proxy cut a commit's answer");
+    assert_eq!(json_stdout(&out), json!((0..300u64).map(|i| 1000 + i).sum::<u64>()));
+    let log = logged(&data.join("log.txt"));
+    assert!((0..300).all(|i| log.get(&i) == Some(&1)), "every step ran once: {:?}", log.get(&100));
+    let epochs = sql(&w, "SELECT DISTINCT h.epoch FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 'u'");
+    assert_eq!(epochs.len(), 1, "one epoch wrote the whole history: {epochs:?}");
+}
+
 /// Three workers, 1,000 runs of steps, branches, sleeps and signals; one
 /// worker killed with SIGKILL mid-way and started again. Every run
 /// completes with its output, no step committed before the kill runs

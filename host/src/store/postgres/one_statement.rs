@@ -36,6 +36,9 @@ pub(super) enum Outcome {
     Committed(Vec<ChangeEvent>, bool),
     /// The server refused it (nothing landed): commit it item by item.
     Refused,
+    /// The connection failed, and reading the history again on another
+    /// showed that it did not land: commit it again (item by item).
+    NotLanded,
     /// The connection failed: whether it landed is not known.
     Unknown(StoreError),
 }
@@ -221,6 +224,15 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], 
         },
         None => send(inner, client, &batch).await,
     };
+    // The connection failed: what landed is read back under the same epoch.
+    let sent = match sent {
+        Err(e) if e.as_db_error().is_none() => match settle(inner, &batch).await {
+            Some(Some(first)) => Ok(first),
+            Some(None) => return Outcome::NotLanded,
+            None => Err(e),
+        },
+        other => other,
+    };
     match sent {
         Ok(first) => {
             for e in &mut events {
@@ -231,6 +243,51 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], 
         }
         Err(e) if e.as_db_error().is_some() => Outcome::Refused,
         Err(e) => Outcome::Unknown(super::pg_error(e)),
+    }
+}
+
+/// Whether a batch whose connection failed before its answer came landed:
+/// `Some(Some(first))` with its first sequence number, `Some(None)` if it
+/// did not, `None` if the database cannot tell now. One statement lands
+/// whole or not at all, so its first history row tells: it is there,
+/// written under this epoch, or not. (A batch of status changes alone has
+/// no row to tell by.) Looked for, on new connections, for up to a lease's
+/// length: a server restarting comes back meanwhile.
+async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
+    let rows = &batch.rows;
+    let (&run, &position, &epoch, &off) =
+        (rows.run.first()?, rows.position.first()?, rows.epoch.first()?, rows.off.first()?);
+    let deadline = std::time::Instant::now() + inner.lease;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        let found = match inner.pool.get().await {
+            Ok(client) => {
+                client.query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position]).await
+            }
+            Err(e) => {
+                eprintln!("cairn: a commit's outcome is not known yet: {}", super::pool_error(e));
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                if std::time::Instant::now() >= deadline {
+                    return None;
+                }
+                continue;
+            }
+        };
+        match found {
+            // Landed: its numbers run on from this row's.
+            Ok(Some(row)) if row.get::<_, i64>(1) == epoch => return Some(Some(row.get::<_, i64>(0) - off)),
+            // Another epoch's row in its place, or none: it did not land.
+            Ok(_) => return Some(None),
+            Err(e) => {
+                eprintln!("cairn: a commit's outcome is not known yet: {}", super::pg_error(e));
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
     }
 }
 

@@ -166,7 +166,7 @@ async fn commit(
     jobs: &[Job],
     notices: &mut Notices,
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-    let client = inner.pool.get().await.map_err(pool_error)?;
+    let mut client = inner.pool.get().await.map_err(pool_error)?;
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
     match one_statement::commit(inner, &client, jobs, notices.due()).await {
@@ -181,9 +181,12 @@ async fn commit(
             note_finished(inner, jobs, &results);
             return Ok(results);
         }
-        // Whether it landed is settled by reading the history again: the
-        // runs are taken up again from what is there.
+        // Not known even after reading the history again: the runs are
+        // taken up again from what is there.
         Outcome::Unknown(e) => return Err(e),
+        // Read back under the same epoch: it did not land. Again, on a
+        // connection that works.
+        Outcome::NotLanded => client = inner.pool.get().await.map_err(pool_error)?,
         // Again item by item (nothing landed): only the bad one fails.
         Outcome::Refused | Outcome::NotEligible => {}
     }
