@@ -21,6 +21,7 @@
 //! milliseconds (`writer`): a notification wakes every listener.
 
 use deadpool_postgres::ClientWrapper;
+use tokio_postgres::types::ToSql;
 
 use super::Inner;
 use super::writer::{Job, history_change, other_change};
@@ -121,6 +122,28 @@ WITH seq AS (
 )
 SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TEXT || ' ' || (seq.first + 1) || ' h') END
   FROM seq";
+
+impl Rows<'_> {
+    /// The columns as the statements' parameters, in the order their
+    /// `unnest` takes them.
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.off,
+            &self.run,
+            &self.position,
+            &self.kind,
+            &self.name,
+            &self.occurrence,
+            &self.attempt,
+            &self.status,
+            &self.output,
+            &self.error,
+            &self.started_at,
+            &self.finished_at,
+            &self.epoch,
+        ]
+    }
+}
 
 /// A batch ready to send.
 struct Sendable<'a> {
@@ -353,31 +376,10 @@ async fn send_unmoved(
         return Ok(row.map(|r| r.get(0)));
     }
     let statement = client.prepare_cached(APPEND_UNMOVED).await?;
-    let row = client
-        .query_opt(
-            &statement,
-            &[
-                &n,
-                &generation,
-                &ts_us,
-                &rows.off,
-                &rows.run,
-                &rows.position,
-                &rows.kind,
-                &rows.name,
-                &rows.occurrence,
-                &rows.attempt,
-                &rows.status,
-                &rows.output,
-                &rows.error,
-                &rows.started_at,
-                &rows.finished_at,
-                &rows.epoch,
-                &inner.owner,
-                &batch.notify,
-            ],
-        )
-        .await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&n, &generation, &ts_us];
+    params.extend(rows.params());
+    params.extend([&inner.owner as &(dyn ToSql + Sync), &batch.notify]);
+    let row = client.query_opt(&statement, &params).await?;
     Ok(row.map(|r| r.get(0)))
 }
 
@@ -404,42 +406,24 @@ async fn send(inner: &Inner, client: &ClientWrapper, batch: &Sendable<'_>) -> Re
     let change_offs: Vec<i64> = statuses.iter().map(|s| s.off).collect();
     let change_runs: Vec<i64> = statuses.iter().map(|s| s.run).collect();
     let change_status: Vec<&str> = statuses.iter().map(|s| s.status).collect();
-    let row = client
-        .query_one(
-            &statement,
-            &[
-                &n,
-                &fence_runs,
-                &fence_epochs,
-                &ts_us,
-                &rows.off,
-                &rows.run,
-                &rows.position,
-                &rows.kind,
-                &rows.name,
-                &rows.occurrence,
-                &rows.attempt,
-                &rows.status,
-                &rows.output,
-                &rows.error,
-                &rows.started_at,
-                &rows.finished_at,
-                &rows.epoch,
-                &update_runs,
-                &update_status,
-                &update_output,
-                &update_error,
-                &update_finished,
-                &change_offs,
-                &change_runs,
-                &change_status,
-                &inner.owner,
-                // See `listen::payload`.
-                &if statuses.is_empty() { " h" } else { " c" },
-                &notify,
-            ],
-        )
-        .await?;
+    // See `listen::payload`.
+    let kind = if statuses.is_empty() { " h" } else { " c" };
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&n, &fence_runs, &fence_epochs, &ts_us];
+    params.extend(rows.params());
+    params.extend([
+        &update_runs as &(dyn ToSql + Sync),
+        &update_status,
+        &update_output,
+        &update_error,
+        &update_finished,
+        &change_offs,
+        &change_runs,
+        &change_status,
+        &inner.owner,
+        &kind,
+        &notify,
+    ]);
+    let row = client.query_one(&statement, &params).await?;
     note_checked(inner, fenced, row.get(1));
     Ok(row.get(0))
 }
