@@ -273,12 +273,43 @@ fn a_long_sleep_is_given_back_and_claimed_again_when_due() {
     wait_until("the run completed", Duration::from_secs(30), || w.show("s")["status"] == "completed");
     kill9(&mut b);
     assert_eq!(w.show("s")["output"], json!(3));
-    let history = sql(&w, "SELECT h.name, h.epoch FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 's' AND h.kind = 'step' ORDER BY h.position");
+    let history = sql(
+        &w,
+        "SELECT h.name, h.epoch FROM history h JOIN runs r ON r.seq = h.run WHERE r.id = 's' AND h.kind = 'step' ORDER BY h.position",
+    );
     let names: Vec<_> = history.iter().map(|r| r[0].clone().unwrap()).collect();
     assert_eq!(names, ["before", "after"], "each step once");
     let epochs: Vec<u64> = history.iter().map(|r| r[1].clone().unwrap().parse().unwrap()).collect();
     assert!(epochs[1] > epochs[0], "claimed again after the sleep: {epochs:?}");
     assert!(w.read("worker-b.stderr").contains("run s completed"), "{}", w.read("worker-b.stderr"));
+}
+
+/// A run that waits for a signal longer than a lease is given back while
+/// it waits, and stays so (no worker claims it for nothing); a signal sent
+/// after its worker died brings it back: another worker claims it and
+/// finishes it with the payload.
+#[test]
+fn a_long_signal_wait_is_given_back_and_claimed_again_when_signalled() {
+    let Some(w) = World::postgres("pg-wait") else { return };
+    let signals = guest("signals").display().to_string();
+    let worker = |tag: &str| w.spawn(&["--lease", "1", "--park-after", "0.2", "worker", "--concurrency", "4"], tag);
+    let mut a = worker("worker-a");
+    let out = w.run(&["start", &signals, "--run-id", "g", "--input", r#"{"waits":[{"name":"go"}]}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let state = |w: &World| sql(w, "SELECT status, owner IS NULL, waiting_for FROM runs WHERE id = 'g'");
+    let given_back = vec![vec![Some("waiting".to_string()), Some("t".into()), Some("go".into())]];
+    wait_until("the waiting run given back", Duration::from_secs(20), || state(&w) == given_back);
+    assert!(w.read("worker-a.stderr").contains("waits for signal go; given back"), "{}", w.read("worker-a.stderr"));
+    kill9(&mut a);
+    let mut b = worker("worker-b");
+    // Past a lease and a sweep: nobody took it up without its signal.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state(&w), given_back);
+    assert!(w.run(&["signal", "g", "go", "7"]).status.success());
+    wait_until("the run completed", Duration::from_secs(30), || w.show("g")["status"] == "completed");
+    kill9(&mut b);
+    assert_eq!(w.show("g")["output"], json!([7]));
+    assert!(w.read("worker-b.stderr").contains("run g completed"), "{}", w.read("worker-b.stderr"));
 }
 
 /// A loopback proxy to the database that, once, cuts the connection whose

@@ -446,8 +446,8 @@ fn pooled_executor(cli: &Cli, store: Arc<dyn RunStore>, concurrency: usize) -> R
     let slots = (concurrency as u32).saturating_mul(8).clamp(WORKER_POOL, 8192);
     let branch_slots = (slots as usize).saturating_sub(concurrency).max(1);
     // Where leases cost a heartbeat each, long sleeps are given back.
-    let release = store.releases_sleeping_after();
-    let executor = executor(cli, store, Some(slots))?.with_sleeping_released(release);
+    let release = store.releases_parked_after();
+    let executor = executor(cli, store, Some(slots))?.with_parked_released(release);
     Ok(Arc::new(executor.with_branch_instance_limit(branch_slots).with_instance_limit(concurrency)))
 }
 
@@ -784,8 +784,8 @@ async fn execute_foreground(executor: &Arc<Executor>, run: &Arc<RunRecord>) -> R
             Ok(exit::FAILED)
         }
         // Not from this process's executor, which keeps sleeping runs.
-        RunOutcome::Sleeping { wake_at } => {
-            eprintln!("cairn: run {} sleeps until {}; a worker continues it", run.id, crate::service::views::time(wake_at));
+        RunOutcome::Parked { .. } => {
+            eprintln!("cairn: run {} waits; a worker continues it", run.id);
             Ok(exit::OK)
         }
     }
@@ -856,7 +856,7 @@ async fn resume_all(cli: &Cli, service: &Service) -> Result<u8, Failure> {
                 code = exit::FAILED;
                 json!({"id": id, "status": "cancelled"})
             }
-            Ok(RunOutcome::Sleeping { .. }) => json!({"id": id, "status": "sleeping"}),
+            Ok(RunOutcome::Parked { .. }) => json!({"id": id, "status": "parked"}),
             Err(e) => {
                 code = exit::FAILED;
                 json!({"id": id, "status": "error", "error": e.to_string()})

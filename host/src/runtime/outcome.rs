@@ -17,7 +17,7 @@ pub enum InstanceOutcome {
     Restart,
     /// Waiting for longer than the park threshold: drop the instance, replay
     /// at `wake_at` (Unix ms) or when a signal comes.
-    Parked { wake_at: Option<i64>, status: RunStatus },
+    Parked { wake_at: Option<i64>, status: RunStatus, signal: Option<String> },
     /// The run was cancelled (nothing is committed yet).
     Cancelled,
     /// A branch instance recorded its attempt.
@@ -49,7 +49,7 @@ impl InstanceOutcome {
         match st.take_ending() {
             Some(Ending::Finished(f)) => InstanceOutcome::Finished(f),
             Some(Ending::Restart) => InstanceOutcome::Restart,
-            Some(Ending::Park { wake_at, status }) => InstanceOutcome::Parked { wake_at, status },
+            Some(Ending::Park { wake_at, status, signal }) => InstanceOutcome::Parked { wake_at, status, signal },
             Some(Ending::Cancelled) => InstanceOutcome::Cancelled,
             Some(Ending::BranchRecorded(entry)) => InstanceOutcome::BranchRecorded(entry),
             Some(Ending::Fatal(Fatal::NonDeterminism(nd))) => InstanceOutcome::Diverged(nd),

@@ -91,8 +91,9 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 match result {
                     // Given back until it is due: whoever claims it then
                     // continues it (perhaps this worker).
-                    Ok(RunOutcome::Sleeping { wake_at }) => {
-                        if let Err(e) = executor.store().release_sleeping(claimed.lease, wake_at).await {
+                    Ok(RunOutcome::Parked { wake_at, ref signal }) => {
+                        let release = executor.store().release_parked(claimed.lease, wake_at, signal.as_deref());
+                        if let Err(e) = release.await {
                             result = Err(e.into());
                         }
                     }
@@ -201,8 +202,21 @@ fn report(done: Result<(RunKey, String, Result<RunOutcome, ExecError>), tokio::t
         Ok(RunOutcome::Completed(_)) => eprintln!("cairn worker: run {id} completed"),
         Ok(RunOutcome::Failed(error)) => eprintln!("cairn worker: run {id} failed: {}", escape(&error)),
         Ok(RunOutcome::Cancelled) => eprintln!("cairn worker: run {id} cancelled"),
-        Ok(RunOutcome::Sleeping { wake_at }) => {
-            eprintln!("cairn worker: run {id} sleeps until {}; given back until then", crate::service::views::time(wake_at))
+        Ok(RunOutcome::Parked { wake_at, signal }) => {
+            let until = wake_at.map(crate::service::views::time);
+            match (signal, until) {
+                (Some(name), Some(until)) => eprintln!(
+                    "cairn worker: run {id} waits for signal {} until {until}; given back until then",
+                    escape(&name)
+                ),
+                (Some(name), None) => {
+                    eprintln!("cairn worker: run {id} waits for signal {}; given back until then", escape(&name))
+                }
+                (None, until) => eprintln!(
+                    "cairn worker: run {id} sleeps until {}; given back until then",
+                    until.unwrap_or_default()
+                ),
+            }
         }
         Err(ExecError::ShuttingDown) => {}
         Err(ExecError::Fatal(Fatal::Store { error: e @ StoreError::Unsynced { .. }, .. }))

@@ -359,21 +359,22 @@ pub trait RunStore: Send + Sync {
         Ok(None)
     }
 
-    /// Runs that sleep at least this long are given back
-    /// ([`RunStore::release_sleeping`]) rather than kept by their holder;
+    /// Runs that sleep, or wait for a signal, at least this long are given
+    /// back ([`RunStore::release_parked`]) rather than kept by their holder;
     /// `None`: this store keeps them with their holder (SQLite, where a
     /// lock costs nothing to keep and goes with its process).
-    fn releases_sleeping_after(&self) -> Option<std::time::Duration> {
+    fn releases_parked_after(&self) -> Option<std::time::Duration> {
         None
     }
 
-    /// Give back the lease of a run that sleeps until `wake_at` (Unix ms):
-    /// nobody holds it meanwhile (no heartbeat renews it), and a claim
-    /// takes it again once it is due ([`RunStore::claim_runs`]), found by an
-    /// index on the wake-up time. Refused (nothing changes) if the lease was
-    /// lost or the run does not sleep.
-    async fn release_sleeping(&self, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
-        let _ = wake_at;
+    /// Give back the lease of a run that sleeps until `wake_at` (Unix ms),
+    /// or waits for `signal` (until `wake_at`, if any): nobody holds it
+    /// meanwhile (no heartbeat renews it), and a claim takes it again once
+    /// it is due, found by an index on the wake-up time, or once the
+    /// signal is there ([`RunStore::claim_runs`]). Refused (nothing
+    /// changes) if the lease was lost or the run does not wait.
+    async fn release_parked(&self, lease: Lease, wake_at: Option<i64>, signal: Option<&str>) -> Result<(), StoreError> {
+        let _ = (wake_at, signal);
         drop(lease);
         Ok(())
     }

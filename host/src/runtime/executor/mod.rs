@@ -47,10 +47,11 @@ pub enum RunOutcome {
     Failed(String),
     /// `cairn cancel` stopped it.
     Cancelled,
-    /// It sleeps until `wake_at` (Unix ms), and this executor gives such
-    /// runs back to the store ([`Executor::with_sleeping_released`]): the
-    /// caller releases its lease with `RunStore::release_sleeping`.
-    Sleeping { wake_at: i64 },
+    /// It sleeps until `wake_at` (Unix ms), or waits for `signal` until
+    /// `wake_at` if any, and this executor gives such runs back to the
+    /// store ([`Executor::with_parked_released`]): the caller releases its
+    /// lease with `RunStore::release_parked`.
+    Parked { wake_at: Option<i64>, signal: Option<String> },
 }
 
 /// What to do after an instance stopped.
@@ -62,8 +63,9 @@ enum Next {
     /// item was committed; replay it in a fresh instance after a moment.
     Conflict,
     /// Replay the run in a fresh instance at this time (Unix ms), or when
-    /// a signal comes; meanwhile its status is this.
-    Park(Option<i64>, RunStatus),
+    /// a signal comes (the one named, if it waits for one); meanwhile its
+    /// status is this.
+    Park(Option<i64>, RunStatus, Option<String>),
 }
 
 /// Why a run could not be executed (its state in the database is unchanged
@@ -91,9 +93,9 @@ pub struct Executor {
     store: Arc<dyn RunStore>,
     watcher: Arc<Watcher>,
     park_threshold: Duration,
-    /// Runs that park to sleep at least this long end their execution here
-    /// (`RunOutcome::Sleeping`); `None`: they wait in this process.
-    release_sleeping: Option<Duration>,
+    /// Runs that park for at least this long end their execution here
+    /// (`RunOutcome::Parked`); `None`: they wait in this process.
+    release_parked: Option<Duration>,
     /// Bounds live instances (parked runs hold none); `None`: unbounded.
     instances: Option<Arc<tokio::sync::Semaphore>>,
     /// Bounds live branch instances of all runs, apart from `instances`
@@ -121,7 +123,7 @@ impl Executor {
             store,
             watcher,
             park_threshold: DEFAULT_PARK_THRESHOLD,
-            release_sleeping: None,
+            release_parked: None,
             instances: None,
             branch_instances: Arc::new(tokio::sync::Semaphore::new(DEFAULT_BRANCH_INSTANCES)),
             branch_instances_total: DEFAULT_BRANCH_INSTANCES,
@@ -151,11 +153,12 @@ impl Executor {
         self
     }
 
-    /// Runs that park to sleep at least `after` (and have no branch
-    /// running) end their execution with `RunOutcome::Sleeping`, for the
-    /// caller to give back until they are due, rather than wait here.
-    pub fn with_sleeping_released(mut self, after: Option<Duration>) -> Self {
-        self.release_sleeping = after;
+    /// Runs that park to sleep, or to wait for a signal, for at least
+    /// `after` (and have no branch running) end their execution with
+    /// `RunOutcome::Parked`, for the caller to give back until they are due
+    /// or signalled, rather than wait here.
+    pub fn with_parked_released(mut self, after: Option<Duration>) -> Self {
+        self.release_parked = after;
         self
     }
 
@@ -235,7 +238,7 @@ impl Executor {
                     status = RunStatus::Pending;
                     tokio::time::sleep(conflict_backoff()).await;
                 }
-                Next::Park(wake_at, parked) => {
+                Next::Park(wake_at, parked, signal) => {
                     // No instance, no thread: a timer and a wake-up are all
                     // a parked run holds.
                     self.commit(vec![Write::status(run.key, parked)]).await?;
@@ -244,15 +247,17 @@ impl Executor {
                     let wall = run.config.limits.max_wall_ms.map(|ms| run.created_at.saturating_add(ms as i64));
                     // So does one whose grace period ends first.
                     let wake_at = [wake_at, wall, watch.grace_until()].into_iter().flatten().min();
-                    // A long sleep with nothing else going on: given back
-                    // until it is due (a cancel in its grace period stays).
-                    if let (Some(after), Some(at)) = (self.release_sleeping, wake_at)
-                        && parked == RunStatus::Sleeping
+                    // A long sleep or signal wait with nothing else going
+                    // on: given back until it is due or signalled (a cancel
+                    // in its grace period stays).
+                    if let Some(after) = self.release_parked
+                        && (parked == RunStatus::Sleeping || signal.is_some())
                         && watch.grace_until().is_none()
                         && !branches.board.any_running()
-                        && at.saturating_sub(now_ms()) >= after.as_millis() as i64
+                        && wake_at.is_none_or(|at| at.saturating_sub(now_ms()) >= after.as_millis() as i64)
+                        && (wake_at.is_some() || signal.is_some())
                     {
-                        return Ok(RunOutcome::Sleeping { wake_at: at });
+                        return Ok(RunOutcome::Parked { wake_at, signal });
                     }
                     let sleep = async {
                         match wake_at {
@@ -340,7 +345,7 @@ impl Executor {
             InstanceOutcome::Finished(Finished::Cancelled) => Next::Done(RunOutcome::Cancelled),
             InstanceOutcome::KvConflict => Next::Conflict,
             InstanceOutcome::Restart => Next::Restart,
-            InstanceOutcome::Parked { wake_at, status } => Next::Park(wake_at, status),
+            InstanceOutcome::Parked { wake_at, status, signal } => Next::Park(wake_at, status, signal),
             InstanceOutcome::Cancelled => {
                 // An attempt cut short by the cancel is not recorded: it has no outcome.
                 st.commit_final(vec![Write::cancelled(run)]).await?;

@@ -88,7 +88,7 @@ pub(super) async fn signal_wait(
         // then park it until the deadline or a signal.
         let held = held_since.elapsed();
         if held >= st.park_threshold {
-            return Err(st.stop(Ending::Park { wake_at: deadline, status: RunStatus::Waiting }));
+            return Err(st.stop(Ending::Park { wake_at: deadline, status: RunStatus::Waiting, signal: Some(name) }));
         }
         if !shown && held >= SHOW_WAIT {
             st.show_wait(RunStatus::Waiting).await?;

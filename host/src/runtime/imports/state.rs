@@ -53,8 +53,9 @@ pub enum Ending {
     /// A step attempt failed and is journaled: replay in a fresh instance.
     Restart,
     /// Drop the instance; replay the run at `wake_at` (Unix ms), or when a
-    /// signal comes; meanwhile its status is `status`.
-    Park { wake_at: Option<i64>, status: RunStatus },
+    /// signal comes (`signal`: the one it waits for); meanwhile its status
+    /// is `status`.
+    Park { wake_at: Option<i64>, status: RunStatus, signal: Option<String> },
     /// The run was cancelled.
     Cancelled,
     /// A branch instance recorded its attempt: its work is done.
@@ -444,7 +445,11 @@ impl HostState {
             }
             self.check_wall()?;
             if Duration::from_millis(remaining as u64) > self.park_threshold {
-                return Err(self.stop(Ending::Park { wake_at: Some(wake_at), status: RunStatus::Sleeping }));
+                return Err(self.stop(Ending::Park {
+                    wake_at: Some(wake_at),
+                    status: RunStatus::Sleeping,
+                    signal: None,
+                }));
             }
             if !shown && Duration::from_millis(remaining as u64) >= SHOW_WAIT {
                 self.show_wait(RunStatus::Sleeping).await?;

@@ -35,7 +35,7 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
     let row = tx
         .query_opt(
-            "UPDATE runs SET owner = $2, epoch = epoch + 1, wake_at = NULL, \
+            "UPDATE runs SET owner = $2, epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, \
                lease_until = now() + $3::BIGINT * interval '1 millisecond' \
              WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
             &[&run.0, &inner.owner, &ms],
@@ -59,9 +59,15 @@ pub(super) async fn claim(
 ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     let free = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
+    // Due by the wake-up index, or signalled: a pending signal of the name
+    // a given-back run waits for (by the index of pending signals).
     let due = client
         .prepare_cached(&format!(
-            "SELECT seq FROM runs WHERE wake_at <= $1 AND {UNFINISHED} AND {free} ORDER BY wake_at LIMIT $2"
+            "(SELECT seq FROM runs WHERE wake_at <= $1 AND {UNFINISHED} AND {free} ORDER BY wake_at LIMIT $2) \
+             UNION \
+             (SELECT r.seq FROM signals s JOIN runs r ON r.seq = s.run AND r.waiting_for = s.name \
+               WHERE s.consumed_at IS NULL AND r.wake_at IS NOT NULL AND r.{UNFINISHED} \
+                 AND (r.owner IS NULL OR r.lease_until IS NULL OR r.lease_until < now()) LIMIT $2)"
         ))
         .await
         .map_err(pg_error)?;
@@ -74,8 +80,7 @@ pub(super) async fn claim(
     let page = (max * 2).clamp(64, 4096) as i64;
     let now = now_ms();
     let mut claimed = Vec::new();
-    let keys: Vec<i64> =
-        client.query(&due, &[&now, &page]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
+    let keys: Vec<i64> = client.query(&due, &[&now, &page]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
     take_keys(inner, &mut client, keys, max, skip, now, &mut claimed).await?;
     let mut after = 0i64;
     while claimed.len() < max {
@@ -104,11 +109,12 @@ async fn take_keys(
     }
     let take = client
         .prepare_cached(&format!(
-            "UPDATE runs SET owner = $3, epoch = epoch + 1, wake_at = NULL, \
+            "UPDATE runs SET owner = $3, epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, \
                lease_until = now() + $4::BIGINT * interval '1 millisecond' \
              WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} \
                              AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) \
-                             AND (wake_at IS NULL OR wake_at <= $5) \
+                             AND (wake_at IS NULL OR wake_at <= $5 OR EXISTS (SELECT 1 FROM signals s \
+                                  WHERE s.run = runs.seq AND s.name = runs.waiting_for AND s.consumed_at IS NULL)) \
                            ORDER BY seq LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) \
              RETURNING {RUN_COLUMNS}, epoch"
         ))
@@ -137,17 +143,25 @@ async fn take_keys(
     Ok(())
 }
 
-/// Give back the lease of a run that sleeps until `wake_at` (see
-/// `RunStore::release_sleeping`): one update, while the lease still holds,
-/// so that no claim finds the run free before its wake-up time is set.
-pub(super) async fn release_sleeping(inner: &Arc<Inner>, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
+/// Give back the lease of a run that sleeps until `wake_at`, or waits for
+/// `signal` (see `RunStore::release_parked`): one update, while the lease
+/// still holds, so that no claim finds the run free before its wake-up
+/// time is set. A wait without a deadline is due at the end of time: it
+/// stays out of the runs to claim now, and comes back by its signal.
+pub(super) async fn release_parked(
+    inner: &Arc<Inner>,
+    lease: Lease,
+    wake_at: Option<i64>,
+    signal: Option<&str>,
+) -> Result<(), StoreError> {
     let client = inner.pool.get().await.map_err(pool_error)?;
     let (run, epoch) = (lease.run(), lease.epoch() as i64);
+    let wake_at = wake_at.unwrap_or(i64::MAX);
     let n = client
         .execute(
-            "UPDATE runs SET owner = NULL, lease_until = NULL, wake_at = $4 \
-             WHERE seq = $1 AND owner = $2 AND epoch = $3 AND status = 'sleeping'",
-            &[&run.0, &inner.owner, &epoch, &wake_at],
+            "UPDATE runs SET owner = NULL, lease_until = NULL, wake_at = $4, waiting_for = $5 \
+             WHERE seq = $1 AND owner = $2 AND epoch = $3 AND status IN ('sleeping', 'waiting')",
+            &[&run.0, &inner.owner, &epoch, &wake_at, &signal],
         )
         .await
         .map_err(pg_error)?;
@@ -155,7 +169,7 @@ pub(super) async fn release_sleeping(inner: &Arc<Inner>, lease: Lease, wake_at: 
     drop(lease);
     if n == 0 {
         return Err(StoreError::Commit(format!(
-            "run #{} was not given back to sleep: it is not held at epoch {epoch} or does not sleep",
+            "run #{} was not given back: it is not held at epoch {epoch} or does not wait",
             run.0
         )));
     }

@@ -29,9 +29,7 @@ use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::Row;
 
-use crate::model::{
-    Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord, now_ms,
-};
+use crate::model::{Entry, EntryKind, EntryStatus, Role, RunConfig, RunKey, RunRecord, RunStatus, TokenRecord, now_ms};
 use crate::store::{
     ChangeEvent, ChangeFeed, CommitTicket, Durability, KvValue, Lease, RunFilter, RunStore, StoreError, Subscription,
     Write,
@@ -519,12 +517,12 @@ impl RunStore for PostgresStore {
         Ok([expiry, wake].into_iter().flatten().min().map(|ms| Duration::from_millis(ms.max(0) as u64)))
     }
 
-    fn releases_sleeping_after(&self) -> Option<Duration> {
+    fn releases_parked_after(&self) -> Option<Duration> {
         Some(self.inner.lease)
     }
 
-    async fn release_sleeping(&self, lease: Lease, wake_at: i64) -> Result<(), StoreError> {
-        lease::release_sleeping(&self.inner, lease, wake_at).await
+    async fn release_parked(&self, lease: Lease, wake_at: Option<i64>, signal: Option<&str>) -> Result<(), StoreError> {
+        lease::release_parked(&self.inner, lease, wake_at, signal).await
     }
 
     async fn last_seq(&self) -> Result<u64, StoreError> {

@@ -285,7 +285,9 @@ async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
     loop {
         let found = match inner.pool.get().await {
             Ok(client) => {
-                client.query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position]).await
+                client
+                    .query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position])
+                    .await
             }
             Err(e) => {
                 eprintln!("cairn: a commit's outcome is not known yet: {}", super::pool_error(e));

@@ -179,10 +179,12 @@ const MIGRATIONS: &[&str] = &[
         END IF;
     END $$;
     "#,
-    // 4: sleeping runs given back until they are due: claims find them by
-    // their wake-up time, and the runs to claim now without them.
+    // 4: runs given back while they sleep or wait for a signal: claims find
+    // them by their wake-up time or their signal, and the runs to claim now
+    // without them.
     r#"
     ALTER TABLE runs ADD COLUMN wake_at BIGINT;
+    ALTER TABLE runs ADD COLUMN waiting_for TEXT;
     CREATE INDEX runs_wake ON runs(wake_at)
         WHERE wake_at IS NOT NULL AND status NOT IN ('completed', 'failed', 'cancelled');
     CREATE INDEX runs_claimable ON runs(seq)

@@ -88,7 +88,10 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     let (admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let taken = loop {
-        admin.execute("UPDATE runs SET lease_until = now() - interval '1 second' WHERE seq = $1", &[&k.0]).await.unwrap();
+        admin
+            .execute("UPDATE runs SET lease_until = now() - interval '1 second' WHERE seq = $1", &[&k.0])
+            .await
+            .unwrap();
         if let Some(lease) = b.lease(k).await.unwrap() {
             break lease;
         }
@@ -100,7 +103,10 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     let refused = commit(&*a, vec![Write::Append { run: k, position: 2, entries: two }]).await;
     assert!(matches!(refused, Err(StoreError::LeaseLost { .. })), "{refused:?}");
     commit(&*b, vec![append(2, "c")]).await.unwrap();
-    let rows = admin.query("SELECT position, name, epoch FROM history WHERE run = $1 ORDER BY position", &[&k.0]).await.unwrap();
+    let rows = admin
+        .query("SELECT position, name, epoch FROM history WHERE run = $1 ORDER BY position", &[&k.0])
+        .await
+        .unwrap();
     let got: Vec<(i32, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     let (e1, e2) = (held.epoch() as i64, taken.epoch() as i64);
     assert!(e2 > e1);

@@ -80,9 +80,8 @@ impl Notices {
         let Some(next) = self.owed else { return };
         let payload = super::listen::payload(&inner.owner, next, false).replace('\'', "''");
         // Nothing to make durable: the commits it tells of already are.
-        let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT"
-        );
+        let sql =
+            format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT");
         match inner.pool.get().await {
             Ok(client) => match client.batch_execute(&sql).await {
                 Ok(()) => self.notified(),
