@@ -30,7 +30,9 @@ pub fn serve(w: &World, extra: &[&str]) -> Server {
     let mut base = String::new();
     wait_until("the server to listen", Duration::from_secs(30), || {
         let err = w.read("serve.stderr");
-        match err.lines().find_map(|l| l.split("listening on ").nth(1)) {
+        // Whole lines only: the server may be halfway through writing one.
+        let whole = &err[..err.rfind('\n').map_or(0, |end| end + 1)];
+        match whole.lines().find_map(|l| l.split("listening on ").nth(1)) {
             Some(addr) => {
                 base = addr.trim().to_string();
                 true

@@ -266,11 +266,18 @@ fn a_long_sleep_is_given_back_and_claimed_again_when_due() {
     let state = |w: &World| sql(w, "SELECT status, owner IS NULL, wake_at IS NOT NULL FROM runs WHERE id = 's'");
     let given_back = vec![vec![Some("sleeping".to_string()), Some("t".into()), Some("t".into())]];
     wait_until("the sleeping run given back", Duration::from_secs(20), || state(&w) == given_back);
-    assert!(w.read("worker-a.stderr").contains("given back until then"), "{}", w.read("worker-a.stderr"));
+    // Logged once the release is committed.
+    wait_until("the worker to say so", Duration::from_secs(20), || {
+        w.read("worker-a.stderr").contains("given back until then")
+    });
     // The worker that parked it dies; another claims it when it is due.
     kill9(&mut a);
     let mut b = worker("worker-b");
     wait_until("the run completed", Duration::from_secs(30), || w.show("s")["status"] == "completed");
+    // By the second worker (it logs once the end is committed).
+    wait_until("the second worker to say so", Duration::from_secs(20), || {
+        w.read("worker-b.stderr").contains("run s completed")
+    });
     kill9(&mut b);
     assert_eq!(w.show("s")["output"], json!(3));
     let history = sql(
@@ -281,7 +288,6 @@ fn a_long_sleep_is_given_back_and_claimed_again_when_due() {
     assert_eq!(names, ["before", "after"], "each step once");
     let epochs: Vec<u64> = history.iter().map(|r| r[1].clone().unwrap().parse().unwrap()).collect();
     assert!(epochs[1] > epochs[0], "claimed again after the sleep: {epochs:?}");
-    assert!(w.read("worker-b.stderr").contains("run s completed"), "{}", w.read("worker-b.stderr"));
 }
 
 /// A run that waits for a signal longer than a lease is given back while
@@ -299,7 +305,10 @@ fn a_long_signal_wait_is_given_back_and_claimed_again_when_signalled() {
     let state = |w: &World| sql(w, "SELECT status, owner IS NULL, waiting_for FROM runs WHERE id = 'g'");
     let given_back = vec![vec![Some("waiting".to_string()), Some("t".into()), Some("go".into())]];
     wait_until("the waiting run given back", Duration::from_secs(20), || state(&w) == given_back);
-    assert!(w.read("worker-a.stderr").contains("waits for signal go; given back"), "{}", w.read("worker-a.stderr"));
+    // Logged once the release is committed.
+    wait_until("the worker to say so", Duration::from_secs(20), || {
+        w.read("worker-a.stderr").contains("waits for signal go; given back")
+    });
     kill9(&mut a);
     let mut b = worker("worker-b");
     // Past a lease and a sweep: nobody took it up without its signal.
@@ -307,9 +316,12 @@ fn a_long_signal_wait_is_given_back_and_claimed_again_when_signalled() {
     assert_eq!(state(&w), given_back);
     assert!(w.run(&["signal", "g", "go", "7"]).status.success());
     wait_until("the run completed", Duration::from_secs(30), || w.show("g")["status"] == "completed");
+    // By the second worker (it logs once the end is committed).
+    wait_until("the second worker to say so", Duration::from_secs(20), || {
+        w.read("worker-b.stderr").contains("run g completed")
+    });
     kill9(&mut b);
     assert_eq!(w.show("g")["output"], json!([7]));
-    assert!(w.read("worker-b.stderr").contains("run g completed"), "{}", w.read("worker-b.stderr"));
 }
 
 /// A loopback proxy to the database that, once, cuts the connection whose
