@@ -24,6 +24,9 @@ use crate::store::{Lease, StoreError};
 /// generation where it was when it last saw its runs' epochs knows that no
 /// run changed hands since (see `Held::checked_at`).
 const GATE: &str = "UPDATE cairn_seq SET gen = gen + 1 RETURNING gen";
+/// Nobody holds the run: no owner, or a lease that expired.
+const FREE: &str = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
+
 /// `--lease` when not given.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
@@ -35,20 +38,28 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
     let row = tx
         .query_opt(
-            "UPDATE runs SET owner = $2, epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, \
-               lease_until = now() + $3::BIGINT * interval '1 millisecond' \
-             WHERE seq = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
+            &format!(
+                "UPDATE runs SET owner = $2, epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, \
+                   lease_until = now() + $3::BIGINT * interval '1 millisecond' \
+                 WHERE seq = $1 AND {FREE} RETURNING epoch"
+            ),
             &[&run.0, &inner.owner, &ms],
         )
         .await
         .map_err(pg_error)?;
+    // Nothing taken: the generation stays where it was (no epoch moved).
+    let Some(row) = row else {
+        tx.rollback().await.map_err(pg_error)?;
+        return Ok(None);
+    };
     tx.commit().await.map_err(pg_error)?;
-    Ok(row.map(|r| held(inner, run, r.get::<_, i64>(0) as u64, Some(generation))))
+    Ok(Some(held(inner, run, row.get::<_, i64>(0) as u64, Some(generation))))
 }
 
 /// Up to `max` unfinished runs nobody holds, except those `skip` names,
-/// each with its lease: first runs given back while they slept that are
-/// due now (by the wake-up index), then the others, oldest first. Candidates
+/// each with its lease: first runs given back while they slept or waited
+/// that are due (by the wake-up index) or signalled, then the others,
+/// oldest first. Candidates
 /// are read a page at a time, and taken with `FOR NO KEY UPDATE SKIP
 /// LOCKED`, so that workers claiming at once pass over each other's rows
 /// instead of queueing behind them.
@@ -58,22 +69,20 @@ pub(super) async fn claim(
     skip: &(dyn Fn(RunKey) -> bool + Send + Sync),
 ) -> Result<Vec<(RunRecord, Lease)>, StoreError> {
     let mut client = inner.pool.get().await.map_err(pool_error)?;
-    let free = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
     // Due by the wake-up index, or signalled: a pending signal of the name
     // a given-back run waits for (by the index of pending signals).
     let due = client
         .prepare_cached(&format!(
-            "(SELECT seq FROM runs WHERE wake_at <= $1 AND {UNFINISHED} AND {free} ORDER BY wake_at LIMIT $2) \
+            "(SELECT seq FROM runs WHERE wake_at <= $1 AND {UNFINISHED} AND {FREE} ORDER BY wake_at LIMIT $2) \
              UNION \
-             (SELECT r.seq FROM signals s JOIN runs r ON r.seq = s.run AND r.waiting_for = s.name \
-               WHERE s.consumed_at IS NULL AND r.wake_at IS NOT NULL AND r.{UNFINISHED} \
-                 AND (r.owner IS NULL OR r.lease_until IS NULL OR r.lease_until < now()) LIMIT $2)"
+             (SELECT runs.seq FROM signals s JOIN runs ON runs.seq = s.run AND runs.waiting_for = s.name \
+               WHERE s.consumed_at IS NULL AND wake_at IS NOT NULL AND {UNFINISHED} AND {FREE} LIMIT $2)"
         ))
         .await
         .map_err(pg_error)?;
     let candidates = client
         .prepare_cached(&format!(
-            "SELECT seq FROM runs WHERE wake_at IS NULL AND {UNFINISHED} AND {free} AND seq > $1 ORDER BY seq LIMIT $2"
+            "SELECT seq FROM runs WHERE wake_at IS NULL AND {UNFINISHED} AND {FREE} AND seq > $1 ORDER BY seq LIMIT $2"
         ))
         .await
         .map_err(pg_error)?;
@@ -111,8 +120,7 @@ async fn take_keys(
         .prepare_cached(&format!(
             "UPDATE runs SET owner = $3, epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, \
                lease_until = now() + $4::BIGINT * interval '1 millisecond' \
-             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} \
-                             AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) \
+             WHERE seq IN (SELECT seq FROM runs WHERE seq = ANY($1) AND {UNFINISHED} AND {FREE} \
                              AND (wake_at IS NULL OR wake_at <= $5 OR EXISTS (SELECT 1 FROM signals s \
                                   WHERE s.run = runs.seq AND s.name = runs.waiting_for AND s.consumed_at IS NULL)) \
                            ORDER BY seq LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) \
@@ -125,6 +133,10 @@ async fn take_keys(
     let tx = client.transaction().await.map_err(pg_error)?;
     let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
     let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms, &now]).await.map_err(pg_error)?;
+    // Nothing taken (others were first): the generation stays where it was.
+    if rows.is_empty() {
+        return tx.rollback().await.map_err(pg_error);
+    }
     tx.commit().await.map_err(pg_error)?;
     for row in rows {
         let epoch = row.get::<_, i64>(15) as u64;
@@ -165,7 +177,13 @@ pub(super) async fn release_parked(
         )
         .await
         .map_err(pg_error)?;
-    // Its own release finds nothing to do now.
+    if n == 1
+        && let Some(h) = inner.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&run)
+        && h.epoch == lease.epoch()
+    {
+        // Given back: its own release would find nothing to do.
+        h.released = true;
+    }
     drop(lease);
     if n == 0 {
         return Err(StoreError::Commit(format!(
@@ -179,7 +197,7 @@ pub(super) async fn release_parked(
 /// A lease this process now holds (taken, or created with its run), and
 /// the gate generation its take committed at, if known.
 pub(super) fn held(inner: &Arc<Inner>, run: RunKey, epoch: u64, checked_at: Option<i64>) -> Lease {
-    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, Held { epoch, checked_at, finished: false });
+    inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(run, Held { epoch, checked_at, released: false });
     Lease::new(run, epoch, Box::new(Release { inner: Arc::downgrade(inner), run, epoch }))
 }
 
@@ -197,7 +215,7 @@ impl Drop for Release {
             let mut held = inner.held.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(h) = held.get(&self.run).filter(|h| h.epoch == self.epoch).copied() {
                 held.remove(&self.run);
-                if h.finished {
+                if h.released {
                     return;
                 }
             }

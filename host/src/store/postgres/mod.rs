@@ -111,9 +111,10 @@ pub(crate) struct Held {
     /// commit that finds it unchanged under the row lock of `cairn_seq`
     /// needs no fence of its own (`one_statement`).
     pub(crate) checked_at: Option<i64>,
-    /// Its run's end is committed: the lease needs no release (no one
-    /// claims a finished run), which spares a write per run.
-    pub(crate) finished: bool,
+    /// Dropping the lease needs no write of its own: its run's end is
+    /// committed (no one claims a finished run), or it was given back
+    /// already (`lease::release_parked`).
+    pub(crate) released: bool,
 }
 
 impl Inner {

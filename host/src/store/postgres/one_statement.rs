@@ -284,29 +284,18 @@ async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
     let mut pause = std::time::Duration::from_millis(50);
     loop {
         let found = match inner.pool.get().await {
-            Ok(client) => {
-                client
-                    .query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position])
-                    .await
-            }
-            Err(e) => {
-                eprintln!("cairn: a commit's outcome is not known yet: {}", super::pool_error(e));
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(1));
-                if std::time::Instant::now() >= deadline {
-                    return None;
-                }
-                continue;
-            }
+            Ok(client) => client
+                .query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position])
+                .await
+                .map_err(super::pg_error),
+            Err(e) => Err(super::pool_error(e)),
         };
         match found {
             // Landed: its numbers run on from this row's.
             Ok(Some(row)) if row.get::<_, i64>(1) == epoch => return Some(Some(row.get::<_, i64>(0) - off)),
             // Another epoch's row in its place, or none: it did not land.
             Ok(_) => return Some(None),
-            Err(e) => {
-                eprintln!("cairn: a commit's outcome is not known yet: {}", super::pg_error(e));
-            }
+            Err(e) => eprintln!("cairn: a commit's outcome is not known yet: {e}"),
         }
         if std::time::Instant::now() >= deadline {
             return None;

@@ -158,7 +158,8 @@ const MIGRATIONS: &[&str] = &[
     // batch returns it.
     r#"
     ALTER TABLE cairn_seq ADD COLUMN gen BIGINT NOT NULL DEFAULT 0;
-    DROP FUNCTION cairn_commit_batch(BIGINT, BIGINT[], BIGINT[], BIGINT[], TEXT[], BYTEA[], TEXT[], BIGINT[]);
+    -- (IF EXISTS: an early build's migration 2 named it cairn_take_seq.)
+    DROP FUNCTION IF EXISTS cairn_commit_batch(BIGINT, BIGINT[], BIGINT[], BIGINT[], TEXT[], BYTEA[], TEXT[], BIGINT[]);
     -- As in migration 2; returns the first number and the generation (under
     -- the row lock: no take commits between the fence and the commit).
     CREATE FUNCTION cairn_commit_batch(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[],

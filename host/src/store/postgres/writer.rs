@@ -211,7 +211,7 @@ fn note_finished(inner: &Inner, jobs: &[Job], results: &[Result<Committed, Store
             {
                 let held = held.get_or_insert_with(|| inner.held.lock().unwrap_or_else(|p| p.into_inner()));
                 if let Some(h) = held.get_mut(run).filter(|h| Some(h.epoch) == job.epoch(*run)) {
-                    h.finished = true;
+                    h.released = true;
                 }
             }
         }
