@@ -331,6 +331,16 @@ fn a_long_signal_wait_is_given_back_and_claimed_again_when_signalled() {
 struct CuttingProxy {
     port: u16,
     cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Set when the proxy goes: it stops listening (a test that fails too).
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
 
 impl CuttingProxy {
@@ -342,10 +352,16 @@ impl CuttingProxy {
         let port = listener.local_addr().unwrap().port();
         let cuts = Arc::new(AtomicUsize::new(0));
         let counted = cuts.clone();
-        // Ends with the test process (the threads block on their sockets).
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        // Listens until the proxy is dropped; a connection's threads end
+        // with its sockets (the client's process is gone by then).
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                if stopping.load(SeqCst) {
+                    return;
+                }
                 let Ok(server) = std::net::TcpStream::connect(upstream) else { continue };
                 let muted = Arc::new(AtomicBool::new(false));
                 let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
@@ -382,7 +398,7 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { port, cuts }
+        CuttingProxy { port, cuts, stop }
     }
 }
 
