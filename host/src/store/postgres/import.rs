@@ -204,9 +204,8 @@ impl PostgresStore {
         let mut client = self.inner.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         // Nobody writes here meanwhile, and nobody has.
-        tx.batch_execute("LOCK TABLE cairn_seq, runs, modules, tokens, kv IN EXCLUSIVE MODE")
-            .await
-            .map_err(pg_error)?;
+        tx.execute(super::gate::LOCK, &[]).await.map_err(pg_error)?;
+        tx.batch_execute("LOCK TABLE runs, modules, tokens, kv IN EXCLUSIVE MODE").await.map_err(pg_error)?;
         let held: i64 = tx
             .query_one(
                 "SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM modules) + (SELECT count(*) FROM tokens) \
@@ -269,10 +268,14 @@ impl PostgresStore {
         };
         let _ = reader.join();
         // The sequences go on after what moved.
-        tx.execute("UPDATE cairn_seq SET next = $1", &[&(last_seq + 1)]).await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT setval('cairn_ids', greatest($1, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes)))",
+            &[&last_seq],
+        )
+        .await
+        .map_err(pg_error)?;
         tx.batch_execute(
-            "UPDATE cairn_seq SET next = greatest(next, 1 + greatest(0, (SELECT max(id) FROM history), \
-                                                       (SELECT max(seq) FROM changes))); \
+            "\
              SELECT setval('runs_seq_seq', greatest(1, (SELECT max(seq) FROM runs)), (SELECT count(*) > 0 FROM runs)); \
              SELECT setval('signals_seq_seq', greatest(1, (SELECT max(seq) FROM signals)), \
                            (SELECT count(*) > 0 FROM signals))",

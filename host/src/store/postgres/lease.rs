@@ -10,20 +10,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{Held, Inner, RUN_COLUMNS, UNFINISHED, pg_error, pool_error, run_from_row};
+use super::{Held, Inner, RUN_COLUMNS, UNFINISHED, gate, pg_error, pool_error, run_from_row};
 use crate::model::{RunKey, RunRecord, now_ms};
 use crate::store::{Lease, StoreError};
 
-/// The gate: a take commits only while no writer is between its fence
-/// check and its commit. Writers hold the row lock of `cairn_seq` from before
-/// their fence check to their commit; a take takes that row first, in a
-/// statement of its own (then the runs' rows: the order every writer
-/// keeps), and moves its generation on. So a writer either sees the new
-/// epoch and is refused, or commits first, and the new holder reads what it
-/// wrote. The fence never row-locks runs, and a writer that finds the
-/// generation where it was when it last saw its runs' epochs knows that no
-/// run changed hands since (see `Held::checked_at`).
-const GATE: &str = "UPDATE cairn_seq SET gen = gen + 1 RETURNING gen";
+/// A take holds the gate (`gate`) from before it reads the runs' rows to
+/// its commit, and moves the generation on once it took one: a writer
+/// either commits first, and the new holder reads what it wrote, or sees
+/// the new epoch (or the new generation) and is refused.
 /// Nobody holds the run: no owner, or a lease that expired.
 const FREE: &str = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
 
@@ -35,7 +29,7 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     let ms = inner.lease.as_millis() as i64;
     let tx = client.transaction().await.map_err(pg_error)?;
-    let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
+    tx.execute(gate::LOCK, &[]).await.map_err(pg_error)?;
     let row = tx
         .query_opt(
             &format!(
@@ -52,6 +46,7 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
         tx.rollback().await.map_err(pg_error)?;
         return Ok(None);
     };
+    let generation: i64 = tx.query_one(gate::NEXT_GENERATION, &[]).await.map_err(pg_error)?.get(0);
     tx.commit().await.map_err(pg_error)?;
     Ok(Some(held(inner, run, row.get::<_, i64>(0) as u64, Some(generation))))
 }
@@ -131,12 +126,13 @@ async fn take_keys(
     let ms = inner.lease.as_millis() as i64;
     let want = (max - claimed.len()) as i64;
     let tx = client.transaction().await.map_err(pg_error)?;
-    let generation: i64 = tx.query_one(GATE, &[]).await.map_err(pg_error)?.get(0);
+    tx.execute(gate::LOCK, &[]).await.map_err(pg_error)?;
     let rows = tx.query(&take, &[&wanted, &want, &inner.owner, &ms, &now]).await.map_err(pg_error)?;
     // Nothing taken (others were first): the generation stays where it was.
     if rows.is_empty() {
         return tx.rollback().await.map_err(pg_error);
     }
+    let generation: i64 = tx.query_one(gate::NEXT_GENERATION, &[]).await.map_err(pg_error)?.get(0);
     tx.commit().await.map_err(pg_error)?;
     for row in rows {
         let epoch = row.get::<_, i64>(15) as u64;

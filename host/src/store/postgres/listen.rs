@@ -71,7 +71,7 @@ pub(super) async fn start(
 ) -> Result<tokio::sync::oneshot::Sender<()>, StoreError> {
     let (client, rx) = connect(&config, &tls).await?;
     let cursor: u64 =
-        client.query_one("SELECT next - 1 FROM cairn_seq", &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
+        client.query_one(super::gate::LAST_COMMITTED, &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let weak = Arc::downgrade(inner);
     tokio::spawn(async move {

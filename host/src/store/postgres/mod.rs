@@ -6,10 +6,11 @@
 //! process's change feed (`listen`).
 //!
 //! The change sequence stays one store-wide, strictly increasing, durable
-//! order across processes: each writing transaction takes the row lock of
-//! `cairn_seq` first, so transactions that write changes commit one after
-//! the other, in the order of their numbers.
+//! order across processes: each writing transaction takes the gate first
+//! (`gate`), so transactions that write changes commit one after the
+//! other, in the order of their numbers.
 
+mod gate;
 mod import;
 mod lease;
 mod listen;
@@ -105,11 +106,11 @@ pub(crate) struct Inner {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct Held {
     pub(crate) epoch: u64,
-    /// A gate generation (`cairn_seq.gen`) at which this epoch was known
-    /// to be the run's: its lease was taken then, or a fenced commit saw it
-    /// then. While the generation has not moved, no run changed hands, so a
-    /// commit that finds it unchanged under the row lock of `cairn_seq`
-    /// needs no fence of its own (`one_statement`).
+    /// A gate generation (`gate`) at which this epoch was known to be the
+    /// run's: its lease was taken then, or a fenced commit saw it then.
+    /// While the generation has not moved, no run changed hands, so a
+    /// commit that finds it unchanged once it holds the gate needs no fence
+    /// of its own (`one_statement`).
     pub(crate) checked_at: Option<i64>,
     /// Dropping the lease needs no write of its own: its run's end is
     /// committed (no one claims a finished run), or it was given back
@@ -527,7 +528,7 @@ impl RunStore for PostgresStore {
     }
 
     async fn last_seq(&self) -> Result<u64, StoreError> {
-        let rows = self.query("SELECT next - 1 FROM cairn_seq", &[]).await?;
+        let rows = self.query(gate::LAST_COMMITTED, &[]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 

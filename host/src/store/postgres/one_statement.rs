@@ -2,8 +2,8 @@
 //! of runs this process holds (what executing runs write at every step).
 //!
 //! One statement in autocommit is one transaction and one round trip, like
-//! the single-row insert it is measured against: it takes its sequence
-//! numbers (whose row lock orders commits), fences every run of the batch
+//! the single-row insert it is measured against: it takes the gate and its
+//! numbers (`gate`: commits are ordered), fences every run of the batch
 //! and changes the statuses (`cairn_commit_batch`, which fails the
 //! statement if a run was taken over, and takes its locks in the order
 //! every writer takes them), inserts all history rows and change rows, updates
@@ -14,7 +14,7 @@
 //! item (`writer`), so that only the bad item fails.
 //!
 //! A batch of appends alone, whose runs' epochs this process saw current at
-//! the gate generation it still finds under the row lock of `cairn_seq`,
+//! the gate generation it still finds once it holds the gate,
 //! needs no fence check (`APPEND_UNMOVED`): no run changed hands since.
 //! That is every step of a run after its first, until another process
 //! takes a run. History rows alone notify other processes at most every few
@@ -24,6 +24,7 @@ use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
 
 use super::Inner;
+use super::gate::gate_cte;
 use super::writer::{Job, history_change, other_change};
 use crate::model::{RunKey, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, StoreError, Write};
@@ -68,15 +69,19 @@ SELECT seq.first, seq.generation,
   FROM seq";
 
 /// Appends only, of runs whose epochs were seen current at generation $2:
-/// if the generation is still $2 once the row of `cairn_seq` is locked (its
-/// newest version: a take that committed meanwhile moved it on), no run
-/// changed hands since, and none can before this commits; otherwise
+/// if the generation is still $2 once the gate is held (read as of then,
+/// not as of the statement's snapshot: a take that committed meanwhile
+/// moved it on), no run changed hands since, and none can before this
+/// commits; otherwise
 /// nothing is written and no row comes back (the batch then goes the
 /// fenced way). The fence of `cairn_commit_batch` is a function call with
 /// statements of its own, which costs more than the insert it guards.
-const APPEND_UNMOVED: &str = "\
-WITH seq AS (
-    UPDATE cairn_seq SET next = next + $1::BIGINT WHERE gen = $2::BIGINT RETURNING next - $1::BIGINT AS first
+const APPEND_UNMOVED: &str = concat!(
+    "WITH ",
+    gate_cte!(),
+    ", seq AS MATERIALIZED (
+    SELECT setval('cairn_ids', pg_sequence_last_value('cairn_ids') + $1::BIGINT) - $1::BIGINT + 1 AS first
+      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $2::BIGINT
 ), history_rows AS (
     INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
                          started_at, finished_at, epoch, committed_us)
@@ -88,7 +93,8 @@ WITH seq AS (
                 finished_at, epoch)
 )
 SELECT seq.first, CASE WHEN $18::BOOLEAN THEN pg_notify('cairn_changes', $17::TEXT || ' ' || (seq.first + $1::BIGINT) || ' h') END
-  FROM seq";
+  FROM seq"
+);
 
 /// The history rows of a batch, column by column.
 #[derive(Default)]
@@ -110,9 +116,12 @@ struct Rows<'a> {
 
 /// `APPEND_UNMOVED` for one row (a lone run's step), its values as they
 /// are: one array per column costs the server more than the row.
-const APPEND_ONE_UNMOVED: &str = "\
-WITH seq AS (
-    UPDATE cairn_seq SET next = next + 1 WHERE gen = $1::BIGINT RETURNING next - 1 AS first
+const APPEND_ONE_UNMOVED: &str = concat!(
+    "WITH ",
+    gate_cte!(),
+    ", seq AS MATERIALIZED (
+    SELECT nextval('cairn_ids') AS first
+      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $1::BIGINT
 ), history_row AS (
     INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
                          started_at, finished_at, epoch, committed_us)
@@ -121,7 +130,8 @@ WITH seq AS (
       FROM seq
 )
 SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TEXT || ' ' || (seq.first + 1) || ' h') END
-  FROM seq";
+  FROM seq"
+);
 
 impl Rows<'_> {
     /// The columns as the statements' parameters, in the order their

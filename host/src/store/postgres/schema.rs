@@ -3,14 +3,14 @@
 
 use tokio_postgres::Client;
 
-use super::pg_error;
+use super::{gate, pg_error};
 use crate::store::StoreError;
 
 /// `application_id` in `cairn_meta`: the same mark as SQLite's ("CRN1").
 pub const APPLICATION_ID: &str = "CRN1";
 
 /// Numbered migrations; `schema_version` in `cairn_meta` is how many ran.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: everything the SQLite schema has after its migration 8, at once.
     r#"
     CREATE TABLE cairn_seq (one INT PRIMARY KEY CHECK (one = 1), next BIGINT NOT NULL);
@@ -191,6 +191,43 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_claimable ON runs(seq)
         WHERE wake_at IS NULL AND status NOT IN ('completed', 'failed', 'cancelled');
     "#,
+    // 5: the gate as an advisory lock and two sequences (`gate`), instead
+    // of the row of cairn_seq that every commit locked and rewrote. The row
+    // goes: a process of an older build still running fails to commit
+    // instead of writing past a gate it no longer shares.
+    concat!(
+        r#"
+    CREATE SEQUENCE cairn_ids MINVALUE 0;
+    SELECT setval('cairn_ids', (SELECT next - 1 FROM cairn_seq), true);
+    CREATE SEQUENCE cairn_gen MINVALUE 0;
+    SELECT setval('cairn_gen', (SELECT gen FROM cairn_seq), true);
+    -- As in migration 3, the numbers and the generation read under the gate,
+    -- and the fence checked after it, in a statement of its own (a fresh
+    -- snapshot: every take committed before the lock is seen).
+    CREATE OR REPLACE FUNCTION cairn_commit_batch(n BIGINT, fenced_runs BIGINT[], held_epochs BIGINT[],
+                                       status_runs BIGINT[], statuses TEXT[], outputs BYTEA[], errors TEXT[],
+                                       finished BIGINT[], OUT first BIGINT, OUT generation BIGINT)
+    LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        locked BIGINT[];
+    BEGIN
+        PERFORM pg_advisory_xact_lock("#,
+        gate::gate_key!(),
+        r#");
+        first := setval('cairn_ids', pg_sequence_last_value('cairn_ids') + n) - n + 1;
+        generation := pg_sequence_last_value('cairn_gen');
+        PERFORM cairn_fence(fenced_runs, held_epochs);
+        IF cardinality(status_runs) > 0 THEN
+            SELECT array_agg(l.seq) INTO locked
+              FROM (SELECT r.seq FROM runs r WHERE r.seq = ANY(status_runs) ORDER BY r.seq FOR NO KEY UPDATE) l;
+            UPDATE runs SET status = u.status, output = u.output, error = u.error, finished_at = u.finished
+              FROM unnest(status_runs, statuses, outputs, errors, finished) AS u(run, status, output, error, finished)
+             WHERE runs.seq = u.run;
+        END IF;
+    END $$;
+    DROP TABLE cairn_seq;
+    "#
+    ),
 ];
 
 /// Check that the database is Cairn's (or empty) and bring its schema up to

@@ -113,6 +113,67 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     assert_eq!(got, [(0, "a".into(), e1), (1, "b".into(), e1), (2, "c".into(), e2)]);
 }
 
+/// A commit that waits for the gate while another process takes its run
+/// over is refused: it reads the generation once it holds the gate, not as
+/// of its statement's start, and a take moves it on before it lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waiting_for_the_gate_sees_a_take_that_committed_meanwhile() {
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{StoreError, Write, commit};
+    if !available() {
+        return;
+    }
+    let a = open("gatewait").await;
+    let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
+    let k = run.key;
+    let _held = a.lease(k).await.unwrap().expect("a free run can be leased");
+    let append = move |position: usize, name: &'static str| Write::Append {
+        run: k,
+        position,
+        entries: vec![step(name, 1, EntryStatus::Completed)],
+    };
+    commit(&*a, vec![append(0, "a")]).await.unwrap();
+    commit(&*a, vec![append(1, "b")]).await.unwrap();
+    // Another process holds the gate, as a take does.
+    let (mut admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let take = admin.transaction().await.unwrap();
+    take.execute(super::gate::LOCK, &[]).await.unwrap();
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { commit(&*a, vec![append(2, "stale")]).await })
+    };
+    let (watcher, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = std::time::Instant::now();
+    while watcher
+        .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the commit never waited for the gate");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The take, while the commit waits: a new epoch, the generation moved.
+    take.execute(
+        "UPDATE runs SET owner = 'another', epoch = epoch + 1, lease_until = now() + interval '1 minute' \
+         WHERE seq = $1",
+        &[&k.0],
+    )
+    .await
+    .unwrap();
+    take.execute(super::gate::NEXT_GENERATION, &[]).await.unwrap();
+    take.commit().await.unwrap();
+    let refused = waiting.await.unwrap();
+    assert!(matches!(refused, Err(StoreError::LeaseLost { .. })), "{refused:?}");
+    let rows = admin.query("SELECT position FROM history WHERE run = $1 ORDER BY position", &[&k.0]).await.unwrap();
+    let got: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, [0, 1]);
+}
+
 /// Steps commit every few hundred microseconds; each notifies other
 /// processes only if none did for a moment, and the last of a burst is told
 /// of afterwards: the last notification covers every commit.

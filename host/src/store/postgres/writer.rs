@@ -1,8 +1,7 @@
 //! Group commit on PostgreSQL: one task takes everything queued and writes
 //! it in one transaction (one WAL flush for all of it), each item under a
 //! savepoint so that a bad one fails alone. The transaction first takes the
-//! row lock of `cairn_seq`, so change numbers follow commit order across
-//! processes; it ends with a notification, so other processes hear of it at
+//! gate (`gate`), so change numbers follow commit order across processes; it ends with a notification, so other processes hear of it at
 //! commit. `synchronous_commit` follows the durability: `power` waits for
 //! the flush, `process` does not.
 
@@ -14,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::gate::gate_cte;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
 use super::{Inner, lease, pg_error, pool_error};
@@ -229,9 +229,9 @@ async fn transact(
         Durability::Process => "off",
     };
     // One round trip: the durability, a bound on how long a process paused
-    // inside this transaction (SIGSTOP, a VM migration) can hold the
-    // sequence's row lock (the server ends its session after a lease's
-    // length), and that lock with the next number.
+    // inside this transaction (SIGSTOP, a VM migration) can hold the gate
+    // (the server ends its session after a lease's length), and the gate
+    // with the next number.
     // Then the runs this process holds that the batch writes, in key order:
     // every writer takes its locks in this order (see `cairn_commit_batch`).
     let mut held: Vec<i64> = jobs.iter().flat_map(|j| &j.epochs).map(|e| e.0.0).collect();
@@ -245,8 +245,10 @@ async fn transact(
     };
     let opening = format!(
         "BEGIN; SET LOCAL synchronous_commit = {sync}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-         SELECT next FROM cairn_seq FOR UPDATE{lock_runs}",
-        inner.lease.as_millis().max(1)
+         WITH {gate} SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0) + 1 FROM gate \
+         WHERE gate.locked IS NOT NULL{lock_runs}",
+        inner.lease.as_millis().max(1),
+        gate = gate_cte!(),
     );
     let first: i64 = tx
         .simple_query(&opening)
@@ -257,7 +259,7 @@ async fn transact(
             tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
             _ => None,
         })
-        .ok_or_else(|| StoreError::Corrupt("cairn_seq has no row".into()))?;
+        .ok_or_else(|| StoreError::Corrupt("the change sequence cairn_ids has no value".into()))?;
     let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
     let mut results = Vec::with_capacity(jobs.len());
     let mut leased: Vec<Vec<RunKey>> = Vec::with_capacity(jobs.len());
@@ -295,8 +297,8 @@ async fn transact(
         let has_changes = batch.events.iter().any(|e| e.kind != ChangeKind::History);
         let payload = super::listen::payload(&inner.owner, batch.next_seq as u64, has_changes);
         format!(
-            "UPDATE cairn_seq SET next = {}; SELECT pg_notify('{CHANNEL}', '{}'); COMMIT",
-            batch.next_seq,
+            "SELECT setval('cairn_ids', {}); SELECT pg_notify('{CHANNEL}', '{}'); COMMIT",
+            batch.next_seq - 1,
             payload.replace('\'', "''")
         )
     } else {

@@ -1,0 +1,67 @@
+//! The gate: what orders commits and fences takeovers across processes.
+//!
+//! Every transaction that hands out change numbers or takes a run takes
+//! one transaction-scoped advisory lock first ([`LOCK`]). So transactions
+//! that write changes commit one after the other, in the order of their
+//! numbers, and a take waits for every commit in flight: a writer either
+//! commits before a take (and the new holder reads what it wrote) or sees
+//! the take's new epoch and is refused.
+//!
+//! Under the lock two sequences are read: `cairn_ids`, the last change
+//! number handed out, and `cairn_gen`, the gate generation, which every
+//! take moves on. A writer that finds the generation where it was when it
+//! last saw its runs' epochs knows that no run changed hands since
+//! (`Held::checked_at`), and needs no fence check. Sequences, not a row,
+//! because a statement reads a sequence's value of now, while it reads a
+//! row as of its snapshot, taken before it waited for the lock; and because
+//! moving a sequence leaves no dead row version behind (a counter row
+//! updated at every step bloats while a long transaction holds back vacuum,
+//! and every statement had to lock and rewrite it).
+
+/// The advisory lock's key (next to `schema`'s migration lock, 1129465393).
+/// A macro, so that SQL text built with `concat!` stays `&'static str`.
+macro_rules! gate_key {
+    () => {
+        "1129465394"
+    };
+}
+pub(super) use gate_key;
+
+/// The gate, for the transaction: a statement of its own, so that the
+/// transaction's later statements see every take committed before it.
+pub(super) const LOCK: &str = concat!("SELECT pg_advisory_xact_lock(", gate_key!(), ")");
+
+/// A CTE (`gate`) that takes the lock for a one-statement transaction: a
+/// query over it runs once the lock is held (`WHERE gate.locked IS NOT
+/// NULL` ties its conditions to the lock's row), and reads the sequences
+/// then.
+macro_rules! gate_cte {
+    () => {
+        concat!(
+            "gate AS MATERIALIZED (SELECT pg_advisory_xact_lock(",
+            $crate::store::postgres::gate::gate_key!(),
+            ")::TEXT AS locked)"
+        )
+    };
+}
+pub(super) use gate_cte;
+
+/// The last change number committed: under the lock, so that no commit is
+/// in flight with a number below what it returns.
+pub(super) const LAST_COMMITTED: &str = concat!(
+    "WITH ",
+    gate_cte!(),
+    " SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0) FROM gate WHERE gate.locked IS NOT NULL"
+);
+
+/// A take moves the generation on (under the lock, once it took a run).
+pub(super) const NEXT_GENERATION: &str = "SELECT nextval('cairn_gen')";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_migration_takes_the_same_lock() {
+        let sql = super::super::schema::MIGRATIONS.last().unwrap();
+        assert!(sql.contains(concat!("pg_advisory_xact_lock(", gate_key!(), ")")));
+    }
+}
