@@ -204,6 +204,8 @@ impl PostgresStore {
         let mut client = self.inner.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         // Nobody writes here meanwhile, and nobody has.
+        // A long transaction by design: not ended while it reads SQLite.
+        tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = 0").await.map_err(pg_error)?;
         tx.execute(super::gate::LOCK, &[]).await.map_err(pg_error)?;
         tx.batch_execute("LOCK TABLE runs, modules, tokens, kv IN EXCLUSIVE MODE").await.map_err(pg_error)?;
         let held: i64 = tx

@@ -14,10 +14,11 @@ use super::{Held, Inner, RUN_COLUMNS, UNFINISHED, gate, pg_error, pool_error, ru
 use crate::model::{RunKey, RunRecord, now_ms};
 use crate::store::{Lease, StoreError};
 
-/// A take holds the gate (`gate`) from before it reads the runs' rows to
-/// its commit, and moves the generation on once it took one: a writer
-/// either commits first, and the new holder reads what it wrote, or sees
-/// the new epoch (or the new generation) and is refused.
+// A take holds the gate (`gate`) from before it reads the runs' rows to
+// its commit, and moves the generation on once it took one: a writer
+// either commits first, and the new holder reads what it wrote, or sees
+// the new epoch (or the new generation) and is refused.
+
 /// Nobody holds the run: no owner, or a lease that expired.
 const FREE: &str = "(owner IS NULL OR lease_until IS NULL OR lease_until < now())";
 

@@ -150,14 +150,26 @@ impl PostgresStore {
         // take the session's durability.
         // Generic plans: the statements are few and simple, and planning a
         // batch's statement anew at every commit would cost as much as running it.
+        // A transaction left idle for a lease (its process paused: SIGSTOP, a
+        // VM migration) is ended by the server: a take or a writer holds the
+        // gate until it commits, and every process waits for the gate.
         let sync = match durability {
-            Durability::Power => "SET synchronous_commit = on; SET plan_cache_mode = force_generic_plan",
-            Durability::Process => "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
+            Durability::Power => "on",
+            Durability::Process => "off",
         };
+        let session: Arc<str> = format!(
+            "SET synchronous_commit = {sync}; SET plan_cache_mode = force_generic_plan; \
+             SET idle_in_transaction_session_timeout = {}",
+            lease.as_millis().max(1)
+        )
+        .into();
         let pool = Pool::builder(manager)
             .max_size(16)
             .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
-                Box::pin(async move { client.batch_execute(sync).await.map_err(deadpool_postgres::HookError::Backend) })
+                let session = session.clone();
+                Box::pin(
+                    async move { client.batch_execute(&session).await.map_err(deadpool_postgres::HookError::Backend) },
+                )
             }))
             .build()
             .map_err(|e| StoreError::CannotOpen { location: location.clone(), why: e.to_string() })?;

@@ -174,6 +174,25 @@ async fn a_commit_waiting_for_the_gate_sees_a_take_that_committed_meanwhile() {
     assert_eq!(got, [0, 1]);
 }
 
+/// A process paused while it holds the gate (between a take's statements,
+/// say) holds it for a lease at most: the server ends a transaction left
+/// idle that long, and every other process's commits go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_paused_holding_the_gate_holds_it_for_a_lease_at_most() {
+    use crate::store::conformance::create;
+    if !available() {
+        return;
+    }
+    let a = open("pausedgate").await;
+    let paused = PostgresStore::connect(a.location(), Durability::Process, Duration::from_millis(300)).await.unwrap();
+    let client = paused.inner.pool.get().await.unwrap();
+    client.batch_execute(&format!("BEGIN; {}", super::gate::LOCK)).await.unwrap();
+    // The paused process sends nothing more; another's commit waits for the gate.
+    let created = tokio::time::timeout(Duration::from_secs(30), create(&*a, &["r"])).await;
+    assert!(created.is_ok(), "a commit still waits for a gate held by an idle transaction after 30 s");
+    assert!(client.batch_execute("COMMIT").await.is_err(), "the idle transaction was not ended");
+}
+
 /// Steps commit every few hundred microseconds; each notifies other
 /// processes only if none did for a moment, and the last of a burst is told
 /// of afterwards: the last notification covers every commit.

@@ -1,8 +1,8 @@
 //! Group commit on PostgreSQL: one task takes everything queued and writes
 //! it in one transaction (one WAL flush for all of it), each item under a
 //! savepoint so that a bad one fails alone. The transaction first takes the
-//! gate (`gate`), so change numbers follow commit order across processes; it ends with a notification, so other processes hear of it at
-//! commit. `synchronous_commit` follows the durability: `power` waits for
+//! gate (`gate`), so change numbers follow commit order across processes;
+//! it ends with a notification, so other processes hear of it at commit. `synchronous_commit` follows the durability: `power` waits for
 //! the flush, `process` does not.
 
 use std::sync::Arc;
@@ -228,10 +228,9 @@ async fn transact(
         Durability::Power => "on",
         Durability::Process => "off",
     };
-    // One round trip: the durability, a bound on how long a process paused
-    // inside this transaction (SIGSTOP, a VM migration) can hold the gate
-    // (the server ends its session after a lease's length), and the gate
-    // with the next number.
+    // One round trip: the durability, and the gate with the next number
+    // (a process paused inside this transaction holds the gate for at most
+    // a lease: see the session's settings in `PostgresStore::connect`).
     // Then the runs this process holds that the batch writes, in key order:
     // every writer takes its locks in this order (see `cairn_commit_batch`).
     let mut held: Vec<i64> = jobs.iter().flat_map(|j| &j.epochs).map(|e| e.0.0).collect();
@@ -244,10 +243,9 @@ async fn transact(
         format!("; SELECT 1 FROM runs WHERE seq IN ({}) ORDER BY seq FOR SHARE", keys.join(","))
     };
     let opening = format!(
-        "BEGIN; SET LOCAL synchronous_commit = {sync}; SET LOCAL idle_in_transaction_session_timeout = {}; \
+        "BEGIN; SET LOCAL synchronous_commit = {sync}; \
          WITH {gate} SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0) + 1 FROM gate \
          WHERE gate.locked IS NOT NULL{lock_runs}",
-        inner.lease.as_millis().max(1),
         gate = gate_cte!(),
     );
     let first: i64 = tx
