@@ -294,10 +294,7 @@ async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
     let mut pause = std::time::Duration::from_millis(50);
     loop {
         let found = match inner.pool.get().await {
-            Ok(client) => client
-                .query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position])
-                .await
-                .map_err(super::pg_error),
+            Ok(mut client) => first_row(&mut client, run, position).await.map_err(super::pg_error),
             Err(e) => Err(super::pool_error(e)),
         };
         match found {
@@ -313,6 +310,23 @@ async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_secs(1));
     }
+}
+
+/// The history row at `position`, read once the gate is held, in a
+/// statement of its own: the lost connection's statement may still run on
+/// the server (it finds out about the lost client only when it answers),
+/// and then it holds the gate; this read sees what it did once it ended.
+pub(super) async fn first_row(
+    client: &mut deadpool_postgres::Object,
+    run: i64,
+    position: i32,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute(super::gate::LOCK, &[]).await?;
+    let row =
+        tx.query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position]).await?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 /// The generation at which all these leases (run, epoch) were last seen

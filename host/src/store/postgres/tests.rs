@@ -193,6 +193,58 @@ async fn a_process_paused_holding_the_gate_holds_it_for_a_lease_at_most() {
     assert!(client.batch_execute("COMMIT").await.is_err(), "the idle transaction was not ended");
 }
 
+/// A commit whose connection was lost may still run on the server, holding
+/// the gate; the read that settles it waits for the gate and sees the row
+/// that commit wrote, instead of finding it missing and committing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_that_settles_a_lost_commit_waits_for_a_commit_still_running() {
+    use crate::store::conformance::create;
+    if !available() {
+        return;
+    }
+    let a = open("settlewait").await;
+    let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
+    let k = run.key.0;
+    // (Opened first: a store's listener starts from the gate's number.)
+    let store = PostgresStore::connect(a.location(), Durability::Process, Duration::from_secs(5)).await.unwrap();
+    // The lost connection's statement, still running: it holds the gate
+    // and has written its row, not yet committed.
+    let (mut lost, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let running = lost.transaction().await.unwrap();
+    running.execute(super::gate::LOCK, &[]).await.unwrap();
+    running
+        .execute(
+            "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, started_at, \
+                                  finished_at, epoch, committed_us) \
+             VALUES (nextval('cairn_ids'), $1, 0, 'step', 's', 1, 1, 'completed', '', 0, 0, 7, 0)",
+            &[&k],
+        )
+        .await
+        .unwrap();
+    let settling = tokio::spawn(async move {
+        let mut client = store.inner.pool.get().await.unwrap();
+        super::one_statement::first_row(&mut client, k, 0).await.unwrap()
+    });
+    let (watcher, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = std::time::Instant::now();
+    while !settling.is_finished()
+        && watcher
+            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the read never waited for the gate");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.commit().await.unwrap();
+    let row = settling.await.unwrap().expect("the read saw the row the running commit wrote");
+    assert_eq!(row.get::<_, i64>(1), 7);
+}
+
 /// Steps commit every few hundred microseconds; each notifies other
 /// processes only if none did for a moment, and the last of a burst is told
 /// of afterwards: the last notification covers every commit.
