@@ -271,7 +271,8 @@ impl PostgresStore {
         let _ = reader.join();
         // The sequences go on after what moved.
         tx.execute(
-            "SELECT setval('cairn_ids', greatest($1, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes)))",
+            "SELECT setval('cairn_ids', greatest($1, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes), \
+                                                 pg_sequence_last_value('cairn_ids')))",
             &[&last_seq],
         )
         .await

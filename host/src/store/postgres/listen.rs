@@ -154,12 +154,18 @@ async fn run(
             // A process whose feed nobody reads whole (a worker: it waits
             // for new runs, signals and cancels) reads no history rows.
             let whole = inner.feed.wants_all();
-            if others || (others_history && whole) || !caught_up {
+            // Another process's history-only commits below this process's
+            // own may not be notified yet (they notify every few
+            // milliseconds): a whole feed reads past its own commits
+            // instead of skipping them.
+            let own_past = own_next > cursor + 1;
+            if others || (others_history && whole) || (own_past && whole) || !caught_up {
                 caught_up = catch_up(&client, &inner, &mut cursor, whole).await;
             }
-            // This process's commits notified so far: all before them were
-            // notified earlier (commit order) and read, so the cursor passes them.
-            if caught_up && own_next > cursor + 1 {
+            // This process's commits notified so far: every other commit
+            // with changes before them notified at once (commit order) and
+            // was read, so a feed without history passes them unread.
+            if caught_up && own_next > cursor + 1 && !whole {
                 cursor = own_next - 1;
                 inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(cursor);
             }

@@ -152,7 +152,9 @@ impl PostgresStore {
         // batch's statement anew at every commit would cost as much as running it.
         // A transaction left idle for a lease (its process paused: SIGSTOP, a
         // VM migration) is ended by the server: a take or a writer holds the
-        // gate until it commits, and every process waits for the gate.
+        // gate until it commits, and every process waits for the gate. (At
+        // least a second: a transaction of several round trips on a slow
+        // link is not idle for that long.)
         let sync = match durability {
             Durability::Power => "on",
             Durability::Process => "off",
@@ -160,7 +162,7 @@ impl PostgresStore {
         let session: Arc<str> = format!(
             "SET synchronous_commit = {sync}; SET plan_cache_mode = force_generic_plan; \
              SET idle_in_transaction_session_timeout = {}",
-            lease.as_millis().max(1)
+            lease.max(Duration::from_secs(1)).as_millis()
         )
         .into();
         let pool = Pool::builder(manager)

@@ -193,10 +193,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "#,
     // 5: the gate as an advisory lock and two sequences (`gate`), instead
     // of the row of cairn_seq that every commit locked and rewrote. The row
-    // goes: a process of an older build still running fails to commit
-    // instead of writing past a gate it no longer shares.
+    // goes, locked first so that no process of an older build still running
+    // takes a number between the copy and the drop; such a process can then
+    // neither take runs nor number commits by the row, and its fenced
+    // batches call the function below, which takes the gate.
     concat!(
         r#"
+    LOCK TABLE cairn_seq IN ACCESS EXCLUSIVE MODE;
     CREATE SEQUENCE cairn_ids MINVALUE 0;
     SELECT setval('cairn_ids', (SELECT next - 1 FROM cairn_seq), true);
     CREATE SEQUENCE cairn_gen MINVALUE 0;

@@ -175,8 +175,9 @@ async fn a_commit_waiting_for_the_gate_sees_a_take_that_committed_meanwhile() {
 }
 
 /// A process paused while it holds the gate (between a take's statements,
-/// say) holds it for a lease at most: the server ends a transaction left
-/// idle that long, and every other process's commits go on.
+/// say) holds it for a lease at most (a second, if the lease is shorter):
+/// the server ends a transaction left idle that long, and every other
+/// process's commits go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_paused_holding_the_gate_holds_it_for_a_lease_at_most() {
     use crate::store::conformance::create;
@@ -243,6 +244,55 @@ async fn the_read_that_settles_a_lost_commit_waits_for_a_commit_still_running() 
     running.commit().await.unwrap();
     let row = settling.await.unwrap().expect("the read saw the row the running commit wrote");
     assert_eq!(row.get::<_, i64>(1), 7);
+}
+
+/// A whole feed gets another process's history rows that committed before
+/// this process's own commit but are notified after it: history-only
+/// commits notify every few milliseconds, so the listener reads past its
+/// own commits instead of skipping them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_feed_gets_history_whose_notice_comes_after_its_own_commit() {
+    use crate::model::RunStatus;
+    use crate::store::conformance::create;
+    use crate::store::{ChangeKind, Write, commit};
+    if !available() {
+        return;
+    }
+    let a = open("latenotice").await;
+    let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
+    let mut feed = a.subscribe();
+    // Another process's step, committed and not notified yet.
+    let (mut other, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let tx = other.transaction().await.unwrap();
+    tx.execute(super::gate::LOCK, &[]).await.unwrap();
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, started_at, \
+                                  finished_at, epoch, committed_us) \
+             VALUES (nextval('cairn_ids'), $1, 0, 'step', 's', 1, 1, 'completed', '', 0, 0, 1, 0) RETURNING id",
+            &[&run.key.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    // This process's commit, notified at once, then the other's notice.
+    commit(&*a, vec![Write::status(run.key, RunStatus::Running)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let notice = super::listen::payload("another-process", id as u64 + 1, false);
+    other.execute("SELECT pg_notify('cairn_changes', $1)", &[&notice]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let event = tokio::time::timeout_at(deadline, feed.recv())
+            .await
+            .expect("the other process's step never reached the feed")
+            .expect("the feed is open");
+        if event.kind == ChangeKind::History {
+            assert_eq!((event.run, event.position, event.seq), (run.key, Some(0), id as u64));
+            break;
+        }
+    }
 }
 
 /// Steps commit every few hundred microseconds; each notifies other
