@@ -113,6 +113,25 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     assert_eq!(got, [(0, "a".into(), e1), (1, "b".into(), e1), (2, "c".into(), e2)]);
 }
 
+/// Until some connection waits for the gate (an advisory lock not granted)
+/// or `done`; `what` is who should be waiting, for the failure's message.
+async fn wait_for_the_gate(url: &str, what: &str, done: impl Fn() -> bool) {
+    let (watcher, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = std::time::Instant::now();
+    while !done()
+        && watcher
+            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "{what} never waited for the gate");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A commit that waits for the gate while another process takes its run
 /// over is refused: it reads the generation once it holds the gate, not as
 /// of its statement's start, and a take moves it on before it lets go.
@@ -144,19 +163,7 @@ async fn a_commit_waiting_for_the_gate_sees_a_take_that_committed_meanwhile() {
         let a = a.clone();
         tokio::spawn(async move { commit(&*a, vec![append(2, "stale")]).await })
     };
-    let (watcher, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let started = std::time::Instant::now();
-    while watcher
-        .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the commit never waited for the gate");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    wait_for_the_gate(a.location(), "the commit", || false).await;
     // The take, while the commit waits: a new epoch, the generation moved.
     take.execute(
         "UPDATE runs SET owner = 'another', epoch = epoch + 1, lease_until = now() + interval '1 minute' \
@@ -227,20 +234,7 @@ async fn the_read_that_settles_a_lost_commit_waits_for_a_commit_still_running() 
         let mut client = store.inner.pool.get().await.unwrap();
         super::one_statement::first_row(&mut client, k, 0).await.unwrap()
     });
-    let (watcher, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let started = std::time::Instant::now();
-    while !settling.is_finished()
-        && watcher
-            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "the read never waited for the gate");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_the_gate(a.location(), "the read", || settling.is_finished()).await;
     running.commit().await.unwrap();
     let row = settling.await.unwrap().expect("the read saw the row the running commit wrote");
     assert_eq!(row.get::<_, i64>(1), 7);

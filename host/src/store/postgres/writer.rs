@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::gate::gate_cte;
+use super::gate::LAST_COMMITTED;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
 use super::{Inner, lease, pg_error, pool_error};
@@ -244,9 +244,7 @@ async fn transact(
     };
     let opening = format!(
         "BEGIN; SET LOCAL synchronous_commit = {sync}; \
-         WITH {gate} SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0) + 1 FROM gate \
-         WHERE gate.locked IS NOT NULL{lock_runs}",
-        gate = gate_cte!(),
+         {LAST_COMMITTED}{lock_runs}"
     );
     let first: i64 = tx
         .simple_query(&opening)
@@ -254,7 +252,9 @@ async fn transact(
         .map_err(pg_error)?
         .iter()
         .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                row.get(0).and_then(|v| v.parse::<i64>().ok()).map(|last| last + 1)
+            }
             _ => None,
         })
         .ok_or_else(|| StoreError::Corrupt("the change sequence cairn_ids has no value".into()))?;
