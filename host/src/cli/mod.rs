@@ -767,7 +767,7 @@ async fn start(cli: &Cli, args: &RunArgs) -> Result<u8, Failure> {
 
 async fn execute_foreground(executor: &Arc<Executor>, run: &Arc<RunRecord>) -> Result<u8, Failure> {
     let started = Instant::now();
-    let outcome = executor.execute(run).await.map_err(ServiceError::from)?;
+    let outcome = executor.execute_in_task(run.clone()).await.map_err(ServiceError::from)?;
     let elapsed = started.elapsed();
     match outcome {
         RunOutcome::Completed(output) => {

@@ -82,6 +82,8 @@ pub enum ExecError {
     Sandbox(String),
     #[error("the executor is shutting down")]
     ShuttingDown,
+    #[error("the run's task ended abnormally: {0}")]
+    Task(String),
 }
 
 pub struct Executor {
@@ -170,6 +172,18 @@ impl Executor {
     /// here (the newest until then: its first host call finds out).
     fn abi_version(&self, hash: &str) -> i32 {
         self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map_or(imports::ABI_VERSION, |(_, v)| *v)
+    }
+
+    /// [`Executor::execute`] in a task of the runtime, as `cairn run` and
+    /// `cairn resume` execute their run. The caller's thread (the main
+    /// thread, in `block_on`) is not one of the runtime's workers: a run
+    /// executed there wakes a worker at every commit and is woken back by
+    /// it. In a task, the run, the store's writer and a PostgreSQL
+    /// connection share a worker and hand over to each other without waking
+    /// another thread (docs/performance.md).
+    pub async fn execute_in_task(self: &Arc<Self>, run: Arc<RunRecord>) -> Result<RunOutcome, ExecError> {
+        let executor = self.clone();
+        tokio::spawn(async move { executor.execute(&run).await }).await.map_err(|e| ExecError::Task(e.to_string()))?
     }
 
     /// Execute (or continue) a run the caller holds the lease of, until it
