@@ -8,7 +8,9 @@
 //!   run` executes it, against single-row durable commits from this process
 //!   to the same server, measured next to each repetition in two ways (a
 //!   loop awaited from the calling thread, and a loop in a task next to its
-//!   connection); the faster is the baseline.
+//!   connection); the faster is the baseline. Next to them, the statement
+//!   a step commits with, alone in the same loop: what no engine on that
+//!   statement can beat, and so the share of the gap that is the engine's.
 //! - W2: two real `cairn worker` processes, idle, then runs created pending
 //!   in one commit; timed from that commit (which wakes the workers) to the
 //!   last completion the database records.
@@ -170,6 +172,54 @@ async fn baseline(server: &Server, commits: usize) -> Result<(f64, f64)> {
     Ok((calling, in_task))
 }
 
+/// The statement a lone run's step commits with (`STEP_STATEMENT`), alone:
+/// one run's rows, in a task next to its connection, on a database the
+/// store migrated. Per second.
+async fn statement_loop(server: &Server, commits: usize) -> Result<f64> {
+    let url = server.fresh_db("w1_statement").await?;
+    drop(PostgresStore::connect(&url, Durability::Power, Duration::from_secs(5)).await?);
+    tokio::spawn(async move {
+        let client = connect(&url).await?;
+        client.batch_execute("SET synchronous_commit = on; SET plan_cache_mode = force_generic_plan").await?;
+        let generation: i64 =
+            client.query_one("SELECT coalesce(pg_sequence_last_value('cairn_gen'), 0)", &[]).await?.get(0);
+        let statement = client.prepare(cairn::store::postgres::STEP_STATEMENT).await?;
+        let (output, error, owner) = (vec![b'x'; 100], None::<&str>, "bench");
+        let start = Instant::now();
+        for position in 0..commits as i32 {
+            let now = now_us();
+            let row = client
+                .query_opt(
+                    &statement,
+                    &[
+                        &generation,
+                        &1i64,
+                        &position,
+                        &"step",
+                        &"step",
+                        &0i32,
+                        &1i32,
+                        &"ok",
+                        &output,
+                        &error,
+                        &(now / 1000),
+                        &(now / 1000),
+                        &1i64,
+                        &now,
+                        &owner,
+                        &false,
+                    ],
+                )
+                .await?;
+            if row.is_none() {
+                bail!("W1-pg: the step statement wrote nothing (the generation moved)");
+            }
+        }
+        Ok(commits as f64 / start.elapsed().as_secs_f64())
+    })
+    .await?
+}
+
 /// Autocommit single-row inserts from one connection: per second.
 async fn commit_loop(url: &str, commits: usize) -> Result<f64> {
     let client = connect(url).await?;
@@ -191,11 +241,15 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
     let steps = b.sizes.w1_steps;
     let (mut rates, mut bases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut calling, mut in_task) = (Vec::new(), Vec::new());
+    let (mut alone, mut alone_ratios, mut over_alone) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..b.sizes.reps {
         let (from_calling, from_task) = baseline(server, steps as usize).await?;
         let base = from_calling.max(from_task);
         calling.push(from_calling);
         in_task.push(from_task);
+        let statement = statement_loop(server, steps as usize).await?;
+        alone.push(statement);
+        alone_ratios.push(statement / base);
         let url = server.fresh_db("w1").await?;
         let store: Arc<dyn RunStore> =
             Arc::new(PostgresStore::connect(&url, Durability::Power, Duration::from_secs(5)).await?);
@@ -219,6 +273,7 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
         rates.push(rate);
         bases.push(base);
         ratios.push(rate / base);
+        over_alone.push(rate / statement);
     }
     Ok(Row {
         id: "W1-pg",
@@ -232,6 +287,11 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
             "ratios": ratios,
             "baseline_calling_thread": median(calling),
             "baseline_in_task": median(in_task),
+            // The step's statement alone, in the baseline's loop.
+            "statement_alone": median(alone),
+            "statement_alone_ratio": median(alone_ratios),
+            // The run's step rate over its statement's alone.
+            "engine_over_statement": median(over_alone),
         }),
     })
 }

@@ -116,7 +116,7 @@ struct Rows<'a> {
 
 /// `APPEND_UNMOVED` for one row (a lone run's step), its values as they
 /// are: one array per column costs the server more than the row.
-const APPEND_ONE_UNMOVED: &str = concat!(
+pub const APPEND_ONE_UNMOVED: &str = concat!(
     "WITH ",
     gate_cte!(),
     ", seq AS MATERIALIZED (
