@@ -335,3 +335,56 @@ async fn the_last_of_a_burst_of_steps_is_notified() {
     .await;
     assert_eq!(covered, Ok(true), "no notification covers the last commit (next number {next})");
 }
+
+/// A batch that writes runs it does not hold (cancels, signals) locks them
+/// in key order up front, as every heartbeat and writer locks runs. Locked
+/// in the items' order, two runs written in the opposite order to a
+/// heartbeat that holds the first would deadlock, and the server would end
+/// it by failing one side after a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_locks_the_runs_it_writes_in_key_order() {
+    use crate::store::conformance::create;
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let store = open("keyorder").await;
+    let runs = create(&*store, &["first", "second"]).await;
+    let (first, second) = (runs[0].key, runs[1].key);
+    assert!(first.0 < second.0);
+    // The holder's heartbeat, half-way: the first run's row locked.
+    let (mut admin, connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let heartbeat = admin.transaction().await.unwrap();
+    let lock = "SELECT 1 FROM runs WHERE seq = $1 FOR NO KEY UPDATE";
+    heartbeat.execute(lock, &[&first.0]).await.unwrap();
+    // Another process cancels both in one item, the second run first.
+    let cancelling = {
+        let other = reopen(&store).await;
+        let cancel = |run| Write::RequestCancel { run, grace_until: None };
+        tokio::spawn(async move { commit(&*other, vec![cancel(second), cancel(first)]).await })
+    };
+    let (watcher, connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = std::time::Instant::now();
+    while watcher
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the cancels never waited for the heartbeat's lock");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The heartbeat goes on to the second run: free, since the batch waits
+    // for the first before it locks anything after it.
+    heartbeat.execute(lock, &[&second.0]).await.expect("the heartbeat's second row lock");
+    heartbeat.commit().await.unwrap();
+    cancelling.await.unwrap().expect("the cancels commit once the heartbeat is done");
+    let requested: i64 = admin.query_one("SELECT count(*) FROM runs WHERE cancel_requested", &[]).await.unwrap().get(0);
+    assert_eq!(requested, 2);
+}

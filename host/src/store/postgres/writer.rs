@@ -242,16 +242,20 @@ async fn transact(
     // One round trip: the durability, and the gate with the next number
     // (a process paused inside this transaction holds the gate for at most
     // a lease: see the session's settings in `PostgresStore::connect`).
-    // Then the runs this process holds that the batch writes, in key order:
-    // every writer takes its locks in this order (see `cairn_commit_batch`).
-    let mut held: Vec<i64> = jobs.iter().flat_map(|j| &j.epochs).map(|e| e.0.0).collect();
-    held.sort_unstable();
-    held.dedup();
-    let lock_runs = if held.is_empty() {
+    // Then every run the batch writes, held here or not (a cancel's, a
+    // signal's), in key order and in the mode its update takes: every
+    // writer and heartbeat takes its locks in this order (see
+    // `cairn_commit_batch`). Locked item by item instead, two runs another
+    // process holds could be locked in the opposite order to its heartbeat,
+    // and the server would end the deadlock by failing one of them.
+    let mut named: Vec<i64> = jobs.iter().flat_map(|j| j.writes.iter().filter_map(Write::run)).map(|r| r.0).collect();
+    named.sort_unstable();
+    named.dedup();
+    let lock_runs = if named.is_empty() {
         String::new()
     } else {
-        let keys: Vec<String> = held.iter().map(i64::to_string).collect();
-        format!("; SELECT 1 FROM runs WHERE seq IN ({}) ORDER BY seq FOR SHARE", keys.join(","))
+        let keys: Vec<String> = named.iter().map(i64::to_string).collect();
+        format!("; SELECT 1 FROM runs WHERE seq IN ({}) ORDER BY seq FOR NO KEY UPDATE", keys.join(","))
     };
     let opening = format!(
         "BEGIN; SET LOCAL synchronous_commit = {sync}; \
