@@ -116,18 +116,17 @@ async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
 /// Until some connection waits for the gate (an advisory lock not granted)
 /// or `done`; `what` is who should be waiting, for the failure's message.
 async fn wait_for_the_gate(url: &str, what: &str, done: impl Fn() -> bool) {
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    wait_for_a_waiter(url, waiting, &format!("{what} never waited for the gate"), done).await;
+}
+
+/// Until `waiting` (a count of waiting connections) is not zero, or `done`.
+async fn wait_for_a_waiter(url: &str, waiting: &str, never: &str, done: impl Fn() -> bool) {
     let (watcher, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let started = std::time::Instant::now();
-    while !done()
-        && watcher
-            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "{what} never waited for the gate");
+    while !done() && watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "{never}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -364,22 +363,9 @@ async fn a_batch_locks_the_runs_it_writes_in_key_order() {
         let cancel = |run| Write::RequestCancel { run, grace_until: None };
         tokio::spawn(async move { commit(&*other, vec![cancel(second), cancel(first)]).await })
     };
-    let (watcher, connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let started = std::time::Instant::now();
-    while watcher
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "the cancels never waited for the heartbeat's lock");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    wait_for_a_waiter(store.location(), waiting, "the cancels never waited for the heartbeat's lock", || false).await;
     // The heartbeat goes on to the second run: free, since the batch waits
     // for the first before it locks anything after it.
     heartbeat.execute(lock, &[&second.0]).await.expect("the heartbeat's second row lock");
