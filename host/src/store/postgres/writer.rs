@@ -67,8 +67,13 @@ struct Notices {
 }
 
 impl Notices {
+    /// When history rows alone may notify again.
+    fn next_at(&self) -> Instant {
+        self.last + NOTIFY_HISTORY_EVERY
+    }
+
     fn due(&self) -> bool {
-        self.last.elapsed() >= NOTIFY_HISTORY_EVERY
+        Instant::now() >= self.next_at()
     }
 
     fn notified(&mut self) {
@@ -105,11 +110,11 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
     // the runtime's earliest, and arming it wakes the runtime's I/O driver:
     // a syscall and an extra poll at every step. Moving this one later
     // touches no driver.
-    let owed_timer = tokio::time::sleep_until((notices.last + NOTIFY_HISTORY_EVERY).into());
+    let owed_timer = tokio::time::sleep_until(notices.next_at().into());
     tokio::pin!(owed_timer);
     loop {
         let first = if notices.owed.is_some() {
-            let due = (notices.last + NOTIFY_HISTORY_EVERY).into();
+            let due = notices.next_at().into();
             if owed_timer.deadline() != due {
                 owed_timer.as_mut().reset(due);
             }
