@@ -11,6 +11,8 @@
 //!   connection); the faster is the baseline. Next to them, the statement
 //!   a step commits with, alone in the same loop: what no engine on that
 //!   statement can beat, and so the share of the gap that is the engine's.
+//!   Each of the three also reports the CPU it took per commit, on the
+//!   client and (on the bench's own cluster) on the server.
 //! - W2: two real `cairn worker` processes, idle, then runs created pending
 //!   in one commit; timed from that commit (which wakes the workers) to the
 //!   last completion the database records.
@@ -99,6 +101,16 @@ impl Server {
         Ok(())
     }
 
+    /// What measures CPU time here: this process's, and the cluster's
+    /// when it is the bench's own (a given server may have other clients).
+    fn meter(&self) -> CpuMeter {
+        let postmaster = self.cluster.as_ref().and_then(|dir| {
+            let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).ok()?;
+            pid.lines().next()?.trim().parse().ok()
+        });
+        CpuMeter { postmaster }
+    }
+
     /// A new, empty database on the server: its URL.
     async fn fresh_db(&self, name: &str) -> Result<String> {
         let (client, connection) = tokio_postgres::connect(&self.admin, tokio_postgres::NoTls).await?;
@@ -117,6 +129,66 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// CPU time spent on this machine by the client (this process, all its
+/// threads) and by the server (the postmaster and its children).
+///
+/// Every part of a lone run's step is serial (the step waits for its
+/// commit; the commit waits for the step), so on a machine this small the
+/// CPU each side spends per commit is most of the time per commit: these
+/// figures say where W1-pg's gap to the baseline is.
+#[derive(Clone, Copy)]
+struct CpuMeter {
+    postmaster: Option<u32>,
+}
+
+/// CPU microseconds used so far.
+#[derive(Clone, Copy)]
+struct CpuUsed {
+    client: f64,
+    server: Option<f64>,
+}
+
+impl CpuMeter {
+    fn read(&self) -> CpuUsed {
+        // SAFETY: getrusage fills the struct it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        let client = us(usage.ru_utime) + us(usage.ru_stime);
+        CpuUsed { client, server: self.postmaster.map(server_cpu_us) }
+    }
+
+    /// Per commit, since `before`: (client, server) in microseconds.
+    fn per(&self, before: CpuUsed, commits: usize) -> (f64, Option<f64>) {
+        let after = self.read();
+        let n = commits as f64;
+        (
+            (after.client - before.client) / n,
+            before.server.zip(after.server).map(|(b, a)| (a - b) / n),
+        )
+    }
+}
+
+/// CPU microseconds of a PostgreSQL postmaster and its children (the
+/// backends, the WAL writer, the checkpointer; each one thread).
+fn server_cpu_us(postmaster: u32) -> f64 {
+    let mut ns = 0u64;
+    let Ok(procs) = std::fs::read_dir("/proc") else { return f64::NAN };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The parent's pid follows the name (in parentheses) and the state.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if pid == postmaster || ppid == Some(postmaster) {
+            let on_cpu = std::fs::read_to_string(entry.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+            ns += on_cpu.unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e3
 }
 
 pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
@@ -164,18 +236,25 @@ fn skipped(why: &str) -> Row {
 /// back: that loop commits about as fast as `pgbench` (libpq) does here. In
 /// a task, the loop and its connection share a worker: about 10% faster
 /// here, and the stricter measure of what the server takes.
-async fn baseline(server: &Server, commits: usize) -> Result<(f64, f64)> {
+///
+/// Also the in-task loop's CPU per commit (`CpuMeter::per`).
+async fn baseline(server: &Server, commits: usize) -> Result<(f64, f64, PerCommit)> {
+    let meter = server.meter();
     let url = server.fresh_db("w1_baseline").await?;
-    let calling = commit_loop(&url, commits).await?;
+    let (calling, _) = commit_loop(&url, commits, meter).await?;
     let url = server.fresh_db("w1_baseline").await?;
-    let in_task = tokio::spawn(async move { commit_loop(&url, commits).await }).await??;
-    Ok((calling, in_task))
+    let (in_task, cpu) = tokio::spawn(async move { commit_loop(&url, commits, meter).await }).await??;
+    Ok((calling, in_task, cpu))
 }
+
+/// CPU microseconds per commit: the client's, and the server's if measured.
+type PerCommit = (f64, Option<f64>);
 
 /// The statement a lone run's step commits with (`STEP_STATEMENT`), alone:
 /// one run's rows, in a task next to its connection, on a database the
-/// store migrated. Per second.
-async fn statement_loop(server: &Server, commits: usize) -> Result<f64> {
+/// store migrated. Per second, and the CPU per commit.
+async fn statement_loop(server: &Server, commits: usize) -> Result<(f64, PerCommit)> {
+    let meter = server.meter();
     let url = server.fresh_db("w1_statement").await?;
     drop(PostgresStore::connect(&url, Durability::Power, Duration::from_secs(5)).await?);
     tokio::spawn(async move {
@@ -185,6 +264,7 @@ async fn statement_loop(server: &Server, commits: usize) -> Result<f64> {
             client.query_one("SELECT coalesce(pg_sequence_last_value('cairn_gen'), 0)", &[]).await?.get(0);
         let statement = client.prepare(cairn::store::postgres::STEP_STATEMENT).await?;
         let (output, error, owner) = (vec![b'x'; 100], None::<&str>, "bench");
+        let cpu = meter.read();
         let start = Instant::now();
         for position in 0..commits as i32 {
             let now = now_us();
@@ -215,13 +295,15 @@ async fn statement_loop(server: &Server, commits: usize) -> Result<f64> {
                 bail!("W1-pg: the step statement wrote nothing (the generation moved)");
             }
         }
-        Ok(commits as f64 / start.elapsed().as_secs_f64())
+        let rate = commits as f64 / start.elapsed().as_secs_f64();
+        Ok((rate, meter.per(cpu, commits)))
     })
     .await?
 }
 
-/// Autocommit single-row inserts from one connection: per second.
-async fn commit_loop(url: &str, commits: usize) -> Result<f64> {
+/// Autocommit single-row inserts from one connection: per second, and the
+/// CPU per commit.
+async fn commit_loop(url: &str, commits: usize, meter: CpuMeter) -> Result<(f64, PerCommit)> {
     let client = connect(url).await?;
     client
         .batch_execute(
@@ -230,11 +312,13 @@ async fn commit_loop(url: &str, commits: usize) -> Result<f64> {
         .await?;
     let insert = client.prepare("INSERT INTO baseline VALUES (1, $1, $2)").await?;
     let payload = vec![b'x'; 100];
+    let cpu = meter.read();
     let start = Instant::now();
     for i in 0..commits {
         client.execute(&insert, &[&(i as i32), &payload]).await?;
     }
-    Ok(commits as f64 / start.elapsed().as_secs_f64())
+    let rate = commits as f64 / start.elapsed().as_secs_f64();
+    Ok((rate, meter.per(cpu, commits)))
 }
 
 async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
@@ -242,12 +326,15 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
     let (mut rates, mut bases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut calling, mut in_task) = (Vec::new(), Vec::new());
     let (mut alone, mut alone_ratios, mut over_alone) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu = Cpu::default();
     for _ in 0..b.sizes.reps {
-        let (from_calling, from_task) = baseline(server, steps as usize).await?;
+        let (from_calling, from_task, cpu_base) = baseline(server, steps as usize).await?;
+        cpu.add(Part::Baseline, cpu_base);
         let base = from_calling.max(from_task);
         calling.push(from_calling);
         in_task.push(from_task);
-        let statement = statement_loop(server, steps as usize).await?;
+        let (statement, cpu_statement) = statement_loop(server, steps as usize).await?;
+        cpu.add(Part::Statement, cpu_statement);
         alone.push(statement);
         alone_ratios.push(statement / base);
         let url = server.fresh_db("w1").await?;
@@ -264,12 +351,15 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
         // Held and executed as `cairn run` holds and executes its run: its
         // writes are fenced, and it runs in a task of the runtime.
         let (record, _lease) = cairn::store::commit(&*store, writes).await?.created.remove(0);
+        let meter = server.meter();
+        let used = meter.read();
         let start = Instant::now();
         match executor.execute_in_task(Arc::new(record)).await? {
             RunOutcome::Completed(_) => {}
             other => bail!("W1-pg: the run did not complete: {other:?}"),
         }
         let rate = steps as f64 / start.elapsed().as_secs_f64();
+        cpu.add(Part::Engine, meter.per(used, steps as usize));
         rates.push(rate);
         bases.push(base);
         ratios.push(rate / base);
@@ -292,8 +382,41 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
             "statement_alone_ratio": median(alone_ratios),
             // The run's step rate over its statement's alone.
             "engine_over_statement": median(over_alone),
+            // CPU microseconds per commit, client and server (null for a
+            // server given by CAIRN_BENCH_PG).
+            "cpu_us_per_commit": cpu.json(),
         }),
     })
+}
+
+/// W1-pg's three loops, whose CPU per commit it reports.
+#[derive(Clone, Copy)]
+enum Part {
+    Baseline,
+    Statement,
+    Engine,
+}
+
+/// CPU per commit of each repetition, by part.
+#[derive(Default)]
+struct Cpu([(Vec<f64>, Vec<f64>); 3]);
+
+impl Cpu {
+    fn add(&mut self, part: Part, (client, server): PerCommit) {
+        let (c, s) = &mut self.0[part as usize];
+        c.push(client);
+        s.extend(server);
+    }
+
+    fn json(self) -> serde_json::Value {
+        let [baseline, statement, engine] = self.0.map(|(client, server)| {
+            json!({
+                "client": median(client),
+                "server": (!server.is_empty()).then(|| median(server)),
+            })
+        });
+        json!({ "baseline_in_task": baseline, "statement_alone": statement, "engine": engine })
+    }
 }
 
 /// A `cairn worker` on the database, its output dropped.
