@@ -16,6 +16,7 @@ mod lease;
 mod listen;
 mod one_statement;
 mod schema;
+mod spin;
 mod tls;
 mod writer;
 

@@ -16,7 +16,7 @@ use tokio_postgres::types::ToSql;
 use super::gate::LAST_COMMITTED;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
-use super::{Inner, lease, pg_error, pool_error};
+use super::{Inner, lease, pg_error, pool_error, spin};
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
 
@@ -105,6 +105,7 @@ impl Notices {
 pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut notices = Notices { last: Instant::now() - NOTIFY_HISTORY_EVERY, owed: None };
+    let mut spin = spin::Spin::from_env();
     // One timer for the owed notification, moved on only when a notification
     // went out. A timer armed anew while waiting for each step's commit is
     // the runtime's earliest, and arming it wakes the runtime's I/O driver:
@@ -140,7 +141,15 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
         let metrics = crate::telemetry::get();
         metrics.commit_batch.record(jobs.len() as f64);
         let committing = std::time::Instant::now();
-        let results = match commit(&inner, &jobs, &mut notices).await {
+        // A lone commit of the only run held here is polled a while before
+        // the thread parks (`spin`: a parked vCPU is slow to wake).
+        let runs = inner.held.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let limit = spin.limit(jobs.len(), runs);
+        let (committed, preempted) = spin::spin_then_park(limit, commit(&inner, &jobs, &mut notices)).await;
+        if jobs.len() == 1 {
+            spin.observe(committing.elapsed(), !limit.is_zero(), preempted);
+        }
+        let results = match committed {
             Ok(results) => results,
             Err(e) => {
                 let message = e.to_string();
