@@ -22,6 +22,10 @@ pub struct Metrics {
     pub commit_batch: Histogram,
     /// The store's COMMIT (its fsync) per transaction.
     pub fsync_seconds: Histogram,
+    /// Lone commits the PostgreSQL writer polled before parking, and those
+    /// of them the kernel preempted (`store/postgres/spin.rs`).
+    pub commit_spins: Counter,
+    pub commit_spins_preempted: Counter,
     /// Instances that started by replaying a history.
     pub replays: Counter,
     /// Failed attempts that will be tried again.
@@ -40,6 +44,14 @@ pub fn get() -> &'static Metrics {
         metrics::describe_histogram!("cairn_step_seconds", Unit::Seconds, "From a step's start to its durable commit");
         metrics::describe_histogram!("cairn_commit_batch_items", "Commit items per store transaction");
         metrics::describe_histogram!("cairn_fsync_seconds", Unit::Seconds, "The store's COMMIT, with its fsync");
+        metrics::describe_counter!(
+            "cairn_commit_spins_total",
+            "Lone commits polled before the writer's thread parked (PostgreSQL)"
+        );
+        metrics::describe_counter!(
+            "cairn_commit_spins_preempted_total",
+            "Spun commits during which the kernel gave a CPU of this process to another thread"
+        );
         metrics::describe_counter!("cairn_replays_total", "Instances that started by replaying a history");
         metrics::describe_counter!("cairn_retries_total", "Failed attempts that will be tried again");
         metrics::describe_gauge!("cairn_live_instances", "Workflow instances in memory in this process");
@@ -51,6 +63,8 @@ pub fn get() -> &'static Metrics {
             step_seconds: metrics::histogram!("cairn_step_seconds"),
             commit_batch: metrics::histogram!("cairn_commit_batch_items"),
             fsync_seconds: metrics::histogram!("cairn_fsync_seconds"),
+            commit_spins: metrics::counter!("cairn_commit_spins_total"),
+            commit_spins_preempted: metrics::counter!("cairn_commit_spins_preempted_total"),
             replays: metrics::counter!("cairn_replays_total"),
             retries: metrics::counter!("cairn_retries_total"),
             live_instances: metrics::gauge!("cairn_live_instances"),

@@ -327,11 +327,20 @@ fn metrics_count_steps_commits_and_runs() {
     assert!(value("cairn_fsync_seconds_count") >= 1.0);
     assert!(value("cairn_commit_batch_items_count") >= 1.0);
     assert!(text.contains("cairn_step_seconds_bucket{le=\"0.001\"}"), "histogram buckets:\n{text}");
-    for series in
-        ["cairn_replays_total", "cairn_retries_total", "cairn_live_instances", "cairn_parked_runs", "cairn_sse_clients"]
-    {
+    for series in [
+        "cairn_replays_total",
+        "cairn_retries_total",
+        "cairn_live_instances",
+        "cairn_parked_runs",
+        "cairn_sse_clients",
+        "cairn_commit_spins_total",
+        "cairn_commit_spins_preempted_total",
+    ] {
         value(series);
     }
+    // Whether a commit was spun depends on the machine's load; there are
+    // never more preempted spins than spins.
+    assert!(value("cairn_commit_spins_preempted_total") <= value("cairn_commit_spins_total"));
     drop(server);
 }
 

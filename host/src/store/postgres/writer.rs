@@ -149,6 +149,12 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>)
         if jobs.len() == 1 {
             spin.observe(committing.elapsed(), !limit.is_zero(), preempted);
         }
+        if !limit.is_zero() {
+            metrics.commit_spins.increment(1);
+            if preempted {
+                metrics.commit_spins_preempted.increment(1);
+            }
+        }
         let results = match committed {
             Ok(results) => results,
             Err(e) => {
