@@ -28,6 +28,10 @@
 //! - commits that typically answer within the budget ([`BUDGET`], or
 //!   `CAIRN_COMMIT_SPIN_US`; 0 turns spinning off): a slower disk or a
 //!   distant server gains nothing from a spin that ends before the answer;
+//! - a runtime of one worker thread (as `cairn` has on 2 CPUs): with more,
+//!   an idle sibling holds the runtime's I/O driver in a waiting
+//!   `epoll_wait`, so a yielding task cannot poll the sockets, and every
+//!   yield would wake a sibling to look for work;
 //! - a CPU to spare: at least two CPUs available to the process (its
 //!   affinity and cgroup quota counted), and spins that the kernel seldom
 //!   interrupts for another thread. When half of the last eight spins were
@@ -59,10 +63,14 @@ pub(super) struct Spin {
     preempted: u8,
     /// Lone commits not spun for preemption since the last spin.
     held_back: u32,
+    /// Lone commits seen; the first (which connects and prepares) is not
+    /// counted in `typical`.
+    seen: u64,
 }
 
 impl Spin {
-    /// The budget from the environment and the CPUs this process may use.
+    /// The budget from the environment, the CPUs this process may use and
+    /// the runtime it runs on (called from a task of that runtime).
     pub(super) fn from_env() -> Spin {
         let budget = match std::env::var(BUDGET_VAR) {
             Ok(v) => match v.trim().parse::<u64>() {
@@ -75,20 +83,26 @@ impl Spin {
             Err(_) => BUDGET,
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Spin::new(if cpus >= 2 { budget } else { Duration::ZERO })
+        // A yielding task polls the sockets only if its thread gets the
+        // runtime's I/O driver: with sibling worker threads, an idle one
+        // holds it in a waiting `epoll_wait`, takes the answer (the wake this
+        // is to avoid), and each yield wakes another sibling to look for
+        // work. So only on a runtime of one worker (`cairn` on 2 CPUs).
+        let one_worker =
+            tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1);
+        Spin::new(if cpus >= 2 && one_worker { budget } else { Duration::ZERO })
     }
 
     pub(super) fn new(budget: Duration) -> Spin {
-        Spin { budget, typical: None, preempted: 0, held_back: 0 }
+        Spin { budget, typical: None, preempted: 0, held_back: 0, seen: 0 }
     }
 
     /// How long to poll the next commit, of `items` items while this
-    /// process holds `runs` runs, before parking.
+    /// process holds `runs` runs, before parking. (Holding none, the commit
+    /// is not a run's step: a new run's, a signal's, a cancel's.)
     pub(super) fn limit(&mut self, items: usize, runs: usize) -> Duration {
         let limit = match self.typical {
-            _ if items != 1 || runs > 1 || self.budget.is_zero() => return Duration::ZERO,
-            // Until one was seen: a first commit is no guide (its statement
-            // is prepared then).
+            _ if items != 1 || runs != 1 || self.budget.is_zero() => return Duration::ZERO,
             None => return Duration::ZERO,
             Some(t) if t > self.budget => return Duration::ZERO,
             Some(t) => (t * 2).min(self.budget),
@@ -104,10 +118,14 @@ impl Spin {
     /// A lone commit took `took`; `preempted` if it was spun and the kernel
     /// interrupted the spin for another thread.
     pub(super) fn observe(&mut self, took: Duration, spun: bool, preempted: bool) {
-        self.typical = Some(match self.typical {
-            None => took,
-            Some(t) => (t * 7 + took) / 8,
-        });
+        self.seen += 1;
+        // The first is no guide: it connects and prepares its statement.
+        if self.seen > 1 {
+            self.typical = Some(match self.typical {
+                None => took,
+                Some(t) => (t * 7 + took) / 8,
+            });
+        }
         if spun {
             self.preempted = self.preempted << 1 | u8::from(preempted);
         }
@@ -156,14 +174,23 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
+    /// A spin policy that has seen its first (unguiding) commit and then
+    /// one of `took`.
+    fn learnt(took: Duration) -> Spin {
+        let mut spin = Spin::new(500 * US);
+        spin.observe(5_000 * US, false, false);
+        assert_eq!(spin.limit(1, 1), Duration::ZERO, "the first commit teaches nothing");
+        spin.observe(took, false, false);
+        spin
+    }
+
     #[test]
     fn spins_only_for_lone_commits_that_typically_answer_within_the_budget() {
-        let mut spin = Spin::new(500 * US);
-        assert_eq!(spin.limit(1, 1), Duration::ZERO, "nothing learnt yet");
-        spin.observe(200 * US, false, false);
+        let mut spin = learnt(200 * US);
         assert_eq!(spin.limit(1, 1), 400 * US, "twice the typical time");
         assert_eq!(spin.limit(2, 1), Duration::ZERO, "a batch of two is not lone");
         assert_eq!(spin.limit(1, 2), Duration::ZERO, "another run held here may need the CPU");
+        assert_eq!(spin.limit(1, 0), Duration::ZERO, "no run held: not a step's commit");
         spin.observe(300 * US, true, false);
         assert_eq!(spin.limit(1, 1), 425 * US, "the typical time moves an eighth of the way");
         for _ in 0..40 {
@@ -177,40 +204,66 @@ mod tests {
         assert!((200 * US..210 * US).contains(&limit), "fast again: spins again ({limit:?})");
         let mut off = Spin::new(Duration::ZERO);
         off.observe(100 * US, false, false);
+        off.observe(100 * US, false, false);
         assert_eq!(off.limit(1, 1), Duration::ZERO, "a budget of 0 turns it off");
+    }
+
+    /// As the writer drives it: `observe` is told whether `limit` let the
+    /// commit spin.
+    fn commit(spin: &mut Spin, preempted: bool) -> bool {
+        let spun = !spin.limit(1, 1).is_zero();
+        spin.observe(200 * US, spun, spun && preempted);
+        spun
     }
 
     #[test]
     fn preempted_spins_stop_spinning_until_retries_find_the_cpu_free() {
-        let mut spin = Spin::new(500 * US);
-        spin.observe(200 * US, false, false);
+        let mut spin = learnt(200 * US);
         for _ in 0..3 {
-            spin.observe(200 * US, true, true);
+            assert!(commit(&mut spin, true));
         }
-        assert_eq!(spin.limit(1, 1), 400 * US, "three preempted spins in eight are tolerated");
-        spin.observe(200 * US, true, true);
-        let spun: Vec<bool> = (0..=RETRY_EVERY).map(|_| !spin.limit(1, 1).is_zero()).collect();
-        assert!(spun[..RETRY_EVERY as usize].iter().all(|s| !s), "held back after four preempted spins");
-        assert!(spun[RETRY_EVERY as usize], "then one retry");
-        // Retries that were not preempted push the preempted spins out of
-        // the last eight; below four, it spins again.
-        for _ in 0..4 {
-            spin.observe(200 * US, true, false);
-            assert_eq!(spin.limit(1, 1), Duration::ZERO);
+        assert!(commit(&mut spin, true), "three preempted spins in eight are tolerated");
+        // Four of the last eight were preempted: one retry in RETRY_EVERY + 1.
+        let spun: Vec<bool> = (0..=RETRY_EVERY).map(|_| commit(&mut spin, true)).collect();
+        assert_eq!(spun.iter().filter(|s| **s).count(), 1, "one retry");
+        assert!(spun[RETRY_EVERY as usize], "after RETRY_EVERY held back");
+        // Retries that find the CPU free push the preempted spins out of the
+        // last eight, one per retry; with three left, it spins at every commit.
+        let mut retries = 0;
+        while !(commit(&mut spin, false) && commit(&mut spin, false)) {
+            retries += 1;
+            assert!(retries < 10 * RETRY_EVERY, "never spins again");
         }
-        spin.observe(200 * US, true, false);
-        assert_eq!(spin.limit(1, 1), 400 * US);
+        assert!(
+            (4 * RETRY_EVERY..6 * RETRY_EVERY).contains(&retries),
+            "about five free retries to spin again ({retries} commits)"
+        );
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_spun_future_is_awaited_once_the_limit_is_over() {
         let (quick, _) = spin_then_park(Duration::from_millis(50), async { 7 }).await;
         assert_eq!(quick, 7);
-        // Ready only after the spin ended: awaited to the end.
-        let slow = spin_then_park(Duration::from_micros(100), async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            8
+        // Ready only long after the spin's limit: polled while spinning, then
+        // once more when woken, and not in between.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = tx.send(8);
         });
-        assert_eq!(slow.await.0, 8);
+        let started = Instant::now();
+        let polls = std::sync::Mutex::new(Vec::new());
+        let mut rx = std::pin::pin!(rx);
+        let watched = poll_fn(|cx| {
+            polls.lock().unwrap().push(started.elapsed());
+            rx.as_mut().poll(cx)
+        });
+        let (out, _) = spin_then_park(Duration::from_millis(1), watched).await;
+        assert_eq!(out.unwrap(), 8);
+        let polls = polls.into_inner().unwrap();
+        assert!(polls.len() > 2, "polled while spinning: {polls:?}");
+        let (last, before) = (polls[polls.len() - 1], polls[polls.len() - 2]);
+        assert!(last >= Duration::from_millis(300), "the answer came at 300 ms: {last:?}");
+        assert!(before < Duration::from_millis(150), "the spin stopped near its limit of 1 ms: {before:?}");
     }
 }
