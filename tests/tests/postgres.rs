@@ -647,3 +647,23 @@ fn a_clean_stop_gives_the_leases_back_at_once() {
     assert!(stopped.elapsed() < Duration::from_secs(20), "taken over before the lease would have expired");
     kill9(&mut b);
 }
+
+/// `CAIRN_COMMIT_SPIN_US` that is not a whole number of microseconds is
+/// refused with the reason before the database is touched.
+#[test]
+fn a_bad_commit_spin_budget_is_refused_and_nothing_is_written() {
+    let Some(w) = World::postgres("pg-spin-budget") else { return };
+    let out = w
+        .cmd(&["run", &benchflow(), "--input", r#"{"mode":"steps","n":3}"#])
+        .env("CAIRN_COMMIT_SPIN_US", "fast")
+        .output()
+        .unwrap();
+    assert_fails(&out, 1, &["CAIRN_COMMIT_SPIN_US=\"fast\"", "whole number of microseconds"]);
+    assert!(sql(&w, "SELECT to_regclass('runs')::TEXT")[0][0].is_none(), "the database was not even migrated");
+    let out = w
+        .cmd(&["run", &benchflow(), "--input", r#"{"mode":"steps","n":3}"#])
+        .env("CAIRN_COMMIT_SPIN_US", "0")
+        .output()
+        .unwrap();
+    assert_eq!(json_stdout(&out), json!(3003), "0 turns spinning off: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -153,6 +153,8 @@ impl PostgresStore {
     /// tokio runtime; `lease` is how long a lease lasts without renewal.
     pub async fn connect(url: &str, durability: Durability, lease: Duration) -> Result<Self, StoreError> {
         let location = redact(url);
+        let spin_budget = spin::budget(std::env::var(spin::BUDGET_VAR).ok().as_deref())
+            .map_err(|why| StoreError::CannotOpen { location: location.clone(), why })?;
         let (config, tls) = tls::config(url, &location)?;
         let manager = tls.manager(config.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         // The batches the writer commits as one statement in autocommit
@@ -212,7 +214,7 @@ impl PostgresStore {
         let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer::run(inner.clone(), rx));
+        tokio::spawn(writer::run(inner.clone(), rx, spin::Spin::on_this_runtime(spin_budget)));
         Ok(PostgresStore { inner, location, db_id, cache_key, writer: tx, _listener: listener })
     }
 

@@ -26,7 +26,8 @@
 //! - a lone commit of the only run this process holds: with other runs
 //!   here, the CPU belongs to them;
 //! - commits that typically answer within the budget ([`BUDGET`], or
-//!   `CAIRN_COMMIT_SPIN_US`; 0 turns spinning off): a slower disk or a
+//!   `CAIRN_COMMIT_SPIN_US`; 0 turns spinning off, and a value that is not
+//!   a whole number is refused when the store opens): a slower disk or a
 //!   distant server gains nothing from a spin that ends before the answer;
 //! - a runtime of one worker thread (as `cairn` has on 2 CPUs): with more,
 //!   an idle sibling holds the runtime's I/O driver in a waiting
@@ -44,14 +45,26 @@ use std::time::{Duration, Instant};
 
 /// Spin at most this long per commit, and only for commits that typically
 /// take less.
-pub(super) const BUDGET: Duration = Duration::from_micros(500);
+const BUDGET: Duration = Duration::from_micros(500);
 
 /// The environment variable that sets the budget in microseconds.
 pub(super) const BUDGET_VAR: &str = "CAIRN_COMMIT_SPIN_US";
 
 /// While spins are preempted, one lone commit in this many spins anyway, to
 /// find out whether the CPU is free again.
-pub(super) const RETRY_EVERY: u32 = 64;
+const RETRY_EVERY: u32 = 64;
+
+/// The budget `CAIRN_COMMIT_SPIN_US` sets (`value`), or the default.
+pub(super) fn budget(value: Option<&str>) -> Result<Duration, String> {
+    match value {
+        None => Ok(BUDGET),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_micros)
+            .map_err(|_| format!("{BUDGET_VAR}={v:?} is not a whole number of microseconds (0 turns spinning off)")),
+    }
+}
 
 /// When to spin, learnt from the lone commits seen so far.
 pub(super) struct Spin {
@@ -69,27 +82,16 @@ pub(super) struct Spin {
 }
 
 impl Spin {
-    /// The budget from the environment, the CPUs this process may use and
-    /// the runtime it runs on (called from a task of that runtime).
-    pub(super) fn from_env() -> Spin {
-        let budget = match std::env::var(BUDGET_VAR) {
-            Ok(v) => match v.trim().parse::<u64>() {
-                Ok(us) => Duration::from_micros(us),
-                Err(_) => {
-                    eprintln!("cairn: {BUDGET_VAR}={v:?} is not a number of microseconds; using {BUDGET:?}");
-                    BUDGET
-                }
-            },
-            Err(_) => BUDGET,
-        };
+    /// The policy for a writer on the current runtime: `budget` where this
+    /// process has CPUs to spare and a runtime of one worker, none elsewhere.
+    pub(super) fn on_this_runtime(budget: Duration) -> Spin {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         // A yielding task polls the sockets only if its thread gets the
         // runtime's I/O driver: with sibling worker threads, an idle one
         // holds it in a waiting `epoll_wait`, takes the answer (the wake this
         // is to avoid), and each yield wakes another sibling to look for
         // work. So only on a runtime of one worker (`cairn` on 2 CPUs).
-        let one_worker =
-            tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1);
+        let one_worker = tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1);
         Spin::new(if cpus >= 2 && one_worker { budget } else { Duration::ZERO })
     }
 
@@ -238,6 +240,17 @@ mod tests {
             (4 * RETRY_EVERY..6 * RETRY_EVERY).contains(&retries),
             "about five free retries to spin again ({retries} commits)"
         );
+    }
+
+    #[test]
+    fn the_budget_is_a_whole_number_of_microseconds() {
+        assert_eq!(budget(None), Ok(BUDGET));
+        assert_eq!(budget(Some("250")), Ok(250 * US));
+        assert_eq!(budget(Some("0")), Ok(Duration::ZERO));
+        for bad in ["fast", "-1", "0.5", ""] {
+            let e = budget(Some(bad)).unwrap_err();
+            assert!(e.contains(BUDGET_VAR) && e.contains("microseconds"), "{e}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -102,10 +102,9 @@ impl Notices {
     }
 }
 
-pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
+pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>, mut spin: spin::Spin) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut notices = Notices { last: Instant::now() - NOTIFY_HISTORY_EVERY, owed: None };
-    let mut spin = spin::Spin::from_env();
     // One timer for the owed notification, moved on only when a notification
     // went out. A timer armed anew while waiting for each step's commit is
     // the runtime's earliest, and arming it wakes the runtime's I/O driver:
