@@ -161,13 +161,10 @@ impl CpuMeter {
     }
 
     /// Per commit, since `before`: (client, server) in microseconds.
-    fn per(&self, before: CpuUsed, commits: usize) -> (f64, Option<f64>) {
+    fn per(&self, before: CpuUsed, commits: usize) -> PerCommit {
         let after = self.read();
         let n = commits as f64;
-        (
-            (after.client - before.client) / n,
-            before.server.zip(after.server).map(|(b, a)| (a - b) / n),
-        )
+        ((after.client - before.client) / n, before.server.zip(after.server).map(|(b, a)| (a - b) / n))
     }
 }
 

@@ -95,14 +95,14 @@ impl Spin {
         Spin::new(if cpus >= 2 && one_worker { budget } else { Duration::ZERO })
     }
 
-    pub(super) fn new(budget: Duration) -> Spin {
+    fn new(budget: Duration) -> Spin {
         Spin { budget, typical: None, preempted: 0, held_back: 0, seen: 0 }
     }
 
     /// How long to poll the next commit, of `items` items while this
     /// process holds `runs` runs, before parking. (Holding none, the commit
     /// is not a run's step: a new run's, a signal's, a cancel's.)
-    pub(super) fn limit(&mut self, items: usize, runs: usize) -> Duration {
+    fn limit(&mut self, items: usize, runs: usize) -> Duration {
         let limit = match self.typical {
             _ if items != 1 || runs != 1 || self.budget.is_zero() => return Duration::ZERO,
             None => return Duration::ZERO,
@@ -119,7 +119,7 @@ impl Spin {
 
     /// A lone commit took `took`; `preempted` if it was spun and the kernel
     /// interrupted the spin for another thread.
-    pub(super) fn observe(&mut self, took: Duration, spun: bool, preempted: bool) {
+    fn observe(&mut self, took: Duration, spun: bool, preempted: bool) {
         self.seen += 1;
         // The first is no guide: it connects and prepares its statement.
         if self.seen > 1 {
@@ -134,9 +134,31 @@ impl Spin {
     }
 }
 
+impl Spin {
+    /// A batch of `items` items committed by `work`, spun on if this policy
+    /// says so; `runs` (the runs this process holds) is asked of lone ones only.
+    pub(super) async fn drive<F: Future>(&mut self, items: usize, runs: impl FnOnce() -> usize, work: F) -> F::Output {
+        if items != 1 {
+            return work.await;
+        }
+        let limit = self.limit(items, runs());
+        let started = Instant::now();
+        let (out, preempted) = spin_then_park(limit, work).await;
+        self.observe(started.elapsed(), !limit.is_zero(), preempted);
+        if !limit.is_zero() {
+            let metrics = crate::telemetry::get();
+            metrics.commit_spins.increment(1);
+            if preempted {
+                metrics.commit_spins_preempted.increment(1);
+            }
+        }
+        out
+    }
+}
+
 /// `work`'s output, polled without parking for up to `limit` and then
 /// awaited; and whether the kernel preempted this process during the spin.
-pub(super) async fn spin_then_park<F: Future>(limit: Duration, work: F) -> (F::Output, bool) {
+async fn spin_then_park<F: Future>(limit: Duration, work: F) -> (F::Output, bool) {
     let mut work = std::pin::pin!(work);
     if limit.is_zero() {
         return (work.await, false);

@@ -142,18 +142,8 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>,
         let committing = std::time::Instant::now();
         // A lone commit of the only run held here is polled a while before
         // the thread parks (`spin`: a parked vCPU is slow to wake).
-        let runs = inner.held.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let limit = spin.limit(jobs.len(), runs);
-        let (committed, preempted) = spin::spin_then_park(limit, commit(&inner, &jobs, &mut notices)).await;
-        if jobs.len() == 1 {
-            spin.observe(committing.elapsed(), !limit.is_zero(), preempted);
-        }
-        if !limit.is_zero() {
-            metrics.commit_spins.increment(1);
-            if preempted {
-                metrics.commit_spins_preempted.increment(1);
-            }
-        }
+        let held = || inner.held.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let committed = spin.drive(jobs.len(), held, commit(&inner, &jobs, &mut notices)).await;
         let results = match committed {
             Ok(results) => results,
             Err(e) => {
