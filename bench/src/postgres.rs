@@ -20,6 +20,7 @@
 //! - W4: a `cairn worker` executing a run is killed with SIGKILL; timed from
 //!   the kill to the first step another worker commits under a new epoch.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -144,11 +145,10 @@ struct CpuMeter {
     postmaster: Option<u32>,
 }
 
-/// CPU microseconds used so far.
-#[derive(Clone, Copy)]
+/// CPU microseconds used so far: the client's, and the server's by process.
 struct CpuUsed {
     client: f64,
-    server: Option<f64>,
+    server: Option<HashMap<u32, f64>>,
 }
 
 impl CpuMeter {
@@ -161,19 +161,25 @@ impl CpuMeter {
         CpuUsed { client, server: self.postmaster.map(server_cpu_us) }
     }
 
-    /// Per commit, since `before`: (client, server) in microseconds.
+    /// Per commit, since `before`: (client, server) in microseconds. The
+    /// server's counts the processes alive at the end, each from its
+    /// figure at `before` (0 if it started since): a backend of an earlier
+    /// loop that exits meanwhile takes its whole time out of a plain sum.
     fn per(&self, before: CpuUsed, commits: usize) -> PerCommit {
         let after = self.read();
         let n = commits as f64;
-        ((after.client - before.client) / n, before.server.zip(after.server).map(|(b, a)| (a - b) / n))
+        let server = before.server.zip(after.server).map(|(b, a)| {
+            a.iter().map(|(pid, us)| us - b.get(pid).copied().unwrap_or(0.0)).sum::<f64>() / n
+        });
+        ((after.client - before.client) / n, server)
     }
 }
 
-/// CPU microseconds of a PostgreSQL postmaster and its children (the
-/// backends, the WAL writer, the checkpointer; each one thread).
-fn server_cpu_us(postmaster: u32) -> f64 {
-    let mut ns = 0u64;
-    let Ok(procs) = std::fs::read_dir("/proc") else { return f64::NAN };
+/// CPU microseconds of a PostgreSQL postmaster and of each of its children
+/// (the backends, the WAL writer, the checkpointer; each one thread).
+fn server_cpu_us(postmaster: u32) -> HashMap<u32, f64> {
+    let mut used = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return used };
     for entry in procs.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
@@ -183,10 +189,10 @@ fn server_cpu_us(postmaster: u32) -> f64 {
             let on_cpu = std::fs::read_to_string(entry.path().join("schedstat"))
                 .ok()
                 .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-            ns += on_cpu.unwrap_or(0);
+            used.insert(pid, on_cpu.unwrap_or(0) as f64 / 1e3);
         }
     }
-    ns as f64 / 1e3
+    used
 }
 
 pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
