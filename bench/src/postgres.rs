@@ -262,7 +262,8 @@ type PerCommit = (f64, Option<f64>);
 /// else the one on `PATH`.
 fn pgbench_binary() -> Option<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| e.path().join("bin/pgbench"))
         .filter(|p| p.exists())
