@@ -133,6 +133,60 @@ SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TE
   FROM seq"
 );
 
+/// `APPEND_ONE_UNMOVED` for a writer that knows which number the gate
+/// will hand out ($15: `Numbers::expected`): the row goes in only with that
+/// number, and nothing comes back but the count. Returning the number costs
+/// the server a few microseconds a commit; a lone run's step is all round
+/// trip. If another process took numbers meanwhile, nothing is written (the
+/// number taken is a gap, as a failed statement's is) and the writer sends
+/// `APPEND_ONE_UNMOVED`. No notification: a commit that owes one returns
+/// its number anyway.
+pub(super) const APPEND_ONE_KNOWN: &str = concat!(
+    "WITH ",
+    gate_cte!(),
+    ", seq AS MATERIALIZED (
+    SELECT nextval('cairn_ids') AS first
+      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $1::BIGINT
+)
+INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
+                     started_at, finished_at, epoch, committed_us)
+SELECT seq.first, $2::BIGINT, $3::INT, $4::TEXT, $5::TEXT, $6::INT, $7::INT, $8::TEXT, $9::BYTEA, $10::TEXT,
+       $11::BIGINT, $12::BIGINT, $13::BIGINT, $14::BIGINT
+  FROM seq WHERE seq.first = $15::BIGINT"
+);
+
+/// What the writer knows of the change numbers: the one the gate hands out
+/// next if no other process commits first, and for how many of its commits
+/// in a row that held. Only after a run of them does a lone commit count on
+/// it (`APPEND_ONE_KNOWN`): where other processes commit all the time, a
+/// guess that fails costs a round trip.
+#[derive(Default)]
+pub(super) struct Numbers {
+    next: Option<i64>,
+    streak: u32,
+}
+
+impl Numbers {
+    /// Commits in a row whose numbers ran on from this writer's last.
+    const TRUSTED_AFTER: u32 = 8;
+
+    /// The number a lone commit can count on, if any.
+    fn expected(&self) -> Option<i64> {
+        self.next.filter(|_| self.streak >= Self::TRUSTED_AFTER)
+    }
+
+    /// This writer committed `n` numbers from `first`.
+    fn took(&mut self, first: i64, n: i64) {
+        self.streak = if self.next == Some(first) { self.streak.saturating_add(1) } else { 0 };
+        self.next = Some(first + n);
+    }
+
+    /// Numbers were taken since this writer's last commit that it did not see.
+    pub(super) fn missed(&mut self) {
+        *self = Numbers::default();
+    }
+}
+
 impl Rows<'_> {
     /// The columns as the statements' parameters, in the order their
     /// `unnest` takes them.
@@ -178,7 +232,13 @@ struct StatusChange<'a> {
 
 /// `notify_history`: whether a batch of history rows alone notifies (one
 /// with status changes always does).
-pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], notify_history: bool) -> Outcome {
+pub(super) async fn commit(
+    inner: &Inner,
+    client: &ClientWrapper,
+    jobs: &[Job],
+    notify_history: bool,
+    numbers: &mut Numbers,
+) -> Outcome {
     let ts_us = now_us();
     // The runs to fence, with the epochs their writes were submitted under.
     let mut fenced: Vec<(i64, i64)> = Vec::new();
@@ -249,7 +309,7 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], 
     // Whether every run's epoch was seen current at one same generation.
     let unmoved = if batch.statuses.is_empty() { checked_at(inner, &batch.fenced) } else { None };
     let sent = match unmoved {
-        Some(generation) => match send_unmoved(inner, client, &batch, generation).await {
+        Some(generation) => match send_unmoved(inner, client, &batch, generation, numbers).await {
             Ok(Some(first)) => Ok(first),
             // It moved: fenced, which notes the new generation.
             Ok(None) => send(inner, client, &batch).await,
@@ -268,6 +328,7 @@ pub(super) async fn commit(inner: &Inner, client: &ClientWrapper, jobs: &[Job], 
     };
     match sent {
         Ok(first) => {
+            numbers.took(first, n);
             for e in &mut events {
                 e.seq += first as u64;
             }
@@ -361,33 +422,41 @@ async fn send_unmoved(
     client: &ClientWrapper,
     batch: &Sendable<'_>,
     generation: i64,
+    numbers: &mut Numbers,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
     let (n, ts_us, rows) = (batch.n, batch.ts_us, &batch.rows);
     if n == 1 && rows.run.len() == 1 {
+        let row: [&(dyn ToSql + Sync); 14] = [
+            &generation,
+            &rows.run[0],
+            &rows.position[0],
+            &rows.kind[0],
+            &rows.name[0],
+            &rows.occurrence[0],
+            &rows.attempt[0],
+            &rows.status[0],
+            &rows.output[0],
+            &rows.error[0],
+            &rows.started_at[0],
+            &rows.finished_at[0],
+            &rows.epoch[0],
+            &ts_us,
+        ];
+        if let Some(expected) = numbers.expected().filter(|_| !batch.notify) {
+            let statement = client.prepare_cached(APPEND_ONE_KNOWN).await?;
+            let mut params = row.to_vec();
+            params.push(&expected);
+            if client.execute(&statement, &params).await? == 1 {
+                return Ok(Some(expected));
+            }
+            // Another process took numbers, or a run changed hands: the
+            // statement that tells which.
+            numbers.missed();
+        }
         let statement = client.prepare_cached(APPEND_ONE_UNMOVED).await?;
-        let row = client
-            .query_opt(
-                &statement,
-                &[
-                    &generation,
-                    &rows.run[0],
-                    &rows.position[0],
-                    &rows.kind[0],
-                    &rows.name[0],
-                    &rows.occurrence[0],
-                    &rows.attempt[0],
-                    &rows.status[0],
-                    &rows.output[0],
-                    &rows.error[0],
-                    &rows.started_at[0],
-                    &rows.finished_at[0],
-                    &rows.epoch[0],
-                    &ts_us,
-                    &inner.owner,
-                    &batch.notify,
-                ],
-            )
-            .await?;
+        let mut params = row.to_vec();
+        params.extend([&inner.owner as &(dyn ToSql + Sync), &batch.notify]);
+        let row = client.query_opt(&statement, &params).await?;
         return Ok(row.map(|r| r.get(0)));
     }
     let statement = client.prepare_cached(APPEND_UNMOVED).await?;
@@ -441,4 +510,33 @@ async fn send(inner: &Inner, client: &ClientWrapper, batch: &Sendable<'_>) -> Re
     let row = client.query_one(&statement, &params).await?;
     note_checked(inner, fenced, row.get(1));
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Numbers;
+
+    #[test]
+    fn a_lone_commit_counts_on_its_number_only_after_a_run_of_commits_that_ran_on() {
+        let mut numbers = Numbers::default();
+        numbers.took(10, 1);
+        // Seven more that ran on from each other: not yet.
+        for first in 11..18 {
+            assert_eq!(numbers.expected(), None, "trusted after {first}");
+            numbers.took(first, 1);
+        }
+        numbers.took(18, 3);
+        assert_eq!(numbers.expected(), Some(21), "eight in a row ran on (a batch of 3 included)");
+        // Another process took 21: one gap starts the count again.
+        numbers.took(22, 1);
+        assert_eq!(numbers.expected(), None);
+        for first in 23..31 {
+            numbers.took(first, 1);
+        }
+        assert_eq!(numbers.expected(), Some(31));
+        numbers.missed();
+        assert_eq!(numbers.expected(), None);
+        numbers.took(40, 1);
+        assert_eq!(numbers.expected(), None, "a guess that failed is not trusted again at once");
+    }
 }

@@ -374,3 +374,115 @@ async fn a_batch_locks_the_runs_it_writes_in_key_order() {
     let requested: i64 = admin.query_one("SELECT count(*) FROM runs WHERE cancel_requested", &[]).await.unwrap().get(0);
     assert_eq!(requested, 2);
 }
+
+/// The statement a lone step sends when its writer counts on the next
+/// change number (`APPEND_ONE_KNOWN`) writes its row only with that number:
+/// with another number, or with the gate's generation moved on, it writes
+/// nothing, and the writer sends the statement that says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_counts_on_its_number_lands_only_with_that_number() {
+    if !available() {
+        return;
+    }
+    let store = open("known").await;
+    let (client, connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let statement = client.prepare(super::one_statement::APPEND_ONE_KNOWN).await.unwrap();
+    let generation: i64 = client.query_one("SELECT pg_sequence_last_value('cairn_gen')", &[]).await.unwrap().get(0);
+    let last = || async {
+        client.query_one("SELECT pg_sequence_last_value('cairn_ids')", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    let send = |generation: i64, position: i32, number: i64| {
+        let (client, statement) = (&client, &statement);
+        async move {
+            let (output, error) = (b"1".to_vec(), None::<&str>);
+            client
+                .execute(
+                    statement,
+                    &[
+                        &generation,
+                        &7i64,
+                        &position,
+                        &"step",
+                        &"s",
+                        &1i32,
+                        &1i32,
+                        &"completed",
+                        &output,
+                        &error,
+                        &1i64,
+                        &1i64,
+                        &1i64,
+                        &1i64,
+                        &number,
+                    ],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let next = last().await + 1;
+    assert_eq!(send(generation, 0, next).await, 1, "the number it counted on");
+    assert_eq!(send(generation, 1, next + 5).await, 0, "another number");
+    let next = last().await + 1;
+    assert_eq!(send(generation + 1, 1, next).await, 0, "the generation moved on");
+    let rows = client.query("SELECT id, position FROM history WHERE run = 7 ORDER BY id", &[]).await.unwrap();
+    let got: Vec<(i64, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, [(next - 2, 0)], "one row, with the number it counted on");
+}
+
+/// However a lone step's number comes (counted on, or handed back when
+/// another process committed in between), this process's feed publishes
+/// each row by the number the database holds for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_commits() {
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{ChangeKind, Write, commit};
+    if !available() {
+        return;
+    }
+    let a = open("numbers").await;
+    let b = reopen(&a).await;
+    let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
+    let [other] = &create(&*b, &["o"]).await[..] else { panic!() };
+    let _lease = a.lease(run.key).await.unwrap().expect("leased");
+    let _other_lease = b.lease(other.key).await.unwrap().expect("leased");
+    let append = |run, position: usize| Write::Append {
+        run,
+        position,
+        entries: vec![step("s", position as u32 + 1, EntryStatus::Completed)],
+    };
+    let mut feed = a.subscribe();
+    const STEPS: usize = 80;
+    for position in 0..STEPS {
+        commit(&*a, vec![append(run.key, position)]).await.unwrap();
+        if position % 20 == 19 {
+            commit(&*b, vec![append(other.key, position / 20)]).await.unwrap();
+        }
+    }
+    let mut published = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while published.len() < STEPS {
+            let event = feed.recv().await.expect("the feed");
+            if event.run == run.key && event.kind == ChangeKind::History {
+                published.push((event.seq as i64, event.position.unwrap() as i32));
+            }
+        }
+    })
+    .await
+    .expect("every step published");
+    let (admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows =
+        admin.query("SELECT id, position FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
+    let stored: Vec<(i64, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(published, stored);
+    // The other process's steps took numbers between this one's.
+    let theirs: i64 = admin
+        .query_one("SELECT count(*) FROM history WHERE run = $1", &[&other.key.0])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(theirs, (STEPS / 20) as i64);
+}

@@ -105,6 +105,7 @@ impl Notices {
 pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>, mut spin: spin::Spin) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut notices = Notices { last: Instant::now() - NOTIFY_HISTORY_EVERY, owed: None };
+    let mut numbers = one_statement::Numbers::default();
     // One timer for the owed notification, moved on only when a notification
     // went out. A timer armed anew while waiting for each step's commit is
     // the runtime's earliest, and arming it wakes the runtime's I/O driver:
@@ -143,7 +144,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>,
         // A lone commit of the only run held here is polled a while before
         // the thread parks (`spin`: a parked vCPU is slow to wake).
         let held = || inner.held.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let committed = spin.drive(jobs.len(), held, commit(&inner, &jobs, &mut notices)).await;
+        let committed = spin.drive(jobs.len(), held, commit(&inner, &jobs, &mut notices, &mut numbers)).await;
         let results = match committed {
             Ok(results) => results,
             Err(e) => {
@@ -184,11 +185,12 @@ async fn commit(
     inner: &Arc<Inner>,
     jobs: &[Job],
     notices: &mut Notices,
+    numbers: &mut one_statement::Numbers,
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
-    match one_statement::commit(inner, &client, jobs, notices.due()).await {
+    match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
         Outcome::Committed(events, notified) => {
             match events.last() {
                 _ if notified => notices.notified(),
@@ -209,6 +211,8 @@ async fn commit(
         // Again item by item (nothing landed): only the bad one fails.
         Outcome::Refused | Outcome::NotEligible => {}
     }
+    // The transaction takes numbers the lone commits' guess does not know of.
+    numbers.missed();
     match transact(inner, &client, jobs, notices).await {
         Ok(results) => {
             note_finished(inner, jobs, &results);
