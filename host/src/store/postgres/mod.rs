@@ -39,13 +39,14 @@ use crate::store::{
 
 pub use lease::{DEFAULT_LEASE, settle_releases};
 /// The statement that commits a lone run's step once its lease is known
-/// current: `make bench` measures its commit rate alone, next to W1-pg's,
-/// so that the engine's overhead and the statement's own show apart.
-/// Parameters: generation, run, position, kind, name, occurrence, attempt,
-/// status, output, error, started_at, finished_at, epoch, committed_us,
-/// owner, notify.
+/// current and its writer counts on the next change number (most steps of
+/// a run alone): `make bench` measures its commit rate alone, next to
+/// W1-pg's, so that the engine's overhead and the statement's own show
+/// apart. Parameters: generation, run, position, kind, name, occurrence,
+/// attempt, status, output, error, started_at, finished_at, epoch,
+/// committed_us, the number; it writes one row or none.
 #[doc(hidden)]
-pub use one_statement::APPEND_ONE_UNMOVED as STEP_STATEMENT;
+pub use one_statement::APPEND_ONE_KNOWN as STEP_STATEMENT;
 
 /// A `--db` value that names a PostgreSQL database.
 pub fn is_postgres_url(db: &str) -> bool {

@@ -141,7 +141,7 @@ SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TE
 /// number taken is a gap, as a failed statement's is) and the writer sends
 /// `APPEND_ONE_UNMOVED`. No notification: a commit that owes one returns
 /// its number anyway.
-pub(super) const APPEND_ONE_KNOWN: &str = concat!(
+pub const APPEND_ONE_KNOWN: &str = concat!(
     "WITH ",
     gate_cte!(),
     ", seq AS MATERIALIZED (
