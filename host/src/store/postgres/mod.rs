@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     /// before the writer has noted its numbers in `own`, and the listener,
     /// which may read them first, waits for this before it filters.
     pub(crate) writing: tokio::sync::Mutex<()>,
+    #[cfg(test)]
+    pub(crate) guesses: one_statement::Guesses,
 }
 
 /// A lease this process holds.
@@ -211,6 +213,8 @@ impl PostgresStore {
             held: Mutex::default(),
             own: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
+            #[cfg(test)]
+            guesses: Default::default(),
         });
         let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);

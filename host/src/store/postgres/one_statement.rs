@@ -139,8 +139,8 @@ SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TE
 /// the server a few microseconds a commit; a lone run's step is all round
 /// trip. If another process took numbers meanwhile, nothing is written (the
 /// number taken is a gap, as a failed statement's is) and the writer sends
-/// `APPEND_ONE_UNMOVED`. No notification: a commit that owes one returns
-/// its number anyway.
+/// the fenced statement (`COMMIT_BATCH`). No notification: a commit that
+/// owes one returns its number anyway.
 pub const APPEND_ONE_KNOWN: &str = concat!(
     "WITH ",
     gate_cte!(),
@@ -184,6 +184,25 @@ impl Numbers {
     /// Numbers were taken since this writer's last commit that it did not see.
     pub(super) fn missed(&mut self) {
         *self = Numbers::default();
+    }
+}
+
+/// How a writer's guesses of the next number fared, for the tests.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Guesses {
+    pub(crate) hits: std::sync::atomic::AtomicU64,
+    pub(crate) misses: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+impl Guesses {
+    fn hit(&self) {
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -415,8 +434,9 @@ fn note_checked(inner: &Inner, fenced: &[(i64, i64)], generation: i64) {
     }
 }
 
-/// `APPEND_UNMOVED`: the first sequence number it took, or `None` if the
-/// generation moved (nothing written).
+/// `APPEND_UNMOVED` (or `APPEND_ONE_KNOWN`): the first sequence number it
+/// took, or `None` if the generation moved or the number counted on was
+/// taken (nothing written).
 async fn send_unmoved(
     inner: &Inner,
     client: &ClientWrapper,
@@ -447,11 +467,18 @@ async fn send_unmoved(
             let mut params = row.to_vec();
             params.push(&expected);
             if client.execute(&statement, &params).await? == 1 {
+                #[cfg(test)]
+                inner.guesses.hit();
                 return Ok(Some(expected));
             }
-            // Another process took numbers, or a run changed hands: the
-            // statement that tells which.
+            // Another process took numbers, or a run changed hands (which
+            // moved the generation on): the fenced statement, which tells
+            // the number and notes the generation either way, in one more
+            // round trip.
             numbers.missed();
+            #[cfg(test)]
+            inner.guesses.miss();
+            return Ok(None);
         }
         let statement = client.prepare_cached(APPEND_ONE_UNMOVED).await?;
         let mut params = row.to_vec();

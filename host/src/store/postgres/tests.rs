@@ -33,19 +33,23 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 fn open(name: &str) -> Opening {
+    let name = name.to_string();
+    Box::pin(async move { open_store(&name).await as Arc<dyn RunStore> })
+}
+
+/// A store on a fresh database.
+async fn open_store(name: &str) -> Arc<PostgresStore> {
     static N: AtomicU32 = AtomicU32::new(0);
     let db = format!("cairn_t_{}_{}_{}", name.replace('-', "_"), std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    Box::pin(async move {
-        let admin = std::env::var("CAIRN_TEST_PG").expect("CAIRN_TEST_PG");
-        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.expect("connect");
-        tokio::spawn(connection);
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.expect("drop");
-        client.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create");
-        let store = PostgresStore::connect(&with_database(&admin, &db), Durability::Process, Duration::from_secs(5))
-            .await
-            .expect("open");
-        Arc::new(store) as Arc<dyn RunStore>
-    })
+    let admin = std::env::var("CAIRN_TEST_PG").expect("CAIRN_TEST_PG");
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.expect("drop");
+    client.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create");
+    let store = PostgresStore::connect(&with_database(&admin, &db), Durability::Process, Duration::from_secs(5))
+        .await
+        .expect("open");
+    Arc::new(store)
 }
 
 /// A second store on the same database: another process, as far as leases
@@ -431,9 +435,9 @@ async fn a_step_that_counts_on_its_number_lands_only_with_that_number() {
     assert_eq!(got, [(next - 2, 0)], "one row, with the number it counted on");
 }
 
-/// However a lone step's number comes (counted on, or handed back when
-/// another process committed in between), this process's feed publishes
-/// each row by the number the database holds for it.
+/// However a lone step's number comes (counted on, or handed back after
+/// another process committed in between and foiled the guess), this
+/// process's feed publishes each row by the number the database holds for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_commits() {
     use crate::model::EntryStatus;
@@ -442,7 +446,8 @@ async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_c
     if !available() {
         return;
     }
-    let a = open("numbers").await;
+    let store = open_store("numbers").await;
+    let a: Arc<dyn RunStore> = store.clone();
     let b = reopen(&a).await;
     let [run] = &create(&*a, &["r"]).await[..] else { panic!() };
     let [other] = &create(&*b, &["o"]).await[..] else { panic!() };
@@ -454,11 +459,15 @@ async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_c
         entries: vec![step("s", position as u32 + 1, EntryStatus::Completed)],
     };
     let mut feed = a.subscribe();
-    const STEPS: usize = 80;
+    // Nine commits in a row earn a guess (`Numbers`), which the other
+    // process's commit after every tenth foils; a step that owes a
+    // notification (every 5 ms) does not guess.
+    const STEPS: usize = 200;
+    const EVERY: usize = 10;
     for position in 0..STEPS {
         commit(&*a, vec![append(run.key, position)]).await.unwrap();
-        if position % 20 == 19 {
-            commit(&*b, vec![append(other.key, position / 20)]).await.unwrap();
+        if position % EVERY == EVERY - 1 {
+            commit(&*b, vec![append(other.key, position / EVERY)]).await.unwrap();
         }
     }
     let mut published = Vec::new();
@@ -484,5 +493,8 @@ async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_c
         .await
         .unwrap()
         .get(0);
-    assert_eq!(theirs, (STEPS / 20) as i64);
+    assert_eq!(theirs, (STEPS / EVERY) as i64);
+    let guesses = &store.inner.guesses;
+    let (hits, misses) = (guesses.hits.load(Ordering::Relaxed), guesses.misses.load(Ordering::Relaxed));
+    assert!(hits > 0 && misses > 0, "the guess was counted on {hits} times and foiled {misses} times");
 }
