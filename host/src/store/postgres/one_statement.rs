@@ -114,21 +114,40 @@ struct Rows<'a> {
     epoch: Vec<i64>,
 }
 
+/// The start of a lone step's statement: the gate, then the next number
+/// if the generation is still $1. A macro, so that the statements built
+/// with `concat!` stay `&'static str`.
+macro_rules! lone_number {
+    () => {
+        concat!(
+            "WITH ",
+            gate_cte!(),
+            ", seq AS MATERIALIZED (
+    SELECT nextval('cairn_ids') AS first
+      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $1::BIGINT
+)"
+        )
+    };
+}
+
+/// A lone step's row, its values as they are ($2 to $14), numbered by `seq`.
+macro_rules! lone_row {
+    () => {
+        "INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
+                     started_at, finished_at, epoch, committed_us)
+SELECT seq.first, $2::BIGINT, $3::INT, $4::TEXT, $5::TEXT, $6::INT, $7::INT, $8::TEXT, $9::BYTEA, $10::TEXT,
+       $11::BIGINT, $12::BIGINT, $13::BIGINT, $14::BIGINT
+  FROM seq"
+    };
+}
+
 /// `APPEND_UNMOVED` for one row (a lone run's step), its values as they
 /// are: one array per column costs the server more than the row.
 pub const APPEND_ONE_UNMOVED: &str = concat!(
-    "WITH ",
-    gate_cte!(),
-    ", seq AS MATERIALIZED (
-    SELECT nextval('cairn_ids') AS first
-      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $1::BIGINT
-), history_row AS (
-    INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
-                         started_at, finished_at, epoch, committed_us)
-    SELECT seq.first, $2::BIGINT, $3::INT, $4::TEXT, $5::TEXT, $6::INT, $7::INT, $8::TEXT, $9::BYTEA, $10::TEXT,
-           $11::BIGINT, $12::BIGINT, $13::BIGINT, $14::BIGINT
-      FROM seq
-)
+    lone_number!(),
+    ", history_row AS (",
+    lone_row!(),
+    ")
 SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TEXT || ' ' || (seq.first + 1) || ' h') END
   FROM seq"
 );
@@ -141,19 +160,7 @@ SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TE
 /// number taken is a gap, as a failed statement's is) and the writer sends
 /// the fenced statement (`COMMIT_BATCH`). No notification: a commit that
 /// owes one returns its number anyway.
-pub const APPEND_ONE_KNOWN: &str = concat!(
-    "WITH ",
-    gate_cte!(),
-    ", seq AS MATERIALIZED (
-    SELECT nextval('cairn_ids') AS first
-      FROM gate WHERE gate.locked IS NOT NULL AND pg_sequence_last_value('cairn_gen') = $1::BIGINT
-)
-INSERT INTO history (id, run, position, kind, name, occurrence, attempt, status, output, error,
-                     started_at, finished_at, epoch, committed_us)
-SELECT seq.first, $2::BIGINT, $3::INT, $4::TEXT, $5::TEXT, $6::INT, $7::INT, $8::TEXT, $9::BYTEA, $10::TEXT,
-       $11::BIGINT, $12::BIGINT, $13::BIGINT, $14::BIGINT
-  FROM seq WHERE seq.first = $15::BIGINT"
-);
+pub const APPEND_ONE_KNOWN: &str = concat!(lone_number!(), "\n", lone_row!(), " WHERE seq.first = $15::BIGINT");
 
 /// What the writer knows of the change numbers: the one the gate hands out
 /// next if no other process commits first, and for how many of its commits
