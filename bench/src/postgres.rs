@@ -239,7 +239,7 @@ fn skipped(why: &str) -> Row {
 const W1_REPS: usize = 7;
 
 /// What W1-pg measures, in each repetition.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Phase {
     /// Single-row inserts from `pgbench`, PostgreSQL's own client (libpq).
     Pgbench,
@@ -451,9 +451,10 @@ async fn w1(b: &mut Bench, server: &Server) -> Result<Row> {
         let mut order = PHASES;
         order.rotate_left(rep % PHASES.len());
         let mut rate = [f64::NAN; 5];
+        // The in-process loops' runs in the baseline table: two a repetition.
+        let pair = rep as i32 * 2;
         for phase in order {
             let meter = server.meter();
-            let pair = rep as i32 * 2;
             rate[phase as usize] = match phase {
                 Phase::Pgbench => match &pgbench {
                     Some(bin) => pgbench_loop(bin, &script, &base_url, steps).await?,

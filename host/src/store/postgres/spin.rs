@@ -132,9 +132,7 @@ impl Spin {
             self.preempted = self.preempted << 1 | u8::from(preempted);
         }
     }
-}
 
-impl Spin {
     /// A batch of `items` items committed by `work`, spun on if this policy
     /// says so; `runs` (the runs this process holds) is asked of lone ones only.
     pub(super) async fn drive<F: Future>(&mut self, items: usize, runs: impl FnOnce() -> usize, work: F) -> F::Output {
