@@ -285,6 +285,19 @@ impl PostgresStore {
         )
         .await
         .map_err(pg_error)?;
+        // Processes already on this database (a worker waiting for runs, a
+        // `cairn serve` feeding browsers) read what moved at once, as they
+        // read any commit, instead of at their next sweep or never: their
+        // feeds see the moved changes only when a notification tells them.
+        let last: i64 = tx
+            .query_one("SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0)", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if last > 0 {
+            let payload = super::listen::payload(&self.inner.owner, last as u64 + 1, true);
+            tx.execute("SELECT pg_notify($1, $2)", &[&super::listen::CHANNEL, &payload]).await.map_err(pg_error)?;
+        }
         tx.commit().await.map_err(pg_error)?;
         Ok(imported)
     }

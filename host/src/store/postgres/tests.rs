@@ -498,3 +498,35 @@ async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_c
     let (hits, misses) = (guesses.hits.load(Ordering::Relaxed), guesses.misses.load(Ordering::Relaxed));
     assert!(hits > 0 && misses > 0, "the guess was counted on {hits} times and foiled {misses} times");
 }
+
+/// `cairn migrate` into a database that processes already use (a worker
+/// waiting for runs, `cairn serve` feeding browsers): their feeds get the
+/// moved runs at once, as they get any commit. Nothing else commits here,
+/// so only the import's own notification can tell them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_on_the_target_of_an_import_see_the_moved_runs() {
+    use crate::store::ChangeKind;
+    use crate::store::conformance::create;
+    use crate::store::sqlite::SqliteStore;
+    if !available() {
+        return;
+    }
+    let from = crate::store::sqlite::tests::temp_db("import-feed");
+    let moved = {
+        let lite = SqliteStore::open(&from, Durability::Process).expect("open sqlite");
+        create(&lite, &["r"]).await.remove(0)
+    };
+    let waiting = open_store("importfeed").await;
+    let mut feed = waiting.subscribe();
+    let importer = PostgresStore::connect(waiting.location(), Durability::Process, Duration::from_secs(5))
+        .await
+        .expect("another process");
+    importer.import_sqlite(&from).await.expect("import");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let event = tokio::time::timeout_at(deadline, feed.recv())
+        .await
+        .expect("the waiting process never heard of the moved run")
+        .expect("the feed is open");
+    assert_eq!((event.kind, event.run), (ChangeKind::Created, moved.key));
+    let _ = std::fs::remove_file(&from);
+}
