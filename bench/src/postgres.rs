@@ -168,9 +168,10 @@ impl CpuMeter {
     fn per(&self, before: CpuUsed, commits: usize) -> PerCommit {
         let after = self.read();
         let n = commits as f64;
-        let server = before.server.zip(after.server).map(|(b, a)| {
-            a.iter().map(|(pid, us)| us - b.get(pid).copied().unwrap_or(0.0)).sum::<f64>() / n
-        });
+        let server = before
+            .server
+            .zip(after.server)
+            .map(|(b, a)| a.iter().map(|(pid, us)| us - b.get(pid).copied().unwrap_or(0.0)).sum::<f64>() / n);
         ((after.client - before.client) / n, server)
     }
 }
@@ -268,9 +269,8 @@ fn pgbench_binary() -> Option<PathBuf> {
         .map(|e| e.path().join("bin/pgbench"))
         .filter(|p| p.exists())
         .collect();
-    versions.sort_by_key(|p| {
-        p.components().nth(4).and_then(|c| c.as_os_str().to_str()?.parse::<u32>().ok()).unwrap_or(0)
-    });
+    versions
+        .sort_by_key(|p| p.components().nth(4).and_then(|c| c.as_os_str().to_str()?.parse::<u32>().ok()).unwrap_or(0));
     versions.pop().or_else(|| {
         let found = Command::new("pgbench").arg("--version").stdout(Stdio::null()).status().ok()?.success();
         found.then(|| PathBuf::from("pgbench"))
@@ -388,8 +388,11 @@ impl Engine {
         let cache = Some(ModuleCache { dir: b.cache.clone(), key: store.cache_key() });
         let executor = Arc::new(Executor::new(Arc::new(WasmEngine::new(cache)?), store.clone())?);
         let module = executor.prepare(std::fs::read(&b.guest)?, &b.guest.display().to_string()).await?;
-        cairn::store::commit(&*store, vec![Write::PutModule { hash: module.hash.clone(), bytes: module.bytes.clone() }])
-            .await?;
+        cairn::store::commit(
+            &*store,
+            vec![Write::PutModule { hash: module.hash.clone(), bytes: module.bytes.clone() }],
+        )
+        .await?;
         Ok(Engine { store, executor, module })
     }
 

@@ -483,16 +483,12 @@ async fn the_feed_numbers_each_step_as_the_database_does_while_another_process_c
     .expect("every step published");
     let (admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    let rows =
-        admin.query("SELECT id, position FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
+    let rows = admin.query("SELECT id, position FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
     let stored: Vec<(i64, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(published, stored);
     // The other process's steps took numbers between this one's.
-    let theirs: i64 = admin
-        .query_one("SELECT count(*) FROM history WHERE run = $1", &[&other.key.0])
-        .await
-        .unwrap()
-        .get(0);
+    let theirs: i64 =
+        admin.query_one("SELECT count(*) FROM history WHERE run = $1", &[&other.key.0]).await.unwrap().get(0);
     assert_eq!(theirs, (STEPS / EVERY) as i64);
     let guesses = &store.inner.guesses;
     let (hits, misses) = (guesses.hits.load(Ordering::Relaxed), guesses.misses.load(Ordering::Relaxed));
