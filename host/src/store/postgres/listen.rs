@@ -18,8 +18,36 @@ use super::{Inner, pg_error};
 use crate::model::{RunKey, RunStatus};
 use crate::store::{ChangeEvent, ChangeKind, StoreError};
 
+/// The channel of change notifications, for statements built with `concat!`.
+macro_rules! channel {
+    () => {
+        "cairn_changes"
+    };
+}
+pub(super) use channel;
+
 /// The channel of change notifications.
-pub(super) const CHANNEL: &str = "cairn_changes";
+pub(super) const CHANNEL: &str = channel!();
+
+/// A [`payload`] notified from inside a statement that learns its numbers
+/// on the server: the owner, the next number and the kind (`'h'` or `'c'`)
+/// are SQL expressions.
+macro_rules! notify_sql {
+    ($owner:literal, $next:literal, $kind:literal) => {
+        concat!(
+            "pg_notify('",
+            $crate::store::postgres::listen::channel!(),
+            "', ",
+            $owner,
+            "::TEXT || ' ' || (",
+            $next,
+            ") || ' ' || ",
+            $kind,
+            ")"
+        )
+    };
+}
+pub(super) use notify_sql;
 
 /// Ranges [first, next) of sequence numbers this process committed and
 /// published itself.

@@ -25,6 +25,7 @@ use tokio_postgres::types::ToSql;
 
 use super::Inner;
 use super::gate::gate_cte;
+use super::listen::notify_sql;
 use super::writer::{Job, history_change, other_change};
 use crate::model::{RunKey, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, StoreError, Write};
@@ -45,7 +46,8 @@ pub(super) enum Outcome {
     Unknown(StoreError),
 }
 
-const COMMIT_BATCH: &str = "\
+const COMMIT_BATCH: &str = concat!(
+    "\
 WITH seq AS (
     SELECT b.first, b.generation
       FROM cairn_commit_batch($1::BIGINT, $2::BIGINT[], $3::BIGINT[], $18::BIGINT[], $19::TEXT[], $20::BYTEA[],
@@ -65,8 +67,11 @@ WITH seq AS (
       FROM seq, unnest($23::BIGINT[], $24::BIGINT[], $25::TEXT[]) AS u(off, run, status)
 )
 SELECT seq.first, seq.generation,
-       CASE WHEN $28::BOOLEAN THEN pg_notify('cairn_changes', $26::TEXT || ' ' || (seq.first + $1::BIGINT) || $27::TEXT) END
-  FROM seq";
+       CASE WHEN $28::BOOLEAN THEN ",
+    notify_sql!("$26", "seq.first + $1::BIGINT", "$27::TEXT"),
+    " END
+  FROM seq"
+);
 
 /// Appends only, of runs whose epochs were seen current at generation $2:
 /// if the generation is still $2 once the gate is held (read as of then,
@@ -92,7 +97,9 @@ const APPEND_UNMOVED: &str = concat!(
            AS u(off, run, position, kind, name, occurrence, attempt, status, output, error, started_at,
                 finished_at, epoch)
 )
-SELECT seq.first, CASE WHEN $18::BOOLEAN THEN pg_notify('cairn_changes', $17::TEXT || ' ' || (seq.first + $1::BIGINT) || ' h') END
+SELECT seq.first, CASE WHEN $18::BOOLEAN THEN ",
+    notify_sql!("$17", "seq.first + $1::BIGINT", "'h'"),
+    " END
   FROM seq"
 );
 
@@ -148,7 +155,9 @@ pub const APPEND_ONE_UNMOVED: &str = concat!(
     ", history_row AS (",
     lone_row!(),
     ")
-SELECT seq.first, CASE WHEN $16::BOOLEAN THEN pg_notify('cairn_changes', $15::TEXT || ' ' || (seq.first + 1) || ' h') END
+SELECT seq.first, CASE WHEN $16::BOOLEAN THEN ",
+    notify_sql!("$15", "seq.first + 1", "'h'"),
+    " END
   FROM seq"
 );
 
@@ -525,7 +534,7 @@ async fn send(inner: &Inner, client: &ClientWrapper, batch: &Sendable<'_>) -> Re
     let change_runs: Vec<i64> = statuses.iter().map(|s| s.run).collect();
     let change_status: Vec<&str> = statuses.iter().map(|s| s.status).collect();
     // See `listen::payload`.
-    let kind = if statuses.is_empty() { " h" } else { " c" };
+    let kind = if statuses.is_empty() { "h" } else { "c" };
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&n, &fence_runs, &fence_epochs, &ts_us];
     params.extend(rows.params());
     params.extend([
