@@ -50,6 +50,7 @@ impl Report {
 pub struct Rng(pub u64);
 
 impl Rng {
+    #[allow(clippy::should_implement_trait)] // an endless generator, not an iterator
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -296,7 +297,7 @@ fn sleep_case(w: &World, data: &std::path::Path, rng: &mut Rng, report: &mut Rep
     let id = format!("sleep{n}");
     let log = data.join(format!("{id}.txt"));
     let grant = format!("{}::/data", data.display());
-    let mode = if n % 2 == 0 { "ctx_sleep" } else { "std_sleep" };
+    let mode = if n.is_multiple_of(2) { "ctx_sleep" } else { "std_sleep" };
     let input = json!({"mode": mode, "sleep_ms": 120, "log": format!("/data/{id}.txt")}).to_string();
     let wasm = guest("timers");
     let start = ["run", wasm.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", &input];
@@ -365,7 +366,7 @@ fn retries_case(w: &World, data: &std::path::Path, rng: &mut Rng, report: &mut R
     let id = format!("retries{n}");
     let log = data.join(format!("{id}.txt"));
     let grant = format!("{}::/data", data.display());
-    let mode = if n % 2 == 0 { "flaky" } else { "flaky_panic" };
+    let mode = if n.is_multiple_of(2) { "flaky" } else { "flaky_panic" };
     let input = json!({"mode": mode, "fail": 2, "log": format!("/data/{id}.txt")}).to_string();
     let wasm = guest("timers");
     let start = ["run", wasm.to_str().unwrap(), "--run-id", &id, "--dir", &grant, "--input", &input];

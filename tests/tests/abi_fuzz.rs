@@ -56,7 +56,7 @@ fn call(rng: &mut Rng, name: &str) -> String {
         "input" => String::new(),
         "take" | "panic" | "random_get" | "http" => format!("{} {}", p(rng), l(rng)),
         "kv_get" | "kv_delete" => {
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 "(i32.const 0) (i32.const 4)".into()
             } else {
                 format!("{} {}", p(rng), l(rng))
@@ -65,12 +65,12 @@ fn call(rng: &mut Rng, name: &str) -> String {
         "kv_put" => format!("(i32.const 0) (i32.const 4) {} {}", p(rng), l(rng)),
         "step_begin" | "spawn" => {
             // Names from the data segment most of the time, so steps really run.
-            let name = if rng.next() % 3 == 0 {
+            let name = if rng.next().is_multiple_of(3) {
                 format!("{} {}", p(rng), l(rng))
             } else {
                 "(i32.const 0) (i32.const 4)".into()
             };
-            let policy = if rng.next() % 2 == 0 {
+            let policy = if rng.next().is_multiple_of(2) {
                 "(i32.const 0) (i32.const 0)".into()
             } else {
                 format!("{} {}", p(rng), l(rng))
@@ -78,7 +78,7 @@ fn call(rng: &mut Rng, name: &str) -> String {
             format!("{name} {policy}")
         }
         "step_end" | "finish" => {
-            let payload = if rng.next() % 2 == 0 {
+            let payload = if rng.next().is_multiple_of(2) {
                 "(i32.const 8) (i32.const 1)".into()
             } else {
                 format!("{} {}", p(rng), l(rng))
@@ -124,7 +124,7 @@ fn module(rng: &mut Rng) -> String {
         let (_, name, _) = rng.pick(CALLS);
         let _ = writeln!(wat, "    {}", call(rng, name));
     }
-    if rng.next() % 2 == 0 {
+    if rng.next().is_multiple_of(2) {
         wat.push_str("    (drop (call $finish (i32.const 0) (i32.const 8) (i32.const 1)))\n");
     }
     wat.push_str("  ))\n");
@@ -145,6 +145,7 @@ fn random_host_calls_never_hurt_the_host() {
         let mut args = vec!["--durability", "process", "run", path.to_str().unwrap(), "--run-id", &id];
         args.extend(limits);
         let started = Instant::now();
+        #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reads its usage
         let child = w.spawn(&args, &id);
         let (mut status, mut usage) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
         // A watchdog: the run's limits end any module well before it.

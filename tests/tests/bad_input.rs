@@ -36,7 +36,7 @@ fn bad_input_is_refused_clearly_and_the_database_survives() {
     assert_fails(&w.run(&["run", not_wasm.to_str().unwrap()]), 2, &["not a WebAssembly module"]);
 
     // Truncated wasm.
-    let bytes = std::fs::read(&ecommerce).unwrap();
+    let bytes = std::fs::read(ecommerce).unwrap();
     let truncated = w.dir.join("truncated.wasm");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     assert_fails(&w.run(&["run", truncated.to_str().unwrap()]), 2, &["not a valid WebAssembly module"]);

@@ -63,6 +63,7 @@ fn a_loop_of_cheap_calls_meets_the_cpu_and_history_limits() {
 /// Run to its end; its output and the peak memory (KiB) of that process.
 fn run_measured(w: &World, args: &[&str], tag: &str) -> (std::process::ExitStatus, String, String, i64) {
     use std::os::unix::process::ExitStatusExt;
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reads its usage
     let child = w.spawn(args, tag);
     let (mut status, mut usage) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
     // SAFETY: a pid of ours, valid pointers; reaps the child exactly once.

@@ -121,7 +121,7 @@ fn permanent_errors_and_exhausted_retries_fail_the_step() {
     let wasm = guest("timers");
     let data = w.subdir("data");
     let log = data.join("log.txt");
-    let input = format!(r#"{{"mode":"permanent","log":"/data/log.txt"}}"#);
+    let input = r#"{"mode":"permanent","log":"/data/log.txt"}"#.to_string();
     let grant = format!("{}::/data", data.display());
     let out = w.run(&["run", wasm.to_str().unwrap(), "--run-id", "p", "--dir", &grant, "--input", &input]);
     assert_eq!(out.status.code(), Some(1));

@@ -303,7 +303,7 @@ pub(crate) async fn cancel_is_recorded(open: Open) {
     assert_eq!(flags, [("c".to_string(), true), ("d".to_string(), false)]);
     commit(&*store, vec![Write::cancelled(run.key)]).await.unwrap();
     let ids: Vec<String> = store.unfinished_runs().await.unwrap().into_iter().map(|r| r.id).collect();
-    assert_eq!(ids, [other.id.clone()], "a cancelled run is finished");
+    assert_eq!(ids, std::slice::from_ref(&other.id), "a cancelled run is finished");
     assert_eq!(store.unfinished_keys().await.unwrap(), [other.key]);
     assert_eq!(store.run_by_key(other.key).await.unwrap().map(|r| r.id), Some(other.id.clone()));
     assert!(store.run_by_key(RunKey(i64::MAX)).await.unwrap().is_none());

@@ -50,12 +50,10 @@ async fn one_bad_item_does_not_abort_its_batch() {
     let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
     let w = store.write_side();
     let module = Write::PutModule { hash: crate::store::conformance::MODULE.into(), bytes: vec![0] };
-    let mut conn = w.lock();
     let good_a = [module, new_run("a")];
     let bad = [Write::status(RunKey(999_999), RunStatus::Completed)];
     let good_b = [new_run("b")];
-    let results = w.write_batch(&mut conn, &[&good_a, &bad, &good_b]);
-    drop(conn);
+    let results = w.write_batch(&mut w.lock(), &[&good_a, &bad, &good_b]);
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
     assert!(matches!(results[1], Err(StoreError::NoSuchRun(RunKey(999_999)))), "{results:?}");
     let ids: Vec<String> = store.runs().await.unwrap().into_iter().map(|r| r.id).collect();
@@ -70,10 +68,9 @@ async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
     let path = temp_db("rows");
     let store = SqliteStore::open(&path, crate::store::Durability::Process).unwrap();
     let w = store.write_side();
-    let mut conn = w.lock();
     let mut setup = vec![Write::PutModule { hash: crate::store::conformance::MODULE.into(), bytes: vec![0] }];
     setup.extend(["a", "b", "c"].map(new_run));
-    let created = w.write_batch(&mut conn, &[&setup]).pop().unwrap().unwrap().created;
+    let created = w.write_batch(&mut w.lock(), &[&setup]).pop().unwrap().unwrap().created;
     let keys: Vec<RunKey> = created.iter().map(|(r, _)| r.key).collect();
     let entry = |run: usize, i: usize| Entry {
         kind: EntryKind::Step,
@@ -82,7 +79,7 @@ async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
         attempt: 1,
         status: EntryStatus::Completed,
         output: format!("[{run},{i}]").into_bytes(),
-        error: (i % 7 == 0).then(|| format!("e{i}")),
+        error: i.is_multiple_of(7).then(|| format!("e{i}")),
         started_at: i as i64,
         finished_at: 1000 + i as i64,
     };
@@ -93,12 +90,11 @@ async fn batched_history_rows_land_whole_and_a_colliding_item_fails_alone() {
         entries: (from..from + n).map(|i| entry(run, i)).collect(),
     };
     let (a1, a2, b1) = ([append(0, 0, 20)], [append(0, 20, 25)], [append(1, 0, 3)]);
-    let results = w.write_batch(&mut conn, &[&a1, &a2, &b1]);
+    let results = w.write_batch(&mut w.lock(), &[&a1, &a2, &b1]);
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     // Run b's position 2 exists already: that item fails, run c's commits.
     let (b_again, c1) = ([append(1, 2, 2)], [append(2, 0, 2)]);
-    let results = w.write_batch(&mut conn, &[&b_again, &c1]);
-    drop(conn);
+    let results = w.write_batch(&mut w.lock(), &[&b_again, &c1]);
     assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
     for (run, n) in [(0, 45), (1, 3), (2, 2)] {
         let history = store.history(keys[run]).await.unwrap();
