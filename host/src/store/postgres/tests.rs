@@ -37,8 +37,8 @@ fn open(name: &str) -> Opening {
     Box::pin(async move { open_store(&name).await as Arc<dyn RunStore> })
 }
 
-/// A store on a fresh database.
-async fn open_store(name: &str) -> Arc<PostgresStore> {
+/// The URL of a fresh, empty database.
+async fn fresh_database(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let db = format!("cairn_t_{}_{}_{}", name.replace('-', "_"), std::process::id(), N.fetch_add(1, Ordering::Relaxed));
     let admin = std::env::var("CAIRN_TEST_PG").expect("CAIRN_TEST_PG");
@@ -46,10 +46,13 @@ async fn open_store(name: &str) -> Arc<PostgresStore> {
     tokio::spawn(connection);
     client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.expect("drop");
     client.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create");
-    let store = PostgresStore::connect(&with_database(&admin, &db), Durability::Process, Duration::from_secs(5))
-        .await
-        .expect("open");
-    Arc::new(store)
+    with_database(&admin, &db)
+}
+
+/// A store on a fresh database.
+async fn open_store(name: &str) -> Arc<PostgresStore> {
+    let url = fresh_database(name).await;
+    Arc::new(PostgresStore::connect(&url, Durability::Process, Duration::from_secs(5)).await.expect("open"))
 }
 
 /// A second store on the same database: another process, as far as leases
@@ -525,4 +528,186 @@ async fn processes_on_the_target_of_an_import_see_the_moved_runs() {
         .expect("the feed is open");
     assert_eq!((event.kind, event.run), (ChangeKind::Created, moved.key));
     let _ = std::fs::remove_file(&from);
+}
+
+/// A TCP relay to the test server. Bytes pass both ways, except on the
+/// first connection to send once `armed` is set: what it sends from then
+/// on is kept back (`Victim::held`), so its statement has not reached the
+/// server when the test cuts the connection on the client's side; the
+/// test sends it on, on the server's side, whenever it likes.
+struct Relay {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    victims: tokio::sync::mpsc::UnboundedReceiver<Victim>,
+}
+
+struct Victim {
+    held: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Closes the connection on the client's side.
+    cut: tokio::sync::oneshot::Sender<()>,
+    server: tokio::net::tcp::OwnedWriteHalf,
+    /// What the server says first after the cut.
+    answered: tokio::sync::oneshot::Receiver<Vec<u8>>,
+}
+
+impl Relay {
+    async fn start(server: (String, u16)) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, victims) = tokio::sync::mpsc::unbounded_channel();
+        let a = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::pass(client, server.clone(), a.clone(), tx.clone()));
+            }
+        });
+        Relay { port, armed, victims }
+    }
+
+    async fn pass(
+        client: tokio::net::TcpStream,
+        server: (String, u16),
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        victims: tokio::sync::mpsc::UnboundedSender<Victim>,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(server) = tokio::net::TcpStream::connect(server).await else { return };
+        let (mut from_client, to_client) = client.into_split();
+        let (mut from_server, to_server) = server.into_split();
+        let (cut, mut cut_here) = tokio::sync::oneshot::channel::<()>();
+        let (answer, answered) = tokio::sync::oneshot::channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let (mut to_client, mut answer) = (Some(to_client), Some(answer));
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                tokio::select! {
+                    read = from_server.read(&mut buf) => {
+                        let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                        match to_client.as_mut() {
+                            Some(w) => if w.write_all(&buf[..n]).await.is_err() { return },
+                            None => if let Some(a) = answer.take() { let _ = a.send(buf[..n].to_vec()); },
+                        }
+                    }
+                    _ = &mut cut_here, if to_client.is_some() => to_client = None,
+                }
+            }
+        });
+        // Client to server, until this connection is the victim: then into
+        // `held`, until the client closes.
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut to_server, mut held) = (Some(to_server), None::<Arc<std::sync::Mutex<Vec<u8>>>>);
+        let (mut cut, mut answered) = (Some(cut), Some(answered));
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if let Some(held) = &held {
+                held.lock().unwrap().extend_from_slice(&buf[..n]);
+            } else if armed.swap(false, Ordering::SeqCst) {
+                let kept = Arc::new(std::sync::Mutex::new(buf[..n].to_vec()));
+                let _ = victims.send(Victim {
+                    held: kept.clone(),
+                    cut: cut.take().unwrap(),
+                    server: to_server.take().unwrap(),
+                    answered: answered.take().unwrap(),
+                });
+                held = Some(kept);
+            } else if to_server.as_mut().unwrap().write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Whether these frontend messages run a statement (an `Execute`).
+fn executes(mut messages: &[u8]) -> bool {
+    while messages.len() >= 5 {
+        let len = u32::from_be_bytes(messages[1..5].try_into().unwrap()) as usize;
+        if messages[0] == b'E' {
+            return true;
+        }
+        messages = &messages[(1 + len).min(messages.len())..];
+    }
+    false
+}
+
+/// A lone step's statement whose connection was cut before it reached the
+/// server, and that reaches it only after the writer found that it had not
+/// landed and committed the step again (the network delivering a lost
+/// connection's bytes late): the step is in the history once, as the
+/// writer committed it, and the late statement writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_nothing() {
+    use tokio::io::AsyncWriteExt as _;
+
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let url = fresh_database("late").await;
+    let mut relayed = url::Url::parse(&url).unwrap();
+    let server = (relayed.host_str().unwrap().to_string(), relayed.port().unwrap_or(5432));
+    let mut relay = Relay::start(server).await;
+    relayed.set_host(Some("127.0.0.1")).unwrap();
+    relayed.set_port(Some(relay.port)).unwrap();
+    // A long lease: no heartbeat while the relay is armed.
+    let store = PostgresStore::connect(relayed.as_str(), Durability::Process, Duration::from_secs(60))
+        .await
+        .expect("through the relay");
+    let [run] = &create(&store, &["r"]).await[..] else { panic!() };
+    let _lease = store.lease(run.key).await.unwrap().expect("leased");
+    let append = |position: usize| Write::Append {
+        run: run.key,
+        position,
+        entries: vec![step("s", position as u32 + 1, EntryStatus::Completed)],
+    };
+    // Enough steps that every connection the writer may get has the
+    // statements prepared, and the writer counts on its numbers.
+    const BEFORE: usize = 20;
+    for position in 0..BEFORE {
+        commit(&store, vec![append(position)]).await.unwrap();
+    }
+    // The notification those steps owe goes out first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relay.armed.store(true, Ordering::SeqCst);
+    let store = Arc::new(store);
+    let committing = tokio::spawn({
+        let (store, step) = (store.clone(), append(BEFORE));
+        async move { commit(&*store, vec![step]).await }
+    });
+    let victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
+        .await
+        .expect("the step's statement was sent")
+        .unwrap();
+    let _ = victim.cut.send(());
+    tokio::time::timeout(Duration::from_secs(60), committing)
+        .await
+        .expect("the writer settled the lost commit")
+        .unwrap()
+        .expect("and committed the step again");
+    let held = victim.held.lock().unwrap().clone();
+    assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
+    let mut late = victim.server;
+    late.write_all(&held).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), victim.answered)
+        .await
+        .expect("the server answered the late statement")
+        .unwrap();
+    // Refused by the history's key on (run, position), or, had it counted
+    // on a number, written with none.
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        ["C23505", "INSERT 0 0", "SELECT 0"].iter().any(|nothing| answer.contains(nothing)),
+        "the late statement wrote nothing: {answer:?}"
+    );
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows = admin.query("SELECT position FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
+    let positions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(positions, (0..=BEFORE as i32).collect::<Vec<_>>(), "every step once, in order");
+    assert_eq!(store.history(run.key).await.unwrap().len(), BEFORE + 1);
 }
