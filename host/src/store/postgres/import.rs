@@ -270,13 +270,15 @@ impl PostgresStore {
         };
         let _ = reader.join();
         // The sequences go on after what moved.
-        tx.execute(
-            "SELECT setval('cairn_ids', greatest($1, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes), \
-                                                 pg_sequence_last_value('cairn_ids')))",
-            &[&last_seq],
-        )
-        .await
-        .map_err(pg_error)?;
+        let last: i64 = tx
+            .query_one(
+                "SELECT setval('cairn_ids', greatest($1, (SELECT max(id) FROM history), (SELECT max(seq) FROM changes), \
+                                                     pg_sequence_last_value('cairn_ids')))",
+                &[&last_seq],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
         tx.batch_execute(
             "\
              SELECT setval('runs_seq_seq', greatest(1, (SELECT max(seq) FROM runs)), (SELECT count(*) > 0 FROM runs)); \
@@ -289,11 +291,6 @@ impl PostgresStore {
         // `cairn serve` feeding browsers) read what moved at once, as they
         // read any commit, instead of at their next sweep or never: their
         // feeds see the moved changes only when a notification tells them.
-        let last: i64 = tx
-            .query_one("SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0)", &[])
-            .await
-            .map_err(pg_error)?
-            .get(0);
         if last > 0 {
             let payload = super::listen::payload(&self.inner.owner, last as u64 + 1, true);
             tx.execute("SELECT pg_notify($1, $2)", &[&super::listen::CHANNEL, &payload]).await.map_err(pg_error)?;
