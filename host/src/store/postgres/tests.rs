@@ -539,6 +539,9 @@ struct Relay {
     port: u16,
     armed: Arc<std::sync::atomic::AtomicBool>,
     victims: tokio::sync::mpsc::UnboundedReceiver<Victim>,
+    /// Once true, the server is unreachable through the relay: every
+    /// connection but a victim's is closed, and new ones are closed at once.
+    blocked: tokio::sync::watch::Sender<bool>,
 }
 
 struct Victim {
@@ -556,13 +559,17 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, victims) = tokio::sync::mpsc::unbounded_channel();
+        let (blocked, blocked_rx) = tokio::sync::watch::channel(false);
         let a = armed.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::pass(client, server.clone(), a.clone(), tx.clone()));
+                if *blocked_rx.borrow() {
+                    continue;
+                }
+                tokio::spawn(Self::pass(client, server.clone(), a.clone(), tx.clone(), blocked_rx.clone()));
             }
         });
-        Relay { port, armed, victims }
+        Relay { port, armed, victims, blocked }
     }
 
     async fn pass(
@@ -570,6 +577,7 @@ impl Relay {
         server: (String, u16),
         armed: Arc<std::sync::atomic::AtomicBool>,
         victims: tokio::sync::mpsc::UnboundedSender<Victim>,
+        mut blocked: tokio::sync::watch::Receiver<bool>,
     ) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let Ok(server) = tokio::net::TcpStream::connect(server).await else { return };
@@ -577,6 +585,9 @@ impl Relay {
         let (mut from_server, to_server) = server.into_split();
         let (cut, mut cut_here) = tokio::sync::oneshot::channel::<()>();
         let (answer, answered) = tokio::sync::oneshot::channel::<Vec<u8>>();
+        // Set before the victim is handed over: a block spares it.
+        let victim = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (is_victim, mut blocked_here) = (victim.clone(), blocked.clone());
         tokio::spawn(async move {
             let (mut to_client, mut answer) = (Some(to_client), Some(answer));
             let mut buf = vec![0u8; 1 << 16];
@@ -590,6 +601,9 @@ impl Relay {
                         }
                     }
                     _ = &mut cut_here, if to_client.is_some() => to_client = None,
+                    // Asked when the block comes, not when the select
+                    // began: this connection may have become the victim since.
+                    Ok(()) = blocked_here.changed() => if !is_victim.load(Ordering::SeqCst) { return },
                 }
             }
         });
@@ -599,13 +613,17 @@ impl Relay {
         let (mut to_server, mut held) = (Some(to_server), None::<Arc<std::sync::Mutex<Vec<u8>>>>);
         let (mut cut, mut answered) = (Some(cut), Some(answered));
         loop {
-            let n = match from_client.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+            let n = tokio::select! {
+                read = from_client.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                Ok(()) = blocked.changed(), if held.is_none() => return,
             };
             if let Some(held) = &held {
                 held.lock().unwrap().extend_from_slice(&buf[..n]);
             } else if armed.swap(false, Ordering::SeqCst) {
+                victim.store(true, Ordering::SeqCst);
                 let kept = Arc::new(std::sync::Mutex::new(buf[..n].to_vec()));
                 let _ = victims.send(Victim {
                     held: kept.clone(),
@@ -710,4 +728,102 @@ async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_no
     let positions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(positions, (0..=BEFORE as i32).collect::<Vec<_>>(), "every step once, in order");
     assert_eq!(store.history(run.key).await.unwrap().len(), BEFORE + 1);
+}
+
+/// A lone step's statement kept back while the server is unreachable for
+/// longer than the lease: the writer cannot settle the commit and gives it
+/// up, another process takes the run over and commits that step itself,
+/// and then the kept-back statement reaches the server. It writes nothing
+/// (the take moved the gate's generation on), and the step is in the
+/// history once, from the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothing() {
+    use tokio::io::AsyncWriteExt as _;
+
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let url = fresh_database("taken").await;
+    let mut relayed = url::Url::parse(&url).unwrap();
+    let server = (relayed.host_str().unwrap().to_string(), relayed.port().unwrap_or(5432));
+    let mut relay = Relay::start(server).await;
+    relayed.set_host(Some("127.0.0.1")).unwrap();
+    relayed.set_port(Some(relay.port)).unwrap();
+    let lease = Duration::from_secs(1);
+    let cut_off =
+        PostgresStore::connect(relayed.as_str(), Durability::Process, lease).await.expect("through the relay");
+    let [run] = &create(&cut_off, &["r"]).await[..] else { panic!() };
+    let old = cut_off.lease(run.key).await.unwrap().expect("leased");
+    let append = |position: usize, occurrence: u32| Write::Append {
+        run: run.key,
+        position,
+        entries: vec![step("s", occurrence, EntryStatus::Completed)],
+    };
+    const BEFORE: usize = 20;
+    for position in 0..BEFORE {
+        commit(&cut_off, vec![append(position, position as u32 + 1)]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relay.armed.store(true, Ordering::SeqCst);
+    let cut_off = Arc::new(cut_off);
+    let committing = tokio::spawn({
+        let (store, step) = (cut_off.clone(), append(BEFORE, BEFORE as u32 + 1));
+        async move { commit(&*store, vec![step]).await }
+    });
+    let victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
+        .await
+        .expect("the step's statement was sent")
+        .unwrap();
+    // The server is unreachable from here on, and the statement's
+    // connection is lost on the client's side.
+    relay.blocked.send(true).unwrap();
+    let _ = victim.cut.send(());
+    let outcome = tokio::time::timeout(Duration::from_secs(60), committing)
+        .await
+        .expect("the writer gave the commit up within its lease")
+        .unwrap();
+    assert!(outcome.is_err(), "a commit whose outcome is not known is not reported committed: {outcome:?}");
+
+    // Another process takes the run over once the lease ran out, and
+    // commits the step itself.
+    let taker = PostgresStore::connect(&url, Durability::Process, lease).await.unwrap();
+    let new = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(new) = taker.lease(run.key).await.unwrap() {
+                break new;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the lease ran out and was taken");
+    assert!(new.epoch() > old.epoch(), "a takeover moves the epoch on");
+    commit(&taker, vec![append(BEFORE, 99)]).await.expect("the new holder commits the step");
+
+    let held = victim.held.lock().unwrap().clone();
+    assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
+    let mut late = victim.server;
+    late.write_all(&held).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), victim.answered)
+        .await
+        .expect("the server answered the late statement")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        ["C23505", "INSERT 0 0", "SELECT 0"].iter().any(|nothing| answer.contains(nothing)),
+        "the late statement wrote nothing: {answer:?}"
+    );
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows =
+        admin.query("SELECT position, epoch FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
+    let positions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(positions, (0..=BEFORE as i32).collect::<Vec<_>>(), "every step once, in order");
+    let last_epoch: i64 = rows[BEFORE].get(1);
+    assert_eq!(last_epoch as u64, new.epoch(), "the step is the new holder's");
+    let entries = taker.history(run.key).await.unwrap();
+    assert_eq!(entries[BEFORE].occurrence, 99, "with the new holder's entry");
 }
