@@ -547,13 +547,52 @@ struct Relay {
 struct Victim {
     held: Arc<std::sync::Mutex<Vec<u8>>>,
     /// Closes the connection on the client's side.
-    cut: tokio::sync::oneshot::Sender<()>,
+    cut: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::net::tcp::OwnedWriteHalf,
     /// What the server says first after the cut.
     answered: tokio::sync::oneshot::Receiver<Vec<u8>>,
 }
 
+impl Victim {
+    /// Closes the connection on the client's side.
+    fn cut_client(&mut self) {
+        if let Some(cut) = self.cut.take() {
+            let _ = cut.send(());
+        }
+    }
+
+    /// Sends the kept-back bytes on to the server, and checks that the
+    /// statement they run wrote nothing: refused (a unique key), or no row
+    /// inserted or returned.
+    async fn deliver_writing_nothing(self) {
+        use tokio::io::AsyncWriteExt as _;
+        let held = self.held.lock().unwrap().clone();
+        assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
+        let mut late = self.server;
+        late.write_all(&held).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(20), self.answered)
+            .await
+            .expect("the server answered the late statement")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            ["C23505", "INSERT 0 0", "SELECT 0"].iter().any(|nothing| answer.contains(nothing)),
+            "the late statement wrote nothing: {answer:?}"
+        );
+    }
+}
+
 impl Relay {
+    /// A relay in front of the server of `url`, and the URL through it.
+    async fn in_front_of(url: &str) -> (Relay, String) {
+        let mut relayed = url::Url::parse(url).unwrap();
+        let server = (relayed.host_str().unwrap().to_string(), relayed.port().unwrap_or(5432));
+        let relay = Relay::start(server).await;
+        relayed.set_host(Some("127.0.0.1")).unwrap();
+        relayed.set_port(Some(relay.port)).unwrap();
+        (relay, relayed.into())
+    }
+
     async fn start(server: (String, u16)) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -627,7 +666,7 @@ impl Relay {
                 let kept = Arc::new(std::sync::Mutex::new(buf[..n].to_vec()));
                 let _ = victims.send(Victim {
                     held: kept.clone(),
-                    cut: cut.take().unwrap(),
+                    cut: cut.take(),
                     server: to_server.take().unwrap(),
                     answered: answered.take().unwrap(),
                 });
@@ -658,8 +697,6 @@ fn executes(mut messages: &[u8]) -> bool {
 /// writer committed it, and the late statement writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_nothing() {
-    use tokio::io::AsyncWriteExt as _;
-
     use crate::model::EntryStatus;
     use crate::store::conformance::{create, step};
     use crate::store::{Write, commit};
@@ -667,13 +704,9 @@ async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_no
         return;
     }
     let url = fresh_database("late").await;
-    let mut relayed = url::Url::parse(&url).unwrap();
-    let server = (relayed.host_str().unwrap().to_string(), relayed.port().unwrap_or(5432));
-    let mut relay = Relay::start(server).await;
-    relayed.set_host(Some("127.0.0.1")).unwrap();
-    relayed.set_port(Some(relay.port)).unwrap();
+    let (mut relay, relayed) = Relay::in_front_of(&url).await;
     // A long lease: no heartbeat while the relay is armed.
-    let store = PostgresStore::connect(relayed.as_str(), Durability::Process, Duration::from_secs(60))
+    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
         .await
         .expect("through the relay");
     let [run] = &create(&store, &["r"]).await[..] else { panic!() };
@@ -697,31 +730,19 @@ async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_no
         let (store, step) = (store.clone(), append(BEFORE));
         async move { commit(&*store, vec![step]).await }
     });
-    let victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
+    let mut victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
         .await
         .expect("the step's statement was sent")
         .unwrap();
-    let _ = victim.cut.send(());
+    victim.cut_client();
     tokio::time::timeout(Duration::from_secs(60), committing)
         .await
         .expect("the writer settled the lost commit")
         .unwrap()
         .expect("and committed the step again");
-    let held = victim.held.lock().unwrap().clone();
-    assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
-    let mut late = victim.server;
-    late.write_all(&held).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(20), victim.answered)
-        .await
-        .expect("the server answered the late statement")
-        .unwrap();
     // Refused by the history's key on (run, position), or, had it counted
     // on a number, written with none.
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        ["C23505", "INSERT 0 0", "SELECT 0"].iter().any(|nothing| answer.contains(nothing)),
-        "the late statement wrote nothing: {answer:?}"
-    );
+    victim.deliver_writing_nothing().await;
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let rows = admin.query("SELECT position FROM history WHERE run = $1 ORDER BY id", &[&run.key.0]).await.unwrap();
@@ -738,8 +759,6 @@ async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_no
 /// history once, from the new epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothing() {
-    use tokio::io::AsyncWriteExt as _;
-
     use crate::model::EntryStatus;
     use crate::store::conformance::{create, step};
     use crate::store::{Write, commit};
@@ -747,14 +766,9 @@ async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothin
         return;
     }
     let url = fresh_database("taken").await;
-    let mut relayed = url::Url::parse(&url).unwrap();
-    let server = (relayed.host_str().unwrap().to_string(), relayed.port().unwrap_or(5432));
-    let mut relay = Relay::start(server).await;
-    relayed.set_host(Some("127.0.0.1")).unwrap();
-    relayed.set_port(Some(relay.port)).unwrap();
+    let (mut relay, relayed) = Relay::in_front_of(&url).await;
     let lease = Duration::from_secs(1);
-    let cut_off =
-        PostgresStore::connect(relayed.as_str(), Durability::Process, lease).await.expect("through the relay");
+    let cut_off = PostgresStore::connect(&relayed, Durability::Process, lease).await.expect("through the relay");
     let [run] = &create(&cut_off, &["r"]).await[..] else { panic!() };
     let old = cut_off.lease(run.key).await.unwrap().expect("leased");
     let append = |position: usize, occurrence: u32| Write::Append {
@@ -773,14 +787,14 @@ async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothin
         let (store, step) = (cut_off.clone(), append(BEFORE, BEFORE as u32 + 1));
         async move { commit(&*store, vec![step]).await }
     });
-    let victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
+    let mut victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
         .await
         .expect("the step's statement was sent")
         .unwrap();
     // The server is unreachable from here on, and the statement's
     // connection is lost on the client's side.
     relay.blocked.send(true).unwrap();
-    let _ = victim.cut.send(());
+    victim.cut_client();
     let outcome = tokio::time::timeout(Duration::from_secs(60), committing)
         .await
         .expect("the writer gave the commit up within its lease")
@@ -803,19 +817,7 @@ async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothin
     assert!(new.epoch() > old.epoch(), "a takeover moves the epoch on");
     commit(&taker, vec![append(BEFORE, 99)]).await.expect("the new holder commits the step");
 
-    let held = victim.held.lock().unwrap().clone();
-    assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
-    let mut late = victim.server;
-    late.write_all(&held).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(20), victim.answered)
-        .await
-        .expect("the server answered the late statement")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        ["C23505", "INSERT 0 0", "SELECT 0"].iter().any(|nothing| answer.contains(nothing)),
-        "the late statement wrote nothing: {answer:?}"
-    );
+    victim.deliver_writing_nothing().await;
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let rows =
