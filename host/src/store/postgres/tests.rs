@@ -593,6 +593,22 @@ impl Relay {
         (relay, relayed.into())
     }
 
+    /// Commits `write` on `store` in a task, the statement it sends kept
+    /// back by the relay: the commit's task, and the connection it went on.
+    async fn hold_back(
+        &mut self,
+        store: Arc<PostgresStore>,
+        write: crate::store::Write,
+    ) -> (tokio::task::JoinHandle<Result<crate::store::Committed, crate::store::StoreError>>, Victim) {
+        self.armed.store(true, Ordering::SeqCst);
+        let committing = tokio::spawn(async move { crate::store::commit(&*store, vec![write]).await });
+        let victim = tokio::time::timeout(Duration::from_secs(20), self.victims.recv())
+            .await
+            .expect("the step's statement was sent")
+            .unwrap();
+        (committing, victim)
+    }
+
     async fn start(server: (String, u16)) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -724,16 +740,8 @@ async fn a_lost_step_statement_that_reaches_the_server_after_its_retry_writes_no
     }
     // The notification those steps owe goes out first.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    relay.armed.store(true, Ordering::SeqCst);
     let store = Arc::new(store);
-    let committing = tokio::spawn({
-        let (store, step) = (store.clone(), append(BEFORE));
-        async move { commit(&*store, vec![step]).await }
-    });
-    let mut victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
-        .await
-        .expect("the step's statement was sent")
-        .unwrap();
+    let (committing, mut victim) = relay.hold_back(store.clone(), append(BEFORE)).await;
     victim.cut_client();
     tokio::time::timeout(Duration::from_secs(60), committing)
         .await
@@ -781,16 +789,8 @@ async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothin
         commit(&cut_off, vec![append(position, position as u32 + 1)]).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    relay.armed.store(true, Ordering::SeqCst);
     let cut_off = Arc::new(cut_off);
-    let committing = tokio::spawn({
-        let (store, step) = (cut_off.clone(), append(BEFORE, BEFORE as u32 + 1));
-        async move { commit(&*store, vec![step]).await }
-    });
-    let mut victim = tokio::time::timeout(Duration::from_secs(20), relay.victims.recv())
-        .await
-        .expect("the step's statement was sent")
-        .unwrap();
+    let (committing, mut victim) = relay.hold_back(cut_off.clone(), append(BEFORE, BEFORE as u32 + 1)).await;
     // The server is unreachable from here on, and the statement's
     // connection is lost on the client's side.
     relay.blocked.send(true).unwrap();

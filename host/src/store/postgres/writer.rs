@@ -181,8 +181,8 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>,
             }
         };
         // The commit's round trip, with the server's WAL flush.
-        metrics.fsync_seconds.record(committing.elapsed());
         notices.last_commit = Instant::now();
+        metrics.fsync_seconds.record(notices.last_commit - committing);
         for (job, result) in jobs.drain(..).zip(results) {
             let _ = job.done.send(result);
         }
