@@ -352,6 +352,48 @@ fn cancel_with_grace_lets_the_workflow_compensate_and_ends_cancelled() {
     assert_eq!(kv_get(&w, "g3", "reserved"), Some(json!(true)));
 }
 
+/// A module that takes its time to declare its ABI version: while it is
+/// being asked, a pending grace period must not stop it as a module that
+/// cannot be told (an epoch tick during `cairn_abi_version` used to, and
+/// `cancel --grace` failed with "instance stopped by the host").
+#[test]
+fn a_grace_period_waits_for_the_module_to_declare_its_abi_version() {
+    let w = World::new("grace-abi");
+    for (version, told) in [(2, true), (1, false)] {
+        // `cairn_abi_version` counts down long enough to meet several epoch
+        // ticks; `_start` waits for a signal, then finishes.
+        let wat = format!(
+            r#"(module
+  (import "cairn" "signal_wait" (func $wait (param i32 i32 i64) (result i64)))
+  (import "cairn" "finish" (func $finish (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "go") (data (i32.const 16) "\"cleaned up\"")
+  (func (export "cairn_abi_version") (result i32) (local $i i32)
+    (local.set $i (i32.const 200000000))
+    (loop (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if 0 (local.get $i)))
+    i32.const {version})
+  (func (export "_start")
+    (drop (call $wait (i32.const 0) (i32.const 2) (i64.const -1)))
+    (drop (call $finish (i32.const 0) (i32.const 16) (i32.const 12)))))"#
+        );
+        let wasm = cairn_e2e::wasm_file(&w, &format!("slow-v{version}.wasm"), &wat);
+        let id = format!("v{version}");
+        assert!(w.run(&["start", &wasm, "--run-id", &id]).status.success());
+        // Nobody executes it: `cancel --grace` does, from a fresh process
+        // that has never asked this module its version.
+        let out = w.run(&["cancel", &id, "--grace", "30"]);
+        assert!(out.status.success(), "ABI version {version}: {}", text(&out.stderr));
+        let show = w.show(&id);
+        assert_eq!(show["status"], "cancelled", "ABI version {version}: {show}");
+        let kinds: Vec<&str> =
+            show["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        let (expected, output): (&[&str], _) =
+            if told { (&["cancel"], json!("cleaned up")) } else { (&[], Value::Null) };
+        assert_eq!(kinds, expected, "ABI version {version}: {show}");
+        assert_eq!(show["output"], output, "ABI version {version}: {show}");
+    }
+}
+
 #[test]
 fn the_ecommerce_example_charges_stocks_and_compensates_for_real() {
     let w = World::new("shop");

@@ -148,8 +148,10 @@ pub struct HostState {
     pending_writes: Vec<Write>,
     /// Start times of the completed steps in the commit under way (reused).
     step_starts: Vec<i64>,
-    /// The ABI version the module declared (set once instantiated).
-    pub(super) abi_version: i32,
+    /// The ABI version the module declared; `None` while it is being asked
+    /// (`cairn_abi_version` runs before it is known, and an epoch tick
+    /// during that call must not stop it as a module that cannot be told).
+    abi_version: Option<i32>,
     /// The live step's key-value reads and staged writes.
     pub(super) kv: Option<super::kv::KvAttempt>,
     /// What the run may reach over HTTP, and its key-value namespace.
@@ -191,7 +193,7 @@ impl HostState {
             handles: Vec::new(),
             pending_writes: Vec::new(),
             step_starts: Vec::new(),
-            abi_version: cairn_abi::MIN_ABI_VERSION,
+            abi_version: None,
             kv: None,
             http: setup.http,
             kv_namespace: setup.kv_namespace,
@@ -213,7 +215,13 @@ impl HostState {
 
     /// The ABI version the instantiated module declared.
     pub fn set_abi_version(&mut self, version: i32) {
-        self.abi_version = version;
+        self.abi_version = Some(version);
+    }
+
+    /// A module built before cancellations could be delivered (ABI version
+    /// 1): it cannot clean up, so a grace period stops it at once.
+    pub(super) fn cannot_be_told(&self) -> bool {
+        self.abi_version.is_some_and(|v| v < 2)
     }
 
     pub fn run(&self) -> &RunContext {
@@ -273,14 +281,14 @@ impl HostState {
     /// be waiting for them to compensate.
     pub(super) fn cancel_now(&self) -> bool {
         self.watch.cancel_requested()
-            || (self.abi_version < 2 && self.branch_mode.is_none() && self.watch.grace_until().is_some())
+            || (self.cannot_be_told() && self.branch_mode.is_none() && self.watch.grace_until().is_some())
     }
 
     /// Deliver a cancellation with a grace period to the workflow, once:
     /// replayed where the history has it, else recorded now if one is
     /// pending. The message for the guest, if delivered here.
     pub(super) async fn deliver_cancel(&mut self) -> wasmtime::Result<Option<String>> {
-        if self.abi_version < 2 {
+        if self.cannot_be_told() {
             return Ok(None);
         }
         // A branch instance replays its parent's history, delivered
@@ -581,7 +589,7 @@ impl HostState {
     /// borrow of the state.
     pub(super) fn until_stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let watch = self.watch.clone();
-        let told = self.abi_version >= 2 || self.branch_mode.is_some();
+        let told = !self.cannot_be_told() || self.branch_mode.is_some();
         let wall = self.wall_deadline;
         async move {
             loop {
