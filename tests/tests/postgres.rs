@@ -648,6 +648,49 @@ fn a_clean_stop_gives_the_leases_back_at_once() {
     kill9(&mut b);
 }
 
+/// A worker whose last look left slots free does not ask the database for
+/// runs again at every run's end: a finished run makes no other run
+/// claimable. (At the tail of a burst every finished run asked, two
+/// queries each, and found nothing.) Counted by the server: scans of the
+/// index the claim's candidates come from.
+#[test]
+fn finished_runs_do_not_send_a_worker_looking_for_runs() {
+    let Some(w) = World::postgres("pg-quiet-claims") else { return };
+    let wasm = benchflow();
+    let runs = 150;
+    for i in 0..runs {
+        let input = json!({"mode": "steps", "n": 5}).to_string();
+        let out = w.run(&["start", &wasm, "--run-id", &format!("r{i}"), "--input", &input]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let scans = |w: &World| -> u64 {
+        let rows = sql(w, "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'runs_wake'");
+        rows[0][0].as_deref().unwrap().parse().unwrap()
+    };
+    let before = scans(&w);
+    // Room for every run: the first look takes them all and leaves slots free.
+    let started = std::time::Instant::now();
+    let mut worker = w.spawn(&["worker", "--concurrency", "200"], "worker");
+    let done = |w: &World| w.runs().iter().filter(|r| r["status"] == "completed").count();
+    wait_until("every run", Duration::from_secs(60), || done(&w) == runs);
+    // A clean stop: the worker's server sessions end and report their counts.
+    // SAFETY: a pid we own.
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    assert!(worker.wait().unwrap().success(), "the worker stopped cleanly");
+    // A session reports its counts before it leaves `pg_stat_activity`.
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    wait_until("the worker's sessions to end", Duration::from_secs(30), || {
+        sql(&w, others)[0][0].as_deref() == Some("0")
+    });
+    let looks = scans(&w) - before;
+    // The first look, then a sweep a second and a look for leases to take
+    // over at most ten times a second (each scans the index once); not one
+    // a finished run.
+    let bound = 1 + 11 * started.elapsed().as_secs_f64().ceil() as u64;
+    eprintln!("looks: {looks} (bound {bound})");
+    assert!(looks <= bound.min(runs as u64 / 3), "{looks} looks for {runs} runs in {:?}", started.elapsed());
+}
+
 /// `CAIRN_COMMIT_SPIN_US` that is not a whole number of microseconds is
 /// refused with the reason before the database is touched.
 #[test]

@@ -59,49 +59,60 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     let mut wake = service.store().subscribe_control();
     // When another process's earliest lease expires (as last asked).
     let mut takeover: Option<(tokio::time::Instant, Option<tokio::time::Instant>)> = None;
+    // Whether this turn of the loop looks for runs. A finished run frees a
+    // slot but makes no other run claimable: after a look that left slots
+    // free (nothing more was there), a run's end waits for an event, a
+    // takeover or the sweep instead of asking the database again. (At the
+    // tail of a burst, every finished run asked and found nothing: two
+    // queries each, on a server that was busy with the last runs' steps.)
+    let mut look = true;
+    // Whether the last look took a run for every free slot (more may wait).
+    let mut filled = false;
     'claiming: loop {
-        // Claim while there are free slots.
-        let free = slots.available_permits();
-        let claimed = service
-            .claim_next(free, &|run| {
-                skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
-            })
-            .await;
-        // The database unreachable for a while (a PostgreSQL restart, a
-        // network cut): look again later rather than stop.
-        let claimed = match claimed {
-            Ok(claimed) => claimed,
-            Err(e) => {
-                eprintln!("cairn worker: cannot claim runs now: {}; trying again", escape(&e.to_string()));
-                tokio::select! {
-                    _ = &mut stop => break 'claiming,
-                    _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
-                }
-                continue;
-            }
-        };
-        // Every free slot taken (or none free): more may be waiting for one.
-        let filled = claimed.len() == free;
-        for claimed in claimed {
-            let run = claimed.run.key;
-            held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
-            let (executor, held) = (executor.clone(), held.clone());
-            tasks.spawn(async move {
-                let mut result = executor.execute(&claimed.run).await;
-                match result {
-                    // Given back until it is due: whoever claims it then
-                    // continues it (perhaps this worker).
-                    Ok(RunOutcome::Parked { wake_at, ref signal }) => {
-                        let release = executor.store().release_parked(claimed.lease, wake_at, signal.as_deref());
-                        if let Err(e) = release.await {
-                            result = Err(e.into());
-                        }
+        if look {
+            // Claim while there are free slots.
+            let free = slots.available_permits();
+            let claimed = service
+                .claim_next(free, &|run| {
+                    skipped.contains(&run) || held.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
+                })
+                .await;
+            // The database unreachable for a while (a PostgreSQL restart, a
+            // network cut): look again later rather than stop.
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    eprintln!("cairn worker: cannot claim runs now: {}; trying again", escape(&e.to_string()));
+                    tokio::select! {
+                        _ = &mut stop => break 'claiming,
+                        _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
                     }
-                    _ => drop(claimed.lease),
+                    continue;
                 }
-                held.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
-                (run, claimed.run.id.clone(), result)
-            });
+            };
+            // Every free slot taken (or none free): more may be waiting for one.
+            filled = claimed.len() == free;
+            for claimed in claimed {
+                let run = claimed.run.key;
+                held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
+                let (executor, held) = (executor.clone(), held.clone());
+                tasks.spawn(async move {
+                    let mut result = executor.execute(&claimed.run).await;
+                    match result {
+                        // Given back until it is due: whoever claims it then
+                        // continues it (perhaps this worker).
+                        Ok(RunOutcome::Parked { wake_at, ref signal }) => {
+                            let release = executor.store().release_parked(claimed.lease, wake_at, signal.as_deref());
+                            if let Err(e) = release.await {
+                                result = Err(e.into());
+                            }
+                        }
+                        _ => drop(claimed.lease),
+                    }
+                    held.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
+                    (run, claimed.run.id.clone(), result)
+                });
+            }
         }
         // Wait for a run to end, an event, the next look, or the stop signal;
         // with a slot free, no later than another process's lease expires
@@ -122,15 +133,23 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
         let pause = tokio::time::sleep(pause);
         tokio::select! {
             _ = &mut stop => break 'claiming,
-            _ = pause => {}
+            _ = pause => look = true,
             event = wake.recv() => {
                 if matches!(event, Err(crate::store::feed::FeedError::Closed)) {
                     break 'claiming;
                 }
                 // One look for a burst: what else is queued is taken now.
                 while wake.try_recv() {}
+                look = true;
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                // A run that did not finish (given back, or stopped by a
+                // failed commit) may be claimable again at once.
+                let finished = matches!(
+                    &done,
+                    Ok((_, _, Ok(RunOutcome::Completed(_) | RunOutcome::Failed(_) | RunOutcome::Cancelled)))
+                );
+                look = filled || !finished;
                 match report(done) {
                     Reported::Fine => {}
                     Reported::LeaveAlone(run) => {
