@@ -123,3 +123,35 @@ fn sigterm_stops_the_worker_gracefully_and_cancelled_runs_stay_cancelled() {
         assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 40, "graceful stop re-ran nothing");
     }
 }
+
+/// A run that becomes claimable without any event (the `cairn run` holding
+/// it killed: on SQLite its lock goes with the process) is found by the
+/// sweep about a second later, also while the worker's own runs keep ending
+/// more often than that: a run's end must not push the sweep back.
+#[test]
+fn an_orphaned_run_is_swept_up_while_other_runs_keep_ending() {
+    let w = World::new("sweep");
+    let wasm = guest("benchflow");
+    let wasm = wasm.to_str().unwrap();
+    let mut worker = w.spawn(&["worker", "--concurrency", "64"], "worker");
+    // Runs that end one every 200 ms or so, from about 1 s on for 12 s.
+    for i in 0..60 {
+        let input = format!(r#"{{"mode":"paced","n":1,"sleep_ms":{}}}"#, 1000 + 200 * i);
+        let out = w.run(&["start", wasm, "--input", &input]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let input = r#"{"mode":"paced","n":100000,"sleep_ms":10}"#;
+    let mut held = w.spawn(&["run", wasm, "--run-id", "orphan", "--input", input], "orphan");
+    let steps = |w: &World| w.try_show("orphan").and_then(|s| s["steps"].as_u64()).unwrap_or(0);
+    wait_until("the orphan's first steps", Duration::from_secs(30), || steps(&w) >= 3);
+    // Killed once the worker's runs have begun to end.
+    wait_until("runs ending", Duration::from_secs(30), || statuses(&w).get("completed") >= Some(&3));
+    kill9(&mut held);
+    let killed = std::time::Instant::now();
+    let committed = steps(&w);
+    wait_until("the worker to take the orphan up", Duration::from_secs(60), || steps(&w) > committed + 2);
+    // A sweep a second; before, every run's end restarted it, and the
+    // orphan waited for the stream of ends to stop (over 10 s).
+    assert!(killed.elapsed() < Duration::from_secs(7), "taken up after {:?}", killed.elapsed());
+    kill9(&mut worker);
+}

@@ -68,6 +68,9 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
     let mut look = true;
     // Whether the last look took a run for every free slot (more may wait).
     let mut filled = false;
+    // The next look comes no later than this, however many runs end before
+    // it (a deadline from the last look, not a pause restarted at each end).
+    let mut next_look = tokio::time::Instant::now();
     'claiming: loop {
         if look {
             // Claim while there are free slots.
@@ -92,6 +95,13 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
             };
             // Every free slot taken (or none free): more may be waiting for one.
             filled = claimed.len() == free;
+            let now = tokio::time::Instant::now();
+            next_look = now + if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL };
+            // A takeover time that has come was looked at: ask for the next
+            // one rather than look again and again until it is asked anyway.
+            if takeover.is_some_and(|(_, at)| at.is_some_and(|at| at <= now)) {
+                takeover = None;
+            }
             for claimed in claimed {
                 let run = claimed.run.key;
                 held.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
@@ -117,7 +127,7 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
         // Wait for a run to end, an event, the next look, or the stop signal;
         // with a slot free, no later than another process's lease expires
         // (a run whose holder died is taken over as soon as it may be).
-        let mut pause = if filled { BUSY_INTERVAL } else { SWEEP_INTERVAL };
+        let mut until = next_look;
         if !filled {
             // Asked again at most every TAKEOVER_LOOK: a busy worker loops
             // here at every run's end.
@@ -127,10 +137,10 @@ pub async fn run_worker(executor: Arc<Executor>, service: &Service, concurrency:
                 takeover = Some((now, expiry.map(|e| now + e + TAKEOVER_MARGIN)));
             }
             if let Some((_, Some(at))) = takeover {
-                pause = pause.min(at.saturating_duration_since(now));
+                until = until.min(at);
             }
         }
-        let pause = tokio::time::sleep(pause);
+        let pause = tokio::time::sleep_until(until);
         tokio::select! {
             _ = &mut stop => break 'claiming,
             _ = pause => look = true,

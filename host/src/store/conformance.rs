@@ -255,6 +255,13 @@ pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: R
     let quiet = tokio::time::timeout(Duration::from_millis(200), all.recv()).await;
     assert!(quiet.is_err(), "no duplicates: {quiet:?}");
     drop(lease);
+    // A run another process creates wakes this one's idle workers (which
+    // listen for control events alone).
+    drop((all, control));
+    let mut control = here.subscribe_control();
+    let [created] = &create(&*there, &["g2"]).await[..] else { panic!() };
+    let event = next(&mut control).await;
+    assert_eq!((event.run, event.kind), (created.key, ChangeKind::Created));
 }
 
 pub(crate) async fn signals_are_consumed_once(open: Open) {

@@ -156,7 +156,7 @@ pub(in crate::store::sqlite) fn spawn(
 fn read_control_changes(conn: &Connection, after: u64) -> Result<Vec<ChangeEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, run, kind, status, committed_us FROM changes \
-         WHERE seq > ?1 AND kind IN ('signal', 'cancel', 'status') ORDER BY seq",
+         WHERE seq > ?1 AND kind IN ('created', 'signal', 'cancel', 'status') ORDER BY seq",
     )?;
     let rows = stmt.query_map([after as i64], change_row)?.collect::<Result<Vec<_>, _>>()?;
     let mut events = Vec::new();
