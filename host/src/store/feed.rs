@@ -68,6 +68,18 @@ impl ChangeKind {
     pub fn parse(s: &str) -> Option<Self> {
         ChangeKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// Whether events of this kind can be control events
+    /// ([`ChangeEvent::is_control`]): what a reader of control events alone
+    /// reads from the store.
+    pub fn may_be_control(self) -> bool {
+        match self {
+            // New runs wake idle workers; signals and cancels reach waiting
+            // runs; a status change may be a run ending cancelled.
+            ChangeKind::Created | ChangeKind::Signal | ChangeKind::Cancel | ChangeKind::Status => true,
+            ChangeKind::History | ChangeKind::Branch => false,
+        }
+    }
 }
 
 /// One committed change of one run.
@@ -92,12 +104,7 @@ impl ChangeEvent {
     /// a worker finishing thousands of runs a second would wake its
     /// listeners for nothing.)
     pub fn is_control(&self) -> bool {
-        match self.kind {
-            // New runs wake idle workers; signals and cancels reach waiting runs.
-            ChangeKind::Created | ChangeKind::Signal | ChangeKind::Cancel => true,
-            ChangeKind::Status => self.status == Some(RunStatus::Cancelled),
-            _ => false,
-        }
+        self.kind.may_be_control() && (self.kind != ChangeKind::Status || self.status == Some(RunStatus::Cancelled))
     }
 }
 

@@ -154,10 +154,17 @@ pub(in crate::store::sqlite) fn spawn(
 
 /// The control events (`ChangeEvent::is_control`) after `after`.
 fn read_control_changes(conn: &Connection, after: u64) -> Result<Vec<ChangeEvent>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, run, kind, status, committed_us FROM changes \
-         WHERE seq > ?1 AND kind IN ('created', 'signal', 'cancel', 'status') ORDER BY seq",
-    )?;
+    // The kinds from `ChangeKind::may_be_control`, not a list of its own:
+    // one written out here once lacked `created`.
+    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let kinds: Vec<String> =
+            ChangeKind::ALL.into_iter().filter(|k| k.may_be_control()).map(|k| format!("'{}'", k.as_str())).collect();
+        format!(
+            "SELECT seq, run, kind, status, committed_us FROM changes WHERE seq > ?1 AND kind IN ({}) ORDER BY seq",
+            kinds.join(", ")
+        )
+    });
+    let mut stmt = conn.prepare_cached(&QUERY)?;
     let rows = stmt.query_map([after as i64], change_row)?.collect::<Result<Vec<_>, _>>()?;
     let mut events = Vec::new();
     for row in rows {
