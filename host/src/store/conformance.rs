@@ -147,6 +147,79 @@ pub(crate) async fn one_bad_item_fails_alone(open: Open) {
     assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
 }
 
+pub(crate) async fn new_runs_commit_in_a_crowd_and_a_bad_one_fails_alone(open: Open, reopen: Reopen) {
+    let store = open("crowd").await;
+    let other = reopen(&store).await;
+    create(&*store, &["taken"]).await;
+    let mut all = store.subscribe();
+    let before = store.last_seq().await.unwrap();
+    let new = |id: &str, lease| Write::CreateRun { run: Box::new(new_run(id)), lease };
+    // New runs alone, submitted together (as `cairn serve` commits a crowd
+    // of `POST /api/runs`): a store that groups commits groups them.
+    let tickets = [
+        store.submit(vec![new("c0", false)]),
+        store.submit(vec![new("c1", true)]),
+        store.submit(vec![new("c2", false), new("c3", false)]),
+    ];
+    let mut created = Vec::new();
+    for ticket in tickets {
+        created.extend(ticket.await.expect("answered").expect("created").created);
+    }
+    let ids: Vec<_> = created.iter().map(|(r, l)| (r.id.as_str(), r.status, l.is_some())).collect();
+    assert_eq!(
+        ids,
+        [
+            ("c0", RunStatus::Pending, false),
+            ("c1", RunStatus::Pending, true),
+            ("c2", RunStatus::Pending, false),
+            ("c3", RunStatus::Pending, false)
+        ]
+    );
+    assert!(created.windows(2).all(|w| w[0].0.key.0 < w[1].0.key.0), "keys in the order given");
+    for (record, _) in &created {
+        assert_eq!(store.run(&record.id).await.unwrap().as_ref().map(|r| r.key), Some(record.key));
+    }
+    assert!(other.lease(created[1].0.key).await.unwrap().is_none(), "a run created with its lease is held");
+    assert!(other.lease(created[0].0.key).await.unwrap().is_some(), "one created without is free");
+    // A crowd with bad items: each fails alone, and whole.
+    let mut missing = new_run("c7");
+    missing.module = "no-such-module".into();
+    let tickets = [
+        store.submit(vec![new("c4", false), new("taken", false)]),
+        store.submit(vec![new("taken", false)]),
+        store.submit(vec![new("c5", false)]),
+        store.submit(vec![Write::CreateRun { run: Box::new(missing), lease: false }]),
+        store.submit(vec![new("c6", true)]),
+    ];
+    let mut results = Vec::new();
+    for ticket in tickets {
+        results.push(ticket.await.expect("answered"));
+    }
+    assert!(matches!(&results[0], Err(StoreError::RunExists(id)) if id == "taken"), "{:?}", results[0]);
+    assert!(matches!(&results[1], Err(StoreError::RunExists(id)) if id == "taken"), "{:?}", results[1]);
+    assert!(results[3].is_err(), "a run of a module not stored: {:?}", results[3]);
+    for id in ["c4", "c7"] {
+        assert!(store.run(id).await.unwrap().is_none(), "{id} of a failed item was not created");
+    }
+    for (i, id) in [(2, "c5"), (4, "c6")] {
+        let Ok(committed) = &results[i] else { panic!("{id}: {:?}", results[i]) };
+        assert_eq!(committed.created[0].0.id, id);
+        created.push((committed.created[0].0.clone(), None));
+    }
+    assert!(matches!(&results[4], Ok(c) if c.created[0].1.is_some()), "c6 with its lease");
+    // One `created` change per run created, in order, and nothing of the
+    // failed items.
+    let mut got = Vec::new();
+    for _ in &created {
+        got.push(next(&mut all).await);
+    }
+    let runs: Vec<_> = got.iter().map(|e| (e.kind, e.run, e.status)).collect();
+    let want: Vec<_> = created.iter().map(|(r, _)| (ChangeKind::Created, r.key, Some(RunStatus::Pending))).collect();
+    assert_eq!(runs, want);
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+}
+
 pub(crate) async fn lease_is_exclusive_and_taken_over(open: Open, reopen: Reopen) {
     let a = open("lease").await;
     let b = reopen(&a).await;
@@ -501,6 +574,13 @@ macro_rules! suite {
                     return;
                 }
                 c::one_bad_item_fails_alone(super::$open).await
+            }
+            #[tokio::test]
+            async fn new_runs_commit_in_a_crowd_and_a_bad_one_fails_alone() {
+                if !($enabled)() {
+                    return;
+                }
+                c::new_runs_commit_in_a_crowd_and_a_bad_one_fails_alone(super::$open, super::$reopen).await
             }
             #[tokio::test]
             async fn lease_is_exclusive_and_taken_over() {

@@ -14,6 +14,7 @@ mod gate;
 mod import;
 mod lease;
 mod listen;
+mod new_runs;
 mod one_statement;
 mod schema;
 mod spin;

@@ -16,7 +16,7 @@ use tokio_postgres::types::ToSql;
 use super::gate::LAST_COMMITTED;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
-use super::{Inner, lease, pg_error, pool_error, spin};
+use super::{Inner, lease, new_runs, pg_error, pool_error, spin};
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
 
@@ -219,6 +219,23 @@ async fn commit(
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
+    if let Some(runs) = new_runs::only_new_runs(jobs) {
+        match new_runs::commit(inner, &client, jobs, &runs).await {
+            new_runs::Outcome::Committed(results) => {
+                notices.notified();
+                // Numbers this writer took, but not a lone step's: the
+                // guess starts again.
+                numbers.missed();
+                return Ok(results);
+            }
+            new_runs::Outcome::Unknown(e) => return Err(e),
+            // Again item by item (nothing landed): only the bad one fails.
+            new_runs::Outcome::Refused => {
+                numbers.missed();
+                return transact_again(inner, &client, jobs, notices).await;
+            }
+        }
+    }
     match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
         Outcome::Committed(events, notified) => {
             match events.last() {
@@ -242,7 +259,17 @@ async fn commit(
     }
     // The transaction takes numbers the lone commits' guess does not know of.
     numbers.missed();
-    match transact(inner, &client, jobs, notices).await {
+    transact_again(inner, &client, jobs, notices).await
+}
+
+/// The batch item by item, in one transaction with a savepoint per item.
+async fn transact_again(
+    inner: &Arc<Inner>,
+    client: &ClientWrapper,
+    jobs: &[Job],
+    notices: &mut Notices,
+) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+    match transact(inner, client, jobs, notices).await {
         Ok(results) => {
             note_finished(inner, jobs, &results);
             Ok(results)
