@@ -605,8 +605,8 @@ async fn run_all(b: &mut Bench) -> Result<Vec<Row>> {
     if b.wants("W11") {
         rows.extend(effects::w11(b).await?);
     }
-    // W1, W2 and W4 on PostgreSQL.
-    if ["W1-pg", "W2-pg", "W4-pg"].iter().any(|w| b.wants(w)) {
+    // W1, W2, W4 and W9 on PostgreSQL.
+    if ["W1-pg", "W2-pg", "W4-pg", "W9-pg"].iter().any(|w| b.wants(w)) {
         rows.extend(postgres::rows(b).await?);
     }
     Ok(rows)

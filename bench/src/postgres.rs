@@ -1,4 +1,4 @@
-//! W1, W2 and W4 on PostgreSQL (issue 12), on a server on this machine
+//! W1, W2, W4 and W9 on PostgreSQL (issue 12), on a server on this machine
 //! with `fsync` and `synchronous_commit` on: `CAIRN_BENCH_PG`, else a
 //! throwaway cluster of `scripts/pg-cluster.sh` (`--quick` takes
 //! `CAIRN_TEST_PG` first, the cluster `make test` runs). Without a server
@@ -19,6 +19,8 @@
 //!   last completion the database records.
 //! - W4: a `cairn worker` executing a run is killed with SIGKILL; timed from
 //!   the kill to the first step another worker commits under a new epoch.
+//! - W9: W9's crowd of `POST /api/runs` (see `serve.rs`), the runs kept in
+//!   PostgreSQL: no target of its own, for comparison with W9 on SQLite.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -200,7 +202,7 @@ pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     let server = match Server::start(b.quick) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("W1-pg, W2-pg, W4-pg skipped: no PostgreSQL server ({e:#})");
+            eprintln!("W1-pg, W2-pg, W4-pg, W9-pg skipped: no PostgreSQL server ({e:#})");
             return Ok(vec![skipped(&format!("no PostgreSQL server: {e:#}"))]);
         }
     };
@@ -217,13 +219,33 @@ pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     if b.wants("W4-pg") {
         rows.push(w4(b, &server).await?);
     }
+    if b.wants("W9-pg") {
+        rows.push(w9(b, &server).await?);
+    }
     Ok(rows)
+}
+
+/// W9-pg: W9 (a crowd of `POST /api/runs` to `cairn serve --no-worker`)
+/// with the runs in PostgreSQL. No target of its own: it shows what a
+/// server on PostgreSQL accepts, next to W9 on SQLite.
+async fn w9(b: &mut Bench, server: &Server) -> Result<Row> {
+    let mut rates = Vec::new();
+    for rep in 0..b.sizes.reps {
+        let url = server.fresh_db(&format!("w9_{rep}")).await?;
+        let (rate, want) = crate::serve::w9_crowd(b, &url).await?;
+        rates.push(rate);
+        let stored: i64 = connect(&url).await?.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
+        if stored as usize != want {
+            bail!("W9-pg: {stored} runs stored of {want} accepted");
+        }
+    }
+    Ok(crate::serve::w9_row(b, "W9-pg", "PostgreSQL: ", rates, "report"))
 }
 
 fn skipped(why: &str) -> Row {
     Row {
         id: "W*-pg",
-        workload: "W1, W2 and W4 on PostgreSQL".into(),
+        workload: "W1, W2, W4 and W9 on PostgreSQL".into(),
         value: f64::NAN,
         unit: "(skipped)",
         baseline: None,

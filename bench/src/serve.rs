@@ -136,36 +136,52 @@ async fn post_runs(server: &Server, hash: &str, n: usize, connections: usize) ->
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// W9: runs accepted per second by `cairn serve --no-worker`.
-pub(super) async fn w9(b: &mut Bench) -> Result<Row> {
-    let (warm, n, connections) = if b.quick { (50, 200, 8) } else { (2_000, 20_000, 64) };
-    let mut rates = Vec::new();
-    for _ in 0..b.sizes.reps {
-        let db = b.fresh_db("w9");
-        let server = start_server(b, &db, &["--no-worker"]).await?;
-        let hash = upload(&server, &b.guest).await?;
-        post_runs(&server, &hash, warm, connections).await?;
-        let took = post_runs(&server, &hash, n, connections).await?;
-        rates.push(n as f64 / took);
-        drop(server);
-        // Accepted means durable: every run is in the database.
-        let conn = rusqlite::Connection::open(&db)?;
-        let stored: i64 = conn.query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?;
-        if stored as usize != warm + n {
-            bail!("W9: {stored} runs stored of {} accepted", warm + n);
-        }
-    }
-    let rate = median(rates.clone());
-    Ok(Row {
-        id: "W9",
-        workload: format!("{n} POST /api/runs to cairn serve --no-worker, {connections} keep-alive connections"),
-        value: rate,
+/// W9's sizes: runs posted to warm up, runs measured, connections.
+fn w9_sizes(quick: bool) -> (usize, usize, usize) {
+    if quick { (50, 200, 8) } else { (2_000, 20_000, 64) }
+}
+
+/// One repetition of W9 on `db` (an SQLite path or a PostgreSQL URL): runs
+/// accepted per second, and how many runs the database must then hold
+/// (accepted means durable).
+pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<(f64, usize)> {
+    let (warm, n, connections) = w9_sizes(b.quick);
+    let server = start_server(b, Path::new(db), &["--no-worker"]).await?;
+    let hash = upload(&server, &b.guest).await?;
+    post_runs(&server, &hash, warm, connections).await?;
+    let took = post_runs(&server, &hash, n, connections).await?;
+    Ok((n as f64 / took, warm + n))
+}
+
+/// W9's row (`W9`, or `W9-pg` with `on` naming the database).
+pub(super) fn w9_row(b: &Bench, id: &'static str, on: &str, rates: Vec<f64>, target: &str) -> Row {
+    let (warm, n, connections) = w9_sizes(b.quick);
+    Row {
+        id,
+        workload: format!("{on}{n} POST /api/runs to cairn serve --no-worker, {connections} keep-alive connections"),
+        value: median(rates.clone()),
         unit: "runs/s accepted",
         baseline: None,
         ratio: None,
-        target: ">= 20000".into(),
+        target: target.into(),
         extra: json!({ "repetitions": rates, "warm_up": warm }),
-    })
+    }
+}
+
+/// W9: runs accepted per second by `cairn serve --no-worker`.
+pub(super) async fn w9(b: &mut Bench) -> Result<Row> {
+    let mut rates = Vec::new();
+    for _ in 0..b.sizes.reps {
+        let db = b.fresh_db("w9");
+        let (rate, want) = w9_crowd(b, &db.display().to_string()).await?;
+        rates.push(rate);
+        let conn = rusqlite::Connection::open(&db)?;
+        let stored: i64 = conn.query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?;
+        if stored as usize != want {
+            bail!("W9: {stored} runs stored of {want} accepted");
+        }
+    }
+    Ok(w9_row(b, "W9", "", rates, ">= 20000"))
 }
 
 fn now_us() -> i64 {
