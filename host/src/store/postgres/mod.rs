@@ -113,6 +113,9 @@ pub(crate) struct Inner {
     pub(crate) writing: tokio::sync::Mutex<()>,
     #[cfg(test)]
     pub(crate) guesses: one_statement::Guesses,
+    /// New runs committed by `new_runs`' statement, for the tests.
+    #[cfg(test)]
+    pub(crate) new_runs_by_statement: std::sync::atomic::AtomicU64,
 }
 
 /// A lease this process holds.
@@ -216,6 +219,8 @@ impl PostgresStore {
             writing: tokio::sync::Mutex::new(()),
             #[cfg(test)]
             guesses: Default::default(),
+            #[cfg(test)]
+            new_runs_by_statement: Default::default(),
         });
         let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);

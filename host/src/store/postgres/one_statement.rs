@@ -192,7 +192,7 @@ impl Numbers {
     }
 
     /// This writer committed `n` numbers from `first`.
-    fn took(&mut self, first: i64, n: i64) {
+    pub(super) fn took(&mut self, first: i64, n: i64) {
         self.streak = if self.next == Some(first) { self.streak.saturating_add(1) } else { 0 };
         self.next = Some(first + n);
     }

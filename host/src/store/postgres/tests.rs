@@ -554,6 +554,15 @@ struct Victim {
 }
 
 impl Victim {
+    /// Sends the kept-back bytes on to the server (its answer goes nowhere
+    /// once the client's side is cut).
+    async fn deliver(&mut self) {
+        use tokio::io::AsyncWriteExt as _;
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        assert!(executes(&held), "the bytes kept back run a statement: {held:?}");
+        self.server.write_all(&held).await.unwrap();
+    }
+
     /// Closes the connection on the client's side.
     fn cut_client(&mut self) {
         if let Some(cut) = self.cut.take() {
@@ -828,4 +837,145 @@ async fn a_step_statement_that_reaches_the_server_after_a_takeover_writes_nothin
     assert_eq!(last_epoch as u64, new.epoch(), "the step is the new holder's");
     let entries = taker.history(run.key).await.unwrap();
     assert_eq!(entries[BEFORE].occurrence, 99, "with the new holder's entry");
+}
+
+/// A crowd of new runs alone is committed by one statement (`new_runs`),
+/// and a run created with its lease is held under epoch 1: its steps are
+/// fenced by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_new_runs_is_one_statement_and_their_leases_fence() {
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, new_run, step};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let store = open_store("crowd").await;
+    create(&*store, &["seed"]).await;
+    let tickets: Vec<_> = (0..20)
+        .map(|i| store.submit(vec![Write::CreateRun { run: Box::new(new_run(&format!("r{i}"))), lease: i == 0 }]))
+        .collect();
+    let mut created = Vec::new();
+    for ticket in tickets {
+        created.extend(ticket.await.unwrap().unwrap().created);
+    }
+    assert_eq!(store.inner.new_runs_by_statement.load(Ordering::Relaxed), 20, "every run by the statement");
+    let (r0, lease) = &created[0];
+    assert_eq!(lease.as_ref().map(|l| l.epoch()), Some(1));
+    commit(
+        &*store,
+        vec![Write::Append { run: r0.key, position: 0, entries: vec![step("s", 1, EntryStatus::Completed)] }],
+    )
+    .await
+    .expect("a step under the new run's lease");
+    let (admin, connection) = tokio_postgres::connect(store.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = admin
+        .query_one(
+            "SELECT r.owner, r.epoch, h.epoch FROM runs r JOIN history h ON h.run = r.seq WHERE r.seq = $1",
+            &[&r0.key.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)),
+        (store.inner.owner.clone(), 1, 1)
+    );
+}
+
+/// A crowd of new runs whose connection is lost after its statement
+/// reached the server, before the answer: the writer looks for the runs
+/// (once the statement, still waiting for the gate, has run) and answers
+/// with what landed, committing nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_runs_whose_answer_was_lost_are_found_where_they_landed() {
+    use crate::store::conformance::{create, new_run};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let url = fresh_database("lostcrowd").await;
+    let (mut relay, relayed) = Relay::in_front_of(&url).await;
+    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
+        .await
+        .expect("through the relay");
+    create(&store, &["seed"]).await;
+    // Every connection the writer may get has the statement prepared.
+    for i in 0..20 {
+        commit(&store, vec![Write::CreateRun { run: Box::new(new_run(&format!("w{i}"))), lease: false }])
+            .await
+            .unwrap();
+    }
+    let store = Arc::new(store);
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin.batch_execute(&format!("BEGIN; {}", super::gate::LOCK)).await.unwrap();
+    let (committing, mut victim) =
+        relay.hold_back(store.clone(), Write::CreateRun { run: Box::new(new_run("lost")), lease: false }).await;
+    victim.deliver().await;
+    wait_for_the_gate(&url, "the statement", || false).await;
+    victim.cut_client();
+    // The writer's read of what landed waits behind the statement.
+    let two = "SELECT (count(*) >= 2)::INT::BIGINT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    wait_for_a_waiter(&url, two, "the read of what landed never waited for the gate", || false).await;
+    admin.batch_execute("COMMIT").await.unwrap();
+    let committed = tokio::time::timeout(Duration::from_secs(60), committing)
+        .await
+        .expect("the writer settled the lost commit")
+        .unwrap()
+        .expect("as committed");
+    let (record, _) = &committed.created[0];
+    assert_eq!(record.id, "lost");
+    let rows = admin
+        .query(
+            "SELECT r.seq, count(c.seq) FROM runs r JOIN changes c ON c.run = r.seq WHERE r.id = 'lost' GROUP BY r.seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, i64>(1)), (record.key.0, 1), "one run, one created change");
+    assert_eq!(store.inner.new_runs_by_statement.load(Ordering::Relaxed), 21, "found, not committed again");
+}
+
+/// A crowd of new runs whose connection is lost before its statement
+/// reached the server: the writer finds nothing, commits them again, and
+/// the statement, delivered late, writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_runs_lost_on_the_way_are_committed_again_once() {
+    use crate::store::conformance::{create, new_run};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let url = fresh_database("lostearly").await;
+    let (mut relay, relayed) = Relay::in_front_of(&url).await;
+    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
+        .await
+        .expect("through the relay");
+    create(&store, &["seed"]).await;
+    for i in 0..20 {
+        commit(&store, vec![Write::CreateRun { run: Box::new(new_run(&format!("w{i}"))), lease: false }])
+            .await
+            .unwrap();
+    }
+    let store = Arc::new(store);
+    let (committing, mut victim) =
+        relay.hold_back(store.clone(), Write::CreateRun { run: Box::new(new_run("late")), lease: false }).await;
+    victim.cut_client();
+    let committed = tokio::time::timeout(Duration::from_secs(60), committing)
+        .await
+        .expect("the writer settled the lost commit")
+        .unwrap()
+        .expect("and committed the run again");
+    assert_eq!(committed.created[0].0.id, "late");
+    victim.deliver_writing_nothing().await;
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let created: i64 = admin
+        .query_one("SELECT count(*) FROM changes c JOIN runs r ON r.seq = c.run WHERE r.id = 'late'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 1, "one created change");
 }

@@ -221,20 +221,22 @@ async fn commit(
     let _writing = inner.writing.lock().await;
     if let Some(runs) = new_runs::only_new_runs(jobs) {
         match new_runs::commit(inner, &client, jobs, &runs).await {
-            new_runs::Outcome::Committed(results) => {
+            new_runs::Outcome::Committed(first, results) => {
                 notices.notified();
-                // Numbers this writer took, but not a lone step's: the
-                // guess starts again.
-                numbers.missed();
+                numbers.took(first, runs.len() as i64);
                 return Ok(results);
             }
+            // Not known even after looking for the runs.
             new_runs::Outcome::Unknown(e) => return Err(e),
-            // Again item by item (nothing landed): only the bad one fails.
-            new_runs::Outcome::Refused => {
-                numbers.missed();
-                return transact_again(inner, &client, jobs, notices).await;
-            }
+            // Looked for: not there. Again, on a connection that works.
+            new_runs::Outcome::NotLanded => client = inner.pool.get().await.map_err(pool_error)?,
+            // Again item by item (nothing landed): only the bad one fails;
+            // on another connection if the server ended this one.
+            new_runs::Outcome::Refused if client.is_closed() => client = inner.pool.get().await.map_err(pool_error)?,
+            new_runs::Outcome::Refused => {}
         }
+        numbers.missed();
+        return transact_again(inner, &client, jobs, notices).await;
     }
     match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
         Outcome::Committed(events, notified) => {
