@@ -883,30 +883,38 @@ async fn a_crowd_of_new_runs_is_one_statement_and_their_leases_fence() {
     );
 }
 
+/// A store through a relay, on a fresh database with a module stored, whose
+/// writer's connections have the new runs' statement prepared (so that what
+/// the relay keeps back is the statement's execution).
+async fn relayed_with_new_runs_prepared(name: &str) -> (Relay, String, Arc<PostgresStore>) {
+    use crate::store::conformance::{create, new_run};
+    use crate::store::{Write, commit};
+    let url = fresh_database(name).await;
+    let (relay, relayed) = Relay::in_front_of(&url).await;
+    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
+        .await
+        .expect("through the relay");
+    create(&store, &["seed"]).await;
+    for i in 0..20 {
+        commit(&store, vec![Write::CreateRun { run: Box::new(new_run(&format!("w{i}"))), lease: false }])
+            .await
+            .unwrap();
+    }
+    (relay, url, Arc::new(store))
+}
+
 /// A crowd of new runs whose connection is lost after its statement
 /// reached the server, before the answer: the writer looks for the runs
 /// (once the statement, still waiting for the gate, has run) and answers
 /// with what landed, committing nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_runs_whose_answer_was_lost_are_found_where_they_landed() {
-    use crate::store::conformance::{create, new_run};
-    use crate::store::{Write, commit};
+    use crate::store::Write;
+    use crate::store::conformance::new_run;
     if !available() {
         return;
     }
-    let url = fresh_database("lostcrowd").await;
-    let (mut relay, relayed) = Relay::in_front_of(&url).await;
-    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
-        .await
-        .expect("through the relay");
-    create(&store, &["seed"]).await;
-    // Every connection the writer may get has the statement prepared.
-    for i in 0..20 {
-        commit(&store, vec![Write::CreateRun { run: Box::new(new_run(&format!("w{i}"))), lease: false }])
-            .await
-            .unwrap();
-    }
-    let store = Arc::new(store);
+    let (mut relay, url, store) = relayed_with_new_runs_prepared("lostcrowd").await;
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     admin.batch_execute(&format!("BEGIN; {}", super::gate::LOCK)).await.unwrap();
@@ -943,23 +951,12 @@ async fn new_runs_whose_answer_was_lost_are_found_where_they_landed() {
 /// the statement, delivered late, writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_runs_lost_on_the_way_are_committed_again_once() {
-    use crate::store::conformance::{create, new_run};
-    use crate::store::{Write, commit};
+    use crate::store::Write;
+    use crate::store::conformance::new_run;
     if !available() {
         return;
     }
-    let url = fresh_database("lostearly").await;
-    let (mut relay, relayed) = Relay::in_front_of(&url).await;
-    let store = PostgresStore::connect(&relayed, Durability::Process, Duration::from_secs(60))
-        .await
-        .expect("through the relay");
-    create(&store, &["seed"]).await;
-    for i in 0..20 {
-        commit(&store, vec![Write::CreateRun { run: Box::new(new_run(&format!("w{i}"))), lease: false }])
-            .await
-            .unwrap();
-    }
-    let store = Arc::new(store);
+    let (mut relay, url, store) = relayed_with_new_runs_prepared("lostearly").await;
     let (committing, mut victim) =
         relay.hold_back(store.clone(), Write::CreateRun { run: Box::new(new_run("late")), lease: false }).await;
     victim.cut_client();
