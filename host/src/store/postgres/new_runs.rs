@@ -195,13 +195,15 @@ pub(super) async fn commit(
     inner.new_runs_by_statement.fetch_add(n as u64, Ordering::Relaxed);
     let mut events = Vec::with_capacity(runs.len());
     let mut results = Vec::with_capacity(jobs.len());
-    let mut runs = runs.iter();
+    let mut runs = runs.iter().enumerate();
     for job in jobs {
         let mut committed = Ok(Committed::default());
-        for (_, (run, lease)) in job.writes.iter().zip(runs.by_ref()) {
-            // Each run the statement inserted comes back with its key. (The
-            // writes first: `zip` takes from its first iterator first.)
-            let Some((_, key, rank)) = keys.iter().find(|(id, _, _)| *id == run.id) else {
+        for (_, (i, (run, lease))) in job.writes.iter().zip(runs.by_ref()) {
+            // Each run the statement inserted comes back with its key, in
+            // the order given (looked for only if not). (The writes first:
+            // `zip` takes from its first iterator first.)
+            let found = keys.get(i).filter(|(id, _, _)| *id == run.id);
+            let Some((_, key, rank)) = found.or_else(|| keys.iter().find(|(id, _, _)| *id == run.id)) else {
                 committed = Err(StoreError::Corrupt(format!("run {} was committed without its key", run.id)));
                 continue;
             };
