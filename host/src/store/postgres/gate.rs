@@ -18,6 +18,13 @@
 //! updated at every step bloats while a long transaction holds back vacuum,
 //! and every statement had to lock and rewrite it).
 
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{Inner, pg_error, pool_error};
+
 /// The advisory lock's key (next to `schema`'s migration lock, 1129465393).
 /// A macro, so that SQL text built with `concat!` stays `&'static str`.
 macro_rules! gate_key {
@@ -56,6 +63,46 @@ pub(super) const LAST_COMMITTED: &str = concat!(
 
 /// A take moves the generation on (under the lock, once it took a run).
 pub(super) const NEXT_GENERATION: &str = "SELECT nextval('cairn_gen')";
+
+/// `sql` read in a transaction of its own once the gate is held. What
+/// settles a commit whose answer was lost: the lost connection's statement
+/// may still run on the server (it finds out about the lost client only
+/// when it answers), and then it holds the gate; this read sees what it
+/// did once it ended.
+pub(super) async fn read_under_gate(
+    client: &mut deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute(LOCK, &[]).await?;
+    let rows = tx.query(sql, params).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// [`read_under_gate`] on new connections until the database answers, for
+/// up to a lease's length (a server restarting comes back meanwhile);
+/// `None` if it never did.
+pub(super) async fn read_when_settled(inner: &Inner, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Option<Vec<Row>> {
+    let deadline = Instant::now() + inner.lease;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let read = match inner.pool.get().await {
+            Ok(mut client) => read_under_gate(&mut client, sql, params).await.map_err(pg_error),
+            Err(e) => Err(pool_error(e)),
+        };
+        match read {
+            Ok(rows) => return Some(rows),
+            Err(e) => eprintln!("cairn: a commit's outcome is not known yet: {e}"),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
 
 #[cfg(test)]
 mod tests {

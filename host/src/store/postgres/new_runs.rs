@@ -23,7 +23,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
@@ -31,7 +30,7 @@ use tokio_postgres::types::ToSql;
 use super::gate::gate_cte;
 use super::listen::notify_sql;
 use super::writer::{Job, other_change};
-use super::{Inner, lease, pg_error, pool_error};
+use super::{Inner, lease, pg_error};
 use crate::model::{NewRun, RunKey, now_ms, now_us};
 use crate::store::{ChangeKind, Committed, StoreError, Write};
 
@@ -245,51 +244,13 @@ type Landed = (i64, Vec<(String, i64, i64)>);
 /// the runs with these ids and keys tell. Looked for, on new connections,
 /// for up to a lease's length: a server restarting comes back meanwhile.
 async fn settle(inner: &Inner, ids: &[&str], keys: &[&[u8]]) -> Option<Option<Landed>> {
-    let deadline = Instant::now() + inner.lease;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let found = match inner.pool.get().await {
-            Ok(mut client) => landed(&mut client, ids, keys).await.map_err(pg_error),
-            Err(e) => Err(pool_error(e)),
-        };
-        match found {
-            Ok(rows) if rows.is_empty() => return Some(None),
-            Ok(rows) => {
-                let first = rows[0].2;
-                let whole = rows.len() == ids.len() && rows.iter().zip(0..).all(|(r, rank)| r.2 == first + rank);
-                if !whole {
-                    eprintln!("cairn: a batch of new runs landed in part ({} of {}); it cannot", rows.len(), ids.len());
-                    return None;
-                }
-                return Some(Some((
-                    first,
-                    rows.into_iter().zip(0..).map(|((id, key, _), rank)| (id, key, rank)).collect(),
-                )));
-            }
-            Err(e) => eprintln!("cairn: a commit's outcome is not known yet: {e}"),
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
+    let rows = super::gate::read_when_settled(inner, LANDED, &[&ids, &keys]).await?;
+    let rows: Vec<(String, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let Some(&(_, _, first)) = rows.first() else { return Some(None) };
+    let whole = rows.len() == ids.len() && rows.iter().zip(0..).all(|(r, rank)| r.2 == first + rank);
+    if !whole {
+        eprintln!("cairn: a batch of new runs landed in part ({} of {}); it cannot", rows.len(), ids.len());
+        return None;
     }
-}
-
-/// The runs of these ids with these random keys, and their `created`
-/// changes' numbers, in key order; read once the gate is held, in a
-/// transaction of its own: the lost connection's statement may still run
-/// on the server (it finds out about the lost client only when it
-/// answers), and then it holds the gate; this read sees what it did once
-/// it ended.
-async fn landed(
-    client: &mut deadpool_postgres::Object,
-    ids: &[&str],
-    keys: &[&[u8]],
-) -> Result<Vec<(String, i64, i64)>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.execute(super::gate::LOCK, &[]).await?;
-    let rows = tx.query(LANDED, &[&ids, &keys]).await?;
-    tx.commit().await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    Some(Some((first, rows.into_iter().zip(0..).map(|((id, key, _), rank)| (id, key, rank)).collect())))
 }

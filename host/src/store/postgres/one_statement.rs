@@ -386,44 +386,16 @@ async fn settle(inner: &Inner, batch: &Sendable<'_>) -> Option<Option<i64>> {
     let rows = &batch.rows;
     let (&run, &position, &epoch, &off) =
         (rows.run.first()?, rows.position.first()?, rows.epoch.first()?, rows.off.first()?);
-    let deadline = std::time::Instant::now() + inner.lease;
-    let mut pause = std::time::Duration::from_millis(50);
-    loop {
-        let found = match inner.pool.get().await {
-            Ok(mut client) => first_row(&mut client, run, position).await.map_err(super::pg_error),
-            Err(e) => Err(super::pool_error(e)),
-        };
-        match found {
-            // Landed: its numbers run on from this row's.
-            Ok(Some(row)) if row.get::<_, i64>(1) == epoch => return Some(Some(row.get::<_, i64>(0) - off)),
-            // Another epoch's row in its place, or none: it did not land.
-            Ok(_) => return Some(None),
-            Err(e) => eprintln!("cairn: a commit's outcome is not known yet: {e}"),
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    match super::gate::read_when_settled(inner, FIRST_ROW, &[&run, &position]).await?.first() {
+        // Landed: its numbers run on from this row's.
+        Some(row) if row.get::<_, i64>(1) == epoch => Some(Some(row.get::<_, i64>(0) - off)),
+        // Another epoch's row in its place, or none: it did not land.
+        _ => Some(None),
     }
 }
 
-/// The history row at `position`, read once the gate is held, in a
-/// statement of its own: the lost connection's statement may still run on
-/// the server (it finds out about the lost client only when it answers),
-/// and then it holds the gate; this read sees what it did once it ended.
-pub(super) async fn first_row(
-    client: &mut deadpool_postgres::Object,
-    run: i64,
-    position: i32,
-) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.execute(super::gate::LOCK, &[]).await?;
-    let row =
-        tx.query_opt("SELECT id, epoch FROM history WHERE run = $1 AND position = $2", &[&run, &position]).await?;
-    tx.commit().await?;
-    Ok(row)
-}
+/// The history row at a run's position ($1, $2): its number and epoch.
+pub(super) const FIRST_ROW: &str = "SELECT id, epoch FROM history WHERE run = $1 AND position = $2";
 
 /// The generation at which all these leases (run, epoch) were last seen
 /// current, if it is one and the same and they are all still held.

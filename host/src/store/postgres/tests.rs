@@ -238,7 +238,10 @@ async fn the_read_that_settles_a_lost_commit_waits_for_a_commit_still_running() 
         .unwrap();
     let settling = tokio::spawn(async move {
         let mut client = store.inner.pool.get().await.unwrap();
-        super::one_statement::first_row(&mut client, k, 0).await.unwrap()
+        let position = 0i32;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&k, &position];
+        let rows = super::gate::read_under_gate(&mut client, super::one_statement::FIRST_ROW, &params).await;
+        rows.unwrap().into_iter().next()
     });
     wait_for_the_gate(a.location(), "the read", || settling.is_finished()).await;
     running.commit().await.unwrap();

@@ -219,7 +219,9 @@ async fn commit(
     let mut client = inner.pool.get().await.map_err(pool_error)?;
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
-    if let Some(runs) = new_runs::only_new_runs(jobs) {
+    // What did not commit goes item by item (nothing landed): only the bad
+    // item fails. `true`: on another connection.
+    let elsewhere = if let Some(runs) = new_runs::only_new_runs(jobs) {
         match new_runs::commit(inner, &client, jobs, &runs).await {
             new_runs::Outcome::Committed(first, results) => {
                 notices.notified();
@@ -228,50 +230,38 @@ async fn commit(
             }
             // Not known even after looking for the runs.
             new_runs::Outcome::Unknown(e) => return Err(e),
-            // Looked for: not there. Again, on a connection that works.
-            new_runs::Outcome::NotLanded => client = inner.pool.get().await.map_err(pool_error)?,
-            // Again item by item (nothing landed): only the bad one fails;
-            // on another connection if the server ended this one.
-            new_runs::Outcome::Refused if client.is_closed() => client = inner.pool.get().await.map_err(pool_error)?,
-            new_runs::Outcome::Refused => {}
+            // Looked for: not there.
+            new_runs::Outcome::NotLanded => true,
+            // Refused; the server may have ended the connection with it.
+            new_runs::Outcome::Refused => client.is_closed(),
         }
-        numbers.missed();
-        return transact_again(inner, &client, jobs, notices).await;
-    }
-    match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
-        Outcome::Committed(events, notified) => {
-            match events.last() {
-                _ if notified => notices.notified(),
-                Some(last) => notices.owed = Some(last.seq + 1),
-                None => {}
+    } else {
+        match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
+            Outcome::Committed(events, notified) => {
+                match events.last() {
+                    _ if notified => notices.notified(),
+                    Some(last) => notices.owed = Some(last.seq + 1),
+                    None => {}
+                }
+                inner.publish(events);
+                let results: Vec<_> = jobs.iter().map(|_| Ok(Committed::default())).collect();
+                note_finished(inner, jobs, &results);
+                return Ok(results);
             }
-            inner.publish(events);
-            let results: Vec<_> = jobs.iter().map(|_| Ok(Committed::default())).collect();
-            note_finished(inner, jobs, &results);
-            return Ok(results);
+            // Not known even after reading the history again: the runs are
+            // taken up again from what is there.
+            Outcome::Unknown(e) => return Err(e),
+            // Read back under the same epoch: it did not land.
+            Outcome::NotLanded => true,
+            Outcome::Refused | Outcome::NotEligible => false,
         }
-        // Not known even after reading the history again: the runs are
-        // taken up again from what is there.
-        Outcome::Unknown(e) => return Err(e),
-        // Read back under the same epoch: it did not land. Again, on a
-        // connection that works.
-        Outcome::NotLanded => client = inner.pool.get().await.map_err(pool_error)?,
-        // Again item by item (nothing landed): only the bad one fails.
-        Outcome::Refused | Outcome::NotEligible => {}
+    };
+    if elsewhere {
+        client = inner.pool.get().await.map_err(pool_error)?;
     }
     // The transaction takes numbers the lone commits' guess does not know of.
     numbers.missed();
-    transact_again(inner, &client, jobs, notices).await
-}
-
-/// The batch item by item, in one transaction with a savepoint per item.
-async fn transact_again(
-    inner: &Arc<Inner>,
-    client: &ClientWrapper,
-    jobs: &[Job],
-    notices: &mut Notices,
-) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-    match transact(inner, client, jobs, notices).await {
+    match transact(inner, &client, jobs, notices).await {
         Ok(results) => {
             note_finished(inner, jobs, &results);
             Ok(results)
