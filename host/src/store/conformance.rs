@@ -220,6 +220,83 @@ pub(crate) async fn new_runs_commit_in_a_crowd_and_a_bad_one_fails_alone(open: O
     assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
 }
 
+/// Signals, cancels, branch attempts and new runs submitted together: a
+/// store that groups commits groups them (on PostgreSQL, item by item in one
+/// transaction). Bad items fail alone and leave nothing, wherever they fall:
+/// first, last, or next to each other.
+pub(crate) async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone(open: Open) {
+    let store = open("others").await;
+    let [a, b] = &create(&*store, &["a", "b"]).await[..] else { panic!() };
+    let (a, b, missing) = (a.key, b.key, RunKey(i64::MAX - 1));
+    let mut all = store.subscribe();
+    let before = store.last_seq().await.unwrap();
+    let signal = |run, name: &str, max_pending| Write::SendSignal {
+        run,
+        name: name.into(),
+        payload: name.as_bytes().to_vec(),
+        max_pending,
+    };
+    let cancel = |run| Write::RequestCancel { run, grace_until: None };
+    let branch = |name: &str| Write::BranchAttempt { run: a, entry: step(name, 1, EntryStatus::Completed) };
+    let crowd = [
+        vec![cancel(missing)],
+        vec![signal(a, "go", 100)],
+        vec![signal(b, "full", 0)],
+        vec![cancel(b)],
+        vec![branch("left")],
+        vec![signal(b, "full", 0)],
+        vec![cancel(missing)],
+        vec![signal(b, "x", 100), Write::CreateRun { run: Box::new(new_run("n1")), lease: false }],
+        vec![branch("right"), cancel(missing)],
+        vec![Write::CreateRun { run: Box::new(new_run("a")), lease: false }],
+    ];
+    let tickets: Vec<_> = crowd.into_iter().map(|writes| store.submit(writes)).collect();
+    let mut results = Vec::new();
+    for ticket in tickets {
+        results.push(ticket.await.expect("answered"));
+    }
+    let failed: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_err()).collect();
+    assert_eq!(failed, [0, 2, 5, 6, 8, 9], "{results:?}");
+    assert!(matches!(results[0], Err(StoreError::NoSuchRun(k)) if k == missing), "{:?}", results[0]);
+    assert!(matches!(results[2], Err(StoreError::SignalsFull(0))), "{:?}", results[2]);
+    assert!(matches!(results[8], Err(StoreError::NoSuchRun(k)) if k == missing), "{:?}", results[8]);
+    assert!(matches!(&results[9], Err(StoreError::RunExists(id)) if id == "a"), "{:?}", results[9]);
+    let Ok(created) = &results[7] else { unreachable!() };
+    let n1 = created.created[0].0.key;
+    // One change per write that landed, in the order committed, published
+    // and stored alike.
+    let want = [
+        (ChangeKind::Signal, a),
+        (ChangeKind::Cancel, b),
+        (ChangeKind::Branch, a),
+        (ChangeKind::Signal, b),
+        (ChangeKind::Created, n1),
+    ];
+    let mut got = Vec::new();
+    for _ in want {
+        got.push(next(&mut all).await);
+    }
+    assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    // What landed, and only that.
+    let consume = |run, name: &str| Write::ConsumeSignal {
+        run,
+        name: name.into(),
+        entry: (0, Entry::event(EntryKind::Signal, name, 0, Vec::new())),
+    };
+    assert_eq!(commit(&*store, vec![consume(a, "go")]).await.unwrap().signal.as_deref(), Some(&b"go"[..]));
+    assert_eq!(commit(&*store, vec![consume(b, "full")]).await.unwrap().signal, None, "no signal past the cap");
+    let attempts: Vec<String> = store.branch_attempts(a).await.unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(attempts, ["left"], "the branch attempt of a failed item is not kept");
+    let flags = |k| {
+        let store = store.clone();
+        async move { store.run_by_key(k).await.unwrap().map(|r| r.cancel_requested) }
+    };
+    assert_eq!((flags(a).await, flags(b).await), (Some(false), Some(true)));
+    assert_eq!(store.run("n1").await.unwrap().map(|r| r.key), Some(n1));
+}
+
 pub(crate) async fn lease_is_exclusive_and_taken_over(open: Open, reopen: Reopen) {
     let a = open("lease").await;
     let b = reopen(&a).await;
@@ -581,6 +658,13 @@ macro_rules! suite {
                     return;
                 }
                 c::new_runs_commit_in_a_crowd_and_a_bad_one_fails_alone(super::$open, super::$reopen).await
+            }
+            #[tokio::test]
+            async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone() {
+                if !($enabled)() {
+                    return;
+                }
+                c::a_crowd_of_other_items_commits_and_bad_ones_fail_alone(super::$open).await
             }
             #[tokio::test]
             async fn lease_is_exclusive_and_taken_over() {

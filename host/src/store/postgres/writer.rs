@@ -290,12 +290,40 @@ fn note_finished(inner: &Inner, jobs: &[Job], results: &[Result<Committed, Store
     }
 }
 
+/// The jobs in one transaction, item by item. Items seldom fail, so the
+/// batch goes first without savepoints (one round trip fewer per item); if
+/// an item fails, that transaction is rolled back and the batch goes again
+/// with a savepoint per item, so that only the bad ones fail.
 async fn transact(
     inner: &Arc<Inner>,
     tx: &ClientWrapper,
     jobs: &[Job],
     notices: &mut Notices,
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+    match attempt(inner, tx, jobs, notices, false).await? {
+        Attempt::Committed(results) => Ok(results),
+        Attempt::ItemFailed(e) if jobs.len() == 1 => Ok(vec![Err(e)]),
+        Attempt::ItemFailed(_) => match attempt(inner, tx, jobs, notices, true).await? {
+            Attempt::Committed(results) => Ok(results),
+            // Not with savepoints; were it to, nothing landed.
+            Attempt::ItemFailed(e) => Err(e),
+        },
+    }
+}
+
+enum Attempt {
+    Committed(Vec<Result<Committed, StoreError>>),
+    /// An item failed without a savepoint to go back to: nothing landed.
+    ItemFailed(StoreError),
+}
+
+async fn attempt(
+    inner: &Arc<Inner>,
+    tx: &ClientWrapper,
+    jobs: &[Job],
+    notices: &mut Notices,
+    isolate: bool,
+) -> Result<Attempt, StoreError> {
     let sync = match inner.durability {
         Durability::Power => "on",
         Durability::Process => "off",
@@ -318,9 +346,14 @@ async fn transact(
         let keys: Vec<String> = named.iter().map(i64::to_string).collect();
         format!("; SELECT 1 FROM runs WHERE seq IN ({}) ORDER BY seq FOR NO KEY UPDATE", keys.join(","))
     };
+    // Items are isolated by one savepoint, named alike for each: the
+    // opening sets it for the first; an item that succeeded releases it and
+    // sets it again in one round trip; a rollback to it keeps it for the
+    // next; the last item's is released by the commit.
+    let savepoint = if isolate { "; SAVEPOINT item" } else { "" };
     let opening = format!(
         "BEGIN; SET LOCAL synchronous_commit = {sync}; \
-         {LAST_COMMITTED}{lock_runs}"
+         {LAST_COMMITTED}{lock_runs}{savepoint}"
     );
     let first: i64 = tx
         .simple_query(&opening)
@@ -337,29 +370,26 @@ async fn transact(
     let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
     let mut results = Vec::with_capacity(jobs.len());
     let mut leased: Vec<Vec<RunKey>> = Vec::with_capacity(jobs.len());
-    // A lone item needs no savepoint: if it fails, nothing else is lost.
-    let isolate = jobs.len() > 1;
-    for job in jobs {
-        if isolate {
-            tx.batch_execute("SAVEPOINT item").await.map_err(pg_error)?;
-        }
-        let published = batch.events.len();
+    for (i, job) in jobs.iter().enumerate() {
+        let (published, numbered) = (batch.events.len(), batch.next_seq);
         let mut wants_lease = Vec::new();
         match apply(tx, inner, job, &mut batch, &mut wants_lease).await {
             Ok(committed) => {
-                if isolate {
-                    tx.batch_execute("RELEASE SAVEPOINT item").await.map_err(pg_error)?;
+                if isolate && i + 1 < jobs.len() {
+                    tx.batch_execute("RELEASE SAVEPOINT item; SAVEPOINT item").await.map_err(pg_error)?;
                 }
                 results.push(Ok(committed));
             }
             Err(e) if !isolate => {
                 // Nothing of the transaction is kept.
                 tx.batch_execute("ROLLBACK").await.map_err(pg_error)?;
-                return Ok(vec![Err(e)]);
+                return Ok(Attempt::ItemFailed(e));
             }
             Err(e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT item").await.map_err(pg_error)?;
+                // Its change numbers went with it: the next item takes them.
                 batch.events.truncate(published);
+                batch.next_seq = numbered;
                 wants_lease.clear();
                 results.push(Err(e));
             }
@@ -396,7 +426,7 @@ async fn transact(
             }
         }
     }
-    Ok(results)
+    Ok(Attempt::Committed(results))
 }
 
 /// The run must still be this process's if it holds it: its epoch in the
@@ -435,15 +465,15 @@ async fn query_one(
     tx.query_one(&statement, params).await
 }
 
-/// The outcome of a fence and the writes pipelined behind it: a lost lease
-/// first (the writes may have failed only because the transaction had), then
-/// the writes' own error.
-fn settle(fenced: Result<i64, StoreError>, written: Result<(), StoreError>) -> Result<(), StoreError> {
+/// The outcome of a fence and the statements pipelined behind it: a lost
+/// lease first (they may have failed only because the transaction had), then
+/// their own error; else the epoch written under and what they returned.
+fn settle<T>(fenced: Result<i64, StoreError>, written: Result<T, StoreError>) -> Result<(i64, T), StoreError> {
     match (fenced, written) {
         (Err(e @ (StoreError::LeaseLost { .. } | StoreError::NoSuchRun(_))), _) => Err(e),
         (_, Err(e)) => Err(e),
-        (Err(e), Ok(())) => Err(e),
-        (Ok(_), Ok(())) => Ok(()),
+        (Err(e), Ok(_)) => Err(e),
+        (Ok(epoch), Ok(written)) => Ok((epoch, written)),
     }
 }
 
@@ -469,23 +499,8 @@ fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunSt
     seq
 }
 
-async fn insert_change(
-    tx: &ClientWrapper,
-    batch: &mut Batch,
-    run: RunKey,
-    kind: ChangeKind,
-    status: Option<RunStatus>,
-) -> Result<(), StoreError> {
-    let seq = change(batch, run, kind, status);
-    execute(
-        tx,
-        "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
-        &[&seq, &run.0, &kind.as_str(), &status.map(|s| s.as_str()), &batch.ts_us],
-    )
-    .await
-    .map_err(pg_error)?;
-    Ok(())
-}
+/// A change row other than a history row's.
+const INSERT_CHANGE: &str = "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)";
 
 /// One history row (its change event is the caller's).
 async fn insert_row(
@@ -561,11 +576,10 @@ async fn apply(
                 .map_err(pg_error)?;
             }
             Write::CreateRun { run, lease } => {
-                let record = create_run(tx, inner, run, *lease).await?;
+                let record = create_run(tx, inner, batch, run, *lease).await?;
                 if *lease {
                     wants_lease.push(record.key);
                 }
-                insert_change(tx, batch, record.key, ChangeKind::Created, Some(record.status)).await?;
                 committed.created.push((record, None));
             }
             Write::Append { run, position, entries } => {
@@ -597,11 +611,7 @@ async fn apply(
                 );
                 let change_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&seq, &run.0, &"status", &name, &ts_us];
-                let change_row = execute(
-                    tx,
-                    "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
-                    &change_params,
-                );
+                let change_row = execute(tx, INSERT_CHANGE, &change_params);
                 let (fenced, updated, changed) =
                     futures_util::future::join3(fence(tx, job, *run), update, change_row).await;
                 let updated = updated
@@ -610,77 +620,94 @@ async fn apply(
                 settle(fenced, updated.and_then(|()| changed.map(drop).map_err(pg_error)))?;
             }
             Write::SendSignal { run, name, payload, max_pending } => {
-                let pending: i64 =
-                    query_one(tx, "SELECT count(*) FROM signals WHERE run = $1 AND consumed_at IS NULL", &[&run.0])
-                        .await
-                        .map_err(pg_error)?
-                        .get(0);
-                if pending as u64 >= *max_pending {
-                    return Err(StoreError::SignalsFull(pending as u64));
-                }
-                execute(
+                // The cap, the signal and its change row in one statement:
+                // nothing goes in if the run's undelivered signals reach the cap.
+                let seq = change(batch, *run, ChangeKind::Signal, None);
+                let max_pending = i64::try_from(*max_pending).unwrap_or(i64::MAX);
+                let pending: i64 = query_one(
                     tx,
-                    "INSERT INTO signals (run, name, payload, sent_at) VALUES ($1, $2, $3, $4)",
-                    &[&run.0, name, payload, &now_ms()],
+                    "WITH pending AS (SELECT count(*) AS n FROM signals WHERE run = $1 AND consumed_at IS NULL), \
+                     sent AS (INSERT INTO signals (run, name, payload, sent_at) \
+                              SELECT $1, $2, $3, $4 FROM pending WHERE pending.n < $5 RETURNING run), \
+                     changed AS (INSERT INTO changes (seq, run, kind, status, committed_us) \
+                              SELECT $6, run, $7, NULL, $8 FROM sent) \
+                     SELECT n FROM pending",
+                    &[&run.0, name, payload, &now_ms(), &max_pending, &seq, &ChangeKind::Signal.as_str(), &batch.ts_us],
                 )
                 .await
-                .map_err(pg_error)?;
-                insert_change(tx, batch, *run, ChangeKind::Signal, None).await?;
+                .map_err(pg_error)?
+                .get(0);
+                if pending >= max_pending {
+                    return Err(StoreError::SignalsFull(pending as u64));
+                }
             }
             Write::RequestCancel { run, grace_until } => {
-                let n = execute(
+                // The flag and its change row in one statement: no row, no change.
+                let seq = change(batch, *run, ChangeKind::Cancel, None);
+                let n: i64 = query_one(
                     tx,
-                    "UPDATE runs SET cancel_grace_until = CASE \
+                    "WITH flagged AS (UPDATE runs SET cancel_grace_until = CASE \
                            WHEN NOT cancel_requested THEN $2::BIGINT \
                            WHEN cancel_grace_until IS NULL OR $2::BIGINT IS NULL THEN NULL \
                            ELSE least(cancel_grace_until, $2::BIGINT) END, \
-                         cancel_requested = true WHERE seq = $1",
-                    &[&run.0, grace_until],
+                         cancel_requested = true WHERE seq = $1 RETURNING seq), \
+                     changed AS (INSERT INTO changes (seq, run, kind, status, committed_us) \
+                              SELECT $3, seq, $4, NULL, $5 FROM flagged) \
+                     SELECT count(*) FROM flagged",
+                    &[&run.0, grace_until, &seq, &ChangeKind::Cancel.as_str(), &batch.ts_us],
                 )
                 .await
-                .map_err(pg_error)?;
+                .map_err(pg_error)?
+                .get(0);
                 if n == 0 {
                     return Err(StoreError::NoSuchRun(*run));
                 }
-                insert_change(tx, batch, *run, ChangeKind::Cancel, None).await?;
             }
             Write::BranchAttempt { run, entry: e } => {
-                fence(tx, job, *run).await?;
-                execute(
+                // Fence, attempt and change row in one round trip (pipelined).
+                let seq = change(batch, *run, ChangeKind::Branch, None);
+                let attempt_params: [&(dyn ToSql + Sync); 9] = [
+                    &run.0,
+                    &e.name,
+                    &(e.occurrence as i32),
+                    &(e.attempt as i32),
+                    &e.status.as_str(),
+                    &e.output,
+                    &e.error,
+                    &e.started_at,
+                    &e.finished_at,
+                ];
+                let attempt = execute(
                     tx,
                     "INSERT INTO branches (run, name, occurrence, attempt, status, output, error, started_at, finished_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    &[
-                        &run.0,
-                        &e.name,
-                        &(e.occurrence as i32),
-                        &(e.attempt as i32),
-                        &e.status.as_str(),
-                        &e.output,
-                        &e.error,
-                        &e.started_at,
-                        &e.finished_at,
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
-                insert_change(tx, batch, *run, ChangeKind::Branch, None).await?;
+                    &attempt_params,
+                );
+                let change_params: [&(dyn ToSql + Sync); 5] =
+                    [&seq, &run.0, &ChangeKind::Branch.as_str(), &None::<&str>, &batch.ts_us];
+                let change_row = execute(tx, INSERT_CHANGE, &change_params);
+                let (fenced, attempted, changed) =
+                    futures_util::future::join3(fence(tx, job, *run), attempt, change_row).await;
+                let written = attempted.and(changed).map(drop).map_err(pg_error);
+                settle(fenced, written)?;
             }
             Write::ConsumeSignal { run, name, entry } => {
-                let epoch = fence(tx, job, *run).await?;
-                let found = query_opt(
+                // Fence and the oldest undelivered signal's take in one round
+                // trip (pipelined), then its history row.
+                let consumed_at = now_ms();
+                let take_params: [&(dyn ToSql + Sync); 3] = [&run.0, name, &consumed_at];
+                let take = query_opt(
                     tx,
-                    "SELECT seq, payload FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
-                         ORDER BY seq LIMIT 1 FOR UPDATE",
-                    &[&run.0, name],
-                )
-                .await
-                .map_err(pg_error)?;
+                    "UPDATE signals SET consumed_at = $3 WHERE seq = \
+                         (SELECT seq FROM signals WHERE run = $1 AND name = $2 AND consumed_at IS NULL \
+                          ORDER BY seq LIMIT 1 FOR UPDATE) \
+                     RETURNING payload",
+                    &take_params,
+                );
+                let (fenced, taken) = futures_util::future::join(fence(tx, job, *run), take).await;
+                let (epoch, found) = settle(fenced, taken.map_err(pg_error))?;
                 if let Some(row) = found {
-                    let (signal, payload): (i64, Vec<u8>) = (row.get(0), row.get(1));
-                    execute(tx, "UPDATE signals SET consumed_at = $2 WHERE seq = $1", &[&signal, &now_ms()])
-                        .await
-                        .map_err(pg_error)?;
+                    let payload: Vec<u8> = row.get(0);
                     let mut e = entry.1.clone();
                     e.output = payload.clone();
                     insert_entry(tx, batch, *run, entry.0, &e, epoch).await?;
@@ -721,34 +748,51 @@ async fn apply(
     Ok(committed)
 }
 
-async fn create_run(tx: &ClientWrapper, inner: &Inner, run: &NewRun, lease: bool) -> Result<RunRecord, StoreError> {
+/// The run and its `created` change row, in one statement.
+async fn create_run(
+    tx: &ClientWrapper,
+    inner: &Inner,
+    batch: &mut Batch,
+    run: &NewRun,
+    lease: bool,
+) -> Result<RunRecord, StoreError> {
     let created_at = now_ms();
     let config = serde_json::to_string(&run.config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let (owner, epoch, ms) =
         if lease { (Some(inner.owner.as_str()), 1i64, Some(inner.lease.as_millis() as i64)) } else { (None, 0, None) };
+    let seq = batch.take_seq();
     let row = query_opt(
         tx,
-            "INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, owner, epoch, \
-             lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11::BIGINT * interval '1 millisecond') \
-             ON CONFLICT (id) DO NOTHING RETURNING seq",
-            &[
-                &run.id,
-                &run.module,
-                &run.module_path,
-                &run.input,
-                &config,
-                &run.status.as_str(),
-                &created_at,
-                &&run.random_key[..],
-                &owner,
-                &epoch,
-                &ms,
-            ],
-        )
-        .await
-        .map_err(pg_error)?;
+        "WITH created AS (INSERT INTO runs (id, module, module_path, input, config, status, created_at, random_key, \
+                 owner, epoch, lease_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11::BIGINT * interval '1 millisecond') \
+             ON CONFLICT (id) DO NOTHING RETURNING seq), \
+         changed AS (INSERT INTO changes (seq, run, kind, status, committed_us) \
+             SELECT $12, seq, $13, $6, $14 FROM created) \
+         SELECT seq FROM created",
+        &[
+            &run.id,
+            &run.module,
+            &run.module_path,
+            &run.input,
+            &config,
+            &run.status.as_str(),
+            &created_at,
+            &&run.random_key[..],
+            &owner,
+            &epoch,
+            &ms,
+            &seq,
+            &ChangeKind::Created.as_str(),
+            &batch.ts_us,
+        ],
+    )
+    .await
+    .map_err(pg_error)?;
     let Some(row) = row else { return Err(StoreError::RunExists(run.id.clone())) };
-    Ok(run.record(RunKey(row.get(0)), created_at))
+    let key = RunKey(row.get(0));
+    batch.events.push(other_change(seq as u64, key, ChangeKind::Created, Some(run.status), batch.ts_us));
+    Ok(run.record(key, created_at))
 }
 
 /// As SQLite's: check the versions read, then apply the writes.

@@ -482,7 +482,7 @@ fn apply<'a>(
             }
             Write::RequestCancel { run, grace_until } => {
                 // The earliest stop holds: a stop at once (NULL) over any grace.
-                tx.prepare_cached(
+                let n = tx.prepare_cached(
                     "UPDATE runs SET cancel_grace_until = CASE \
                        WHEN cancel_requested = 0 THEN ?2 \
                        WHEN cancel_grace_until IS NULL OR ?2 IS NULL THEN NULL \
@@ -490,6 +490,9 @@ fn apply<'a>(
                      cancel_requested = 1 WHERE seq = ?1",
                 )?
                 .execute(params![run.0, grace_until])?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchRun(*run));
+                }
                 batch.change(*run, ChangeKind::Cancel, None);
             }
             Write::CreateToken { token } => {
