@@ -297,6 +297,70 @@ pub(crate) async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone(open:
     assert_eq!(store.run("n1").await.unwrap().map(|r| r.key), Some(n1));
 }
 
+/// A crowd of signals and cancels alone (on PostgreSQL, one round trip):
+/// they land in the order submitted, a signal's cap counts the ones before
+/// it in the same crowd, and a bad one fails alone.
+pub(crate) async fn a_crowd_of_signals_and_cancels_keeps_its_order(open: Open) {
+    let store = open("signal-crowd").await;
+    let [a, b] = &create(&*store, &["a", "b"]).await[..] else { panic!() };
+    let (a, b, missing) = (a.key, b.key, RunKey(i64::MAX - 1));
+    let mut all = store.subscribe();
+    let before = store.last_seq().await.unwrap();
+    let signal = |run, payload: &str, max_pending| {
+        vec![Write::SendSignal { run, name: "s".into(), payload: payload.as_bytes().to_vec(), max_pending }]
+    };
+    let cancel = |run| vec![Write::RequestCancel { run, grace_until: None }];
+    let crowds = [
+        vec![signal(a, "1", 3), signal(a, "2", 3), cancel(b), signal(a, "3", 3), signal(b, "x", 100)],
+        vec![signal(a, "4", 3), cancel(missing), signal(b, "y", 100), cancel(a)],
+    ];
+    let mut results = Vec::new();
+    for crowd in crowds {
+        let tickets: Vec<_> = crowd.into_iter().map(|writes| store.submit(writes)).collect();
+        for ticket in tickets {
+            results.push(ticket.await.expect("answered").map(|_| ()));
+        }
+    }
+    let failed: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_err()).collect();
+    assert_eq!(failed, [5, 6], "{results:?}");
+    assert!(matches!(results[5], Err(StoreError::SignalsFull(3))), "the cap counts the crowd's: {:?}", results[5]);
+    assert!(matches!(results[6], Err(StoreError::NoSuchRun(k)) if k == missing), "{:?}", results[6]);
+    let want = [
+        (ChangeKind::Signal, a),
+        (ChangeKind::Signal, a),
+        (ChangeKind::Cancel, b),
+        (ChangeKind::Signal, a),
+        (ChangeKind::Signal, b),
+        (ChangeKind::Signal, b),
+        (ChangeKind::Cancel, a),
+    ];
+    let mut got = Vec::new();
+    for _ in want {
+        got.push(next(&mut all).await);
+    }
+    assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    // Delivered in the order sent, and nothing past the cap.
+    let mut delivered = Vec::new();
+    for (run, position) in [(a, 0), (a, 1), (a, 2), (a, 3), (b, 0), (b, 1), (b, 2)] {
+        let consume = Write::ConsumeSignal {
+            run,
+            name: "s".into(),
+            entry: (position, Entry::event(EntryKind::Signal, "s", 0, Vec::new())),
+        };
+        let signal = commit(&*store, vec![consume]).await.unwrap().signal;
+        delivered.push(signal.map(|p| String::from_utf8(p).unwrap()));
+    }
+    let delivered: Vec<Option<&str>> = delivered.iter().map(|p| p.as_deref()).collect();
+    assert_eq!(delivered, [Some("1"), Some("2"), Some("3"), None, Some("x"), Some("y"), None]);
+    let flags = |k| {
+        let store = store.clone();
+        async move { store.run_by_key(k).await.unwrap().map(|r| r.cancel_requested) }
+    };
+    assert_eq!((flags(a).await, flags(b).await), (Some(true), Some(true)));
+}
+
 pub(crate) async fn lease_is_exclusive_and_taken_over(open: Open, reopen: Reopen) {
     let a = open("lease").await;
     let b = reopen(&a).await;
@@ -665,6 +729,13 @@ macro_rules! suite {
                     return;
                 }
                 c::a_crowd_of_other_items_commits_and_bad_ones_fail_alone(super::$open).await
+            }
+            #[tokio::test]
+            async fn a_crowd_of_signals_and_cancels_keeps_its_order() {
+                if !($enabled)() {
+                    return;
+                }
+                c::a_crowd_of_signals_and_cancels_keeps_its_order(super::$open).await
             }
             #[tokio::test]
             async fn lease_is_exclusive_and_taken_over() {

@@ -16,6 +16,7 @@ mod lease;
 mod listen;
 mod new_runs;
 mod one_statement;
+mod pipelined;
 mod schema;
 mod spin;
 mod tls;
@@ -116,6 +117,9 @@ pub(crate) struct Inner {
     /// New runs committed by `new_runs`' statement, for the tests.
     #[cfg(test)]
     pub(crate) new_runs_by_statement: std::sync::atomic::AtomicU64,
+    /// Signals and cancels sent in a crowd's one round trip.
+    #[cfg(test)]
+    pub(crate) items_pipelined: std::sync::atomic::AtomicU64,
 }
 
 /// A lease this process holds.
@@ -221,6 +225,8 @@ impl PostgresStore {
             guesses: Default::default(),
             #[cfg(test)]
             new_runs_by_statement: Default::default(),
+            #[cfg(test)]
+            items_pipelined: Default::default(),
         });
         let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);

@@ -979,3 +979,32 @@ async fn new_runs_lost_on_the_way_are_committed_again_once() {
         .get(0);
     assert_eq!(created, 1, "one created change");
 }
+
+/// A crowd of signals submitted together goes in the crowd's one round trip
+/// (the conformance suite checks what lands, and in which order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_signals_is_pipelined() {
+    use crate::store::conformance::create;
+    use crate::store::Write;
+    if !available() {
+        return;
+    }
+    let store = open_store("signals-pipelined").await;
+    let [run] = &create(&*store, &["s"]).await[..] else { panic!() };
+    let tickets: Vec<_> = (0..20)
+        .map(|i| {
+            store.submit(vec![Write::SendSignal {
+                run: run.key,
+                name: "s".into(),
+                payload: vec![i],
+                max_pending: 100,
+            }])
+        })
+        .collect();
+    for ticket in tickets {
+        ticket.await.unwrap().expect("sent");
+    }
+    // The writer may take the first alone, before the others are queued.
+    let pipelined = store.inner.items_pipelined.load(Ordering::Relaxed);
+    assert!(pipelined >= 10, "{pipelined} of 20 signals pipelined");
+}

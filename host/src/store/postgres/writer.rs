@@ -16,7 +16,8 @@ use tokio_postgres::types::ToSql;
 use super::gate::LAST_COMMITTED;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
-use super::{Inner, lease, new_runs, pg_error, pool_error, spin};
+use super::pipelined::Item;
+use super::{Inner, lease, new_runs, pg_error, pool_error, pipelined, spin};
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
 
@@ -191,9 +192,9 @@ pub(super) async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>,
 }
 
 /// The state of one batch's transaction.
-struct Batch {
+pub(super) struct Batch {
     next_seq: i64,
-    ts_us: i64,
+    pub(super) ts_us: i64,
     events: Vec<ChangeEvent>,
 }
 
@@ -370,31 +371,44 @@ async fn attempt(
     let mut batch = Batch { next_seq: first, ts_us: now_us(), events: Vec::new() };
     let mut results = Vec::with_capacity(jobs.len());
     let mut leased: Vec<Vec<RunKey>> = Vec::with_capacity(jobs.len());
-    for (i, job) in jobs.iter().enumerate() {
-        let (published, numbered) = (batch.events.len(), batch.next_seq);
-        let mut wants_lease = Vec::new();
-        match apply(tx, inner, job, &mut batch, &mut wants_lease).await {
-            Ok(committed) => {
-                if isolate && i + 1 < jobs.len() {
-                    tx.batch_execute("RELEASE SAVEPOINT item; SAVEPOINT item").await.map_err(pg_error)?;
-                }
-                results.push(Ok(committed));
-            }
-            Err(e) if !isolate => {
-                // Nothing of the transaction is kept.
-                tx.batch_execute("ROLLBACK").await.map_err(pg_error)?;
-                return Ok(Attempt::ItemFailed(e));
-            }
-            Err(e) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT item").await.map_err(pg_error)?;
-                // Its change numbers went with it: the next item takes them.
-                batch.events.truncate(published);
-                batch.next_seq = numbered;
-                wants_lease.clear();
-                results.push(Err(e));
-            }
+    // A crowd of signals and cancels alone goes in one round trip.
+    let crowd = if isolate || jobs.len() < 2 { None } else { pipelined::items(jobs, &mut batch) };
+    if let Some(items) = crowd {
+        if let Err(e) = pipelined::send_all(tx, &items).await {
+            tx.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+            return Ok(Attempt::ItemFailed(e));
         }
-        leased.push(wants_lease);
+        #[cfg(test)]
+        inner.items_pipelined.fetch_add(items.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        results.extend(jobs.iter().map(|_| Ok(Committed::default())));
+        leased.resize(jobs.len(), Vec::new());
+    } else {
+        for (i, job) in jobs.iter().enumerate() {
+            let (published, numbered) = (batch.events.len(), batch.next_seq);
+            let mut wants_lease = Vec::new();
+            match apply(tx, inner, job, &mut batch, &mut wants_lease).await {
+                Ok(committed) => {
+                    if isolate && i + 1 < jobs.len() {
+                        tx.batch_execute("RELEASE SAVEPOINT item; SAVEPOINT item").await.map_err(pg_error)?;
+                    }
+                    results.push(Ok(committed));
+                }
+                Err(e) if !isolate => {
+                    // Nothing of the transaction is kept.
+                    tx.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                    return Ok(Attempt::ItemFailed(e));
+                }
+                Err(e) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT item").await.map_err(pg_error)?;
+                    // Its change numbers went with it: the next item takes them.
+                    batch.events.truncate(published);
+                    batch.next_seq = numbered;
+                    wants_lease.clear();
+                    results.push(Err(e));
+                }
+            }
+            leased.push(wants_lease);
+        }
     }
     // The sequence, the notification and the commit in one round trip.
     let closing = if batch.next_seq != first {
@@ -493,7 +507,7 @@ pub(super) fn other_change(
     ChangeEvent { seq, run, kind, position: None, status, ts_us }
 }
 
-fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunStatus>) -> i64 {
+pub(super) fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: Option<RunStatus>) -> i64 {
     let seq = batch.take_seq();
     batch.events.push(other_change(seq as u64, run, kind, status, batch.ts_us));
     seq
@@ -620,49 +634,9 @@ async fn apply(
                 settle(fenced, updated.and_then(|()| changed.map(drop).map_err(pg_error)))?;
             }
             Write::SendSignal { run, name, payload, max_pending } => {
-                // The cap, the signal and its change row in one statement:
-                // nothing goes in if the run's undelivered signals reach the cap.
-                let seq = change(batch, *run, ChangeKind::Signal, None);
-                let max_pending = i64::try_from(*max_pending).unwrap_or(i64::MAX);
-                let pending: i64 = query_one(
-                    tx,
-                    "WITH pending AS (SELECT count(*) AS n FROM signals WHERE run = $1 AND consumed_at IS NULL), \
-                     sent AS (INSERT INTO signals (run, name, payload, sent_at) \
-                              SELECT $1, $2, $3, $4 FROM pending WHERE pending.n < $5 RETURNING run), \
-                     changed AS (INSERT INTO changes (seq, run, kind, status, committed_us) \
-                              SELECT $6, run, $7, NULL, $8 FROM sent) \
-                     SELECT n FROM pending",
-                    &[&run.0, name, payload, &now_ms(), &max_pending, &seq, &ChangeKind::Signal.as_str(), &batch.ts_us],
-                )
-                .await
-                .map_err(pg_error)?
-                .get(0);
-                if pending >= max_pending {
-                    return Err(StoreError::SignalsFull(pending as u64));
-                }
+                Item::signal(batch, *run, name, payload, *max_pending).send(tx).await?;
             }
-            Write::RequestCancel { run, grace_until } => {
-                // The flag and its change row in one statement: no row, no change.
-                let seq = change(batch, *run, ChangeKind::Cancel, None);
-                let n: i64 = query_one(
-                    tx,
-                    "WITH flagged AS (UPDATE runs SET cancel_grace_until = CASE \
-                           WHEN NOT cancel_requested THEN $2::BIGINT \
-                           WHEN cancel_grace_until IS NULL OR $2::BIGINT IS NULL THEN NULL \
-                           ELSE least(cancel_grace_until, $2::BIGINT) END, \
-                         cancel_requested = true WHERE seq = $1 RETURNING seq), \
-                     changed AS (INSERT INTO changes (seq, run, kind, status, committed_us) \
-                              SELECT $3, seq, $4, NULL, $5 FROM flagged) \
-                     SELECT count(*) FROM flagged",
-                    &[&run.0, grace_until, &seq, &ChangeKind::Cancel.as_str(), &batch.ts_us],
-                )
-                .await
-                .map_err(pg_error)?
-                .get(0);
-                if n == 0 {
-                    return Err(StoreError::NoSuchRun(*run));
-                }
-            }
+            Write::RequestCancel { run, grace_until } => Item::cancel(batch, *run, *grace_until).send(tx).await?,
             Write::BranchAttempt { run, entry: e } => {
                 // Fence, attempt and change row in one round trip (pipelined).
                 let seq = change(batch, *run, ChangeKind::Branch, None);
