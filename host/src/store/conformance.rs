@@ -277,8 +277,12 @@ pub(crate) async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone(open:
         got.push(next(&mut all).await);
     }
     assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
-    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert!(got.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "numbered on, none lost to a failed item: {got:?}");
     assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    // And nothing else was published: the next event is the next commit's.
+    commit(&*store, vec![signal(b, "later", 100)]).await.unwrap();
+    let after = next(&mut all).await;
+    assert_eq!((after.kind, after.run), (ChangeKind::Signal, b), "{after:?}");
     // What landed, and only that.
     let consume = |run, name: &str| Write::ConsumeSignal {
         run,
@@ -312,7 +316,7 @@ pub(crate) async fn a_crowd_of_signals_and_cancels_keeps_its_order(open: Open) {
     let cancel = |run| vec![Write::RequestCancel { run, grace_until: None }];
     let crowds = [
         vec![signal(a, "1", 3), signal(a, "2", 3), cancel(b), signal(a, "3", 3), signal(b, "x", 100)],
-        vec![signal(a, "4", 3), cancel(missing), signal(b, "y", 100), cancel(a)],
+        vec![signal(a, "4", 3), cancel(missing), signal(b, "y", 2), signal(b, "z", 2), cancel(a)],
     ];
     let mut results = Vec::new();
     for crowd in crowds {
@@ -322,9 +326,10 @@ pub(crate) async fn a_crowd_of_signals_and_cancels_keeps_its_order(open: Open) {
         }
     }
     let failed: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_err()).collect();
-    assert_eq!(failed, [5, 6], "{results:?}");
-    assert!(matches!(results[5], Err(StoreError::SignalsFull(3))), "the cap counts the crowd's: {:?}", results[5]);
+    assert_eq!(failed, [5, 6, 8], "{results:?}");
+    assert!(matches!(results[5], Err(StoreError::SignalsFull(3))), "{:?}", results[5]);
     assert!(matches!(results[6], Err(StoreError::NoSuchRun(k)) if k == missing), "{:?}", results[6]);
+    assert!(matches!(results[8], Err(StoreError::SignalsFull(2))), "the cap counts the crowd's: {:?}", results[8]);
     let want = [
         (ChangeKind::Signal, a),
         (ChangeKind::Signal, a),
@@ -339,8 +344,12 @@ pub(crate) async fn a_crowd_of_signals_and_cancels_keeps_its_order(open: Open) {
         got.push(next(&mut all).await);
     }
     assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
-    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing: {got:?}");
+    assert!(got.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "numbered on, none lost to a failed item: {got:?}");
     assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    // And nothing else was published: the next event is the next commit's.
+    commit(&*store, vec![Write::RequestCancel { run: a, grace_until: None }]).await.unwrap();
+    let after = next(&mut all).await;
+    assert_eq!((after.kind, after.run), (ChangeKind::Cancel, a), "{after:?}");
     // Delivered in the order sent, and nothing past the cap.
     let mut delivered = Vec::new();
     for (run, position) in [(a, 0), (a, 1), (a, 2), (a, 3), (b, 0), (b, 1), (b, 2)] {

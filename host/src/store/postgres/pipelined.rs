@@ -138,7 +138,9 @@ pub(super) async fn send_all(tx: &ClientWrapper, items: &[Item<'_>]) -> Result<(
         };
         tx.query_one(statement, params)
     });
-    for (item, row) in items.iter().zip(in_order(calls).await) {
+    let rows = in_order(calls).await;
+    debug_assert_eq!(rows.len(), items.len(), "one answer per item");
+    for (item, row) in items.iter().zip(rows) {
         item.outcome(&row.map_err(pg_error)?)?;
     }
     Ok(())

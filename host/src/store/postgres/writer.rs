@@ -1,9 +1,13 @@
 //! Group commit on PostgreSQL: one task takes everything queued and writes
-//! it in one transaction (one WAL flush for all of it), each item under a
-//! savepoint so that a bad one fails alone. The transaction first takes the
-//! gate (`gate`), so change numbers follow commit order across processes;
-//! it ends with a notification, so other processes hear of it at commit. `synchronous_commit` follows the durability: `power` waits for
-//! the flush, `process` does not.
+//! it in one transaction (one WAL flush for all of it). The common batches
+//! (steps and statuses; new runs alone; signals and cancels alone) go as
+//! one statement or one round trip; the rest item by item, first without
+//! savepoints and, if an item fails, again with one per item, so that a bad
+//! item fails alone. The transaction first takes the gate (`gate`), so
+//! change numbers follow commit order across processes; it ends with a
+//! notification, so other processes hear of it at commit.
+//! `synchronous_commit` follows the durability: `power` waits for the
+//! flush, `process` does not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -221,8 +225,9 @@ async fn commit(
     // The listener waits for this before it tells its own changes apart.
     let _writing = inner.writing.lock().await;
     // What did not commit goes item by item (nothing landed): only the bad
-    // item fails. `true`: on another connection.
-    let elsewhere = if let Some(runs) = new_runs::only_new_runs(jobs) {
+    // item fails. `elsewhere`: on another connection; `refused`: the server
+    // refused it, so an item will fail again and savepoints pay at once.
+    let (elsewhere, refused) = if let Some(runs) = new_runs::only_new_runs(jobs) {
         match new_runs::commit(inner, &client, jobs, &runs).await {
             new_runs::Outcome::Committed(first, results) => {
                 notices.notified();
@@ -232,9 +237,9 @@ async fn commit(
             // Not known even after looking for the runs.
             new_runs::Outcome::Unknown(e) => return Err(e),
             // Looked for: not there.
-            new_runs::Outcome::NotLanded => true,
+            new_runs::Outcome::NotLanded => (true, false),
             // Refused; the server may have ended the connection with it.
-            new_runs::Outcome::Refused => client.is_closed(),
+            new_runs::Outcome::Refused => (client.is_closed(), true),
         }
     } else {
         match one_statement::commit(inner, &client, jobs, notices.due(), numbers).await {
@@ -253,8 +258,9 @@ async fn commit(
             // taken up again from what is there.
             Outcome::Unknown(e) => return Err(e),
             // Read back under the same epoch: it did not land.
-            Outcome::NotLanded => true,
-            Outcome::Refused | Outcome::NotEligible => false,
+            Outcome::NotLanded => (true, false),
+            Outcome::Refused => (false, true),
+            Outcome::NotEligible => (false, false),
         }
     };
     if elsewhere {
@@ -262,7 +268,7 @@ async fn commit(
     }
     // The transaction takes numbers the lone commits' guess does not know of.
     numbers.missed();
-    match transact(inner, &client, jobs, notices).await {
+    match transact(inner, &client, jobs, notices, refused).await {
         Ok(results) => {
             note_finished(inner, jobs, &results);
             Ok(results)
@@ -294,14 +300,17 @@ fn note_finished(inner: &Inner, jobs: &[Job], results: &[Result<Committed, Store
 /// The jobs in one transaction, item by item. Items seldom fail, so the
 /// batch goes first without savepoints (one round trip fewer per item); if
 /// an item fails, that transaction is rolled back and the batch goes again
-/// with a savepoint per item, so that only the bad ones fail.
+/// with a savepoint per item, so that only the bad ones fail. A batch the
+/// server `refused` as one statement has a bad item: it starts with them.
 async fn transact(
     inner: &Arc<Inner>,
     tx: &ClientWrapper,
     jobs: &[Job],
     notices: &mut Notices,
+    refused: bool,
 ) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-    match attempt(inner, tx, jobs, notices, false).await? {
+    let isolate_first = refused && jobs.len() > 1;
+    match attempt(inner, tx, jobs, notices, isolate_first).await? {
         Attempt::Committed(results) => Ok(results),
         Attempt::ItemFailed(e) if jobs.len() == 1 => Ok(vec![Err(e)]),
         Attempt::ItemFailed(_) => match attempt(inner, tx, jobs, notices, true).await? {
