@@ -229,17 +229,19 @@ pub async fn rows(b: &mut Bench) -> Result<Vec<Row>> {
 /// with the runs in PostgreSQL. No target of its own: it shows what a
 /// server on PostgreSQL accepts, next to W9 on SQLite.
 async fn w9(b: &mut Bench, server: &Server) -> Result<Row> {
-    let mut rates = Vec::new();
+    let mut crowds = Vec::new();
     for rep in 0..b.sizes.reps {
         let url = server.fresh_db(&format!("w9_{rep}")).await?;
-        let (rate, want) = crate::serve::w9_crowd(b, &url).await?;
-        rates.push(rate);
-        let stored: i64 = connect(&url).await?.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
-        if stored as usize != want {
-            bail!("W9-pg: {stored} runs stored of {want} accepted");
+        let crowd = crate::serve::w9_crowd(b, &url).await?;
+        let client = connect(&url).await?;
+        let runs: i64 = client.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
+        let signals: i64 = client.query_one("SELECT count(*) FROM signals", &[]).await?.get(0);
+        if (runs as usize, signals as usize) != (crowd.runs, crowd.signals) {
+            bail!("W9-pg: {runs} runs and {signals} signals stored of {} and {} accepted", crowd.runs, crowd.signals);
         }
+        crowds.push(crowd);
     }
-    Ok(crate::serve::w9_row(b, "W9-pg", "PostgreSQL: ", rates, "report"))
+    Ok(crate::serve::w9_row(b, "W9-pg", "PostgreSQL: ", &crowds, "report"))
 }
 
 fn skipped(why: &str) -> Row {

@@ -110,6 +110,19 @@ async fn upload(server: &Server, wasm: &Path) -> Result<String> {
 /// `n` POST /api/runs from `connections` connections; the seconds it took.
 async fn post_runs(server: &Server, hash: &str, n: usize, connections: usize) -> Result<f64> {
     let body = Bytes::from(json!({"module": hash, "input": {"mode": "tiny"}}).to_string());
+    post_crowd(server, n, connections, |_| "/api/runs".to_string(), body, 201).await
+}
+
+/// `n` POST of `body` from `connections` connections, the i-th to
+/// `path(i)`, each answered `status`; the seconds it took.
+async fn post_crowd(
+    server: &Server,
+    n: usize,
+    connections: usize,
+    path: impl Fn(usize) -> String + Clone + Send + 'static,
+    body: Bytes,
+    status: u16,
+) -> Result<f64> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut conns = Vec::new();
     for _ in 0..connections {
@@ -118,13 +131,18 @@ async fn post_runs(server: &Server, hash: &str, n: usize, connections: usize) ->
     let start = Instant::now();
     let mut tasks = Vec::new();
     for mut send in conns {
-        let (next, body, token, addr) = (next.clone(), body.clone(), server.token.clone(), server.addr);
+        let (next, body, token, addr, path) =
+            (next.clone(), body.clone(), server.token.clone(), server.addr, path.clone());
         tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < n {
-                let (status, reply) =
-                    call(&mut send, request("POST", addr, "/api/runs", &token, body.clone())?).await?;
-                if status != 201 {
-                    bail!("POST /api/runs: {status} {}", String::from_utf8_lossy(&reply));
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let path = path(i);
+                let (got, reply) = call(&mut send, request("POST", addr, &path, &token, body.clone())?).await?;
+                if got != status {
+                    bail!("POST {path}: {got} {}", String::from_utf8_lossy(&reply));
                 }
             }
             Ok(())
@@ -136,52 +154,99 @@ async fn post_runs(server: &Server, hash: &str, n: usize, connections: usize) ->
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The ids of up to 1,000 of the server's runs.
+async fn some_run_ids(server: &Server) -> Result<Vec<String>> {
+    let mut send = connect(server.addr).await?;
+    let req = request("GET", server.addr, "/api/runs?limit=1000", &server.token, Bytes::new())?;
+    let (status, body) = call(&mut send, req).await?;
+    if status != 200 {
+        bail!("GET /api/runs: {status} {}", String::from_utf8_lossy(&body));
+    }
+    let page: Value = serde_json::from_slice(&body)?;
+    let ids: Vec<String> = page["runs"]
+        .as_array()
+        .context("a page of runs")?
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    if ids.is_empty() {
+        bail!("GET /api/runs: no runs");
+    }
+    Ok(ids)
+}
+
 /// W9's sizes: runs posted to warm up, runs measured, connections.
 fn w9_sizes(quick: bool) -> (usize, usize, usize) {
     if quick { (50, 200, 8) } else { (2_000, 20_000, 64) }
 }
 
-/// One repetition of W9 on `db` (an SQLite path or a PostgreSQL URL): runs
-/// accepted per second, and how many runs the database must then hold
-/// (accepted means durable).
-pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<(f64, usize)> {
+/// One repetition of W9 on `db` (an SQLite path or a PostgreSQL URL).
+pub(super) struct W9Crowd {
+    /// Runs accepted per second.
+    pub(super) runs_per_s: f64,
+    /// Signals accepted per second, then, to 1,000 of those runs (a signal's
+    /// cap counts the run's undelivered ones: fewer runs, more to count).
+    pub(super) signals_per_s: f64,
+    /// How many runs and signals the database must then hold (accepted
+    /// means durable).
+    pub(super) runs: usize,
+    pub(super) signals: usize,
+}
+
+pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<W9Crowd> {
     let (warm, n, connections) = w9_sizes(b.quick);
     let server = start_server(b, Path::new(db), &["--no-worker"]).await?;
     let hash = upload(&server, &b.guest).await?;
     post_runs(&server, &hash, warm, connections).await?;
     let took = post_runs(&server, &hash, n, connections).await?;
-    Ok((n as f64 / took, warm + n))
+    let ids = Arc::new(some_run_ids(&server).await?);
+    let signal = move |i: usize| format!("/api/runs/{}/signals/go", ids[i % ids.len()]);
+    post_crowd(&server, warm, connections, signal.clone(), Bytes::from_static(b"1"), 202).await?;
+    let signals_took = post_crowd(&server, n, connections, signal, Bytes::from_static(b"1"), 202).await?;
+    Ok(W9Crowd { runs_per_s: n as f64 / took, signals_per_s: n as f64 / signals_took, runs: warm + n, signals: warm + n })
 }
 
 /// W9's row (`W9`, or `W9-pg` with `on` naming the database).
-pub(super) fn w9_row(b: &Bench, id: &'static str, on: &str, rates: Vec<f64>, target: &str) -> Row {
+pub(super) fn w9_row(b: &Bench, id: &'static str, on: &str, crowds: &[W9Crowd], target: &str) -> Row {
     let (warm, n, connections) = w9_sizes(b.quick);
+    let signalled = (warm + n).min(1000);
+    let rates: Vec<f64> = crowds.iter().map(|c| c.runs_per_s).collect();
+    let signals: Vec<f64> = crowds.iter().map(|c| c.signals_per_s).collect();
     Row {
         id,
-        workload: format!("{on}{n} POST /api/runs to cairn serve --no-worker, {connections} keep-alive connections"),
+        workload: format!(
+            "{on}{n} POST /api/runs to cairn serve --no-worker, {connections} keep-alive connections \
+             (then {n} POST /api/runs/{{id}}/signals/go to {signalled} of them: extra.signals_per_s)"
+        ),
         value: median(rates.clone()),
         unit: "runs/s accepted",
         baseline: None,
         ratio: None,
         target: target.into(),
-        extra: json!({ "repetitions": rates, "warm_up": warm }),
+        extra: json!({
+            "repetitions": rates,
+            "warm_up": warm,
+            "signals_per_s": median(signals.clone()),
+            "signals_repetitions": signals,
+        }),
     }
 }
 
 /// W9: runs accepted per second by `cairn serve --no-worker`.
 pub(super) async fn w9(b: &mut Bench) -> Result<Row> {
-    let mut rates = Vec::new();
+    let mut crowds = Vec::new();
     for _ in 0..b.sizes.reps {
         let db = b.fresh_db("w9");
-        let (rate, want) = w9_crowd(b, &db.display().to_string()).await?;
-        rates.push(rate);
+        let crowd = w9_crowd(b, &db.display().to_string()).await?;
         let conn = rusqlite::Connection::open(&db)?;
-        let stored: i64 = conn.query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?;
-        if stored as usize != want {
-            bail!("W9: {stored} runs stored of {want} accepted");
+        let runs: i64 = conn.query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?;
+        let signals: i64 = conn.query_row("SELECT count(*) FROM signals", [], |r| r.get(0))?;
+        if (runs as usize, signals as usize) != (crowd.runs, crowd.signals) {
+            bail!("W9: {runs} runs and {signals} signals stored of {} and {} accepted", crowd.runs, crowd.signals);
         }
+        crowds.push(crowd);
     }
-    Ok(w9_row(b, "W9", "", rates, ">= 20000"))
+    Ok(w9_row(b, "W9", "", &crowds, ">= 20000"))
 }
 
 fn now_us() -> i64 {
