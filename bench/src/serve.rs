@@ -203,7 +203,12 @@ pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<W9Crowd> {
     let signal = move |i: usize| format!("/api/runs/{}/signals/go", ids[i % ids.len()]);
     post_crowd(&server, warm, connections, signal.clone(), Bytes::from_static(b"1"), 202).await?;
     let signals_took = post_crowd(&server, n, connections, signal, Bytes::from_static(b"1"), 202).await?;
-    Ok(W9Crowd { runs_per_s: n as f64 / took, signals_per_s: n as f64 / signals_took, runs: warm + n, signals: warm + n })
+    Ok(W9Crowd {
+        runs_per_s: n as f64 / took,
+        signals_per_s: n as f64 / signals_took,
+        runs: warm + n,
+        signals: warm + n,
+    })
 }
 
 /// W9's row (`W9`, or `W9-pg` with `on` naming the database).

@@ -76,6 +76,29 @@ async fn next(sub: &mut Subscription) -> ChangeEvent {
     tokio::time::timeout(SOON, sub.recv()).await.expect("an event comes").expect("the feed is open")
 }
 
+/// The feed after a crowd: one event per write that landed, `want`,
+/// numbered on with none lost to a failed item, published and stored alike;
+/// and nothing else, so that the next event is `then`'s, of its kind.
+async fn feed_after_crowd(
+    store: &Arc<dyn RunStore>,
+    all: &mut Subscription,
+    before: u64,
+    want: &[(ChangeKind, RunKey)],
+    (then, then_kind): (Write, ChangeKind),
+) {
+    let mut got = Vec::new();
+    for _ in want {
+        got.push(next(all).await);
+    }
+    assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
+    assert!(got.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "numbered on, none lost to a failed item: {got:?}");
+    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
+    let expected = (then.run(), Some(then_kind));
+    commit(&**store, vec![then]).await.unwrap();
+    let after = next(all).await;
+    assert_eq!((Some(after.run), Some(after.kind)), expected, "{after:?}");
+}
+
 pub(crate) async fn commit_is_atomic(open: Open) {
     let store = open("atomic").await;
     let [a] = &create(&*store, &["a"]).await[..] else { panic!() };
@@ -263,8 +286,6 @@ pub(crate) async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone(open:
     assert!(matches!(&results[9], Err(StoreError::RunExists(id)) if id == "a"), "{:?}", results[9]);
     let Ok(created) = &results[7] else { unreachable!() };
     let n1 = created.created[0].0.key;
-    // One change per write that landed, in the order committed, published
-    // and stored alike.
     let want = [
         (ChangeKind::Signal, a),
         (ChangeKind::Cancel, b),
@@ -272,17 +293,7 @@ pub(crate) async fn a_crowd_of_other_items_commits_and_bad_ones_fail_alone(open:
         (ChangeKind::Signal, b),
         (ChangeKind::Created, n1),
     ];
-    let mut got = Vec::new();
-    for _ in want {
-        got.push(next(&mut all).await);
-    }
-    assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
-    assert!(got.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "numbered on, none lost to a failed item: {got:?}");
-    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
-    // And nothing else was published: the next event is the next commit's.
-    commit(&*store, vec![signal(b, "later", 100)]).await.unwrap();
-    let after = next(&mut all).await;
-    assert_eq!((after.kind, after.run), (ChangeKind::Signal, b), "{after:?}");
+    feed_after_crowd(&store, &mut all, before, &want, (signal(b, "later", 100), ChangeKind::Signal)).await;
     // What landed, and only that.
     let consume = |run, name: &str| Write::ConsumeSignal {
         run,
@@ -339,17 +350,8 @@ pub(crate) async fn a_crowd_of_signals_and_cancels_keeps_its_order(open: Open) {
         (ChangeKind::Signal, b),
         (ChangeKind::Cancel, a),
     ];
-    let mut got = Vec::new();
-    for _ in want {
-        got.push(next(&mut all).await);
-    }
-    assert_eq!(got.iter().map(|e| (e.kind, e.run)).collect::<Vec<_>>(), want);
-    assert!(got.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "numbered on, none lost to a failed item: {got:?}");
-    assert_eq!(store.changes_since(before, 100).await.unwrap(), got);
-    // And nothing else was published: the next event is the next commit's.
-    commit(&*store, vec![Write::RequestCancel { run: a, grace_until: None }]).await.unwrap();
-    let after = next(&mut all).await;
-    assert_eq!((after.kind, after.run), (ChangeKind::Cancel, a), "{after:?}");
+    let then = Write::RequestCancel { run: a, grace_until: None };
+    feed_after_crowd(&store, &mut all, before, &want, (then, ChangeKind::Cancel)).await;
     // Delivered in the order sent, and nothing past the cap.
     let mut delivered = Vec::new();
     for (run, position) in [(a, 0), (a, 1), (a, 2), (a, 3), (b, 0), (b, 1), (b, 2)] {

@@ -984,8 +984,8 @@ async fn new_runs_lost_on_the_way_are_committed_again_once() {
 /// (the conformance suite checks what lands, and in which order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_of_signals_is_pipelined() {
-    use crate::store::conformance::create;
     use crate::store::Write;
+    use crate::store::conformance::create;
     if !available() {
         return;
     }
@@ -993,12 +993,7 @@ async fn a_crowd_of_signals_is_pipelined() {
     let [run] = &create(&*store, &["s"]).await[..] else { panic!() };
     let tickets: Vec<_> = (0..20)
         .map(|i| {
-            store.submit(vec![Write::SendSignal {
-                run: run.key,
-                name: "s".into(),
-                payload: vec![i],
-                max_pending: 100,
-            }])
+            store.submit(vec![Write::SendSignal { run: run.key, name: "s".into(), payload: vec![i], max_pending: 100 }])
         })
         .collect();
     for ticket in tickets {

@@ -21,7 +21,7 @@ use super::gate::LAST_COMMITTED;
 use super::listen::CHANNEL;
 use super::one_statement::{self, Outcome};
 use super::pipelined::Item;
-use super::{Inner, lease, new_runs, pg_error, pool_error, pipelined, spin};
+use super::{Inner, lease, new_runs, pg_error, pipelined, pool_error, spin};
 use crate::model::{NewRun, RunKey, RunRecord, RunStatus, now_ms, now_us};
 use crate::store::{ChangeEvent, ChangeKind, Committed, Durability, KvCommit, StoreError, Write};
 

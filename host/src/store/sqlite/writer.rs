@@ -482,14 +482,15 @@ fn apply<'a>(
             }
             Write::RequestCancel { run, grace_until } => {
                 // The earliest stop holds: a stop at once (NULL) over any grace.
-                let n = tx.prepare_cached(
-                    "UPDATE runs SET cancel_grace_until = CASE \
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE runs SET cancel_grace_until = CASE \
                        WHEN cancel_requested = 0 THEN ?2 \
                        WHEN cancel_grace_until IS NULL OR ?2 IS NULL THEN NULL \
                        ELSE min(cancel_grace_until, ?2) END, \
                      cancel_requested = 1 WHERE seq = ?1",
-                )?
-                .execute(params![run.0, grace_until])?;
+                    )?
+                    .execute(params![run.0, grace_until])?;
                 if n == 0 {
                     return Err(StoreError::NoSuchRun(*run));
                 }
