@@ -9,9 +9,14 @@
 //!
 //! Under the lock two sequences are read: `cairn_ids`, the last change
 //! number handed out, and `cairn_gen`, the gate generation, which every
-//! take moves on. A writer that finds the generation where it was when it
-//! last saw its runs' epochs knows that no run changed hands since
-//! (`Held::checked_at`), and needs no fence check. Sequences, not a row,
+//! take of a run that was held before moves on. A writer that finds the
+//! generation where it was when it last saw its runs' epochs knows that no
+//! run changed hands since (`Held::checked_at`), and needs no fence check.
+//! A run's first take (from epoch 0 to 1: created without a lease, never
+//! held) leaves the generation alone: no process can hold that run or have
+//! a write for it in flight, and every other run's epoch stays as it was.
+//! So a crowd of new runs claimed by several workers sends none of them
+//! down the fenced path. Sequences, not a row,
 //! because a statement reads a sequence's value of now, while it reads a
 //! row as of its snapshot, taken before it waited for the lock; and because
 //! moving a sequence leaves no dead row version behind (a counter row
@@ -61,8 +66,24 @@ pub(super) const LAST_COMMITTED: &str = concat!(
     " SELECT coalesce(pg_sequence_last_value('cairn_ids'), 0) FROM gate WHERE gate.locked IS NOT NULL"
 );
 
-/// A take moves the generation on (under the lock, once it took a run).
+/// A take moves the generation on (under the lock, once it took a run
+/// that was held before: see [`generation_after_take`]).
 pub(super) const NEXT_GENERATION: &str = "SELECT nextval('cairn_gen')";
+
+/// The generation as it stands (under the lock).
+const GENERATION: &str = "SELECT pg_sequence_last_value('cairn_gen')";
+
+/// The generation a take's leases are checked at, read under the lock the
+/// take holds: moved on if any run taken was held before (its new epoch
+/// above 1), else as it stands.
+pub(super) async fn generation_after_take(
+    tx: &tokio_postgres::Transaction<'_>,
+    epochs: impl IntoIterator<Item = i64>,
+) -> Result<i64, tokio_postgres::Error> {
+    let moved = epochs.into_iter().any(|epoch| epoch > 1);
+    let sql = if moved { NEXT_GENERATION } else { GENERATION };
+    Ok(tx.query_one(sql, &[]).await?.get(0))
+}
 
 /// `sql` read in a transaction of its own once the gate is held. What
 /// settles a commit whose answer was lost: the lost connection's statement

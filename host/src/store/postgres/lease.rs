@@ -15,7 +15,8 @@ use crate::model::{RunKey, RunRecord, now_ms};
 use crate::store::{Lease, StoreError};
 
 // A take holds the gate (`gate`) from before it reads the runs' rows to
-// its commit, and moves the generation on once it took one: a writer
+// its commit, and moves the generation on once it took one that was held
+// before (`gate::generation_after_take`): a writer
 // either commits first, and the new holder reads what it wrote, or sees
 // the new epoch (or the new generation) and is refused.
 
@@ -47,9 +48,10 @@ pub(super) async fn take(inner: &Arc<Inner>, run: RunKey) -> Result<Option<Lease
         tx.rollback().await.map_err(pg_error)?;
         return Ok(None);
     };
-    let generation: i64 = tx.query_one(gate::NEXT_GENERATION, &[]).await.map_err(pg_error)?.get(0);
+    let epoch: i64 = row.get(0);
+    let generation = gate::generation_after_take(&tx, [epoch]).await.map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
-    Ok(Some(held(inner, run, row.get::<_, i64>(0) as u64, Some(generation))))
+    Ok(Some(held(inner, run, epoch as u64, Some(generation))))
 }
 
 /// Up to `max` unfinished runs nobody holds, except those `skip` names,
@@ -133,7 +135,8 @@ async fn take_keys(
     if rows.is_empty() {
         return tx.rollback().await.map_err(pg_error);
     }
-    let generation: i64 = tx.query_one(gate::NEXT_GENERATION, &[]).await.map_err(pg_error)?.get(0);
+    let epochs = rows.iter().map(|row| row.get::<_, i64>(15));
+    let generation = gate::generation_after_take(&tx, epochs).await.map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
     for row in rows {
         let epoch = row.get::<_, i64>(15) as u64;

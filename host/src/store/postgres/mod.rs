@@ -117,6 +117,9 @@ pub(crate) struct Inner {
     /// New runs committed by `new_runs`' statement, for the tests.
     #[cfg(test)]
     pub(crate) new_runs_by_statement: std::sync::atomic::AtomicU64,
+    /// Batches sent by the fenced statement (`one_statement`'s `COMMIT_BATCH`).
+    #[cfg(test)]
+    pub(crate) fenced_batches: std::sync::atomic::AtomicU64,
     /// Signals and cancels sent in a crowd's one round trip.
     #[cfg(test)]
     pub(crate) items_pipelined: std::sync::atomic::AtomicU64,
@@ -227,6 +230,8 @@ impl PostgresStore {
             new_runs_by_statement: Default::default(),
             #[cfg(test)]
             items_pipelined: Default::default(),
+            #[cfg(test)]
+            fenced_batches: Default::default(),
         });
         let listener = listen::start(&inner, config, tls).await?;
         lease::start_heartbeat(&inner);

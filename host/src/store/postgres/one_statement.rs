@@ -484,6 +484,8 @@ async fn send_unmoved(
 
 /// The batch's one statement; the first sequence number it took.
 async fn send(inner: &Inner, client: &ClientWrapper, batch: &Sendable<'_>) -> Result<i64, tokio_postgres::Error> {
+    #[cfg(test)]
+    inner.fenced_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Prepared once per connection (a round trip the first time only).
     let statement = client.prepare_cached(COMMIT_BATCH).await?;
     let Sendable { n, ts_us, ref fenced, ref rows, ref statuses, notify } = *batch;

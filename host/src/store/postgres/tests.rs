@@ -1003,3 +1003,51 @@ async fn a_crowd_of_signals_is_pipelined() {
     let pipelined = store.inner.items_pipelined.load(Ordering::Relaxed);
     assert!(pipelined >= 10, "{pipelined} of 20 signals pipelined");
 }
+
+/// A run's first take (created without a lease: nobody ever held it) leaves
+/// the gate's generation alone, so other processes' commits go on without
+/// a fence check; a takeover moves it on, and they go by the fenced
+/// statement again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_take_leaves_the_generation_and_a_takeover_moves_it() {
+    use crate::model::EntryStatus;
+    use crate::store::conformance::{create, step};
+    use crate::store::{Write, commit};
+    if !available() {
+        return;
+    }
+    let a = open_store("firsttake").await;
+    let b = Arc::new(
+        PostgresStore::connect(a.location(), Durability::Process, Duration::from_secs(5)).await.expect("another"),
+    );
+    let [x, y] = &create(&*a, &["x", "y"]).await[..] else { panic!() };
+    let (admin, connection) = tokio_postgres::connect(a.location(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let generation =
+        || async { admin.query_one("SELECT pg_sequence_last_value('cairn_gen')", &[]).await.unwrap().get::<_, i64>(0) };
+    let before = generation().await;
+    let on_x = a.lease(x.key).await.unwrap().expect("x is free");
+    let on_y = b.lease(y.key).await.unwrap().expect("y is free");
+    assert_eq!((on_x.epoch(), on_y.epoch()), (1, 1));
+    assert_eq!(generation().await, before, "first takes leave the generation");
+    let append = |run, position| Write::Append { run, position, entries: vec![step("s", 1, EntryStatus::Completed)] };
+    commit(&*a, vec![append(x.key, 0)]).await.unwrap();
+    commit(&*b, vec![append(y.key, 0)]).await.unwrap();
+    let fenced = |s: &PostgresStore| s.inner.fenced_batches.load(Ordering::Relaxed);
+    assert_eq!((fenced(&a), fenced(&b)), (0, 0), "no run changed hands: no fence check");
+    // x changes hands: given back by a, taken by b.
+    drop(on_x);
+    let mut taken = None;
+    for _ in 0..500 {
+        taken = b.lease(x.key).await.unwrap();
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(taken.as_ref().map(|l| l.epoch()), Some(2), "x taken again");
+    assert_eq!(generation().await, before + 1, "a takeover moves the generation on");
+    // b's lease on y was seen current before the move: its next commit is fenced.
+    commit(&*b, vec![append(y.key, 1)]).await.unwrap();
+    assert_eq!(fenced(&b), 1);
+}
