@@ -69,7 +69,7 @@ crate::store::conformance::suite!(open, reopen, super::available);
 
 /// A commit that skips the fence check (its runs' epochs were seen current
 /// at the gate generation it finds unchanged) is still refused once another
-/// process took the run over: every take moves the generation on.
+/// process took the run over: every takeover moves the generation on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_that_skip_the_fence_check_are_refused_after_a_takeover() {
     use crate::model::EntryStatus;
