@@ -472,3 +472,58 @@ fn effects_through_the_api_kv_grants_and_graceful_cancel() {
     assert_eq!((status, body["error"].as_str()), (422, Some("invalid_request")), "{body}");
     drop(server);
 }
+
+/// A crowd of signals sent at once over the API (on PostgreSQL, batches of
+/// signals alone go in one round trip) to a run waiting for all of them,
+/// and cancels of other runs among them: every signal is delivered once,
+/// every cancel lands, and nothing else.
+#[test]
+fn a_crowd_of_signals_and_cancels_at_once() {
+    let w = World::new("serve-signal-crowd");
+    let admin = token(&w, "admin");
+    let server = serve(&w, &[]);
+    let base = server.base.clone();
+    let signals = upload(&base, &admin, "signals");
+    let start = |input: Value, id: &str| {
+        let body = json!({"module": signals, "input": input, "run_id": id});
+        let (status, reply) =
+            call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes()));
+        assert_eq!(status, 201, "{reply}");
+    };
+    const SIGNALS: usize = 48;
+    let waits: Vec<Value> = (0..SIGNALS).map(|_| json!({"name": "go"})).collect();
+    start(json!({ "waits": waits }), "crowd");
+    for i in 0..4 {
+        start(json!({"waits": [{"name": "never"}]}), &format!("stop{i}"));
+    }
+    wait_status(&base, &admin, "crowd", "waiting");
+    // Eight clients at once: six send signals, two cancel.
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let (base, admin) = (&base, &admin);
+            s.spawn(move || {
+                if client >= 6 {
+                    for i in [client - 6, client - 4] {
+                        let url = format!("{base}/api/runs/stop{i}/cancel");
+                        let (status, body) = call("POST", &url, Some(admin), Some(b""));
+                        assert_eq!(status, 202, "{body}");
+                    }
+                    return;
+                }
+                for n in (client..SIGNALS).step_by(6) {
+                    let url = format!("{base}/api/runs/crowd/signals/go");
+                    let (status, body) = call("POST", &url, Some(admin), Some(n.to_string().as_bytes()));
+                    assert_eq!(status, 202, "{body}");
+                }
+            });
+        }
+    });
+    let out = wait_status(&base, &admin, "crowd", "completed");
+    let mut got: Vec<u64> = out["output"].as_array().expect("payloads").iter().map(|v| v.as_u64().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..SIGNALS as u64).collect::<Vec<_>>(), "each signal delivered once");
+    for i in 0..4 {
+        wait_status(&base, &admin, &format!("stop{i}"), "cancelled");
+    }
+    drop(server);
+}
