@@ -236,8 +236,8 @@ async fn w9(b: &mut Bench, server: &Server) -> Result<Row> {
         let client = connect(&url).await?;
         let runs: i64 = client.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
         let signals: i64 = client.query_one("SELECT count(*) FROM signals", &[]).await?.get(0);
-        if (runs as usize, signals as usize) != (crowd.runs, crowd.signals) {
-            bail!("W9-pg: {runs} runs and {signals} signals stored of {} and {} accepted", crowd.runs, crowd.signals);
+        if (runs as usize, signals as usize) != (crowd.posted, crowd.posted) {
+            bail!("W9-pg: {runs} runs and {signals} signals stored of {} each accepted", crowd.posted);
         }
         crowds.push(crowd);
     }

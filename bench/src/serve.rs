@@ -187,10 +187,9 @@ pub(super) struct W9Crowd {
     /// Signals accepted per second, then, to 1,000 of those runs (a signal's
     /// cap counts the run's undelivered ones: fewer runs, more to count).
     pub(super) signals_per_s: f64,
-    /// How many runs and signals the database must then hold (accepted
-    /// means durable).
-    pub(super) runs: usize,
-    pub(super) signals: usize,
+    /// How many runs, and how many signals, the database must then hold
+    /// (accepted means durable).
+    pub(super) posted: usize,
 }
 
 pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<W9Crowd> {
@@ -203,12 +202,7 @@ pub(super) async fn w9_crowd(b: &Bench, db: &str) -> Result<W9Crowd> {
     let signal = move |i: usize| format!("/api/runs/{}/signals/go", ids[i % ids.len()]);
     post_crowd(&server, warm, connections, signal.clone(), Bytes::from_static(b"1"), 202).await?;
     let signals_took = post_crowd(&server, n, connections, signal, Bytes::from_static(b"1"), 202).await?;
-    Ok(W9Crowd {
-        runs_per_s: n as f64 / took,
-        signals_per_s: n as f64 / signals_took,
-        runs: warm + n,
-        signals: warm + n,
-    })
+    Ok(W9Crowd { runs_per_s: n as f64 / took, signals_per_s: n as f64 / signals_took, posted: warm + n })
 }
 
 /// W9's row (`W9`, or `W9-pg` with `on` naming the database).
@@ -246,8 +240,8 @@ pub(super) async fn w9(b: &mut Bench) -> Result<Row> {
         let conn = rusqlite::Connection::open(&db)?;
         let runs: i64 = conn.query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?;
         let signals: i64 = conn.query_row("SELECT count(*) FROM signals", [], |r| r.get(0))?;
-        if (runs as usize, signals as usize) != (crowd.runs, crowd.signals) {
-            bail!("W9: {runs} runs and {signals} signals stored of {} and {} accepted", crowd.runs, crowd.signals);
+        if (runs as usize, signals as usize) != (crowd.posted, crowd.posted) {
+            bail!("W9: {runs} runs and {signals} signals stored of {} each accepted", crowd.posted);
         }
         crowds.push(crowd);
     }

@@ -102,6 +102,13 @@ pub fn upload(base: &str, admin: &str, name: &str) -> String {
     body["hash"].as_str().unwrap().to_string()
 }
 
+/// `POST /api/runs` of `module` with `input` as run `id`, which must be created.
+pub fn start_run(base: &str, token: &str, module: &str, input: Value, id: &str) {
+    let body = serde_json::json!({"module": module, "input": input, "run_id": id});
+    let (status, reply) = call("POST", &format!("{base}/api/runs"), Some(token), Some(body.to_string().as_bytes()));
+    assert_eq!(status, 201, "{reply}");
+}
+
 pub fn wait_status(base: &str, token: &str, id: &str, want: &str) -> Value {
     let start = Instant::now();
     loop {

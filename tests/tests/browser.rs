@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::http::{call, serve, token, upload, wait_status};
+use cairn_e2e::http::{call, serve, start_run, token, upload, wait_status};
 use cairn_e2e::{World, guest, wait_until};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
@@ -208,10 +208,7 @@ async fn the_web_view_shows_runs_live_and_acts_on_them() {
     let signals = upload(&base, &admin, "signals");
     let waits = json!({"waits": [{"name": "approve"}]});
     for id in ["sig-web", "cancel-web"] {
-        let body = json!({"module": signals, "input": waits, "run_id": id});
-        let (status, reply) =
-            call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes()));
-        assert_eq!(status, 201, "{reply}");
+        start_run(&base, &admin, &signals, waits.clone(), id);
         wait_status(&base, &admin, id, "waiting");
     }
     c.goto(&format!("{base}/#/runs/sig-web")).await.unwrap();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cairn_e2e::http::{call, read_events, serve, token, upload, wait_status};
+use cairn_e2e::http::{call, read_events, serve, start_run, token, upload, wait_status};
 use cairn_e2e::{World, guest, wait_until};
 use serde_json::{Value, json};
 
@@ -393,12 +393,7 @@ fn a_wait_in_memory_shows_in_the_status() {
     let base = server.base.clone();
     let signals = upload(&base, &admin, "signals");
     let timers = upload(&base, &admin, "timers");
-    let start = |module: &str, input: Value, id: &str| {
-        let body = json!({"module": module, "input": input, "run_id": id});
-        let (status, reply) =
-            call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes()));
-        assert_eq!(status, 201, "{reply}");
-    };
+    let start = |module: &str, input: Value, id: &str| start_run(&base, &admin, module, input, id);
     start(&signals, json!({"waits": [{"name": "go"}]}), "s");
     start(&timers, json!({"mode": "ctx_sleep", "sleep_ms": 3000}), "t");
     wait_status(&base, &admin, "s", "waiting");
@@ -484,12 +479,7 @@ fn a_crowd_of_signals_and_cancels_at_once() {
     let server = serve(&w, &[]);
     let base = server.base.clone();
     let signals = upload(&base, &admin, "signals");
-    let start = |input: Value, id: &str| {
-        let body = json!({"module": signals, "input": input, "run_id": id});
-        let (status, reply) =
-            call("POST", &format!("{base}/api/runs"), Some(&admin), Some(body.to_string().as_bytes()));
-        assert_eq!(status, 201, "{reply}");
-    };
+    let start = |input: Value, id: &str| start_run(&base, &admin, &signals, input, id);
     const SIGNALS: usize = 48;
     let waits: Vec<Value> = (0..SIGNALS).map(|_| json!({"name": "go"})).collect();
     start(json!({ "waits": waits }), "crowd");

@@ -522,8 +522,23 @@ pub(super) fn change(batch: &mut Batch, run: RunKey, kind: ChangeKind, status: O
     seq
 }
 
-/// A change row other than a history row's.
-const INSERT_CHANGE: &str = "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)";
+/// A change row other than a history row's, numbered by `change` (a
+/// future to pipeline with the write it records).
+async fn change_row(
+    tx: &ClientWrapper,
+    seq: i64,
+    run: RunKey,
+    kind: ChangeKind,
+    status: Option<RunStatus>,
+    ts_us: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    execute(
+        tx,
+        "INSERT INTO changes (seq, run, kind, status, committed_us) VALUES ($1, $2, $3, $4, $5)",
+        &[&seq, &run.0, &kind.as_str(), &status.map(RunStatus::as_str), &ts_us],
+    )
+    .await
+}
 
 /// One history row (its change event is the caller's).
 async fn insert_row(
@@ -624,19 +639,16 @@ async fn apply(
                 // Fence, update and change row in one round trip (pipelined).
                 let finished_at = status.is_finished().then(now_ms);
                 let seq = change(batch, *run, ChangeKind::Status, Some(*status));
-                let (name, ts_us) = (status.as_str(), batch.ts_us);
-                let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                    [&run.0, &name, output, error, &finished_at];
+                let name = status.as_str();
+                let update_params: [&(dyn ToSql + Sync); 5] = [&run.0, &name, output, error, &finished_at];
                 let update = execute(
                     tx,
                     "UPDATE runs SET status = $2, output = $3, error = $4, finished_at = $5 WHERE seq = $1",
                     &update_params,
                 );
-                let change_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                    [&seq, &run.0, &"status", &name, &ts_us];
-                let change_row = execute(tx, INSERT_CHANGE, &change_params);
+                let changed = change_row(tx, seq, *run, ChangeKind::Status, Some(*status), batch.ts_us);
                 let (fenced, updated, changed) =
-                    futures_util::future::join3(fence(tx, job, *run), update, change_row).await;
+                    futures_util::future::join3(fence(tx, job, *run), update, changed).await;
                 let updated = updated
                     .map_err(pg_error)
                     .and_then(|n| if n == 0 { Err(StoreError::NoSuchRun(*run)) } else { Ok(()) });
@@ -666,11 +678,9 @@ async fn apply(
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &attempt_params,
                 );
-                let change_params: [&(dyn ToSql + Sync); 5] =
-                    [&seq, &run.0, &ChangeKind::Branch.as_str(), &None::<&str>, &batch.ts_us];
-                let change_row = execute(tx, INSERT_CHANGE, &change_params);
+                let changed = change_row(tx, seq, *run, ChangeKind::Branch, None, batch.ts_us);
                 let (fenced, attempted, changed) =
-                    futures_util::future::join3(fence(tx, job, *run), attempt, change_row).await;
+                    futures_util::future::join3(fence(tx, job, *run), attempt, changed).await;
                 let written = attempted.and(changed).map(drop).map_err(pg_error);
                 settle(fenced, written)?;
             }
