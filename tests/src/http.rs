@@ -24,12 +24,18 @@ impl Drop for Server {
 }
 
 pub fn serve(w: &World, extra: &[&str]) -> Server {
+    serve_as(w, "serve", extra)
+}
+
+/// `serve`, its output in `{tag}.stdout` and `{tag}.stderr`: for several
+/// servers in one world.
+pub fn serve_as(w: &World, tag: &str, extra: &[&str]) -> Server {
     let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
     args.extend(extra);
-    let child = w.spawn(&args, "serve");
+    let child = w.spawn(&args, tag);
     let mut base = String::new();
     wait_until("the server to listen", Duration::from_secs(30), || {
-        let err = w.read("serve.stderr");
+        let err = w.read(&format!("{tag}.stderr"));
         // Whole lines only: the server may be halfway through writing one.
         let whole = &err[..err.rfind('\n').map_or(0, |end| end + 1)];
         match whole.lines().find_map(|l| l.split("listening on ").nth(1)) {
@@ -69,8 +75,13 @@ pub fn call(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
-/// Read SSE events (id, event, data) until `n` arrived.
-pub fn read_events(base: &str, path: &str, token: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
+/// An event stream, open (subscribed) once `open_events` returns: its SSE
+/// events (id, event, data) as they arrive.
+pub struct Events {
+    lines: std::io::Lines<BufReader<Box<dyn std::io::Read + Send + Sync>>>,
+}
+
+pub fn open_events(base: &str, path: &str, token: &str, last_id: Option<u64>) -> Events {
     let mut req = ureq::get(&format!("{base}{path}"))
         .set("Authorization", &format!("Bearer {token}"))
         .timeout(Duration::from_secs(60));
@@ -78,21 +89,32 @@ pub fn read_events(base: &str, path: &str, token: &str, last_id: Option<u64>, n:
         req = req.set("Last-Event-ID", &id.to_string());
     }
     let resp = req.call().expect("the event stream opens");
-    let mut lines = BufReader::new(resp.into_reader()).lines();
-    let (mut out, mut id, mut kind, mut data) = (Vec::new(), 0u64, String::new(), Value::Null);
-    while out.len() < n {
-        let line = lines.next().expect("the stream goes on").expect("a line");
-        if let Some(v) = line.strip_prefix("id:") {
-            id = v.trim().parse().unwrap();
-        } else if let Some(v) = line.strip_prefix("event:") {
-            kind = v.trim().to_string();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data = serde_json::from_str(v.trim()).unwrap();
-        } else if line.is_empty() && !kind.is_empty() {
-            out.push((id, std::mem::take(&mut kind), std::mem::take(&mut data)));
+    Events { lines: BufReader::new(resp.into_reader()).lines() }
+}
+
+impl Iterator for Events {
+    type Item = (u64, String, Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (mut id, mut kind, mut data) = (0u64, String::new(), Value::Null);
+        loop {
+            let line = self.lines.next().expect("the stream goes on").expect("a line");
+            if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().parse().unwrap();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                kind = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data = serde_json::from_str(v.trim()).unwrap();
+            } else if line.is_empty() && !kind.is_empty() {
+                return Some((id, kind, data));
+            }
         }
     }
-    out
+}
+
+/// Read SSE events (id, event, data) until `n` arrived.
+pub fn read_events(base: &str, path: &str, token: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
+    open_events(base, path, token, last_id).take(n).collect()
 }
 
 pub fn upload(base: &str, admin: &str, name: &str) -> String {

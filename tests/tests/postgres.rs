@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cairn_e2e::http::{call, open_events, read_events, serve_as, start_run, token, upload, wait_status};
 use cairn_e2e::{World, assert_fails, guest, json_stdout, kill9, text, wait_until};
 use serde_json::json;
 
@@ -709,4 +710,64 @@ fn a_bad_commit_spin_budget_is_refused_and_nothing_is_written() {
         .output()
         .unwrap();
     assert_eq!(json_stdout(&out), json!(3003), "0 turns spinning off: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Two `cairn serve` processes on one database, as on two machines, one of
+/// them without a worker: runs started through either are executed by the
+/// other's worker, signalled and cancelled through either, and listed by
+/// both; each server's event stream, open before the first run, carries
+/// every change (the other process's commits heard through LISTEN/NOTIFY)
+/// with the same numbers and contents as the other's, and as a replay.
+#[test]
+fn two_servers_on_one_database_share_runs_signals_cancels_and_events() {
+    let Some(w) = World::postgres("pg-two-servers") else { return };
+    let admin = token(&w, "admin");
+    let a = serve_as(&w, "serve-a", &[]);
+    let b = serve_as(&w, "serve-b", &["--no-worker"]);
+    let signals = upload(&b.base, &admin, "signals");
+
+    // Both streams are subscribed before anything happens; each is read
+    // until both runs ended.
+    let ended = |events: &[(u64, String, serde_json::Value)]| {
+        let end = |run: &str, status: &str| {
+            events.iter().any(|(_, kind, d)| kind == "status" && d["run_id"] == run && d["status"] == status)
+        };
+        end("sig", "completed") && end("stop", "cancelled")
+    };
+    let follow = |base: &str| {
+        let mut stream = open_events(base, "/api/events", &admin, None);
+        std::thread::spawn(move || {
+            let mut events = Vec::new();
+            while !ended(&events) {
+                events.push(stream.next().unwrap());
+            }
+            events
+        })
+    };
+    let (seen_a, seen_b) = (follow(&a.base), follow(&b.base));
+
+    start_run(&a.base, &admin, &signals, json!({"waits": [{"name": "a"}, {"name": "b"}]}), "sig");
+    start_run(&b.base, &admin, &signals, json!({"waits": [{"name": "never"}]}), "stop");
+    wait_status(&b.base, &admin, "sig", "waiting");
+    assert_eq!(call("POST", &format!("{}/api/runs/sig/signals/a", b.base), Some(&admin), Some(b"1")).0, 202);
+    assert_eq!(call("POST", &format!("{}/api/runs/sig/signals/b", a.base), Some(&admin), Some(b"2")).0, 202);
+    assert_eq!(wait_status(&b.base, &admin, "sig", "completed")["output"], json!([1, 2]));
+    wait_status(&a.base, &admin, "stop", "waiting");
+    let (status, body) = call("POST", &format!("{}/api/runs/stop/cancel", b.base), Some(&admin), Some(b""));
+    assert_eq!(status, 202, "{body}");
+    wait_status(&a.base, &admin, "stop", "cancelled");
+    for server in [&a, &b] {
+        let (_, page) = call("GET", &format!("{}/api/runs", server.base), Some(&admin), None);
+        let ids: Vec<&str> = page["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["stop", "sig"], "{}", server.base);
+    }
+
+    let (seen_a, seen_b) = (seen_a.join().unwrap(), seen_b.join().unwrap());
+    assert_eq!(seen_a, seen_b, "both servers stream the same changes");
+    assert!(seen_a.windows(2).all(|p| p[0].0 < p[1].0), "in order, once each: {seen_a:?}");
+    let count = |run: &str, kind: &str| seen_a.iter().filter(|(_, k, d)| k == kind && d["run_id"] == run).count();
+    assert_eq!((count("sig", "created"), count("sig", "signal"), count("stop", "cancel")), (1, 2, 1), "{seen_a:?}");
+    assert!(count("sig", "history") >= 2, "the steps that took the signals: {seen_a:?}");
+    // The same as a replay from the start.
+    assert_eq!(read_events(&a.base, "/api/events", &admin, Some(0), seen_a.len()), seen_a);
 }

@@ -489,6 +489,39 @@ pub(crate) async fn other_processes_commits_reach_the_feed(open: Open, reopen: R
     assert_eq!((event.run, event.kind), (created.key, ChangeKind::Created));
 }
 
+/// A whole feed (what an SSE client reads, resuming from the last number it
+/// saw) gets every change in the order of its number, another process's
+/// commits between this one's included: a commit of this process waits to
+/// be published until the other's before it are. Here the other process's
+/// are steps, which PostgreSQL tells others of a few milliseconds late.
+pub(crate) async fn the_whole_feed_goes_in_the_order_of_numbers(open: Open, reopen: Reopen) {
+    const ROUNDS: usize = 20;
+    let here = open("ordered").await;
+    let there = reopen(&here).await;
+    let [run, other] = &create(&*here, &["stepping", "signalled"]).await[..] else { panic!() };
+    let lease = lease_soon(&*there, run.key).await.expect("the run can be leased");
+    let mut all = here.subscribe();
+    let from = here.changes_since(0, 1000).await.unwrap().last().map_or(0, |e| e.seq);
+    for position in 0..ROUNDS {
+        let entries = vec![step("s", position as u32 + 1, EntryStatus::Completed)];
+        commit(&*there, vec![Write::Append { run: run.key, position, entries }]).await.unwrap();
+        let signal = Write::SendSignal { run: other.key, name: "go".into(), payload: b"1".to_vec(), max_pending: 100 };
+        commit(&*here, vec![signal]).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 * ROUNDS {
+        got.push(next(&mut all).await);
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "in the order of numbers: {seqs:?}");
+    assert_eq!(got, here.changes_since(from, 1000).await.unwrap(), "every change, as stored");
+    let kinds: Vec<_> = got.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [ChangeKind::History, ChangeKind::Signal].repeat(ROUNDS));
+    let quiet = tokio::time::timeout(Duration::from_millis(200), all.recv()).await;
+    assert!(quiet.is_err(), "no duplicates: {quiet:?}");
+    drop(lease);
+}
+
 pub(crate) async fn signals_are_consumed_once(open: Open) {
     let store = open("signals").await;
     let [run] = &create(&*store, &["s"]).await[..] else { panic!() };
@@ -768,6 +801,13 @@ macro_rules! suite {
                     return;
                 }
                 c::other_processes_commits_reach_the_feed(super::$open, super::$reopen).await
+            }
+            #[tokio::test]
+            async fn the_whole_feed_goes_in_the_order_of_numbers() {
+                if !($enabled)() {
+                    return;
+                }
+                c::the_whole_feed_goes_in_the_order_of_numbers(super::$open, super::$reopen).await
             }
             #[tokio::test]
             async fn signals_are_consumed_once() {

@@ -9,12 +9,16 @@
 //! listener that falls behind by more than the channel holds is told how
 //! many it missed and can read them back with `changes_since`.
 //!
-//! Order: this process's events are published as they commit, other
-//! processes' when the store notices them (on SQLite within about 10 ms),
-//! so a listener may see a higher `seq` before a lower one from elsewhere.
-//! Each event comes once; a listener that keeps a position must keep the
-//! highest `seq` it has seen *of a complete prefix* (or use
-//! `changes_since`), not skip everything below the last one seen.
+//! Order: while anyone subscribes to every event ([`ChangeFeed::wants_all`],
+//! as an SSE client does), events are published in the order of their
+//! `seq`, other processes' included: a commit of this process whose
+//! numbers come after other processes' commits not yet noticed is
+//! published once the store has read those (at once, by the committing
+//! writer on SQLite; by the listener on PostgreSQL). So a listener that
+//! keeps the last `seq` it saw (an SSE client's `Last-Event-ID`) misses
+//! nothing by resuming from it. Control events alone (executing runs
+//! waiting for a signal or a cancel) are published as soon as possible
+//! instead, and may come out of that order. Each event comes once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -4,7 +4,11 @@
 //! number after it. A dedicated connection listens. A notification of this
 //! process's own needs no read (the writer published those changes): the
 //! cursor just moves past them. Any other makes the listener read the
-//! changes since its cursor and publish those this process did not.
+//! changes since its cursor and publish those this process did not, and
+//! so does the writer's word that it left a commit of its own to be read
+//! back, because changes before it were not published yet
+//! ([`Inner::publish_own`]): a feed read whole gets every change in the
+//! order of its number.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,27 +53,57 @@ macro_rules! notify_sql {
 }
 pub(super) use notify_sql;
 
-/// Ranges [first, next) of sequence numbers this process committed and
-/// published itself.
+/// What this process's feed has published, so that it publishes in the
+/// order of the changes' numbers: a listener that keeps the last number it
+/// saw (an SSE client's `Last-Event-ID`) then misses nothing by resuming
+/// from it.
 #[derive(Debug, Default)]
-pub(crate) struct Own {
-    ranges: Vec<(u64, u64)>,
+pub(crate) struct Published {
+    /// Every change numbered up to here was published (or is not wanted by
+    /// this feed, or no commit took the number).
+    cursor: u64,
+    /// Ranges [first, next) of numbers this process committed and published
+    /// itself above the cursor, which the listener must not publish again.
+    own: Vec<(u64, u64)>,
 }
 
-impl Own {
-    pub(super) fn add(&mut self, first: u64, next: u64) {
-        if next > first {
-            self.ranges.push((first, next));
-        }
-    }
-
+impl Published {
     fn contains(&self, seq: u64) -> bool {
-        self.ranges.iter().any(|&(a, b)| a <= seq && seq < b)
+        self.own.iter().any(|&(a, b)| a <= seq && seq < b)
     }
 
-    /// Forget ranges up to `seq`: everything there was seen.
-    fn forget_through(&mut self, seq: u64) {
-        self.ranges.retain(|&(_, b)| b > seq + 1);
+    /// Forget ranges up to the cursor: everything there was seen.
+    fn forget_through_cursor(&mut self) {
+        let cursor = self.cursor;
+        self.own.retain(|&(_, b)| b > cursor + 1);
+    }
+}
+
+impl Inner {
+    /// Publish this process's commit of the numbers [first, next), once
+    /// committed (the writer holds `writing`). Commits take their numbers
+    /// under the gate, so every number below `first` is committed already;
+    /// if the feed has not published some of them yet (another process's
+    /// commits, heard of later), a feed read whole (`wants_all`, an SSE
+    /// client) must not get these first: they are left to the listener,
+    /// which reads them back with the others, in order. A feed of control
+    /// events only (executing runs waiting for signals) takes them at once.
+    pub(crate) fn publish_own(&self, first: u64, next: u64, events: Vec<ChangeEvent>) {
+        if next <= first {
+            return;
+        }
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let in_order = published.cursor + 1 >= first;
+        if !in_order && self.feed.wants_all() {
+            drop(published);
+            self.catch_up.notify_one();
+            return;
+        }
+        published.own.push((first, next));
+        if in_order {
+            published.cursor = published.cursor.max(next - 1);
+        }
+        self.publish(events);
     }
 }
 
@@ -100,11 +134,16 @@ pub(super) async fn start(
     let (client, rx) = connect(&config, &tls).await?;
     let cursor: u64 =
         client.query_one(super::gate::LAST_COMMITTED, &[]).await.map_err(pg_error)?.get::<_, i64>(0).max(0) as u64;
+    {
+        let mut published = inner.published.lock().unwrap_or_else(|p| p.into_inner());
+        published.cursor = published.cursor.max(cursor);
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let weak = Arc::downgrade(inner);
+    let poked = inner.catch_up.clone();
     tokio::spawn(async move {
         tokio::select! {
-            () = run(weak, config, tls, client, rx, cursor) => {}
+            () = run(weak, config, tls, client, rx, poked) => {}
             _ = stopped => {}
         }
     });
@@ -159,18 +198,29 @@ async fn run(
     tls: Tls,
     mut client: Client,
     mut rx: mpsc::UnboundedReceiver<String>,
-    mut cursor: u64,
+    poked: Arc<tokio::sync::Notify>,
 ) {
     // Whether every change up to the cursor was published: a failed read
     // leaves a gap that only a read can close.
     let mut caught_up = true;
     loop {
-        while let Some(first) = rx.recv().await {
+        loop {
+            // A notification, the writer's word that it left a commit of
+            // its own to be read back (`Inner::publish_own`), or, after a
+            // failed read, time to read again.
+            let first = tokio::select! {
+                payload = rx.recv() => match payload {
+                    Some(p) => Some(p),
+                    None => break,
+                },
+                () = poked.notified() => None,
+                () = tokio::time::sleep(Duration::from_millis(200)), if !caught_up => None,
+            };
             let Some(inner) = weak.upgrade() else { return };
             // What arrived meanwhile too: one read for a burst.
-            let (mut others, mut others_history) = (false, false);
+            let (mut others, mut others_history, read) = (false, false, first.is_none());
             let mut own_next = 0;
-            let mut payload = Some(first);
+            let mut payload = first.or_else(|| rx.try_recv().ok());
             while let Some(p) = payload {
                 match parse_payload(&p) {
                     Some((owner, next, _)) if owner == inner.owner => own_next = own_next.max(next),
@@ -182,20 +232,24 @@ async fn run(
             // A process whose feed nobody reads whole (a worker: it waits
             // for new runs, signals and cancels) reads no history rows.
             let whole = inner.feed.wants_all();
+            let cursor = inner.published.lock().unwrap_or_else(|p| p.into_inner()).cursor;
             // Another process's history-only commits below this process's
             // own may not be notified yet (they notify every few
             // milliseconds): a whole feed reads past its own commits
             // instead of skipping them.
             let own_past = own_next > cursor + 1;
-            if others || (others_history && whole) || (own_past && whole) || !caught_up {
-                caught_up = catch_up(&client, &inner, &mut cursor, whole).await;
+            if read || others || (others_history && whole) || (own_past && whole) || !caught_up {
+                caught_up = catch_up(&client, &inner, whole).await;
             }
             // This process's commits notified so far: every other commit
             // with changes before them notified at once (commit order) and
             // was read, so a feed without history passes them unread.
-            if caught_up && own_next > cursor + 1 && !whole {
-                cursor = own_next - 1;
-                inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(cursor);
+            if caught_up && !whole {
+                let mut published = inner.published.lock().unwrap_or_else(|p| p.into_inner());
+                if own_next > published.cursor + 1 {
+                    published.cursor = own_next - 1;
+                    published.forget_through_cursor();
+                }
             }
         }
         // The connection ended: again, with backoff, while the store lives.
@@ -207,7 +261,7 @@ async fn run(
                 Ok((c, r)) => {
                     (client, rx) = (c, r);
                     eprintln!("cairn: the change listener reconnected");
-                    caught_up = catch_up(&client, &inner, &mut cursor, true).await;
+                    caught_up = catch_up(&client, &inner, true).await;
                     break;
                 }
                 Err(e) => {
@@ -219,11 +273,13 @@ async fn run(
     }
 }
 
-/// Publish what other processes committed after `cursor`; false if the
-/// changes could not be read.
-async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64, history: bool) -> bool {
+/// Publish, in order, what was committed after the cursor and is not
+/// published yet: other processes' commits, and this process's own that
+/// the writer left to be read back; false if the changes could not be read.
+async fn catch_up(client: &Client, inner: &Inner, history: bool) -> bool {
     loop {
-        let changes = match read_changes(client, *cursor, 1000, history).await {
+        let cursor = inner.published.lock().unwrap_or_else(|p| p.into_inner()).cursor;
+        let changes = match read_changes(client, cursor, 1000, history).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("cairn: cannot read changes: {e}");
@@ -231,15 +287,17 @@ async fn catch_up(client: &Client, inner: &Inner, cursor: &mut u64, history: boo
             }
         };
         let Some(last) = changes.last().map(|c| c.seq) else { return true };
-        // A commit of this process that these include has its numbers noted
-        // once the writer lets go of this.
-        drop(inner.writing.lock().await);
-        let own = inner.own.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh: Vec<ChangeEvent> = changes.into_iter().filter(|c| !own.contains(c.seq)).collect();
-        drop(own);
-        inner.publish(fresh);
-        *cursor = last;
-        inner.own.lock().unwrap_or_else(|p| p.into_inner()).forget_through(*cursor);
+        // A commit of this process that these include is published (or
+        // left to this read) once the writer lets go of this; it waits
+        // for this in turn while these go out.
+        let _writing = inner.writing.lock().await;
+        let mut published = inner.published.lock().unwrap_or_else(|p| p.into_inner());
+        // The writer may have published commits of its own past the cursor
+        // meanwhile (it does only when nothing before them was missing).
+        let floor = published.cursor;
+        inner.publish(changes.into_iter().filter(|c| c.seq > floor && !published.contains(c.seq)));
+        published.cursor = published.cursor.max(last);
+        published.forget_through_cursor();
     }
 }
 

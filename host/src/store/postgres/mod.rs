@@ -105,11 +105,14 @@ pub(crate) struct Inner {
     pub(crate) lease: Duration,
     /// Runs this process holds: writes of them are fenced.
     pub(crate) held: Mutex<HashMap<RunKey, Held>>,
-    /// Sequence numbers this process committed and published itself, which
-    /// the listener must not publish again.
-    pub(crate) own: Mutex<listen::Own>,
+    /// How far the feed published, and what of this process's own above
+    /// that, which the listener must not publish again.
+    pub(crate) published: Mutex<listen::Published>,
+    /// The writer's word to the listener that a commit of its own waits
+    /// to be read back and published in order.
+    pub(crate) catch_up: Arc<tokio::sync::Notify>,
     /// Held by the writer while a commit is on its way: a commit may land
-    /// before the writer has noted its numbers in `own`, and the listener,
+    /// before the writer has noted its numbers in `published`, and the listener,
     /// which may read them first, waits for this before it filters.
     pub(crate) writing: tokio::sync::Mutex<()>,
     #[cfg(test)]
@@ -222,7 +225,8 @@ impl PostgresStore {
             owner: format!("{}:{}:{}", host.trim(), std::process::id(), hex::encode(id)),
             lease,
             held: Mutex::default(),
-            own: Mutex::default(),
+            published: Mutex::default(),
+            catch_up: Arc::default(),
             writing: tokio::sync::Mutex::new(()),
             #[cfg(test)]
             guesses: Default::default(),

@@ -189,7 +189,6 @@ pub(super) async fn commit(
             None => return Outcome::Unknown(pg_error(e)),
         },
     };
-    inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, (first + n) as u64);
     #[cfg(test)]
     inner.new_runs_by_statement.fetch_add(n as u64, Ordering::Relaxed);
     let mut events = Vec::with_capacity(runs.len());
@@ -216,7 +215,7 @@ pub(super) async fn commit(
         results.push(committed);
     }
     events.sort_by_key(|e| e.seq);
-    inner.publish(events);
+    inner.publish_own(first as u64, (first + n) as u64, events);
     Outcome::Committed(first, results)
 }
 

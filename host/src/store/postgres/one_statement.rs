@@ -367,7 +367,6 @@ pub(super) async fn commit(
             for e in &mut events {
                 e.seq += first as u64;
             }
-            inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, (first + n) as u64);
             Outcome::Committed(events, notify)
         }
         Err(e) if e.as_db_error().is_some() => Outcome::Refused,

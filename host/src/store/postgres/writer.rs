@@ -249,7 +249,11 @@ async fn commit(
                     Some(last) => notices.owed = Some(last.seq + 1),
                     None => {}
                 }
-                inner.publish(events);
+                // One number per event, from the first.
+                if let (Some(first), Some(last)) = (events.first(), events.last()) {
+                    let (first, next) = (first.seq, last.seq + 1);
+                    inner.publish_own(first, next, events);
+                }
                 let results: Vec<_> = jobs.iter().map(|_| Ok(Committed::default())).collect();
                 note_finished(inner, jobs, &results);
                 return Ok(results);
@@ -437,8 +441,7 @@ async fn attempt(
     }
     // Noted once committed (a failed commit's numbers are handed out
     // again); the listener waits for `writing` before it tells its own apart.
-    inner.own.lock().unwrap_or_else(|p| p.into_inner()).add(first as u64, batch.next_seq as u64);
-    inner.publish(batch.events);
+    inner.publish_own(first as u64, batch.next_seq as u64, batch.events);
     // Leases of runs created with one: held from their commit on.
     for (result, wants) in results.iter_mut().zip(leased) {
         if let Ok(committed) = result {

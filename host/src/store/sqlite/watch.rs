@@ -21,6 +21,9 @@ use crate::store::{ChangeEvent, ChangeFeed, ChangeKind, StoreError};
 /// from another process reaches a waiting run within about this long.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Changes read at once when catching up.
+const PAGE: usize = 1024;
+
 /// Where the watcher is; lives with the write connection, under its lock,
 /// so that commits and looks never interleave.
 #[derive(Debug, Default)]
@@ -91,7 +94,6 @@ fn look(w: &WriteSide) -> Result<(), StoreError> {
     // One snapshot: other processes go on committing meanwhile.
     let snapshot = wc.conn.unchecked_transaction()?;
     if w.feed.wants_all() {
-        const PAGE: usize = 1024;
         loop {
             let events = read_changes(&snapshot, wc.watch.cursor, PAGE)?;
             for event in &events {
@@ -119,6 +121,44 @@ fn look(w: &WriteSide) -> Result<(), StoreError> {
     snapshot.commit()?;
     wc.watch.own.clear();
     wc.watch.version = version;
+    Ok(())
+}
+
+/// Before this process's commit numbered from `first` is published to a
+/// whole feed (`wants_all`: an SSE client resumes from the last number it
+/// saw): what other processes committed before it and the watcher has not
+/// published yet, so that the feed goes in the order of the numbers. Called
+/// under the write connection's lock, once the commit is durable: every
+/// number below `first` is committed. Costs one look at `data_version`
+/// unless another process committed since the watcher's last look.
+pub(in crate::store::sqlite) fn publish_before_own(
+    feed: &ChangeFeed,
+    wc: &mut WriteConn,
+    first: u64,
+) -> Result<(), StoreError> {
+    if !wc.watch.active || wc.watch.cursor + 1 >= first || data_version(&wc.conn)? == wc.watch.version {
+        return Ok(());
+    }
+    let snapshot = wc.conn.unchecked_transaction()?;
+    'pages: loop {
+        let events = read_changes(&snapshot, wc.watch.cursor, PAGE)?;
+        let whole_page = events.len() == PAGE;
+        for event in events {
+            if event.seq >= first {
+                break 'pages;
+            }
+            wc.watch.cursor = event.seq;
+            if !wc.watch.is_own(event.seq) {
+                feed.publish(event);
+            }
+        }
+        if !whole_page {
+            break;
+        }
+    }
+    snapshot.commit()?;
+    // The watcher's version stays: it reads on from here at its next look.
+    wc.watch.cursor = wc.watch.cursor.max(first - 1);
     Ok(())
 }
 

@@ -208,6 +208,13 @@ impl WriteSide {
                 })
             }
         };
+        if batch.events == Events::All
+            && let Some(first) = batch.published.first().map(|e| e.seq)
+            && let Err(e) = super::watch::publish_before_own(&self.feed, conn, first)
+        {
+            // The watcher publishes them at its next look, after these.
+            eprintln!("cairn: cannot read other processes' changes: {e}");
+        }
         for event in batch.published {
             self.feed.publish(event);
         }
