@@ -768,6 +768,10 @@ fn two_servers_on_one_database_share_runs_signals_cancels_and_events() {
     let count = |run: &str, kind: &str| seen_a.iter().filter(|(_, k, d)| k == kind && d["run_id"] == run).count();
     assert_eq!((count("sig", "created"), count("sig", "signal"), count("stop", "cancel")), (1, 2, 1), "{seen_a:?}");
     assert!(count("sig", "history") >= 2, "the steps that took the signals: {seen_a:?}");
-    // The same as a replay from the start.
+    // The same as a replay from the start, and a client cut off from one
+    // server halfway resumes on the other with what it missed.
     assert_eq!(read_events(&a.base, "/api/events", &admin, Some(0), seen_a.len()), seen_a);
+    let (got, missed) = seen_a.split_at(seen_a.len() / 2);
+    let last = got.last().unwrap().0;
+    assert_eq!(read_events(&b.base, "/api/events", &admin, Some(last), missed.len()), missed);
 }
