@@ -775,3 +775,37 @@ fn two_servers_on_one_database_share_runs_signals_cancels_and_events() {
     let last = got.last().unwrap().0;
     assert_eq!(read_events(&b.base, "/api/events", &admin, Some(last), missed.len()), missed);
 }
+
+/// A client following a run through one server fails over to another with
+/// its `Last-Event-ID` while the run goes on. The other server had no
+/// client, so its feed read none of the run's steps (only other changes)
+/// and, once read whole, catches up from before the client's position: the
+/// client still gets every later change once, in order, and nothing it had.
+#[test]
+fn a_client_resumes_on_another_server_while_the_run_goes_on() {
+    let Some(w) = World::postgres("pg-failover") else { return };
+    let admin = token(&w, "admin");
+    let a = serve_as(&w, "serve-a", &[]);
+    let b = serve_as(&w, "serve-b", &["--no-worker"]);
+    let module = upload(&a.base, &admin, "benchflow");
+    let mut on_a = open_events(&a.base, "/api/events", &admin, None);
+    start_run(&a.base, &admin, &module, json!({"mode": "paced", "n": 40, "sleep_ms": 10}), "paced");
+    let steps = |events: &[(u64, String, serde_json::Value)]| events.iter().filter(|e| e.1 == "history").count();
+    let mut got = Vec::new();
+    while steps(&got) < 20 {
+        got.push(on_a.next().unwrap());
+    }
+    drop(on_a);
+    let last = got.last().unwrap().0;
+    for event in open_events(&b.base, "/api/events", &admin, Some(last)) {
+        let done = event.1 == "status" && event.2["status"] == "completed";
+        got.push(event);
+        if done {
+            break;
+        }
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.0).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "once each, in order: {seqs:?}");
+    assert_eq!(got, read_events(&a.base, "/api/events", &admin, Some(0), got.len()), "every change");
+    assert_eq!(steps(&got), 40);
+}

@@ -55,6 +55,10 @@ struct Feed {
     backlog: VecDeque<ChangeEvent>,
     /// Sequence numbers replayed from the backlog: a live copy is skipped.
     replayed: HashSet<u64>,
+    /// The client's `Last-Event-ID`: it has everything up to there. (A
+    /// server whose feed lagged behind another's, where the client was
+    /// before, may publish some of those late.)
+    seen_through: Option<u64>,
     live: Subscription,
     ids: HashMap<RunKey, String>,
     done: bool,
@@ -80,7 +84,18 @@ async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<Ru
     let replayed = backlog.iter().map(|e| e.seq).collect();
     let stopping = state.stopping.clone();
     let _client = crate::telemetry::GaugeGuard::new(&crate::telemetry::get().sse_clients);
-    let feed = Feed { state, only, backlog, replayed, live, ids: HashMap::new(), done: false, stopping, _client };
+    let feed = Feed {
+        state,
+        only,
+        backlog,
+        replayed,
+        seen_through: last,
+        live,
+        ids: HashMap::new(),
+        done: false,
+        stopping,
+        _client,
+    };
     let reset_event: Option<Result<Event, Infallible>> = reset.then(|| Ok(Event::default().event("reset").data("{}")));
     let events = stream::iter(reset_event).chain(stream::unfold(feed, next_event));
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
@@ -99,7 +114,7 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, Infallible>, Feed)>
                 // with its Last-Event-ID to the next server).
                 _ = feed.stopping.wait_for(|stop| *stop) => return None,
             } {
-                Ok(e) if feed.replayed.remove(&e.seq) => continue,
+                Ok(e) if feed.replayed.remove(&e.seq) || feed.seen_through.is_some_and(|s| e.seq <= s) => continue,
                 Ok(e) => e,
                 // Too far behind: say so and end; the client comes back
                 // with its Last-Event-ID.

@@ -167,9 +167,21 @@ impl ChangeFeed {
 
     /// Hand an event to the listeners; never waits.
     pub fn publish(&self, event: ChangeEvent) {
+        self.publish_control(&event);
+        self.publish_whole(event);
+    }
+
+    /// Hand an event to the listeners of control events only, if it is one
+    /// (a store whose whole feed gets it later, in order).
+    pub fn publish_control(&self, event: &ChangeEvent) {
         if event.is_control() && self.control_listeners.load(Ordering::Relaxed) > 0 {
             let _ = self.control.send(event.clone());
         }
+    }
+
+    /// Hand an event to the listeners of every event only (its control
+    /// copy went out already).
+    pub fn publish_whole(&self, event: ChangeEvent) {
         if self.wants_all() {
             let _ = self.all.send(event);
         }

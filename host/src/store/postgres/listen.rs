@@ -53,10 +53,10 @@ macro_rules! notify_sql {
 }
 pub(super) use notify_sql;
 
-/// What this process's feed has published, so that it publishes in the
-/// order of the changes' numbers: a listener that keeps the last number it
-/// saw (an SSE client's `Last-Event-ID`) then misses nothing by resuming
-/// from it.
+/// What this process's feed has published, so that a feed read whole gets
+/// events in the order of their numbers: a listener that keeps the last
+/// number it saw (an SSE client's `Last-Event-ID`) then misses nothing by
+/// resuming from it.
 #[derive(Debug, Default)]
 pub(crate) struct Published {
     /// Every change numbered up to here was published (or is not wanted by
@@ -65,45 +65,61 @@ pub(crate) struct Published {
     /// Ranges [first, next) of numbers this process committed and published
     /// itself above the cursor, which the listener must not publish again.
     own: Vec<(u64, u64)>,
+    /// Ranges [first, next) of numbers this process committed above the
+    /// cursor whose control events went out at once and whose whole-feed
+    /// events wait for the listener to read them back, in order.
+    deferred: Vec<(u64, u64)>,
 }
 
 impl Published {
-    fn contains(&self, seq: u64) -> bool {
+    fn is_own(&self, seq: u64) -> bool {
         self.own.iter().any(|&(a, b)| a <= seq && seq < b)
     }
 
-    /// Forget ranges up to the cursor: everything there was seen.
-    fn forget_through_cursor(&mut self) {
+    fn is_deferred(&self, seq: u64) -> bool {
+        self.deferred.iter().any(|&(a, b)| a <= seq && seq < b)
+    }
+
+    /// Move the cursor on to `seq`, and forget the ranges it passed.
+    fn advance(&mut self, seq: u64) {
+        self.cursor = self.cursor.max(seq);
         let cursor = self.cursor;
         self.own.retain(|&(_, b)| b > cursor + 1);
+        self.deferred.retain(|&(_, b)| b > cursor + 1);
     }
 }
 
 impl Inner {
     /// Publish this process's commit of the numbers [first, next), once
     /// committed (the writer holds `writing`). Commits take their numbers
-    /// under the gate, so every number below `first` is committed already;
-    /// if the feed has not published some of them yet (another process's
-    /// commits, heard of later), a feed read whole (`wants_all`, an SSE
-    /// client) must not get these first: they are left to the listener,
-    /// which reads them back with the others, in order. A feed of control
-    /// events only (executing runs waiting for signals) takes them at once.
+    /// under the gate, so every number below `first` is committed already.
+    /// If the feed published all of them, these go out at once. If not
+    /// (another process's commits, heard of later) and someone reads the
+    /// feed whole (`wants_all`, an SSE client), that reader must not get
+    /// these first: their control events (what executing runs wait for) go
+    /// out at once, and the listener, poked, reads the rest back with the
+    /// others, in order.
     pub(crate) fn publish_own(&self, first: u64, next: u64, events: Vec<ChangeEvent>) {
         if next <= first {
             return;
         }
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        let in_order = published.cursor + 1 >= first;
-        if !in_order && self.feed.wants_all() {
+        if published.cursor + 1 >= first {
+            // The listener filters out what its last read has of these
+            // by the cursor.
+            published.advance(next - 1);
+            self.publish(events);
+        } else if self.feed.wants_all() {
+            published.deferred.push((first, next));
             drop(published);
+            for event in &events {
+                self.feed.publish_control(event);
+            }
             self.catch_up.notify_one();
-            return;
+        } else {
+            published.own.push((first, next));
+            self.publish(events);
         }
-        published.own.push((first, next));
-        if in_order {
-            published.cursor = published.cursor.max(next - 1);
-        }
-        self.publish(events);
     }
 }
 
@@ -246,9 +262,10 @@ async fn run(
             // was read, so a feed without history passes them unread.
             if caught_up && !whole {
                 let mut published = inner.published.lock().unwrap_or_else(|p| p.into_inner());
-                if own_next > published.cursor + 1 {
-                    published.cursor = own_next - 1;
-                    published.forget_through_cursor();
+                // (Checked again under the lock: a feed read whole from now
+                // on needs those history rows read.)
+                if own_next > published.cursor + 1 && !inner.feed.wants_all() {
+                    published.advance(own_next - 1);
                 }
             }
         }
@@ -275,8 +292,11 @@ async fn run(
 
 /// Publish, in order, what was committed after the cursor and is not
 /// published yet: other processes' commits, and this process's own that
-/// the writer left to be read back; false if the changes could not be read.
-async fn catch_up(client: &Client, inner: &Inner, history: bool) -> bool {
+/// the writer left to be read back (their whole-feed events only); false
+/// if the changes could not be read. Without `history`, only other
+/// changes than history rows are read (a feed of control events only),
+/// unless someone came to read the feed whole meanwhile.
+async fn catch_up(client: &Client, inner: &Inner, mut history: bool) -> bool {
     loop {
         let cursor = inner.published.lock().unwrap_or_else(|p| p.into_inner()).cursor;
         let changes = match read_changes(client, cursor, 1000, history).await {
@@ -292,12 +312,24 @@ async fn catch_up(client: &Client, inner: &Inner, history: bool) -> bool {
         // for this in turn while these go out.
         let _writing = inner.writing.lock().await;
         let mut published = inner.published.lock().unwrap_or_else(|p| p.into_inner());
+        if !history && inner.feed.wants_all() {
+            // Moving the cursor past history rows not read would lose them.
+            history = true;
+            continue;
+        }
         // The writer may have published commits of its own past the cursor
         // meanwhile (it does only when nothing before them was missing).
         let floor = published.cursor;
-        inner.publish(changes.into_iter().filter(|c| c.seq > floor && !published.contains(c.seq)));
-        published.cursor = published.cursor.max(last);
-        published.forget_through_cursor();
+        if inner.feed.listening() {
+            for change in changes.into_iter().filter(|c| c.seq > floor && !published.is_own(c.seq)) {
+                if published.is_deferred(change.seq) {
+                    inner.feed.publish_whole(change);
+                } else {
+                    inner.feed.publish(change);
+                }
+            }
+        }
+        published.advance(last);
     }
 }
 
