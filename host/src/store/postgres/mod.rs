@@ -377,6 +377,10 @@ impl RunStore for PostgresStore {
     }
 
     fn subscribe(&self) -> Subscription {
+        // Under the lock the writer and the listener publish under: a new
+        // reader of the whole feed does not come between a publisher's
+        // look at `wants_all` and what it publishes by it.
+        let _published = self.inner.published.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.feed.subscribe_all()
     }
 
