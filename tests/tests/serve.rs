@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cairn_e2e::http::{call, read_events, serve, start_run, token, upload, wait_status};
+use cairn_e2e::http::{call, open_events, read_events, serve, start_run, token, upload, wait_status};
 use cairn_e2e::{World, guest, wait_until};
 use serde_json::{Value, json};
 
@@ -515,5 +515,45 @@ fn a_crowd_of_signals_and_cancels_at_once() {
     for i in 0..4 {
         wait_status(&base, &admin, &format!("stop{i}"), "cancelled");
     }
+    drop(server);
+}
+
+/// `cairn serve --no-worker` and a `cairn worker` process on one database:
+/// the server's event stream carries the worker's commits (steps, statuses)
+/// and its own (new runs, signals) in the order of their numbers, once
+/// each, as a replay has them; so a client resuming from the last number
+/// it saw misses nothing.
+#[test]
+fn a_server_streams_another_process_s_commits_in_order() {
+    let w = World::new("serve-other-worker");
+    let admin = token(&w, "admin");
+    let server = serve(&w, &["--no-worker"]);
+    let base = server.base.clone();
+    let _worker = w.spawn(&["worker"], "worker");
+    let signals = upload(&base, &admin, "signals");
+    let steps = upload(&base, &admin, "benchflow");
+    let mut stream = open_events(&base, "/api/events", &admin, None);
+    // The worker commits steps while the server commits signals.
+    const STEPS: usize = 300;
+    const SIGNALS: u64 = 20;
+    start_run(&base, &admin, &signals, json!({ "waits": vec![json!({"name": "go"}); SIGNALS as usize] }), "sig");
+    start_run(&base, &admin, &steps, json!({"mode": "steps", "n": STEPS}), "steps");
+    for n in 1..=SIGNALS {
+        let url = format!("{base}/api/runs/sig/signals/go");
+        assert_eq!(call("POST", &url, Some(&admin), Some(n.to_string().as_bytes())).0, 202);
+    }
+    let out = wait_status(&base, &admin, "sig", "completed")["output"].clone();
+    assert_eq!(out, json!((1..=SIGNALS).collect::<Vec<_>>()));
+    let mut got: Vec<(u64, String, Value)> = Vec::new();
+    let ended = |got: &[(u64, String, Value)], run: &str| {
+        got.iter().any(|(_, kind, d)| kind == "status" && d["run_id"] == run && d["status"] == "completed")
+    };
+    while !(ended(&got, "steps") && ended(&got, "sig")) {
+        got.push(stream.next().unwrap());
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.0).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "once each, in order: {seqs:?}");
+    assert_eq!(got, read_events(&base, "/api/events", &admin, Some(0), got.len()), "as stored");
+    assert_eq!(got.iter().filter(|(_, k, d)| k == "history" && d["run_id"] == "steps").count(), STEPS);
     drop(server);
 }
