@@ -529,7 +529,7 @@ fn a_server_streams_another_process_s_commits_in_order() {
     let admin = token(&w, "admin");
     let server = serve(&w, &["--no-worker"]);
     let base = server.base.clone();
-    let _worker = w.spawn(&["worker"], "worker");
+    let mut worker = w.spawn(&["worker"], "worker");
     let signals = upload(&base, &admin, "signals");
     let steps = upload(&base, &admin, "benchflow");
     let mut stream = open_events(&base, "/api/events", &admin, None);
@@ -555,5 +555,7 @@ fn a_server_streams_another_process_s_commits_in_order() {
     assert!(seqs.windows(2).all(|p| p[0] < p[1]), "once each, in order: {seqs:?}");
     assert_eq!(got, read_events(&base, "/api/events", &admin, Some(0), got.len()), "as stored");
     assert_eq!(got.iter().filter(|(_, k, d)| k == "history" && d["run_id"] == "steps").count(), STEPS);
+    let _ = worker.kill();
+    let _ = worker.wait();
     drop(server);
 }
