@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cairn_e2e::http::{call, open_events, read_events, serve_as, start_run, token, upload, wait_status};
+use cairn_e2e::http::{Server, call, open_events, read_events, serve_as, start_run, token, upload, wait_status};
 use cairn_e2e::{World, assert_fails, guest, json_stdout, kill9, text, wait_until};
 use serde_json::json;
 
@@ -712,6 +712,16 @@ fn a_bad_commit_spin_budget_is_refused_and_nothing_is_written() {
     assert_eq!(json_stdout(&out), json!(3003), "0 turns spinning off: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Two `cairn serve` processes on one database, as on two machines (the
+/// second without a worker), and an admin token.
+fn two_servers(name: &str) -> Option<(World, String, Server, Server)> {
+    let w = World::postgres(name)?;
+    let admin = token(&w, "admin");
+    let a = serve_as(&w, "serve-a", &[]);
+    let b = serve_as(&w, "serve-b", &["--no-worker"]);
+    Some((w, admin, a, b))
+}
+
 /// Two `cairn serve` processes on one database, as on two machines, one of
 /// them without a worker: runs started through either are executed by the
 /// other's worker, signalled and cancelled through either, and listed by
@@ -720,10 +730,7 @@ fn a_bad_commit_spin_budget_is_refused_and_nothing_is_written() {
 /// with the same numbers and contents as the other's, and as a replay.
 #[test]
 fn two_servers_on_one_database_share_runs_signals_cancels_and_events() {
-    let Some(w) = World::postgres("pg-two-servers") else { return };
-    let admin = token(&w, "admin");
-    let a = serve_as(&w, "serve-a", &[]);
-    let b = serve_as(&w, "serve-b", &["--no-worker"]);
+    let Some((_w, admin, a, b)) = two_servers("pg-two-servers") else { return };
     let signals = upload(&b.base, &admin, "signals");
 
     // Both streams are subscribed before anything happens; each is read
@@ -783,10 +790,7 @@ fn two_servers_on_one_database_share_runs_signals_cancels_and_events() {
 /// client still gets every later change once, in order, and nothing it had.
 #[test]
 fn a_client_resumes_on_another_server_while_the_run_goes_on() {
-    let Some(w) = World::postgres("pg-failover") else { return };
-    let admin = token(&w, "admin");
-    let a = serve_as(&w, "serve-a", &[]);
-    let b = serve_as(&w, "serve-b", &["--no-worker"]);
+    let Some((_w, admin, a, b)) = two_servers("pg-failover") else { return };
     let module = upload(&a.base, &admin, "benchflow");
     let mut on_a = open_events(&a.base, "/api/events", &admin, None);
     start_run(&a.base, &admin, &module, json!({"mode": "paced", "n": 40, "sleep_ms": 10}), "paced");

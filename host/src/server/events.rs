@@ -4,7 +4,7 @@
 //! client that falls behind gets a `reset` event and is dropped: it
 //! reconnects with its `Last-Event-ID`; commits never wait for it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -53,11 +53,12 @@ struct Feed {
     state: Arc<AppState>,
     only: Option<RunKey>,
     backlog: VecDeque<ChangeEvent>,
-    /// Sequence numbers replayed from the backlog: a live copy is skipped.
-    replayed: HashSet<u64>,
-    /// The client's `Last-Event-ID`: it has everything up to there. (A
+    /// The client has, or gets from the backlog, every change up to here:
+    /// its `Last-Event-ID`, or the backlog's last. A live copy of one is
+    /// skipped. (Live events come in order, and the backlog, read after
+    /// subscribing, holds every change committed before it was read. A
     /// server whose feed lagged behind another's, where the client was
-    /// before, may publish some of those late.)
+    /// before, may publish some of the client's late.)
     seen_through: Option<u64>,
     live: Subscription,
     ids: HashMap<RunKey, String>,
@@ -81,21 +82,10 @@ async fn stream_events(state: Arc<AppState>, headers: HeaderMap, only: Option<Ru
             backlog.extend(missed);
         }
     }
-    let replayed = backlog.iter().map(|e| e.seq).collect();
+    let seen_through = backlog.back().map(|e| e.seq).max(last);
     let stopping = state.stopping.clone();
     let _client = crate::telemetry::GaugeGuard::new(&crate::telemetry::get().sse_clients);
-    let feed = Feed {
-        state,
-        only,
-        backlog,
-        replayed,
-        seen_through: last,
-        live,
-        ids: HashMap::new(),
-        done: false,
-        stopping,
-        _client,
-    };
+    let feed = Feed { state, only, backlog, seen_through, live, ids: HashMap::new(), done: false, stopping, _client };
     let reset_event: Option<Result<Event, Infallible>> = reset.then(|| Ok(Event::default().event("reset").data("{}")));
     let events = stream::iter(reset_event).chain(stream::unfold(feed, next_event));
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
@@ -114,7 +104,7 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, Infallible>, Feed)>
                 // with its Last-Event-ID to the next server).
                 _ = feed.stopping.wait_for(|stop| *stop) => return None,
             } {
-                Ok(e) if feed.replayed.remove(&e.seq) || feed.seen_through.is_some_and(|s| e.seq <= s) => continue,
+                Ok(e) if feed.seen_through.is_some_and(|s| e.seq <= s) => continue,
                 Ok(e) => e,
                 // Too far behind: say so and end; the client comes back
                 // with its Last-Event-ID.

@@ -94,20 +94,7 @@ fn look(w: &WriteSide) -> Result<(), StoreError> {
     // One snapshot: other processes go on committing meanwhile.
     let snapshot = wc.conn.unchecked_transaction()?;
     if w.feed.wants_all() {
-        loop {
-            let events = read_changes(&snapshot, wc.watch.cursor, PAGE)?;
-            for event in &events {
-                if !wc.watch.is_own(event.seq) {
-                    w.feed.publish(event.clone());
-                }
-            }
-            if let Some(last) = events.last() {
-                wc.watch.cursor = last.seq;
-            }
-            if events.len() < PAGE {
-                break;
-            }
-        }
+        publish_others(&w.feed, &snapshot, &mut wc.watch, u64::MAX)?;
     } else {
         // Only executing runs listen: read control events, not every
         // history row other processes wrote.
@@ -140,26 +127,32 @@ pub(in crate::store::sqlite) fn publish_before_own(
         return Ok(());
     }
     let snapshot = wc.conn.unchecked_transaction()?;
-    'pages: loop {
-        let events = read_changes(&snapshot, wc.watch.cursor, PAGE)?;
-        let whole_page = events.len() == PAGE;
-        for event in events {
-            if event.seq >= first {
-                break 'pages;
-            }
-            wc.watch.cursor = event.seq;
-            if !wc.watch.is_own(event.seq) {
-                feed.publish(event);
-            }
-        }
-        if !whole_page {
-            break;
-        }
-    }
+    publish_others(feed, &snapshot, &mut wc.watch, first)?;
     snapshot.commit()?;
     // The watcher's version stays: it reads on from here at its next look.
     wc.watch.cursor = wc.watch.cursor.max(first - 1);
     Ok(())
+}
+
+/// Publish, page by page, the changes after the watcher's cursor and below
+/// `below` that are not this process's own, moving the cursor over them.
+fn publish_others(feed: &ChangeFeed, conn: &Connection, watch: &mut WatchState, below: u64) -> Result<(), StoreError> {
+    loop {
+        let events = read_changes(conn, watch.cursor, PAGE)?;
+        let whole_page = events.len() == PAGE;
+        for event in events {
+            if event.seq >= below {
+                return Ok(());
+            }
+            watch.cursor = event.seq;
+            if !watch.is_own(event.seq) {
+                feed.publish(event);
+            }
+        }
+        if !whole_page {
+            return Ok(());
+        }
+    }
 }
 
 /// The watcher thread of one store: idle while nobody listens.
